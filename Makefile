@@ -1,0 +1,39 @@
+# Entry points (see README). Everything runs in ./.venv, created by `make setup`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SERVICE ?= qwen-image-edit-nunchaku
+PROFILE ?= full
+STAMP := $(VENV)/.installed
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+
+.PHONY: setup demo test serve bench lint typecheck clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-test.txt shared/pyproject.toml qwen-image-edit-nunchaku/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
+	$(PY) -m pip install $(PIP_FLAGS) -r requirements-test.txt
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup lint
+	$(PY) -m pytest
+
+serve: setup
+	PROFILE=$(PROFILE) $(if $(PORT),PORT=$(PORT)) $(VENV)/bin/model-service serve $(SERVICE)
+
+bench: setup
+	$(PY) bench/run.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""Typed input of the Qwen-Image-Edit service (shown in /docs). No torch here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from model_service.media_refs import ImageRef
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_INPUT_IMAGES = 3  # Edit-2509 (QwenImageEditPlusPipeline) takes up to three.
+
+
+class QwenEditInput(BaseModel):
+    """One image edit: input image(s) and a prompt saying what to change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = Field(None, description="The image to edit (or use `images`).")
+    images: list[ImageRef] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_INPUT_IMAGES,
+        description="1 to 3 input images; more than one needs the edit-2509 model.",
+    )
+    prompt: str = Field(..., min_length=1, max_length=2000, description="What to change.")
+    negative_prompt: str = Field(" ", max_length=2000, description="What to avoid.")
+    steps: int | None = Field(
+        None, ge=1, le=100, description="Denoising steps (default: the model's own)."
+    )
+    true_cfg_scale: float = Field(
+        4.0, ge=1.0, le=20.0, description="Guidance; 1 turns the negative pass off (faster)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."
+    )
+    num_images: int = Field(1, ge=1, le=6, description="Images to generate.")
+    width: int | None = Field(
+        None,
+        ge=64,
+        le=2048,
+        multiple_of=16,
+        description="Output width (default: about 1 megapixel at the input's aspect).",
+    )
+    height: int | None = Field(
+        None, ge=64, le=2048, multiple_of=16, description="Output height (see width)."
+    )
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> QwenEditInput:
+        if (self.image is None) == (self.images is None):
+            raise ValueError("give exactly one of `image` or `images`")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both `width` and `height`, or neither")
+        if self.image is not None:
+            self.images, self.image = [self.image], None
+        return self

@@ -1,0 +1,1 @@
+"""model_service: the shared core every GPU model service stands on."""

@@ -1,0 +1,101 @@
+"""Builds the FastAPI app of one service from its spec and the settings."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import FastAPI
+
+from model_service import gpu, retention
+from model_service.api import jobs, probes, uploads
+from model_service.api.middleware import install_error_handlers, install_middleware
+from model_service.api.state import ServiceState
+from model_service.fetch import SafeHttpClient
+from model_service.jobs.events import EventBus
+from model_service.jobs.status import JobStatus
+from model_service.jobs.store import JobStore
+from model_service.logs import get_logger
+from model_service.metrics import Metrics
+from model_service.predictor import WorkerConfig
+from model_service.runner import JobRunner
+from model_service.service import ServiceSpec
+from model_service.settings import Settings
+from model_service.submit import JobSubmitter
+from model_service.webhooks import WebhookDispatcher
+
+log = get_logger("model_service.app")
+
+
+def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
+    store = JobStore(settings.db_path)
+    metrics = Metrics(spec.name, lambda: float(store.count(JobStatus.QUEUED)))
+    http = SafeHttpClient(
+        allow_networks=settings.fetch_allow_networks,
+        max_bytes=settings.max_fetch_bytes,
+        timeout_s=settings.fetch_timeout_s,
+    )
+    bus = EventBus()
+    webhooks = WebhookDispatcher(settings, store, http, metrics)
+    blocker = None
+    if settings.profile == "full":
+        blocker = gpu.unmet_requirement(spec.min_vram_gb, gpu.probe())
+    worker_config = WorkerConfig(
+        profile=settings.profile,
+        models_dir=settings.models_dir.resolve(),
+        data_dir=settings.data_dir.resolve(),
+        log_level=settings.log_level,
+        log_format="json" if settings.log_format == "auto" else settings.log_format,
+        options=spec.worker_options(settings),
+    )
+    runner = JobRunner(
+        settings, spec.predictor, worker_config, store, bus, metrics, webhooks, blocker
+    )
+    submitter = JobSubmitter(settings, spec.input_model, store, http, runner)
+    return ServiceState(spec, settings, store, bus, metrics, http, webhooks, runner, submitter)
+
+
+def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    state = build_state(spec, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.runner.start()
+        background = [
+            asyncio.create_task(state.webhooks.run(), name="webhooks"),
+            asyncio.create_task(retention.run_forever(settings, state.store), name="retention"),
+        ]
+        _ok, reason = state.runner.readiness
+        log.info("service started", service=spec.name, profile=settings.profile, reason=reason)
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+            await state.runner.stop()
+            await state.http.aclose()
+            state.store.close()
+
+    app = FastAPI(
+        title=spec.title,
+        version=spec.version,
+        description=spec.description,
+        lifespan=lifespan,
+        max_body_size=max(settings.max_request_bytes, settings.max_upload_bytes + 2**20),
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    install_middleware(
+        app,
+        settings.api_keys,
+        state.metrics,
+        settings.max_request_bytes,
+    )
+    app.include_router(probes.build_router(state))
+    app.include_router(jobs.build_router(state))
+    app.include_router(uploads.build_router(state))
+    for router in spec.extra_routes(state):
+        app.include_router(router)
+    return app

@@ -1,0 +1,199 @@
+"""`/v1/jobs`: create, idempotent put, get, list, cancel, events, output download."""
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field, create_model
+
+from model_service.api.state import ServiceState
+from model_service.errors import NotFound
+from model_service.jobs.record import Job
+from model_service.jobs.status import JobStatus
+from model_service.jobs.view import JobView, job_view
+from model_service.webhooks import WEBHOOK_EVENTS
+
+MAX_WAIT_S = 90  # RunPod's proxy cuts requests at 100 s
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job's id.")]
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
+
+
+def job_request_model(input_model: type[BaseModel]) -> type[BaseModel]:
+    """The request body, typed with this service's input (shown in /docs)."""
+    model: type[BaseModel] = create_model(
+        "JobRequest",
+        input=(input_model, Field(description="The service's typed input.")),
+        webhook=(
+            str | None,
+            Field(None, max_length=2048, description="https URL called on job events."),
+        ),
+        webhook_events=(
+            list[str] | None,
+            Field(
+                None,
+                description=f"Events that call the webhook: any of {list(WEBHOOK_EVENTS)}; "
+                "default: the terminal ones.",
+            ),
+        ),
+    )
+    return model
+
+
+def prefer_wait(prefer: str | None) -> int:
+    match = _PREFER_WAIT.search(prefer or "")
+    return min(int(match.group(1)), MAX_WAIT_S) if match else 0
+
+
+async def wait_until_terminal(state: ServiceState, job: Job, seconds: float) -> Job:
+    """The job once it finished, or as it is when `seconds` ran out."""
+    deadline = time.monotonic() + seconds
+    async with state.bus.subscribe(job.id) as events:
+        job = state.store.get(job.id)
+        while not job.status.is_terminal:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                job = (await asyncio.wait_for(events.get(), remaining)).job
+            except TimeoutError:
+                break
+    return job
+
+
+def build_router(state: ServiceState) -> APIRouter:
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    request_model = job_request_model(state.spec.input_model)
+
+    async def respond(
+        request: Request, job: Job, created: bool, prefer: str | None
+    ) -> JSONResponse:
+        wait = prefer_wait(prefer)
+        headers = {"location": f"/v1/jobs/{job.id}"}
+        if wait:
+            job = await wait_until_terminal(state, job, wait)
+            headers["preference-applied"] = f"wait={wait}"
+        status_code = 200 if job.status.is_terminal or not created else 202
+        view = job_view(job, state.base_url(request))
+        return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+    async def submit(request: Request, body: BaseModel, job_id: str | None) -> tuple[Job, bool]:
+        payload: Any = body.model_dump(mode="json")
+        return await state.submitter.submit(
+            payload["input"],
+            job_id=job_id,
+            webhook=payload.get("webhook"),
+            webhook_events=payload.get("webhook_events"),
+            base_url=state.base_url(request),
+        )
+
+    def existing_job(job_id: JobId) -> str:
+        state.store.get(job_id)  # raises NotFound (404) before a stream starts
+        return job_id
+
+    @router.post(
+        "",
+        status_code=202,
+        response_model=JobView,
+        summary="Create a job",
+        responses={200: {"model": JobView, "description": "Finished within `Prefer: wait`"}},
+    )
+    async def create_job(
+        request: Request,
+        body: request_model,  # type: ignore[valid-type]
+        prefer: Annotated[
+            str | None, Header(description="`wait=N`: wait up to N s (max 90)")
+        ] = None,
+    ) -> JSONResponse:
+        job, created = await submit(request, body, None)
+        return await respond(request, job, created, prefer)
+
+    @router.put(
+        "/{job_id}",
+        status_code=202,
+        response_model=JobView,
+        summary="Create a job with your own id (repeating it is safe)",
+        responses={200: {"model": JobView, "description": "Already exists, or finished"}},
+    )
+    async def put_job(
+        request: Request,
+        job_id: JobId,
+        body: request_model,  # type: ignore[valid-type]
+        prefer: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        job, created = await submit(request, body, job_id)
+        return await respond(request, job, created, prefer)
+
+    @router.get("/{job_id}", response_model=JobView, summary="Get a job")
+    async def get_job(request: Request, job_id: JobId) -> JobView:
+        return job_view(state.store.get(job_id), state.base_url(request))
+
+    @router.get("", response_model=JobList, summary="List jobs, newest first")
+    async def list_jobs(
+        request: Request,
+        status: JobStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    ) -> JobList:
+        page = state.store.page(status, limit, cursor)
+        base = state.base_url(request)
+        return JobList(jobs=[job_view(j, base) for j in page.jobs], next_cursor=page.next_cursor)
+
+    @router.post("/{job_id}/cancel", response_model=JobView, summary="Cancel a job (idempotent)")
+    async def cancel_job(request: Request, job_id: JobId) -> JobView:
+        job = await state.runner.cancel(job_id)
+        return job_view(job, state.base_url(request))
+
+    @router.get(
+        "/{job_id}/events",
+        response_class=EventSourceResponse,
+        summary="Server-sent events: `status` and `progress`, ending after a terminal status",
+    )
+    async def job_events(
+        request: Request, job_id: Annotated[str, Depends(existing_job)]
+    ) -> AsyncIterator[ServerSentEvent]:
+        base = state.base_url(request)
+        async with state.bus.subscribe(job_id) as events:
+            job = state.store.get(job_id)
+            yield _sse("status", job, base)
+            while not job.status.is_terminal:
+                event = await events.get()
+                job = event.job
+                yield _sse(event.kind, job, base)
+
+    @router.get(
+        "/{job_id}/outputs/{name}",
+        summary="Download an output (supports HTTP Range)",
+        response_class=FileResponse,
+    )
+    async def get_output(job_id: JobId, name: Annotated[str, Path(max_length=255)]) -> Response:
+        job = state.store.get(job_id)
+        if name not in job.outputs or job.outputs_expired:
+            raise NotFound(
+                f"job {job_id} has no output {name!r}"
+                + (" (deleted by the retention policy)" if job.outputs_expired else ""),
+                job_id=job_id,
+            )
+        path = state.settings.job_dir(job_id) / "outputs" / name
+        if not path.is_file():
+            raise NotFound(f"output {name!r} of job {job_id} is missing on disk", job_id=job_id)
+        return FileResponse(path, filename=name)
+
+    return router
+
+
+def _sse(kind: str, job: Job, base_url: str) -> ServerSentEvent:
+    view = job_view(job, base_url).model_dump(mode="json")
+    return ServerSentEvent(event=kind, raw_data=json.dumps(view))

@@ -1,0 +1,141 @@
+"""Errors mapped to HTTP (the one place), auth, request ids and HTTP metrics."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from model_service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unauthorized
+from model_service.logs import get_logger
+from model_service.metrics import Metrics
+
+log = get_logger("model_service.http")
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+}
+
+
+def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error.to_dict()}, status_code=error.status_code, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg")}
+            for err in exc.errors()
+        ]
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid"
+        field = problems[0]["field"] if problems else None
+        return error_response(
+            InvalidInput(f"invalid request: {summary}", field=field, problems=problems)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(exc.detail)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", path=request.url.path)
+        body = {
+            "error": {
+                "code": "internal_error",
+                "message": "an unexpected error occurred; it is logged with this request's "
+                "id. Retry, and report it if it persists",
+            }
+        }
+        return JSONResponse(body, status_code=500)
+
+
+def install_middleware(
+    app: FastAPI, api_keys: list[str], metrics: Metrics, max_body_bytes: int
+) -> None:
+    """Auth, request ids, logs, metrics, and the body size check for declared lengths
+    (uploads are capped by their route; FastAPI's `max_body_size` stops streamed bodies)."""
+    keys = [key.encode() for key in api_keys]
+
+    @app.middleware("http")
+    async def _observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id[:64])
+        started = time.perf_counter()
+        if keys and request.url.path not in OPEN_PATHS and not _authorized(request, keys):
+            response: Response = error_response(
+                Unauthorized(
+                    "missing or wrong API key; send `Authorization: Bearer <key>` with one "
+                    "of the keys in API_KEYS"
+                ),
+                headers={"www-authenticate": "Bearer"},
+            )
+        elif request.url.path != "/v1/uploads" and _declared_length(request) > max_body_bytes:
+            response = error_response(
+                PayloadTooLarge(
+                    f"request body is larger than MAX_REQUEST_BYTES={max_body_bytes}; send "
+                    "large files to POST /v1/uploads or give a URL",
+                    limit=max_body_bytes,
+                )
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http_latency.labels(request.method, path, str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+        response.headers["x-request-id"] = request_id[:64]
+        if request.url.path not in OPEN_PATHS:
+            log.info(
+                "request",
+                method=request.method,
+                path=request.url.path,
+                status=response.status_code,
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+        return response
+
+
+def _authorized(request: Request, keys: list[bytes]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    # compare with every key, in constant time per key, without stopping early
+    return sum(secrets.compare_digest(given, key) for key in keys) > 0
+
+
+def _declared_length(request: Request) -> int:
+    try:
+        return int(request.headers.get("content-length", "0"))
+    except ValueError:
+        return 0

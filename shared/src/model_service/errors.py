@@ -1,0 +1,132 @@
+"""The one error hierarchy. Each class carries a stable `code` and its HTTP status.
+
+HTTP mapping happens in exactly one place (`api/error_handlers.py`). The same codes
+appear in failed job records (`job.error.code`) and in webhooks, so a client can branch
+on them. Every message says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ServiceError(Exception):
+    """Base of every error we raise on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status_code: ClassVar[int] = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+
+# --- caller mistakes (4xx) ---------------------------------------------------------
+
+
+class InvalidInput(ServiceError):
+    """The request or one of its fields is wrong. `field` names it where known."""
+
+    code = "invalid_input"
+    status_code = 422
+
+
+class UrlNotAllowed(InvalidInput):
+    """A URL points somewhere we will not fetch from (private address, bad scheme)."""
+
+    code = "url_not_allowed"
+
+
+class FetchFailed(InvalidInput):
+    """A URL could not be fetched (unreachable, error status, too large, too slow)."""
+
+    code = "fetch_failed"
+
+
+class UploadNotFound(InvalidInput):
+    code = "upload_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+    status_code = 413
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+    status_code = 401
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+    status_code = 404
+
+
+class IdempotencyConflict(ServiceError):
+    """`PUT /v1/jobs/{id}` repeated with a different body."""
+
+    code = "idempotency_conflict"
+    status_code = 409
+
+
+class InvalidTransition(ServiceError):
+    """A job state change that the state machine forbids (a bug if it escapes)."""
+
+    code = "invalid_transition"
+    status_code = 409
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+    status_code = 503
+
+
+# --- job failures (recorded on the job; never raised to an HTTP caller) ----------
+
+
+class JobFailure(ServiceError):
+    """Base for errors that end a job as `failed`."""
+
+    code = "job_failed"
+
+
+class ModelError(JobFailure):
+    """The model code raised an exception while running the job."""
+
+    code = "model_error"
+
+
+class OutOfMemory(JobFailure):
+    code = "out_of_memory"
+
+
+class CudaError(JobFailure):
+    """A CUDA error that poisons the process; the worker is replaced."""
+
+    code = "cuda_error"
+
+
+class WorkerCrashed(JobFailure):
+    code = "worker_crashed"
+
+
+class JobTimeout(JobFailure):
+    code = "timeout"
+
+
+class Interrupted(JobFailure):
+    """The service died while the job ran, too many times to try again."""
+
+    code = "interrupted"
+
+
+class SetupFailed(JobFailure):
+    code = "setup_failed"
+
+
+class JobCanceled(Exception):
+    """Raised inside a worker at the next step after a cancel; not a failure."""

@@ -1,0 +1,1 @@
+"""Jobs: the status state machine, the job record and the durable store."""

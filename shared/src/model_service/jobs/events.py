@@ -1,0 +1,30 @@
+"""In-process publish/subscribe of job changes (feeds server-sent events and waits)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from model_service.jobs.record import JobEvent
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+
+    def publish(self, event: JobEvent) -> None:
+        for queue in self._subscribers.get(event.job_id, ()):
+            queue.put_nowait(event)
+
+    @asynccontextmanager
+    async def subscribe(self, job_id: str) -> AsyncIterator[asyncio.Queue[JobEvent]]:
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._subscribers[job_id].add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers[job_id].discard(queue)
+            if not self._subscribers[job_id]:
+                del self._subscribers[job_id]

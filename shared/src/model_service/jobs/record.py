@@ -1,0 +1,53 @@
+"""The job record as stored, and the event a job emits when it changes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from model_service.jobs.status import JobStatus
+
+
+@dataclass
+class Job:
+    id: str
+    status: JobStatus
+    input: dict[str, Any]  # as the caller sent it, long data URIs shortened
+    prepared_input: dict[str, Any]  # what the worker gets: media fields are local paths
+    seed: int | None
+    request_hash: str
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_step: int = 0
+    progress_total: int = 0
+    outputs: list[str] = field(default_factory=list)  # file names under the job's outputs
+    outputs_expired: bool = False
+    error: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # facts the model reported
+    attempts: int = 0  # times the job was started
+    cancel_requested: bool = False
+    webhook: str | None = None
+    webhook_events: list[str] = field(default_factory=list)
+    base_url: str = ""  # where the job was submitted; output links in webhooks use it
+
+    def to_row(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_row(cls, data: dict[str, Any]) -> Job:
+        data = dict(data)
+        data["status"] = JobStatus(data["status"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A change worth telling listeners about (server-sent events, webhooks)."""
+
+    job_id: str
+    kind: str  # "status" or "progress"
+    job: Job

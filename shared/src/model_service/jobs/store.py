@@ -1,0 +1,308 @@
+"""Durable job store on one SQLite file in WAL mode.
+
+Every change is one transaction that is on disk when the call returns, so a kill -9
+of the service loses nothing that was acknowledged. Status changes go through
+`transition`, which enforces the state machine in SQL (`WHERE status IN (...)`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_service.errors import IdempotencyConflict, InvalidTransition, NotFound
+from model_service.jobs.record import Job
+from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON webhook_deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    filename TEXT NOT NULL,
+    content_type TEXT,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: int | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    job_id: str
+    url: str
+    event_type: str
+    payload: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    id: str
+    filename: str
+    content_type: str | None
+    size: int
+    created_at: float
+
+
+class JobStore:
+    """Thread-safe; each method is one short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- jobs -----------------------------------------------------------------
+
+    def create(self, job: Job) -> tuple[Job, bool]:
+        """Insert a new job. If the id exists with the same request, return it and
+        False (idempotent repeat); with a different request, raise a conflict."""
+        with self._tx() as db:
+            existing = self._get(db, job.id)
+            if existing is not None:
+                if existing.request_hash != job.request_hash:
+                    raise IdempotencyConflict(
+                        f"job {job.id} exists with a different request", job_id=job.id
+                    )
+                return existing, False
+            db.execute(
+                "INSERT INTO jobs (id, status, created_at, data) VALUES (?, ?, ?, ?)",
+                (job.id, job.status.value, job.created_at, json.dumps(job.to_row())),
+            )
+            return job, True
+
+    def find(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._get(self._db, job_id)
+
+    def get(self, job_id: str) -> Job:
+        job = self.find(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}", job_id=job_id)
+        return job
+
+    def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page:
+        """Newest first. `cursor` is the `next_cursor` of the previous page."""
+        query = "SELECT seq, data FROM jobs WHERE seq < ?"
+        params: list[Any] = [cursor if cursor is not None else 2**62]
+        if status is not None:
+            query += " AND status = ?"
+            params.append(status.value)
+        query += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit + 1)
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        jobs = [Job.from_row(json.loads(row["data"])) for row in rows[:limit]]
+        next_cursor = rows[limit - 1]["seq"] if len(rows) > limit else None
+        return Page(jobs, next_cursor)
+
+    def count(self, status: JobStatus) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,)
+            ).fetchone()
+        return int(row[0])
+
+    def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
+        """Apply `change` to the stored job (no status change) and save it."""
+        with self._tx() as db:
+            job = self._require(db, job_id)
+            change(job)
+            self._save(db, job)
+            return job
+
+    def transition(
+        self, job_id: str, target: JobStatus, change: Callable[[Job], None] | None = None
+    ) -> Job:
+        """Move a job to `target` if the state machine allows it from its status now."""
+        with self._tx() as db:
+            job = self._require(db, job_id)
+            if target not in TRANSITIONS[job.status]:
+                raise InvalidTransition(
+                    f"job {job_id} cannot go from {job.status} to {target}", job_id=job_id
+                )
+            job.status = target
+            if change is not None:
+                change(job)
+            self._save(db, job)
+            return job
+
+    def claim_next(self) -> Job | None:
+        """Oldest queued job, moved to running (attempt counted), or None."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT data FROM jobs WHERE status = ? ORDER BY seq LIMIT 1",
+                (JobStatus.QUEUED.value,),
+            ).fetchone()
+            if row is None:
+                return None
+            job = Job.from_row(json.loads(row["data"]))
+            job.status = JobStatus.RUNNING
+            job.started_at = time.time()
+            job.attempts += 1
+            job.progress_step = 0
+            self._save(db, job)
+            return job
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM jobs WHERE status = ? ORDER BY seq",
+                (JobStatus.RUNNING.value,),
+            ).fetchall()
+        return [Job.from_row(json.loads(row["data"])) for row in rows]
+
+    def finished_before(self, cutoff: float) -> list[Job]:
+        """Terminal jobs with outputs still on disk that finished before `cutoff`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM jobs WHERE status IN (?, ?, ?)",
+                tuple(status.value for status in TERMINAL),
+            ).fetchall()
+        jobs = [Job.from_row(json.loads(row["data"])) for row in rows]
+        return [
+            job
+            for job in jobs
+            if job.finished_at is not None and job.finished_at < cutoff and not job.outputs_expired
+        ]
+
+    def _get(self, db: sqlite3.Connection, job_id: str) -> Job | None:
+        row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else Job.from_row(json.loads(row["data"]))
+
+    def _require(self, db: sqlite3.Connection, job_id: str) -> Job:
+        job = self._get(db, job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}", job_id=job_id)
+        return job
+
+    def _save(self, db: sqlite3.Connection, job: Job) -> None:
+        db.execute(
+            "UPDATE jobs SET status = ?, data = ? WHERE id = ?",
+            (job.status.value, json.dumps(job.to_row()), job.id),
+        )
+
+    # --- webhook deliveries ------------------------------------------------------
+
+    def add_delivery(self, delivery: Delivery, due_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO webhook_deliveries "
+                "(id, job_id, url, event_type, payload, next_attempt_at) VALUES (?,?,?,?,?,?)",
+                (
+                    delivery.id,
+                    delivery.job_id,
+                    delivery.url,
+                    delivery.event_type,
+                    delivery.payload,
+                    due_at,
+                ),
+            )
+
+    def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, job_id, url, event_type, payload, attempts FROM webhook_deliveries "
+                "WHERE state = 'pending' AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [Delivery(**dict(row)) for row in rows]
+
+    def next_delivery_due(self) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'"
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def record_attempt(
+        self, delivery_id: str, *, state: str, next_attempt_at: float, error: str | None
+    ) -> None:
+        """`state`: pending (retry at next_attempt_at), delivered or failed (gave up)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, "
+                "next_attempt_at = ?, last_error = ? WHERE id = ?",
+                (state, next_attempt_at, error, delivery_id),
+            )
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, event_type, attempts, state, last_error FROM webhook_deliveries "
+                "WHERE job_id = ? ORDER BY rowid",
+                (job_id,),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    # --- uploads -------------------------------------------------------------------
+
+    def add_upload(self, upload: Upload) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO uploads (id, filename, content_type, size, created_at) "
+                "VALUES (?,?,?,?,?)",
+                (upload.id, upload.filename, upload.content_type, upload.size, upload.created_at),
+            )
+
+    def get_upload(self, upload_id: str) -> Upload | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, filename, content_type, size, created_at FROM uploads WHERE id = ?",
+                (upload_id,),
+            ).fetchone()
+        return None if row is None else Upload(**dict(row))

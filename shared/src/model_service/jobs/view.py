@@ -1,0 +1,103 @@
+"""The public shape of a job (API responses, server-sent events, webhooks)."""
+
+from __future__ import annotations
+
+import mimetypes
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from model_service.jobs.record import Job
+from model_service.jobs.status import JobStatus
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    fraction: float = Field(description="0 to 1")
+
+
+class Timings(BaseModel):
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_wait_s: float | None = Field(description="From submit to start of the last attempt.")
+    run_s: float | None = Field(description="From start to end of the last attempt.")
+
+
+class Output(BaseModel):
+    name: str
+    url: str
+    content_type: str | None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code.")
+    message: str = Field(description="What happened and what to do.")
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    input: dict[str, Any]
+    seed: int | None = Field(description="The seed actually used.")
+    progress: Progress
+    timings: Timings
+    outputs: list[Output]
+    outputs_expired: bool = Field(description="Outputs were deleted by the retention policy.")
+    error: dict[str, Any] | None = Field(description="`{code, message, ...}` when failed.")
+    info: dict[str, Any] = Field(description="Facts the model reported about the run.")
+    attempts: int
+    cancel_requested: bool
+    links: JobLinks
+
+
+def _time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
+
+
+def job_view(job: Job, base_url: str) -> JobView:
+    base = base_url.rstrip("/")
+    job_url = f"{base}/v1/jobs/{job.id}"
+    total = job.progress_total
+    fraction = (
+        1.0 if job.status is JobStatus.SUCCEEDED else (job.progress_step / total if total else 0.0)
+    )
+    ended = job.finished_at
+    return JobView(
+        id=job.id,
+        status=job.status,
+        input=job.input,
+        seed=job.seed,
+        progress=Progress(step=job.progress_step, total=total, fraction=round(fraction, 4)),
+        timings=Timings(
+            queued_at=datetime.fromtimestamp(job.created_at, tz=UTC),
+            started_at=_time(job.started_at),
+            finished_at=_time(ended),
+            queue_wait_s=None if job.started_at is None else job.started_at - job.created_at,
+            run_s=None if job.started_at is None or ended is None else ended - job.started_at,
+        ),
+        outputs=[]
+        if job.outputs_expired
+        else [
+            Output(
+                name=name,
+                url=f"{job_url}/outputs/{name}",
+                content_type=mimetypes.guess_type(name)[0],
+            )
+            for name in job.outputs
+        ],
+        outputs_expired=job.outputs_expired,
+        error=job.error,
+        info=job.info,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        links=JobLinks(self=job_url, events=f"{job_url}/events", cancel=f"{job_url}/cancel"),
+    )

@@ -1,0 +1,109 @@
+"""Safe decoding of caller-supplied media: data URIs and images (no torch here).
+
+Images are untrusted input: only a few formats are opened, the size declared in the
+header is checked before any pixel is decoded (decompression bombs), and every decoder
+failure becomes `InvalidInput` naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Literal
+from urllib.parse import unquote_to_bytes
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model_service.errors import InvalidInput
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_WHITESPACE = re.compile(rb"\s+")
+
+
+def parse_data_uri(value: str, *, field: str) -> tuple[bytes, str | None]:
+    """`data:[<mime>][;param...][;base64],<data>` -> (bytes, lower-case mime or None)."""
+    head, sep, payload = value.partition(",")
+    if not head[:5].lower() == "data:" or not sep:
+        raise InvalidInput(
+            f"{field}: not a data URI; expected data:<type>;base64,<data>", field=field
+        )
+    params = [p.strip() for p in head[5:].split(";")]
+    is_base64 = len(params) > 1 and params[-1].lower() == "base64"
+    mime = params[0].lower() or None
+    if mime is not None and not re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", mime):
+        raise InvalidInput(f"{field}: data URI has an invalid media type {mime!r}", field=field)
+    try:
+        raw = unquote_to_bytes(payload)
+        if is_base64:
+            return base64.b64decode(_WHITESPACE.sub(b"", raw), validate=True), mime
+        return raw, mime
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            f"{field}: the data URI's base64 data is malformed; encode the file with "
+            "standard base64 (A-Z, a-z, 0-9, +, /, = padding)",
+            field=field,
+        ) from None
+
+
+def decode_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
+    """Decodes a PNG, JPEG, WEBP, GIF (first frame) or BMP into a loaded RGB image.
+
+    EXIF orientation is applied; transparent areas are composited onto white.
+    """
+    too_large = InvalidInput(
+        f"{field}: the image is larger than the limit of {max_pixels} pixels "
+        "(width x height); send a smaller image",
+        field=field,
+        max_pixels=max_pixels,
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            width, height = opened.size  # from the header; no pixel decoded yet
+            if width * height > max_pixels:
+                raise too_large
+            opened.load()
+            return _to_rgb(ImageOps.exif_transpose(opened))
+    except InvalidInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large from None
+    except UnidentifiedImageError:
+        raise InvalidInput(
+            f"{field}: not a readable image; send a PNG, JPEG, WEBP, GIF or BMP file",
+            field=field,
+        ) from None
+    except Exception as exc:
+        raise InvalidInput(
+            f"{field}: the image is corrupt or truncated ({exc}); send a complete PNG, JPEG, "
+            "WEBP, GIF or BMP file",
+            field=field,
+        ) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_image(
+    image: Image.Image, fmt: Literal["png", "jpeg", "webp"], quality: int = 95
+) -> bytes:
+    """Encodes an image; JPEG drops any alpha channel (composited onto white)."""
+    out = io.BytesIO()
+    if fmt == "png":
+        image.save(out, format="PNG")
+    elif fmt == "jpeg":
+        _to_rgb(image).save(out, format="JPEG", quality=quality)
+    else:
+        image.save(out, format="WEBP", quality=quality)
+    return out.getvalue()

@@ -1,0 +1,90 @@
+"""Prometheus metrics of one service process (one registry per app)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from model_service import gpu
+from model_service.jobs.record import Job
+from model_service.jobs.status import JobStatus
+
+_JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class _GpuMemory(Collector):
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        used = GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        for info in gpu.probe():
+            used.add_metric([str(info.index)], info.total_bytes - info.free_bytes)
+            total.add_metric([str(info.index)], info.total_bytes)
+        yield used
+        yield total
+
+
+class Metrics:
+    def __init__(self, service: str, queue_depth: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"service": service}
+        self.jobs = Counter(
+            "jobs_total",
+            "Jobs that ended, by status and error code",
+            ["status", "error_code"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "jobs_queued", "Jobs waiting for the worker", registry=self.registry
+        )
+        self.queue_depth.set_function(queue_depth)
+        self.running = Gauge("jobs_running", "Jobs running now", registry=self.registry)
+        self.queue_wait = Histogram(
+            "job_queue_wait_seconds",
+            "Time from submit to start",
+            buckets=_JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_time = Histogram(
+            "job_run_seconds",
+            "Time from start to end",
+            buckets=_JOB_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP latency by route",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "worker_restarts_total",
+            "Worker processes started again after dying",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.webhooks = Counter(
+            "webhook_attempts_total",
+            "Webhook delivery attempts by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        Gauge("service_info", "Service name", list(labels), registry=self.registry).labels(
+            **labels
+        ).set(1)
+        self.registry.register(_GpuMemory())
+
+    def job_started(self, job: Job) -> None:
+        self.running.inc()
+        if job.started_at is not None:
+            self.queue_wait.observe(max(0.0, job.started_at - job.created_at))
+
+    def job_ended(self, job: Job, was_running: bool) -> None:
+        if was_running:
+            self.running.dec()
+            if job.started_at is not None and job.finished_at is not None:
+                self.run_time.observe(max(0.0, job.finished_at - job.started_at))
+        code = (job.error or {}).get("code", "") if job.status is JobStatus.FAILED else ""
+        self.jobs.labels(job.status.value, code).inc()

@@ -1,0 +1,317 @@
+"""Runs queued jobs on the worker process, one at a time, and records every change.
+
+Owns the worker's life: starts it, replaces it when it dies (the job it held fails with
+`worker_crashed`), kills it when a job overruns its timeout or ignores a cancel.
+On start-up, jobs the store still shows as running (the service was killed) are queued
+again until they have been started `job_max_attempts` times; then they fail with
+`interrupted`. Jobs are idempotent by id, so running one again is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from model_service.errors import Interrupted, JobTimeout, ServiceError, WorkerCrashed
+from model_service.jobs.events import EventBus
+from model_service.jobs.record import Job, JobEvent
+from model_service.jobs.status import JobStatus
+from model_service.jobs.store import JobStore
+from model_service.logs import get_logger
+from model_service.metrics import Metrics
+from model_service.predictor import WorkerConfig
+from model_service.settings import Settings
+from model_service.webhooks import WebhookDispatcher
+from model_service.worker.process import WorkerProcess, WorkerState
+from model_service.worker.protocol import JobDone, JobProgress, RunJob
+
+log = get_logger("model_service.runner")
+
+_RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        predictor_path: str,
+        worker_config: WorkerConfig,
+        store: JobStore,
+        bus: EventBus,
+        metrics: Metrics,
+        webhooks: WebhookDispatcher,
+        setup_blocker: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._predictor_path = predictor_path
+        self._worker_config = worker_config
+        self._store = store
+        self._bus = bus
+        self._metrics = metrics
+        self._webhooks = webhooks
+        self._blocker = setup_blocker  # e.g. "no GPU": do not even start a worker
+        self._worker: WorkerProcess | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._crashes_in_a_row = 0
+        self._running_job: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.recover()
+        self._task = asyncio.create_task(self._loop(), name="job-runner")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._blocker = f"job runner stopped by a bug: {task.exception()!r}; restart"
+            log.error("job runner crashed", exc_info=task.exception())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._worker is not None:
+            await self._worker.stop()
+
+    def recover(self) -> None:
+        """Requeue or fail the jobs that were running when the service last died."""
+        for job in self._store.running():
+            if job.attempts >= self._settings.job_max_attempts:
+                error = Interrupted(
+                    f"the service stopped while this job ran, {job.attempts} times; it is "
+                    "not retried again. Check the service logs (out of memory?), then "
+                    "submit it again",
+                    attempts=job.attempts,
+                )
+                job = self._store.transition(job.id, JobStatus.FAILED, _fail_with(error))
+                self._metrics.job_ended(job, was_running=False)
+                self._changed(job, "status")
+                log.warning("interrupted job failed", job_id=job.id, attempts=job.attempts)
+            else:
+                self._store.transition(job.id, JobStatus.QUEUED)
+                log.warning("interrupted job queued again", job_id=job.id, attempts=job.attempts)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def readiness(self) -> tuple[bool, str]:
+        """(can a job run now, why not)."""
+        if self._blocker is not None:
+            return False, self._blocker
+        worker = self._worker
+        if worker is None:
+            return False, "starting"
+        if worker.state in (WorkerState.READY, WorkerState.BUSY):
+            return True, "ready"
+        if worker.state is WorkerState.DEAD:
+            return False, f"worker restarting: {worker.reason}"
+        return False, worker.reason
+
+    @property
+    def worker_info(self) -> dict[str, Any]:
+        return {} if self._worker is None else dict(self._worker.info)
+
+    # --- public actions --------------------------------------------------------------
+
+    def changed(self, job: Job, kind: str = "status") -> None:
+        self._changed(job, kind)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Idempotent. A queued job is canceled now; a running one at its next step
+        (or the worker is killed after `cancel_grace_s`); a finished one is left as is."""
+        job = self._store.get(job_id)
+        if job.status is JobStatus.QUEUED:
+            try:
+                job = self._store.transition(job_id, JobStatus.CANCELED, _finish_now)
+            except ServiceError:  # raced with the runner starting it
+                return await self.cancel(job_id)
+            self._metrics.job_ended(job, was_running=False)
+            self._changed(job, "status")
+            return job
+        if job.status is JobStatus.RUNNING and not job.cancel_requested:
+            job = self._store.update(job_id, _mark_cancel_requested)
+            if self._worker is not None:
+                self._worker.cancel(job_id)
+            asyncio.get_running_loop().call_later(
+                self._settings.cancel_grace_s, self._kill_if_still_running, job_id
+            )
+        return job
+
+    def _kill_if_still_running(self, job_id: str) -> None:
+        if self._running_job == job_id and self._worker is not None:
+            log.warning("worker ignored cancel; killing it", job_id=job_id)
+            self._worker.kill()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            worker = await self._ready_worker()
+            if worker is None:  # setup failed: jobs stay queued; /ready says why
+                await asyncio.Event().wait()
+                return
+            self._wake.clear()
+            job = self._store.claim_next()
+            if job is None:
+                await self._wake.wait()
+                continue
+            with structlog.contextvars.bound_contextvars(job_id=job.id):
+                await self._execute(worker, job)
+
+    async def _ready_worker(self) -> WorkerProcess | None:
+        if self._blocker is not None:
+            return None
+        while True:
+            worker = self._worker
+            if worker is not None and worker.state in (WorkerState.READY, WorkerState.BUSY):
+                return worker
+            if worker is not None and worker.state is WorkerState.SETUP_FAILED:
+                log.error("model setup failed; jobs stay queued", reason=worker.reason)
+                return None
+            if worker is not None and worker.state is WorkerState.DEAD:
+                self._metrics.worker_restarts.labels("died").inc()
+                delay = _RESTART_BACKOFF_S[min(self._crashes_in_a_row, len(_RESTART_BACKOFF_S) - 1)]
+                self._crashes_in_a_row += 1
+                log.warning("starting a new worker", reason=worker.reason, delay_s=delay)
+                await asyncio.sleep(delay)
+            if worker is None or worker.state is WorkerState.DEAD:
+                self._worker = WorkerProcess(self._predictor_path, self._worker_config)
+                await self._worker.wait_started()
+                if self._worker.state is WorkerState.READY:
+                    log.info("worker ready", worker_pid=self._worker.pid, info=self._worker.info)
+
+    async def _execute(self, worker: WorkerProcess, job: Job) -> None:
+        self._running_job = job.id
+        self._metrics.job_started(job)
+        self._changed(job, "status")
+        output_dir = self._settings.job_dir(job.id) / "outputs"
+        run = RunJob(job.id, job.prepared_input, str(output_dir), job.seed or 0)
+        started = job.started_at or time.time()
+        remaining = max(0.1, started + self._settings.job_timeout_s - time.time())
+        future = asyncio.ensure_future(worker.run(run, self._progress_recorder(job.id)))
+        done: JobDone | None = None
+        failure: ServiceError | None = None
+        try:
+            done = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
+        except TimeoutError:
+            failure = JobTimeout(
+                f"the job ran longer than JOB_TIMEOUT_S={self._settings.job_timeout_s:g} s "
+                "and was stopped; use fewer steps or a smaller size, or raise the limit",
+                timeout_s=self._settings.job_timeout_s,
+            )
+            worker.cancel(job.id)
+            done = await self._await_or_kill(worker, future)
+        except WorkerCrashed as exc:
+            failure = WorkerCrashed(
+                f"{exc.message} while running this job; a new worker is starting. Retry "
+                "the job; if it crashes again, use a smaller size",
+                **exc.details,
+            )
+        finally:
+            self._running_job = None
+        if done is not None and done.fatal:
+            worker.kill()
+        if worker.state is not WorkerState.DEAD:
+            self._crashes_in_a_row = 0
+        self._finish(job.id, done, failure, _list_outputs(output_dir, done))
+
+    async def _await_or_kill(
+        self, worker: WorkerProcess, future: asyncio.Future[JobDone]
+    ) -> JobDone | None:
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(future), timeout=self._settings.cancel_grace_s
+            )
+        except (TimeoutError, WorkerCrashed):
+            worker.kill()
+            with contextlib.suppress(WorkerCrashed):
+                await future
+            return None
+
+    def _finish(
+        self,
+        job_id: str,
+        done: JobDone | None,
+        failure: ServiceError | None,
+        outputs: list[str],
+    ) -> None:
+        current = self._store.get(job_id)
+        change: Callable[[Job], None]
+        if failure is None and (current.cancel_requested or (done is not None and done.canceled)):
+            status, change = JobStatus.CANCELED, _finish_now
+        elif failure is not None:
+            status, change = JobStatus.FAILED, _fail_with(failure)
+        elif done is not None and done.error is not None:
+            status, change = JobStatus.FAILED, _fail_with_dict(done.error)
+        else:
+            assert done is not None
+            status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info)
+        job = self._store.transition(job_id, status, change)
+        self._metrics.job_ended(job, was_running=True)
+        self._changed(job, "status")
+        log.info(
+            "job finished",
+            status=job.status.value,
+            error_code=(job.error or {}).get("code"),
+            run_s=round((job.finished_at or 0) - (job.started_at or 0), 3),
+        )
+
+    def _progress_recorder(self, job_id: str) -> Callable[[JobProgress], None]:
+        def record(message: JobProgress) -> None:
+            def change(job: Job) -> None:
+                job.progress_step, job.progress_total = message.step, message.total
+
+            self._changed(self._store.update(job_id, change), "progress")
+
+        return record
+
+    def _changed(self, job: Job, kind: str) -> None:
+        self._bus.publish(JobEvent(job.id, kind, job))
+        if kind == "status" and job.status is not JobStatus.QUEUED:
+            self._webhooks.enqueue(job, job.status.value)
+
+
+def _list_outputs(output_dir: Path, done: JobDone | None) -> list[str]:
+    if done is None or done.error is not None or done.canceled:
+        return []
+    return [name for name in done.outputs if (output_dir / name).is_file()]
+
+
+def _finish_now(job: Job) -> None:
+    job.finished_at = time.time()
+
+
+def _mark_cancel_requested(job: Job) -> None:
+    job.cancel_requested = True
+
+
+def _fail_with(error: ServiceError) -> Callable[[Job], None]:
+    return _fail_with_dict(error.to_dict())
+
+
+def _fail_with_dict(error: dict[str, Any]) -> Callable[[Job], None]:
+    def change(job: Job) -> None:
+        job.finished_at = time.time()
+        job.error = error
+
+    return change
+
+
+def _succeed(outputs: list[str], info: dict[str, Any]) -> Callable[[Job], None]:
+    def change(job: Job) -> None:
+        job.finished_at = time.time()
+        job.outputs = outputs
+        job.info = {**job.info, **info}
+        job.progress_step = max(job.progress_step, job.progress_total)
+
+    return change

@@ -1,0 +1,28 @@
+"""What a service folder declares; the shared library builds the whole service from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from model_service.api.state import ServiceState
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str  # the service folder's name, e.g. "qwen-image-edit-nunchaku"
+    title: str
+    version: str
+    description: str
+    default_port: int
+    input_model: type[BaseModel]
+    predictor: str  # "package.module:Class", imported only in the worker process
+    min_vram_gb: float  # for the full profile; 0 means no GPU needed
+    worker_options: Callable[[Any], dict[str, Any]] = field(default=lambda settings: {})
+    extra_routes: Callable[[ServiceState], list[APIRouter]] = field(default=lambda state: [])

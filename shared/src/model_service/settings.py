@@ -1,0 +1,121 @@
+"""The one settings object, read from the environment once at start-up and passed down.
+
+Every field is an environment variable of the same name in upper case (`DATA_DIR`,
+`API_KEYS`, ...). The README's configuration table is generated from this class.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration of one service process. Read once; never from `os.environ` later."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    host: str = Field("0.0.0.0", description="Address the HTTP API listens on.")  # noqa: S104
+    port: int | None = Field(None, description="HTTP port; default is the service's own port.")
+    profile: Literal["full", "tiny"] = Field(
+        "full",
+        description="`full` loads the real models; `tiny` generates a random-weight model "
+        "locally (no download) for demos and tests.",
+    )
+    data_dir: Path = Field(Path("data"), description="Job store (SQLite), inputs and outputs.")
+    models_dir: Path = Field(Path("models"), description="Where model weights live.")
+    comfyui_url: str | None = Field(
+        None, description="Use this running ComfyUI instead of launching the embedded one."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`auto`: readable in a terminal, JSON otherwise (containers)."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer keys; when set, every route except /health "
+        "and /ready needs `Authorization: Bearer <key>`.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL for output links in job records (default: the URL the "
+        "request came in on).",
+    )
+    job_timeout_s: float = Field(1800.0, gt=0, description="Hard limit on one job's run time.")
+    job_max_attempts: int = Field(
+        2,
+        ge=1,
+        description="A job that was running when the service died is run again until it "
+        "has been started this many times; then it fails with code `interrupted`.",
+    )
+    cancel_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="After a cancel or timeout, how long the worker may take to "
+        "stop before it is killed and replaced.",
+    )
+    max_upload_bytes: int = Field(
+        50 * 2**20, gt=0, description="Largest file accepted by POST /v1/uploads."
+    )
+    max_request_bytes: int = Field(
+        80 * 2**20, gt=0, description="Largest request body (JSON with data URIs included)."
+    )
+    max_fetch_bytes: int = Field(50 * 2**20, gt=0, description="Largest file fetched from a URL.")
+    fetch_timeout_s: float = Field(30.0, gt=0, description="Total time allowed for one URL fetch.")
+    fetch_allow_networks: Annotated[list[IpNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated CIDRs that URL fetches and webhooks may reach besides "
+        "public addresses (for example `10.0.0.0/8`). Empty: public addresses only.",
+    )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Largest decoded image (width x height) accepted."
+    )
+    output_retention_hours: float = Field(
+        72.0, ge=0, description="Outputs older than this are deleted (0 keeps them forever)."
+    )
+    webhook_secret: str | None = Field(
+        None,
+        description="Standard Webhooks signing secret (`whsec_...`); when unset, webhooks "
+        "are sent unsigned.",
+    )
+    webhook_max_attempts: int = Field(8, ge=1, description="Delivery attempts per webhook.")
+    webhook_retry_base_s: float = Field(
+        2.0, gt=0, description="First retry delay; doubles per attempt, with jitter."
+    )
+    webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed per webhook attempt.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("fetch_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        items = _split_csv(value)
+        if isinstance(items, list):
+            return [ipaddress.ip_network(str(item), strict=False) for item in items]
+        return items
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.data_dir / "jobs" / job_id
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"

@@ -1,0 +1,181 @@
+"""Accepting a job: validate the input, resolve its files, store it, wake the runner.
+
+Every file an input refers to is fetched, decoded and checked here, before the job is
+stored, so bad input is a 422 naming the field, and a stored job has everything it
+needs on local disk (a restart or a second attempt fetches nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from model_service import media
+from model_service.errors import IdempotencyConflict, InvalidInput, UploadNotFound
+from model_service.fetch import SafeHttpClient
+from model_service.jobs.record import Job
+from model_service.jobs.status import JobStatus
+from model_service.jobs.store import JobStore
+from model_service.media_refs import MediaKind, media_fields
+from model_service.runner import JobRunner
+from model_service.settings import Settings
+from model_service.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS
+
+UPLOAD_PREFIX = "upl_"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def validation_error(exc: ValidationError, prefix: str = "input") -> InvalidInput:
+    """A pydantic error as one InvalidInput naming every bad field."""
+    problems = [
+        {
+            "field": ".".join(str(part) for part in (prefix, *err["loc"])),
+            "message": err["msg"],
+        }
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return InvalidInput(f"invalid input: {summary}", field=problems[0]["field"], problems=problems)
+
+
+class JobSubmitter:
+    def __init__(
+        self,
+        settings: Settings,
+        input_model: type[BaseModel],
+        store: JobStore,
+        http: SafeHttpClient,
+        runner: JobRunner,
+    ) -> None:
+        self._settings = settings
+        self._model = input_model
+        self._media = media_fields(input_model)
+        self._has_seed = "seed" in input_model.model_fields
+        self._store = store
+        self._http = http
+        self._runner = runner
+
+    async def submit(
+        self,
+        raw_input: Any,
+        *,
+        job_id: str | None,
+        webhook: str | None,
+        webhook_events: list[str] | None,
+        base_url: str,
+    ) -> tuple[Job, bool]:
+        """Store a new job (or return the existing one for a repeated `job_id`)."""
+        events = list(webhook_events or DEFAULT_WEBHOOK_EVENTS)
+        unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise InvalidInput(
+                f"unknown webhook_events {unknown}; choose from {list(WEBHOOK_EVENTS)}",
+                field="webhook_events",
+            )
+        request_hash = hashlib.sha256(
+            json.dumps([raw_input, webhook, events], sort_keys=True, default=str).encode()
+        ).hexdigest()
+        if job_id is not None and (existing := self._store.find(job_id)) is not None:
+            if existing.request_hash != request_hash:
+                raise IdempotencyConflict(
+                    f"job {job_id} exists with a different request; use a new id, or "
+                    "repeat the original request exactly",
+                    job_id=job_id,
+                )
+            return existing, False
+        if webhook is not None:
+            self._http.check_url(webhook, field="webhook")
+        try:
+            validated = self._model.model_validate(raw_input)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        job_id = job_id or new_job_id()
+        values = validated.model_dump(mode="json")
+        seed = values.get("seed")
+        if self._has_seed and seed is None:
+            seed = secrets.randbelow(2**32)
+            values["seed"] = seed
+        inputs_dir = self._settings.job_dir(job_id) / "inputs"
+        try:
+            public, prepared = await self._resolve_media(values, inputs_dir)
+        except BaseException:
+            shutil.rmtree(inputs_dir, ignore_errors=True)
+            raise
+        job = Job(
+            id=job_id,
+            status=JobStatus.QUEUED,
+            input=public,
+            prepared_input=prepared,
+            seed=seed,
+            request_hash=request_hash,
+            webhook=webhook,
+            webhook_events=events,
+            base_url=base_url,
+        )
+        job, created = self._store.create(job)
+        if created:
+            self._runner.changed(job)
+            self._runner.wake()
+        return job, created
+
+    async def _resolve_media(
+        self, values: dict[str, Any], inputs_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        public, prepared = dict(values), dict(values)
+        for name, kind in self._media.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            refs = value if isinstance(value, list) else [value]
+            paths = []
+            for index, ref in enumerate(refs):
+                field = f"input.{name}" + (f"[{index}]" if isinstance(value, list) else "")
+                target = inputs_dir / f"{name}_{index}.png"
+                await self._materialize(ref, kind, field, target)
+                paths.append(str(target.resolve()))
+            shown = [_shorten(ref) for ref in refs]
+            public[name] = shown if isinstance(value, list) else shown[0]
+            prepared[name] = paths if isinstance(value, list) else paths[0]
+        return public, prepared
+
+    async def _materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> None:
+        data = await self.read_reference(ref, field)
+        if kind != "image":
+            raise InvalidInput(f"{field}: {kind} inputs are not supported yet", field=field)
+        image = await asyncio.to_thread(
+            media.decode_image, data, field=field, max_pixels=self._settings.max_image_pixels
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(image.save, target, format="PNG")
+
+    async def read_reference(self, ref: str, field: str) -> bytes:
+        """The bytes behind a URL, data URI or upload id."""
+        if ref.startswith("data:"):
+            data, _mime = media.parse_data_uri(ref, field=field)
+            return data
+        if "://" in ref:
+            return (await self._http.get(ref, field=field)).data
+        if ref.startswith(UPLOAD_PREFIX) and self._store.get_upload(ref) is not None:
+            return await asyncio.to_thread((self._settings.uploads_dir / ref).read_bytes)
+        raise UploadNotFound(
+            f"{field}: {ref[:80]!r} is not an https URL, a data URI or a known upload id; "
+            "send the file to POST /v1/uploads first and use the id it returns",
+            field=field,
+        )
+
+
+def _shorten(ref: str) -> str:
+    if ref.startswith("data:") and len(ref) > 120:
+        return f"{ref[:60]}...({len(ref)} chars)"
+    return ref

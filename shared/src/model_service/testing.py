@@ -1,0 +1,128 @@
+"""Helpers for tests: run a real service process on loopback and talk to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """A service started as `python -m <module>` with uvicorn on 127.0.0.1."""
+
+    def __init__(
+        self,
+        module: str,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        pythonpath: list[str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.module = module
+        self.args = args or []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"{data_dir.name}-service.log"
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "DATA_DIR": str(data_dir),
+            "LOG_FORMAT": "json",
+            **(env or {}),
+        }
+        if pythonpath:
+            self.env["PYTHONPATH"] = os.pathsep.join([*pythonpath, self.env.get("PYTHONPATH", "")])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.headers: dict[str, str] = {}
+
+    def start(self, wait_ready: bool = True, timeout: float = 120.0) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", self.module, *self.args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_for("/health", timeout)
+        if wait_ready:
+            self.wait_for("/ready", timeout)
+        return self
+
+    def wait_for(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"service exited early; log:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{path} not 200 after {timeout}s; log:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kwargs)
+
+    def kill9(self) -> None:
+        """kill -9 of the whole service: API process and its worker (one process group)."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def worker_pids(self) -> list[int]:
+        """Child processes of the API process (the model worker)."""
+        if self.proc is None:
+            return []
+        out = subprocess.run(  # noqa: S603
+            ["pgrep", "-f", "spawn_main", "-P", str(self.proc.pid)],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+
+def wait_status(
+    client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job.get("status") in statuses:
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} not in {statuses} after {timeout}s: {job}")

@@ -1,0 +1,52 @@
+"""Worker side of the echo service. Each `behaviour` is one failure mode."""
+
+import os
+import signal
+import time
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError, which the worker recognises by name."""
+
+
+class EchoPredictor:
+    def setup(self, config: WorkerConfig) -> SetupResult:
+        if config.options.get("fail_setup"):
+            raise RuntimeError("weights not found at /nowhere")
+        time.sleep(float(config.options.get("setup_s", 0)))
+        return SetupResult(info={"model": "echo", "pid": os.getpid()})
+
+    def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
+        behaviour = inputs["behaviour"]
+        for step in range(1, inputs["steps"] + 1):
+            if step == 1:
+                self._misbehave(behaviour)
+            time.sleep(inputs["step_s"])
+            ctx.progress(step, inputs["steps"])
+        if inputs.get("image"):
+            image = ImageOps.invert(Image.open(inputs["image"]).convert("RGB"))
+        else:
+            image = Image.new("RGB", (8, 8), (ctx.seed % 256, 0, 0))
+        image.save(ctx.output_dir / "out.png")
+        (ctx.output_dir / "text.txt").write_text(inputs["text"])
+        return PredictResult(outputs=["out.png", "text.txt"], info={"seed_seen": ctx.seed})
+
+    @staticmethod
+    def _misbehave(behaviour: str) -> None:
+        if behaviour == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if behaviour == "exit":
+            os._exit(3)
+        if behaviour == "hang":  # never reports progress: only a kill stops it
+            time.sleep(3600)
+        if behaviour == "error":
+            raise ValueError("bad weights for this prompt")
+        if behaviour == "oom":
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if behaviour == "cuda_error":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")

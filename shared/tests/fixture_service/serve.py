@@ -1,0 +1,23 @@
+"""Run the echo service with uvicorn: `python -m fixture_service.serve` (env configures)."""
+
+import os
+
+import uvicorn
+
+from fixture_service.spec import SPEC
+from model_service.api.app import create_app
+from model_service.logs import configure_logging
+from model_service.service import ServiceSpec
+from model_service.settings import Settings
+
+if __name__ == "__main__":
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    options = {
+        "fail_setup": os.environ.get("ECHO_FAIL_SETUP") == "1",
+        "setup_s": os.environ.get("ECHO_SETUP_S", "0"),
+    }
+    spec = ServiceSpec(**{**SPEC.__dict__, "worker_options": lambda _settings: options})
+    uvicorn.run(
+        create_app(spec, settings), host="127.0.0.1", port=settings.port or 8099, log_config=None
+    )

@@ -1,0 +1,31 @@
+"""The echo service's spec and input (imported by the API process: no torch)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from model_service.media_refs import ImageRef
+from model_service.service import ServiceSpec
+
+Behaviour = Literal["ok", "crash", "hang", "error", "oom", "cuda_error", "exit"]
+
+
+class EchoInput(BaseModel):
+    text: str = Field("hello", max_length=200)
+    image: ImageRef | None = None
+    steps: int = Field(2, ge=1, le=1000)
+    step_s: float = Field(0.0, ge=0, le=30, description="Sleep per step.")
+    behaviour: Behaviour = Field("ok", description="What the worker does at step 1.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+
+SPEC = ServiceSpec(
+    name="echo",
+    title="Echo (test fixture)",
+    version="0.0.1",
+    description="Inverts an image or draws one; fails on request.",
+    default_port=8099,
+    input_model=EchoInput,
+    predictor="fixture_service.predictor:EchoPredictor",
+    min_vram_gb=0,
+)

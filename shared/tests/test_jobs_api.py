@@ -1,0 +1,233 @@
+"""The /v1/jobs API end to end over real HTTP, against a real service process."""
+
+import io
+import json
+import time
+
+import httpx
+from PIL import Image
+
+from fixture_service.images import data_uri, png_bytes
+from model_service.testing import wait_status
+
+
+def submit(client: httpx.Client, **inputs: object) -> dict:
+    response = client.post("/v1/jobs", json={"input": inputs})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_job_lifecycle_outputs_and_range(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        job = submit(client, text="hello", image=data_uri(png_bytes(color=(10, 200, 30))))
+        assert job["status"] == "queued"
+        assert isinstance(job["seed"], int)
+        assert job["input"]["image"].startswith("data:image/png;base64,")
+        done = wait_status(client, job["id"], {"succeeded"})
+        assert done["progress"] == {"step": 2, "total": 2, "fraction": 1.0}
+        assert done["attempts"] == 1
+        assert done["timings"]["run_s"] >= 0
+        assert done["info"]["seed_seen"] == job["seed"]
+        urls = {out["name"]: out["url"] for out in done["outputs"]}
+        image = Image.open(io.BytesIO(client.get(urls["out.png"]).content))
+        assert image.getpixel((0, 0)) == (245, 55, 225)  # the input, inverted
+        text = client.get(urls["text.txt"], headers={"Range": "bytes=1-3"})
+        assert text.status_code == 206
+        assert text.content == b"ell"
+        assert client.get(f"/v1/jobs/{job['id']}/outputs/../jobs.sqlite3").status_code == 404
+        assert client.get(f"/v1/jobs/{job['id']}/outputs/nope.png").status_code == 404
+
+
+def test_prefer_wait_answers_with_the_finished_job(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        response = client.post(
+            "/v1/jobs", json={"input": {"seed": 7}}, headers={"Prefer": "wait=30"}
+        )
+        assert response.status_code == 200
+        assert response.json()["status"] == "succeeded"
+        assert response.json()["seed"] == 7
+        assert response.headers["preference-applied"] == "wait=30"
+        slow = client.post(
+            "/v1/jobs", json={"input": {"steps": 20, "step_s": 0.2}}, headers={"Prefer": "wait=1"}
+        )
+        assert slow.status_code == 202
+        assert slow.json()["status"] in {"queued", "running"}
+
+
+def test_put_is_idempotent_and_conflicts_on_a_different_body(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        first = client.put("/v1/jobs/my-job-1", json={"input": {"text": "a", "seed": 1}})
+        assert first.status_code == 202
+        again = client.put("/v1/jobs/my-job-1", json={"input": {"text": "a", "seed": 1}})
+        assert again.status_code == 200
+        assert again.json()["id"] == "my-job-1"
+        other = client.put("/v1/jobs/my-job-1", json={"input": {"text": "b", "seed": 1}})
+        assert other.status_code == 409
+        assert other.json()["error"]["code"] == "idempotency_conflict"
+        assert client.put("/v1/jobs/bad id!", json={"input": {}}).status_code == 422
+        wait_status(client, "my-job-1", {"succeeded"})
+        listed = client.get("/v1/jobs").json()["jobs"]
+        assert [job["id"] for job in listed] == ["my-job-1"]
+
+
+def test_list_filters_by_status_and_paginates(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        ids = [submit(client, text=str(i))["id"] for i in range(5)]
+        for job_id in ids:
+            wait_status(client, job_id, {"succeeded"})
+        blocker = submit(client, steps=100, step_s=0.1)["id"]
+        queued = submit(client)["id"]
+        wait_status(client, blocker, {"running"})
+        assert [j["id"] for j in client.get("/v1/jobs?status=queued").json()["jobs"]] == [queued]
+        seen, cursor = [], None
+        while True:
+            params = {"status": "succeeded", "limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = client.get("/v1/jobs", params=params).json()
+            seen += [job["id"] for job in page["jobs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == list(reversed(ids))
+        bad = client.get("/v1/jobs?status=exploded")
+        assert bad.status_code == 422
+        assert bad.json()["error"]["code"] == "invalid_input"
+        client.post(f"/v1/jobs/{blocker}/cancel")
+
+
+def test_cancel_queued_and_running_jobs(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        running = submit(client, steps=200, step_s=0.05)["id"]
+        queued = submit(client)["id"]
+        wait_status(client, running, {"running"})
+        canceled = client.post(f"/v1/jobs/{queued}/cancel").json()
+        assert canceled["status"] == "canceled"
+        started = time.monotonic()
+        assert client.post(f"/v1/jobs/{running}/cancel").json()["cancel_requested"] is True
+        job = wait_status(client, running, {"canceled"}, timeout=10)
+        assert time.monotonic() - started < 2, "cancel takes effect at the next step"
+        assert job["outputs"] == []
+        again = client.post(f"/v1/jobs/{running}/cancel")
+        assert again.status_code == 200
+        assert again.json()["status"] == "canceled"
+        assert client.post("/v1/jobs/unknown/cancel").json()["error"]["code"] == "not_found"
+        after = submit(client)["id"]
+        assert wait_status(client, after, {"succeeded"})["status"] == "succeeded"
+
+
+def test_server_sent_events_report_status_and_progress(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        job_id = submit(client, steps=5, step_s=0.05)["id"]
+        events = []
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((kind, json.loads(line.removeprefix("data: "))))
+        statuses = [data["status"] for kind, data in events if kind == "status"]
+        steps = [data["progress"]["step"] for kind, data in events if kind == "progress"]
+        assert statuses[-1] == "succeeded"
+        assert "running" in statuses
+        assert steps == sorted(steps)
+        assert steps[-1] == 5
+        assert client.get("/v1/jobs/nope/events").status_code == 404
+
+
+def test_bad_input_is_a_clear_422_and_nothing_is_stored(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        cases = [
+            ({"input": {"steps": 0}}, "input.steps"),
+            ({"input": {"unknown": 1, "text": 5}}, "input.text"),
+            ({"input": {"image": "data:image/png;base64,AAAA"}}, "input.image"),
+            ({"input": {"image": "upl_doesnotexist"}}, "input.image"),
+            ({"input": {"image": "http://127.0.0.1:1/x.png"}}, "input.image"),
+            ({"input": {"image": "http://169.254.169.254/latest/meta-data"}}, "input.image"),
+            ({"input": {}, "webhook": "http://10.0.0.1/hook"}, "webhook"),
+            ({"input": {}, "webhook_events": ["exploded"]}, "webhook_events"),
+        ]
+        for body, field in cases:
+            response = client.post("/v1/jobs", json=body)
+            assert response.status_code == 422, (body, response.text)
+            error = response.json()["error"]
+            assert field in error["message"], (field, error)
+            assert error["code"] in {
+                "invalid_input",
+                "url_not_allowed",
+                "upload_not_found",
+                "fetch_failed",
+            }
+        not_json = client.post(
+            "/v1/jobs", content=b"{nope", headers={"content-type": "application/json"}
+        )
+        assert not_json.status_code == 422
+        assert client.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_uploads_feed_jobs_and_are_size_capped(start_service) -> None:
+    service = start_service(env={"MAX_UPLOAD_BYTES": "50000"})
+    with service.client() as client:
+        uploaded = client.post("/v1/uploads", files={"file": ("../../etc/x.png", png_bytes())})
+        assert uploaded.status_code == 201
+        upload_id = uploaded.json()["id"]
+        assert upload_id.startswith("upl_")
+        assert not (service.data_dir / "etc").exists()
+        job = submit(client, image=upload_id)
+        assert job["input"]["image"] == upload_id
+        wait_status(client, job["id"], {"succeeded"})
+        big = client.post("/v1/uploads", files={"file": ("big.bin", b"x" * 60000)})
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "payload_too_large"
+        corrupt = client.post("/v1/uploads", files={"file": ("bad.png", b"\x89PNG garbage")})
+        response = client.post("/v1/jobs", json={"input": {"image": corrupt.json()["id"]}})
+        assert response.status_code == 422
+        assert "input.image" in response.json()["error"]["message"]
+
+
+def test_request_body_is_size_capped(start_service) -> None:
+    service = start_service(env={"MAX_REQUEST_BYTES": "20000"})
+    with service.client() as client:
+        response = client.post("/v1/jobs", json={"input": {"image": data_uri(b"x" * 30000)}})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_auth_when_api_keys_are_set(start_service) -> None:
+    service = start_service(env={"API_KEYS": "key-one, key-two"})
+    with httpx.Client(base_url=service.url) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
+            response = client.get("/v1/jobs", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "unauthorized"
+        assert client.get("/metrics").status_code == 401
+        ok = client.get("/v1/jobs", headers={"Authorization": "Bearer key-two"})
+        assert ok.status_code == 200
+
+
+def test_no_auth_when_api_keys_are_unset(start_service) -> None:
+    service = start_service()
+    with httpx.Client(base_url=service.url) as client:
+        assert client.get("/v1/jobs").status_code == 200
+
+
+def test_metrics_count_jobs_by_status_and_code(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        wait_status(client, submit(client)["id"], {"succeeded"})
+        wait_status(client, submit(client, behaviour="error")["id"], {"failed"})
+        text = client.get("/metrics").text
+        assert 'jobs_total{error_code="",status="succeeded"} 1.0' in text
+        assert 'jobs_total{error_code="model_error",status="failed"} 1.0' in text
+        assert "job_queue_wait_seconds_bucket" in text
+        assert "http_request_duration_seconds_bucket" in text
+        assert "jobs_queued 0.0" in text
