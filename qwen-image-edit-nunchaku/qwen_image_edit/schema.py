@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from model_service.media_refs import ImageRef
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model_service.media_refs import ImageRef
 
 MAX_INPUT_IMAGES = 3  # Edit-2509 (QwenImageEditPlusPipeline) takes up to three.
 

@@ -185,7 +185,8 @@ class JobRunner:
                 log.warning("starting a new worker", reason=worker.reason, delay_s=delay)
                 await asyncio.sleep(delay)
             if worker is None or worker.state is WorkerState.DEAD:
-                self._worker = WorkerProcess(self._predictor_path, self._worker_config)
+                why = "starting" if worker is None else f"worker restarting ({worker.reason})"
+                self._worker = WorkerProcess(self._predictor_path, self._worker_config, why)
                 await self._worker.wait_started()
                 if self._worker.state is WorkerState.READY:
                     log.info("worker ready", worker_pid=self._worker.pid, info=self._worker.info)

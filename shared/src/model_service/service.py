@@ -24,5 +24,8 @@ class ServiceSpec:
     input_model: type[BaseModel]
     predictor: str  # "package.module:Class", imported only in the worker process
     min_vram_gb: float  # for the full profile; 0 means no GPU needed
+    # settings -> options handed to the worker's predictor (WorkerConfig.options)
     worker_options: Callable[[Any], dict[str, Any]] = field(default=lambda settings: {})
+    # (validated input, settings) -> None; raise InvalidInput for service-level rules
+    check_input: Callable[[Any, Any], None] = field(default=lambda data, settings: None)
     extra_routes: Callable[[ServiceState], list[APIRouter]] = field(default=lambda state: [])

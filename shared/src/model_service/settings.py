@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("data"), description="Job store (SQLite), inputs and outputs.")
     models_dir: Path = Field(Path("models"), description="Where model weights live.")
+    model_variant: str | None = Field(
+        None,
+        description="Which of the service's models to load (Qwen: `edit` or `edit-2509`); "
+        "default: the service's own default.",
+    )
     comfyui_url: str | None = Field(
         None, description="Use this running ComfyUI instead of launching the embedded one."
     )

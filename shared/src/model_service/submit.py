@@ -13,6 +13,7 @@ import json
 import secrets
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,11 @@ class JobSubmitter:
         store: JobStore,
         http: SafeHttpClient,
         runner: JobRunner,
+        check_input: Callable[[Any, Settings], None] | None = None,
     ) -> None:
         self._settings = settings
         self._model = input_model
+        self._check = check_input or (lambda data, settings: None)
         self._media = media_fields(input_model)
         self._has_seed = "seed" in input_model.model_fields
         self._store = store
@@ -100,6 +103,7 @@ class JobSubmitter:
             validated = self._model.model_validate(raw_input)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        self._check(validated, self._settings)
         job_id = job_id or new_job_id()
         values = validated.model_dump(mode="json")
         seed = values.get("seed")

@@ -50,7 +50,9 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     runner = JobRunner(
         settings, spec.predictor, worker_config, store, bus, metrics, webhooks, blocker
     )
-    submitter = JobSubmitter(settings, spec.input_model, store, http, runner)
+    submitter = JobSubmitter(
+        settings, spec.input_model, store, http, runner, check_input=spec.check_input
+    )
     return ServiceState(spec, settings, store, bus, metrics, http, webhooks, runner, submitter)
 
 

@@ -47,7 +47,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
-            {"field": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg")}
+            {"field": _field_name(err.get("loc", ())), "message": err.get("msg")}
             for err in exc.errors()
         ]
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or "invalid"
@@ -139,3 +139,9 @@ def _declared_length(request: Request) -> int:
         return int(request.headers.get("content-length", "0"))
     except ValueError:
         return 0
+
+
+def _field_name(loc: tuple[object, ...] | list[object]) -> str:
+    """`("body", "input", "steps")` -> `input.steps` (the name the caller sent)."""
+    parts = [str(part) for part in loc]
+    return ".".join(parts[1:] if parts[:1] == ["body"] and len(parts) > 1 else parts)

@@ -61,11 +61,11 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class WorkerProcess:
-    def __init__(self, predictor_path: str, config: WorkerConfig) -> None:
+    def __init__(self, predictor_path: str, config: WorkerConfig, reason: str = "starting") -> None:
         self._predictor_path = predictor_path
         self._config = config
         self.state = WorkerState.STARTING
-        self.reason = "starting: loading the model"
+        self.reason = f"{reason}: loading the model"
         self.info: dict[str, Any] = {}
         self._ready = asyncio.Event()
         self._job_id: str | None = None

@@ -1,0 +1,296 @@
+"""Load the Qwen-Image-Edit diffusers pipeline for a worker: which transformer, which offload.
+
+Profile `tiny`: the random-weight folder from `tiny_model`, float32 on CPU.
+Profile `full`: the local copy of the HF repo under MODELS_DIR, bf16, with Nunchaku's
+4-bit transformer where its kernels run (a supported GPU and `import nunchaku`), else
+diffusers' bf16 transformer; CPU offload chosen from the free VRAM. Nothing is ever
+downloaded here and nothing is faked: missing files raise `SetupFailed` naming them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from model_service.errors import SetupFailed
+from model_service.predictor import WorkerConfig
+
+from .manifest import (
+    NUNCHAKU_COMPUTE_CAPABILITIES,
+    NUNCHAKU_DEFAULT_RANK,
+    NUNCHAKU_DIRNAME,
+    NUNCHAKU_FP4_COMPUTE_CAPABILITIES,
+    ModelVariant,
+)
+from .tiny_model import apply_torchvision_shim, ensure_tiny_pipeline, is_tiny_folder
+
+log = structlog.get_logger()
+
+# Transformer kinds.
+NUNCHAKU_INT4 = "nunchaku-int4"
+NUNCHAKU_FP4 = "nunchaku-fp4"
+BF16 = "bf16"
+FLOAT32_CPU = "float32-cpu"
+# Offload modes.
+OFFLOAD_NONE = "none"  # every component on the device
+OFFLOAD_MODEL = "model-cpu-offload"  # one whole component on the GPU at a time
+OFFLOAD_SEQUENTIAL = "sequential-cpu-offload"  # layer by layer (slowest, least VRAM)
+OFFLOAD_NUNCHAKU_BLOCKS = "nunchaku-blocks+sequential"  # Nunchaku per-block + the rest sequential
+
+TINY_CONDITION_AREA = 128 * 128  # tiny profile only: replaces the 1024*1024 target area
+_FULL_CONDITION_AREA = 1024 * 1024
+
+
+@dataclass
+class LoadedPipeline:
+    """A loaded pipeline and the choices made for it (reported by `/v1/service`)."""
+
+    pipe: Any  # QwenImageEditPipeline | QwenImageEditPlusPipeline
+    variant: ModelVariant
+    transformer_kind: str
+    offload: str
+    device: str
+    reason: str
+    tiny: bool
+
+    def __call__(self, **kwargs: Any) -> list[Any]:
+        """Run the pipeline; returns the PIL images."""
+        scope = tiny_conditioning() if self.tiny else contextlib.nullcontext()
+        with scope:
+            return list(self.pipe(**kwargs).images)
+
+
+def choose_offload(kind: str, free_gb: float) -> str:
+    """Offload mode for a transformer kind given the free VRAM (decimal GB).
+
+    bf16: transformer 40.9 GB + text encoder 16.6 GB (~58 GB peak, nunchaku #899).
+    Nunchaku: 12.7 GB + 16.6 GB (~29 GB peak); its own per-block offload needs ~3-4 GB.
+    """
+    if kind == FLOAT32_CPU:
+        return OFFLOAD_NONE
+    if kind == BF16:
+        if free_gb >= 62:
+            return OFFLOAD_NONE
+        return OFFLOAD_MODEL if free_gb >= 24 else OFFLOAD_SEQUENTIAL
+    if kind in (NUNCHAKU_INT4, NUNCHAKU_FP4):
+        if free_gb >= 36:
+            return OFFLOAD_NONE
+        return OFFLOAD_MODEL if free_gb > 18 else OFFLOAD_NUNCHAKU_BLOCKS
+    raise ValueError(f"unknown transformer kind {kind!r}")
+
+
+def load_pipeline(config: WorkerConfig, variant: ModelVariant) -> LoadedPipeline:
+    """Load `variant` as `config.profile` says; raises `SetupFailed` with what to do."""
+    apply_torchvision_shim()
+    if config.profile == "tiny":
+        return _load_tiny(Path(config.models_dir), variant)
+    if config.profile == "full":
+        return _load_full(Path(config.models_dir), variant)
+    raise SetupFailed(f"unknown profile {config.profile!r}; use `full` or `tiny`")
+
+
+# --- tiny -------------------------------------------------------------------------
+
+
+def _load_tiny(models_dir: Path, variant: ModelVariant) -> LoadedPipeline:
+    folder = ensure_tiny_pipeline(models_dir)
+    pipe = _pipeline_class(variant).from_pretrained(
+        folder, use_safetensors=True, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)  # progress goes to the job instead
+    reason = f"profile tiny: random-weight test pipeline at {folder}, float32 on CPU"
+    log.info("pipeline loaded", variant=variant.name, kind=FLOAT32_CPU, reason=reason)
+    return LoadedPipeline(pipe, variant, FLOAT32_CPU, OFFLOAD_NONE, "cpu", reason, tiny=True)
+
+
+@contextlib.contextmanager
+def tiny_conditioning() -> Iterator[None]:
+    """Tiny profile only: shrink the pipelines' fixed ~1024² conditioning area to 128².
+
+    Edit and Edit Plus resize every input image to ~1 MP for the VAE (Plus also to
+    384² for the VL encoder) via their module's `calculate_dimensions`; on CPU that VAE
+    encode dominates a tiny job (~3 s of ~3.4 s). Scaling the target area by 1/64
+    makes a tiny job ~0.1 s. The default output size scales the same way (~128²).
+    The full profile never enters this and runs diffusers unchanged.
+    """
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    originals = [(module, module.calculate_dimensions) for module in (edit, plus)]
+    try:
+        for module, original in originals:
+            module.calculate_dimensions = _scaled_dimensions(original)  # type: ignore[attr-defined]
+        yield
+    finally:
+        for module, original in originals:
+            module.calculate_dimensions = original  # type: ignore[attr-defined]
+
+
+def _scaled_dimensions(original: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    scale = TINY_CONDITION_AREA / _FULL_CONDITION_AREA
+
+    def calculate_dimensions(target_area: float, ratio: float) -> tuple[Any, ...]:
+        sizes = original(target_area * scale, ratio)
+        # never 0 for an extreme aspect ratio (the originals round to multiples of 32)
+        return tuple(max(32, v) if isinstance(v, int) else v for v in sizes)
+
+    return calculate_dimensions
+
+
+# --- full -------------------------------------------------------------------------
+
+
+def _load_full(models_dir: Path, variant: ModelVariant) -> LoadedPipeline:
+    folder = models_dir / variant.local_dirname
+    _require(folder / "model_index.json", _base_hint(variant, folder))
+    if is_tiny_folder(folder):
+        raise SetupFailed(f"{folder} holds a tiny random-weight test model, not {variant.hf_repo}")
+    if not torch.cuda.is_available():
+        raise SetupFailed(
+            "profile full needs a CUDA GPU and none is visible to torch; "
+            "use PROFILE=tiny for a CPU demo"
+        )
+    kind, reason = _choose_transformer()
+    nunchaku_file = None
+    if kind != BF16:
+        nunchaku_file = _find_nunchaku_file(models_dir, variant, kind)
+        if nunchaku_file is None:
+            kind, reason = _nunchaku_file_missing(models_dir, folder, variant, kind)
+    if kind == BF16:
+        _require(folder / "transformer" / "config.json", _base_hint(variant, folder))
+    free_gb = torch.cuda.mem_get_info()[0] / 1e9
+    offload = choose_offload(kind, free_gb)
+    pipe = _from_pretrained_full(variant, folder, nunchaku_file, offload)
+    reason += f"; {free_gb:.1f} GB VRAM free -> {offload}"
+    log.info("pipeline loaded", variant=variant.name, kind=kind, offload=offload, reason=reason)
+    return LoadedPipeline(pipe, variant, kind, offload, "cuda:0", reason, tiny=False)
+
+
+def _choose_transformer() -> tuple[str, str]:
+    """Nunchaku INT4/FP4 where it runs, else bf16; the reason is logged loudly."""
+    major, minor = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    capability = f"{major}.{minor}"
+    if (major, minor) not in NUNCHAKU_COMPUTE_CAPABILITIES:
+        why = " (Hopper)" if major == 9 else " (B200)" if major == 10 else ""
+        reason = (
+            f"Nunchaku does not support compute capability {capability}{why} ({name}); "
+            "using the bf16 transformer"
+        )
+        log.warning("nunchaku unavailable", reason=reason)
+        return BF16, reason
+    try:
+        importlib.import_module("nunchaku")
+    except Exception as exc:
+        reason = (
+            f"`import nunchaku` failed ({type(exc).__name__}: {exc}); using the bf16 "
+            "transformer. Install the Nunchaku wheel matching this torch from its "
+            "GitHub releases (the PyPI `nunchaku` is an unrelated project)"
+        )
+        log.warning("nunchaku unavailable", reason=reason)
+        return BF16, reason
+    kind = NUNCHAKU_FP4 if (major, minor) in NUNCHAKU_FP4_COMPUTE_CAPABILITIES else NUNCHAKU_INT4
+    return kind, f"Nunchaku {_precision(kind)} on {name} (compute capability {capability})"
+
+
+def _nunchaku_file_missing(
+    models_dir: Path, folder: Path, variant: ModelVariant, kind: str
+) -> tuple[str, str]:
+    """Fall back to a local bf16 transformer, or fail naming the Nunchaku file."""
+    expected = models_dir / NUNCHAKU_DIRNAME / variant.nunchaku_filename(_precision(kind))
+    if not (folder / "transformer").is_dir():
+        _require(expected, _nunchaku_hint(variant, kind, expected))
+    reason = f"Nunchaku file {expected} is missing; using the bf16 transformer"
+    log.warning("nunchaku weights missing", reason=reason, variant=variant.name)
+    return BF16, reason
+
+
+def _precision(kind: str) -> str:
+    return "fp4" if kind == NUNCHAKU_FP4 else "int4"
+
+
+def _find_nunchaku_file(models_dir: Path, variant: ModelVariant, kind: str) -> Path | None:
+    """The Nunchaku file for this precision: rank 128 preferred, then 32."""
+    for rank in (NUNCHAKU_DEFAULT_RANK, 32):
+        path = models_dir / NUNCHAKU_DIRNAME / variant.nunchaku_filename(_precision(kind), rank)
+        if path.is_file():
+            return path
+    return None
+
+
+def _from_pretrained_full(
+    variant: ModelVariant, folder: Path, nunchaku_file: Path | None, offload: str
+) -> Any:
+    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": torch.bfloat16}
+    transformer = None
+    if nunchaku_file is not None:
+        nunchaku = importlib.import_module("nunchaku")
+        transformer = nunchaku.NunchakuQwenImageTransformer2DModel.from_pretrained(
+            str(nunchaku_file)
+        )
+        kwargs["transformer"] = transformer
+    try:
+        pipe = _pipeline_class(variant).from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SetupFailed(
+            f"could not load {variant.hf_repo} from {folder}: {exc}. " + _base_hint(variant, folder)
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)  # progress goes to the job instead
+    _apply_offload(pipe, transformer, offload)
+    return pipe
+
+
+def _apply_offload(pipe: Any, nunchaku_transformer: Any, offload: str) -> None:
+    if offload == OFFLOAD_NONE:
+        pipe.to("cuda")
+    elif offload == OFFLOAD_MODEL:
+        pipe.enable_model_cpu_offload()
+    elif offload == OFFLOAD_SEQUENTIAL:
+        pipe.enable_sequential_cpu_offload()
+    elif offload == OFFLOAD_NUNCHAKU_BLOCKS:
+        nunchaku_transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
+        # an instance copy: the attribute is a list shared by every pipeline class
+        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "transformer"]
+        pipe.enable_sequential_cpu_offload()
+    else:
+        raise ValueError(f"unknown offload mode {offload!r}")
+
+
+# --- shared -----------------------------------------------------------------------
+
+
+def _pipeline_class(variant: ModelVariant) -> Any:
+    import diffusers
+
+    return getattr(diffusers, variant.pipeline_class)
+
+
+def _require(path: Path, hint: str) -> None:
+    if not path.exists():
+        raise SetupFailed(f"model file missing: {path}. {hint}", path=str(path))
+
+
+def _base_hint(variant: ModelVariant, folder: Path) -> str:
+    return (
+        f"Download the diffusers pipeline {variant.hf_repo} into {folder} (for example "
+        f"`hf download {variant.hf_repo} --local-dir {folder}`; add `--exclude "
+        f"'transformer/*'` when using a Nunchaku transformer), or run with PROFILE=tiny."
+    )
+
+
+def _nunchaku_hint(variant: ModelVariant, kind: str, path: Path) -> str:
+    rank = NUNCHAKU_DEFAULT_RANK
+    gb = math.ceil(variant.nunchaku_file_gb)
+    return (
+        f"Download the Nunchaku {_precision(kind)} transformer (~{gb} GB): `hf download "
+        f"{variant.nunchaku_repo} {variant.nunchaku_filename(_precision(kind), rank)} "
+        f"--local-dir {path.parent}`, or the bf16 `transformer/` of {variant.hf_repo}."
+    )

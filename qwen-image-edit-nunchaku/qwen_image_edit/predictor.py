@@ -1,0 +1,138 @@
+"""The Qwen-Image-Edit predictor: loaded by import path inside the worker process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image, ImageOps
+
+from model_service.errors import InvalidInput, OutOfMemory, SetupFailed
+from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
+
+from .manifest import ModelVariant, get_variant
+from .pipeline_loader import LoadedPipeline, load_pipeline
+
+TINY_STEPS = 2  # default steps in the tiny profile (its outputs are noise anyway)
+_PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
+_LOSSY_QUALITY = 95
+
+
+class QwenImageEditPredictor:
+    """Edit images with Qwen-Image-Edit (`edit`) or Edit-2509 (`edit-2509`)."""
+
+    def __init__(self) -> None:
+        self._loaded: LoadedPipeline | None = None
+
+    def setup(self, config: WorkerConfig) -> SetupResult:
+        try:
+            variant = get_variant(config.options.get("model_variant"))
+        except ValueError as exc:
+            raise SetupFailed(str(exc)) from None
+        loaded = self._loaded = load_pipeline(config, variant)
+        return SetupResult(
+            info={
+                "variant": variant.name,
+                "model": variant.hf_repo,
+                "pipeline_class": type(loaded.pipe).__name__,
+                "transformer_kind": loaded.transformer_kind,
+                "offload": loaded.offload,
+                "device": loaded.device,
+                "reason": loaded.reason,
+                "tiny": loaded.tiny,
+                "max_input_images": variant.max_input_images,
+                "default_steps": self._default_steps(loaded),
+                "torch_version": torch.__version__,
+                "diffusers_version": diffusers.__version__,
+            }
+        )
+
+    def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
+        loaded = self._require_loaded()
+        images = _open_images(_image_paths(inputs), loaded.variant)
+        steps = int(inputs.get("steps") or self._default_steps(loaded))
+        ctx.check_canceled()
+        kwargs = _call_kwargs(inputs, images, loaded, steps, ctx)
+        try:
+            outputs = loaded(**kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(
+                "the GPU ran out of memory during the edit; try fewer input images, a "
+                "smaller width/height, or fewer images per request (num_images)"
+            ) from exc
+        names = _save(outputs, ctx.output_dir, inputs.get("output_format") or "png")
+        width, height = outputs[0].size
+        return PredictResult(outputs=names, info={"width": width, "height": height, "steps": steps})
+
+    def _require_loaded(self) -> LoadedPipeline:
+        if self._loaded is None:
+            raise RuntimeError("predict() called before setup()")
+        return self._loaded
+
+    @staticmethod
+    def _default_steps(loaded: LoadedPipeline) -> int:
+        return TINY_STEPS if loaded.tiny else loaded.variant.default_steps
+
+
+def _image_paths(inputs: dict[str, Any]) -> list[str]:
+    paths = inputs.get("images") or ([inputs["image"]] if inputs.get("image") else [])
+    if not paths:
+        raise InvalidInput("give an input image in `image` or `images`", field="images")
+    return [str(p) for p in paths]
+
+
+def _open_images(paths: list[str], variant: ModelVariant) -> list[Image.Image]:
+    if len(paths) > variant.max_input_images:
+        raise InvalidInput(
+            f"model {variant.name} takes at most {variant.max_input_images} input image(s), "
+            f"got {len(paths)}; use the edit-2509 model for up to 3",
+            field="images",
+        )
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(ImageOps.exif_transpose(image).convert("RGB"))
+    return images
+
+
+def _call_kwargs(
+    inputs: dict[str, Any],
+    images: list[Image.Image],
+    loaded: LoadedPipeline,
+    steps: int,
+    ctx: JobContext,
+) -> dict[str, Any]:
+    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        ctx.progress(step + 1, steps)  # raises JobCanceled on cancel/timeout: let it go
+        return tensors
+
+    cfg = float(inputs.get("true_cfg_scale", 4.0))
+    return {
+        # Edit takes one image; Edit Plus a list of up to three.
+        "image": images if loaded.variant.max_input_images > 1 else images[0],
+        "prompt": inputs["prompt"],
+        # true CFG needs a negative prompt; at cfg 1 it would only trigger a warning
+        "negative_prompt": (inputs.get("negative_prompt") or " ") if cfg > 1 else None,
+        "num_inference_steps": steps,
+        "true_cfg_scale": cfg,
+        "num_images_per_prompt": int(inputs.get("num_images") or 1),
+        "height": inputs.get("height"),
+        "width": inputs.get("width"),
+        "generator": torch.Generator(device=loaded.device).manual_seed(ctx.seed),
+        "callback_on_step_end": on_step_end,
+    }
+
+
+def _save(images: list[Image.Image], output_dir: Path, output_format: str) -> list[str]:
+    pil_format, ext = _PIL_FORMATS[output_format]
+    options: dict[str, Any] = {} if pil_format == "PNG" else {"quality": _LOSSY_QUALITY}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(images):
+        name = f"output_{i}.{ext}"
+        image.save(Path(output_dir) / name, format=pil_format, **options)
+        names.append(name)
+    return names

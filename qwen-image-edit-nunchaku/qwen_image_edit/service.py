@@ -1,0 +1,43 @@
+"""The service's declaration: the shared library builds the API and worker from it."""
+
+from typing import Any
+
+from model_service.errors import InvalidInput
+from model_service.service import ServiceSpec
+from model_service.settings import Settings
+from qwen_image_edit import legacy
+from qwen_image_edit.manifest import get_variant
+from qwen_image_edit.schema import QwenEditInput
+
+
+def _check_input(data: QwenEditInput, settings: Settings) -> None:
+    variant = get_variant(settings.model_variant)
+    count = len(data.images or [])
+    if count > variant.max_input_images:
+        raise InvalidInput(
+            f"input.images: the {variant.name} model takes {variant.max_input_images} "
+            f"image(s), got {count}; send one image or run MODEL_VARIANT=edit-2509",
+            field="input.images",
+        )
+
+
+def _worker_options(settings: Settings) -> dict[str, Any]:
+    return {"model_variant": get_variant(settings.model_variant).name}
+
+
+SPEC = ServiceSpec(
+    name="qwen-image-edit-nunchaku",
+    title="Qwen-Image-Edit",
+    version="0.1.0",
+    description=(
+        "Edit images with a prompt: Qwen-Image-Edit and Edit-2509 (up to 3 input images) on "
+        "a diffusers pipeline, with Nunchaku 4-bit weights where the GPU supports them."
+    ),
+    default_port=8000,
+    input_model=QwenEditInput,
+    predictor="qwen_image_edit.predictor:QwenImageEditPredictor",
+    min_vram_gb=get_variant(None).min_vram_gb_nunchaku,
+    worker_options=_worker_options,
+    check_input=_check_input,
+    extra_routes=legacy.routers,
+)

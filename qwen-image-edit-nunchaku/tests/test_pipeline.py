@@ -1,0 +1,265 @@
+"""The worker side on a real diffusers pipeline: a tiny random-weight model built here.
+
+Runs `QwenImageEditPredictor` in-process on CPU (no HTTP, no worker process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub import
+
+import pytest
+import torch
+from PIL import Image
+from structlog.testing import capture_logs
+
+from model_service.errors import InvalidInput, JobCanceled, SetupFailed
+from model_service.predictor import WorkerConfig
+from qwen_image_edit import manifest, pipeline_loader, tiny_model
+from qwen_image_edit.pipeline_loader import choose_offload, load_pipeline
+from qwen_image_edit.predictor import QwenImageEditPredictor
+from qwen_image_edit.tiny_model import MARKER_FILE, MARKER_KEY, TINY_SUBDIR, ensure_tiny_pipeline
+
+
+class FakeContext:
+    """A JobContext that records progress; cancels at `cancel_at` when given."""
+
+    job_id = "job-test"
+
+    def __init__(self, output_dir: Path, seed: int = 7, cancel_at: int | None = None) -> None:
+        self.output_dir = output_dir
+        self.seed = seed
+        self.cancel_at = cancel_at
+        self.calls: list[tuple[int, int]] = []
+
+    def progress(self, step: int, total: int) -> None:
+        self.calls.append((step, total))
+        if self.cancel_at is not None and step >= self.cancel_at:
+            raise JobCanceled(self.job_id)
+
+    def check_canceled(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    ensure_tiny_pipeline(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = []
+    for i, (size, color) in enumerate([((96, 80), (200, 30, 40)), ((48, 112), (20, 220, 90))]):
+        Image.new("RGB", size, color).save(folder / f"in{i}.png")
+        paths.append(str(folder / f"in{i}.png"))
+    return paths
+
+
+def _predictor(models_dir: Path, variant: str) -> QwenImageEditPredictor:
+    predictor = QwenImageEditPredictor()
+    config = WorkerConfig(
+        profile="tiny", models_dir=models_dir, data_dir=models_dir,
+        options={"model_variant": variant},
+    )  # fmt: skip
+    predictor.setup(config)
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def edit(models_dir: Path) -> QwenImageEditPredictor:
+    return _predictor(models_dir, "edit")
+
+
+@pytest.fixture(scope="module")
+def plus(models_dir: Path) -> QwenImageEditPredictor:
+    return _predictor(models_dir, "edit-2509")
+
+
+def _inputs(paths: list[str], **overrides: Any) -> dict[str, Any]:
+    inputs: dict[str, Any] = {
+        "image": None, "images": paths, "prompt": "make the sky blue", "negative_prompt": " ",
+        "steps": None, "true_cfg_scale": 4.0, "seed": None, "num_images": 1,
+        "width": 64, "height": 48, "output_format": "png",
+    }  # fmt: skip
+    return inputs | overrides
+
+
+def test_tiny_folder_is_marked(models_dir: Path) -> None:
+    folder = models_dir / TINY_SUBDIR
+    assert (folder / MARKER_FILE).is_file()
+    assert json.loads((folder / "model_index.json").read_text())[MARKER_KEY] is True
+    assert (folder / "processor" / "preprocessor_config.json").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".building")]
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(folder: Path, variant: str) -> None:
+        raise RuntimeError("crash mid-build")
+
+    monkeypatch.setattr(tiny_model, "_mark", crash)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        ensure_tiny_pipeline(tmp_path)
+    assert list((tmp_path / TINY_SUBDIR).parent.iterdir()) == []
+
+
+def test_setup_defaults_to_edit_2509(models_dir: Path) -> None:
+    config = WorkerConfig(profile="tiny", models_dir=models_dir, data_dir=models_dir)
+    info = QwenImageEditPredictor().setup(config).info
+    assert info["variant"] == manifest.DEFAULT_VARIANT == "edit-2509"
+    assert info["pipeline_class"] == "QwenImageEditPlusPipeline"
+    assert (info["transformer_kind"], info["device"], info["tiny"]) == ("float32-cpu", "cpu", True)
+
+
+def test_edit_one_image(edit: QwenImageEditPredictor, images: list[str], tmp_path: Path) -> None:
+    ctx = FakeContext(tmp_path)
+    result = edit.predict(_inputs(images[:1], num_images=2), ctx)
+    assert result.outputs == ["output_0.png", "output_1.png"]
+    assert result.info == {"width": 64, "height": 48, "steps": 2}
+    assert ctx.calls == [(1, 2), (2, 2)]
+    for name in result.outputs:
+        with Image.open(tmp_path / name) as image:
+            assert (image.format, image.size) == ("PNG", (64, 48))
+
+
+def test_edit_2509_two_images(
+    plus: QwenImageEditPredictor, images: list[str], tmp_path: Path
+) -> None:
+    ctx = FakeContext(tmp_path)
+    result = plus.predict(_inputs(images, width=80, height=64, output_format="jpeg"), ctx)
+    assert result.outputs == ["output_0.jpg"]
+    assert ctx.calls == [(1, 2), (2, 2)]
+    with Image.open(tmp_path / "output_0.jpg") as image:
+        assert (image.format, image.size) == ("JPEG", (80, 64))
+
+
+def test_webp_output(edit: QwenImageEditPredictor, images: list[str], tmp_path: Path) -> None:
+    result = edit.predict(_inputs(images[:1], output_format="webp"), FakeContext(tmp_path))
+    with Image.open(tmp_path / result.outputs[0]) as image:
+        assert (result.outputs[0], image.format, image.size) == ("output_0.webp", "WEBP", (64, 48))
+
+
+def test_same_seed_same_bytes(
+    plus: QwenImageEditPredictor, images: list[str], tmp_path: Path
+) -> None:
+    def run(name: str, seed: int) -> bytes:
+        plus.predict(_inputs(images), FakeContext(tmp_path / name, seed=seed))
+        return (tmp_path / name / "output_0.png").read_bytes()
+
+    first = run("a", 5)
+    assert run("b", 5) == first
+    assert run("c", 6) != first
+
+
+def test_cancel_stops_the_run(
+    edit: QwenImageEditPredictor, images: list[str], tmp_path: Path
+) -> None:
+    ctx = FakeContext(tmp_path, cancel_at=1)
+    with pytest.raises(JobCanceled):
+        edit.predict(_inputs(images[:1], steps=5), ctx)
+    assert ctx.calls == [(1, 5)]
+    assert not list(tmp_path.iterdir())
+
+
+def test_edit_refuses_two_images(
+    edit: QwenImageEditPredictor, images: list[str], tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="at most 1"):
+        edit.predict(_inputs(images), FakeContext(tmp_path))
+
+
+def test_tiny_patch_is_scoped(edit: QwenImageEditPredictor) -> None:
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+    original = module.calculate_dimensions
+    with pipeline_loader.tiny_conditioning():
+        patched: Any = module.calculate_dimensions
+        assert patched(1024 * 1024, 1.0)[:2] == (128, 128)
+        assert patched(1024 * 1024, 1000.0)[1] == 32  # never 0
+    assert module.calculate_dimensions is original
+
+
+@pytest.mark.parametrize(
+    ("kind", "free_gb", "mode"),
+    [
+        ("bf16", 79.0, "none"),
+        ("bf16", 62.0, "none"),
+        ("bf16", 40.0, "model-cpu-offload"),
+        ("bf16", 24.0, "model-cpu-offload"),
+        ("bf16", 23.9, "sequential-cpu-offload"),
+        ("nunchaku-int4", 46.0, "none"),
+        ("nunchaku-fp4", 30.0, "model-cpu-offload"),
+        ("nunchaku-int4", 18.5, "model-cpu-offload"),
+        ("nunchaku-int4", 18.0, "nunchaku-blocks+sequential"),
+        ("float32-cpu", 0.0, "none"),
+    ],
+)
+def test_choose_offload(kind: str, free_gb: float, mode: str) -> None:
+    assert choose_offload(kind, free_gb) == mode
+
+
+def test_full_profile_names_the_missing_folder(tmp_path: Path) -> None:
+    config = WorkerConfig(profile="full", models_dir=tmp_path, data_dir=tmp_path)
+    with pytest.raises(SetupFailed) as caught:
+        load_pipeline(config, manifest.EDIT_2509)
+    missing = tmp_path / "Qwen-Image-Edit-2509" / "model_index.json"
+    assert str(missing) in caught.value.message
+    assert "Qwen/Qwen-Image-Edit-2509" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), "compute capability 9.0 (Hopper)"), ((8, 9), "`import nunchaku` failed")],
+)
+def test_bf16_fallback_is_logged_loudly(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str
+) -> None:
+    # Simulated GPU; on 8.9 Nunchaku would run, but it is not installed here.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Simulated GPU")
+    with capture_logs() as logs:
+        kind, reason = pipeline_loader._choose_transformer()
+    assert kind == "bf16"
+    assert expected in reason
+    assert [(e["log_level"], e["reason"]) for e in logs] == [("warning", reason)]
+
+
+def test_full_profile_names_the_missing_transformer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "Qwen-Image-Edit"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    config = WorkerConfig(profile="full", models_dir=tmp_path, data_dir=tmp_path)
+    with pytest.raises(SetupFailed, match="transformer/config.json"):
+        load_pipeline(config, manifest.EDIT)
+
+
+def test_manifest_files() -> None:
+    assert manifest.EDIT.nunchaku_hf_path("int4") == (
+        "nunchaku-tech/nunchaku-qwen-image-edit/svdq-int4_r128-qwen-image-edit.safetensors"
+    )
+    assert manifest.EDIT_2509.nunchaku_filename("fp4", 32) == (
+        "svdq-fp4_r32-qwen-image-edit-2509.safetensors"
+    )
+    assert (9, 0) not in manifest.NUNCHAKU_COMPUTE_CAPABILITIES
+    assert (10, 0) not in manifest.NUNCHAKU_COMPUTE_CAPABILITIES
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_patch() -> Iterator[None]:
+    yield
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus_module
+
+    assert plus_module.calculate_dimensions.__name__ == "calculate_dimensions"
+    assert plus_module.calculate_dimensions.__module__ == plus_module.__name__
