@@ -23,7 +23,6 @@ from model_service.api.state import ServiceState
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from qwen_image_edit.manifest import get_variant
-from qwen_image_edit.schema import QwenEditInput
 
 
 class EditImageRequest(BaseModel):
@@ -52,17 +51,16 @@ def _job_input(image: str, request: EditImageRequest | BatchEditRequest) -> dict
     # The original accepted bare base64; make it a data URI.
     if not image.startswith(("data:", "http://", "https://", "upl_")):
         image = "data:image/png;base64," + image
-    return QwenEditInput.model_validate(
-        {
-            "image": image,
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt or " ",
-            "steps": request.num_inference_steps,
-            "true_cfg_scale": request.true_cfg_scale,
-            "seed": request.seed,
-            "output_format": "jpeg",
-        }
-    ).model_dump(mode="json")
+    # The job engine validates this as QwenEditInput (a 422 naming the field if wrong).
+    return {
+        "image": image,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or " ",
+        "steps": request.num_inference_steps,
+        "true_cfg_scale": request.true_cfg_scale,
+        "seed": request.seed,
+        "output_format": "jpeg",
+    }
 
 
 def _result(state: ServiceState, job: Job) -> dict[str, Any]:

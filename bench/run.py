@@ -1,0 +1,519 @@
+"""Benchmarks of the service against the model called directly, in the same run.
+
+1. Service overhead: one tiny Qwen edit job end to end over HTTP (`POST /v1/jobs` with
+   `Prefer: wait=60`, client wall time) against the same `QwenImageEditPredictor.predict`
+   call made in this process on the same decoded input file. The direct call leaves out
+   everything the service adds (HTTP, JSON, data URI decode, SQLite, worker IPC, logs):
+   the difference is the service's overhead.
+2. Job engine throughput: jobs/s from submit to `succeeded` with 1 and 8 concurrent
+   clients (polling `GET /v1/jobs/{id}` every 10 ms, or waiting with `Prefer: wait`),
+   against the same number of direct predictor calls run back to back.
+
+Both sides run torch with the same number of intra-op threads: the worker sets none
+itself, so it gets torch's default (one per physical core) unless OMP_NUM_THREADS is
+set; this script sets OMP_NUM_THREADS/MKL_NUM_THREADS for the service (the spawned
+worker inherits them) and the same values plus `torch.set_num_threads` here.
+
+Usage: `.venv/bin/python bench/run.py [--repeats 20] [--jobs 40] [--out build/bench.json]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from model_service import media
+from model_service.testing import ServiceProcess
+from qwen_image_edit.manifest import get_variant
+from qwen_image_edit.schema import QwenEditInput
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICE = "qwen-image-edit-nunchaku"
+SEED = 1234
+PROMPT = "make the sky blue"
+WAIT_S = 60
+POLL_INTERVAL_S = 0.010
+GOAL_FRACTION = 0.05  # the service adds under 5 % ...
+GOAL_FLOOR_MS = 20.0  # ... or under 20 ms, whichever is larger
+SETTLE_S = 0.02  # pause between samples so that trailing work of one does not hit the next
+
+OVERHEAD_INPUT: dict[str, Any] = {
+    "prompt": PROMPT,
+    "width": 64,
+    "height": 64,
+    "steps": 2,
+    "seed": SEED,
+    "true_cfg_scale": 4.0,
+}
+THROUGHPUT_INPUT: dict[str, Any] = {
+    "prompt": PROMPT,
+    "width": 64,
+    "height": 64,
+    "steps": 1,
+    "seed": SEED,
+    "true_cfg_scale": 1.0,  # no negative pass: one transformer pass per step
+}
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def png_data_uri(width: int = 64, height: int = 48) -> str:
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def decode_like_the_service(data_uri: str, target: Path) -> Path:
+    """What `JobSubmitter` does with a data URI before the job is queued."""
+    data, _mime = media.parse_data_uri(data_uri, field="input.image")
+    image = media.decode_image(data, field="input.image", max_pixels=40_000_000)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image.save(target, format="PNG")
+    return target.resolve()
+
+
+def torch_default_threads(env: dict[str, str]) -> tuple[int, int]:
+    """torch's intra-op and inter-op thread counts in a fresh process with `env`
+    (what the worker gets: it sets no thread count of its own)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch; print(torch.get_num_threads(), torch.get_num_interop_threads())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, _, value in pairs}
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def median_ms(samples: list[float]) -> float:
+    return ms(statistics.median(samples))
+
+
+class DirectContext:
+    """A minimal JobContext for a predictor call without the service."""
+
+    def __init__(self, job_id: str, output_dir: Path, seed: int) -> None:
+        self.job_id = job_id
+        self.output_dir = output_dir
+        self.seed = seed
+
+    def progress(self, step: int, total: int) -> None:
+        pass
+
+    def check_canceled(self) -> None:
+        pass
+
+
+@dataclass
+class Direct:
+    """The tiny predictor loaded in this process, called the way the worker calls it."""
+
+    predictor: Any
+    work_dir: Path
+    image_path: Path
+    calls: int = 0
+
+    def prepared(self, raw_input: dict[str, Any]) -> dict[str, Any]:
+        """The worker's `inputs`: validated, defaults filled, media field -> local path."""
+        values = QwenEditInput.model_validate(raw_input).model_dump(mode="json")
+        values["images"] = [str(self.image_path)]
+        return values
+
+    def call(self, inputs: dict[str, Any]) -> float:
+        """One predict call (with the worker's output dir mkdir); wall seconds."""
+        self.calls += 1
+        output_dir = self.work_dir / f"job-{self.calls}" / "outputs"
+        ctx = DirectContext(f"direct-{self.calls}", output_dir, int(inputs["seed"]))
+        started = time.perf_counter()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result = self.predictor.predict(inputs, ctx)
+        elapsed = time.perf_counter() - started
+        assert result.outputs == ["output_0.png"], result.outputs
+        return elapsed
+
+
+def load_direct(
+    models_dir: Path, work_dir: Path, variant: str, threads: int, data_uri: str
+) -> Direct:
+    import torch
+
+    from model_service.predictor import WorkerConfig
+    from qwen_image_edit.predictor import QwenImageEditPredictor
+
+    torch.set_num_threads(threads)
+    predictor = QwenImageEditPredictor()
+    config = WorkerConfig(
+        profile="tiny",
+        models_dir=models_dir,
+        data_dir=work_dir,
+        options={"model_variant": variant},
+    )
+    predictor.setup(config)
+    image_path = decode_like_the_service(data_uri, work_dir / "inputs" / "images_0.png")
+    return Direct(predictor, work_dir, image_path)
+
+
+# --- 1. service overhead ---------------------------------------------------------------
+
+
+@dataclass
+class ServiceSample:
+    wall_s: float
+    queue_wait_s: float
+    run_s: float
+
+
+def service_edit(client: httpx.Client, raw_input: dict[str, Any]) -> ServiceSample:
+    started = time.perf_counter()
+    response = client.post(
+        "/v1/jobs", json={"input": raw_input}, headers={"Prefer": f"wait={WAIT_S}"}
+    )
+    elapsed = time.perf_counter() - started
+    job = response.json()
+    if response.status_code != 200 or job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed: HTTP {response.status_code} {job}")
+    timings = job["timings"]
+    return ServiceSample(elapsed, timings["queue_wait_s"], timings["run_s"])
+
+
+def bench_overhead(
+    direct: Direct, client: httpx.Client, data_uri: str, warmup: int, repeats: int
+) -> dict[str, Any]:
+    raw_input = {**OVERHEAD_INPUT, "image": data_uri}
+    inputs = direct.prepared(raw_input)
+    direct_s: list[float] = []
+    service: list[ServiceSample] = []
+    # interleaved, so that drift (thermal, page cache, other load) hits both sides alike
+    for i in range(warmup + repeats):
+        d = direct.call(inputs)
+        time.sleep(SETTLE_S)
+        s = service_edit(client, raw_input)
+        time.sleep(SETTLE_S)
+        if i >= warmup:
+            direct_s.append(d)
+            service.append(s)
+    direct_ms = median_ms(direct_s)
+    service_ms = median_ms([s.wall_s for s in service])
+    run_ms = median_ms([s.run_s for s in service])
+    queue_ms = median_ms([s.queue_wait_s for s in service])
+    overhead_ms = round(service_ms - direct_ms, 2)
+    allowed_ms = round(max(GOAL_FRACTION * direct_ms, GOAL_FLOOR_MS), 2)
+    return {
+        "input": {k: v for k, v in raw_input.items() if k != "image"} | {"image": "64x48 PNG"},
+        "warmup": warmup,
+        "repeats": repeats,
+        "direct_median_ms": direct_ms,
+        "direct_min_ms": ms(min(direct_s)),
+        "service_median_ms": service_ms,
+        "service_min_ms": ms(min(s.wall_s for s in service)),
+        "overhead_ms": overhead_ms,
+        "ratio": round(service_ms / direct_ms, 4),
+        "allowed_overhead_ms": allowed_ms,
+        "goal": f"service adds under {GOAL_FRACTION:.0%} or under {GOAL_FLOOR_MS:g} ms, "
+        "whichever is larger",
+        "verdict": "PASS" if overhead_ms < allowed_ms else "MISS",
+        "breakdown_median_ms": {
+            "job_queue_wait": queue_ms,
+            "job_run (claim to finished, as recorded)": run_ms,
+            "job_run_minus_direct": round(run_ms - direct_ms, 2),
+            "http_submit_and_reply (wall - queue_wait - run)": median_ms(
+                [s.wall_s - s.queue_wait_s - s.run_s for s in service]
+            ),
+        },
+    }
+
+
+# --- 2. job engine throughput ----------------------------------------------------------
+
+
+def engine_job(client: httpx.Client, raw_input: dict[str, Any], mode: str) -> float:
+    started = time.perf_counter()
+    if mode == "wait":
+        response = client.post(
+            "/v1/jobs", json={"input": raw_input}, headers={"Prefer": f"wait={WAIT_S}"}
+        )
+        job = response.json()
+    else:
+        response = client.post("/v1/jobs", json={"input": raw_input})
+        job = response.json()
+        if response.status_code != 202:
+            raise RuntimeError(f"submit failed: HTTP {response.status_code} {job}")
+        deadline = time.monotonic() + WAIT_S
+        while job.get("status") in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed ({mode}): {job}")
+    return time.perf_counter() - started
+
+
+@dataclass
+class EngineRun:
+    clients: int
+    mode: str
+    jobs: int
+    elapsed_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def bench_engine(
+    url: str, raw_input: dict[str, Any], clients: int, jobs: int, mode: str
+) -> EngineRun:
+    run = EngineRun(clients, mode, jobs)
+    lock = threading.Lock()
+    remaining = [jobs]
+    start = threading.Barrier(clients + 1)
+
+    def take() -> bool:
+        with lock:
+            if remaining[0] <= 0:
+                return False
+            remaining[0] -= 1
+            return True
+
+    def client_thread() -> None:
+        with httpx.Client(base_url=url, timeout=WAIT_S + 30) as client:
+            client.get("/health")  # open the connection before the clock starts
+            start.wait()
+            while take():
+                try:
+                    latency = engine_job(client, raw_input, mode)
+                except Exception as exc:
+                    with lock:
+                        run.errors.append(repr(exc))
+                    return
+                with lock:
+                    run.latencies_s.append(latency)
+
+    threads = [threading.Thread(target=client_thread, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    run.elapsed_s = time.perf_counter() - began
+    if run.errors:
+        raise RuntimeError(f"{len(run.errors)} client(s) failed: {run.errors[:3]}")
+    return run
+
+
+def bench_throughput(
+    direct: Direct, url: str, data_uri: str, jobs: int, clients: list[int], modes: list[str]
+) -> dict[str, Any]:
+    raw_input = {**THROUGHPUT_INPUT, "image": data_uri}
+    inputs = direct.prepared(raw_input)
+    for _ in range(3):
+        direct.call(inputs)
+    began = time.perf_counter()
+    for _ in range(jobs):
+        direct.call(inputs)
+    direct_jps = jobs / (time.perf_counter() - began)
+    with httpx.Client(base_url=url, timeout=WAIT_S + 30) as client:
+        engine_job(client, raw_input, "wait")  # warm the service on this input
+    settings = []
+    for mode in modes:
+        for count in clients:
+            time.sleep(0.2)
+            run = bench_engine(url, raw_input, count, jobs, mode)
+            jps = jobs / run.elapsed_s
+            settings.append(
+                {
+                    "clients": count,
+                    "mode": mode,
+                    "jobs": jobs,
+                    "elapsed_s": round(run.elapsed_s, 3),
+                    "engine_jobs_per_s": round(jps, 2),
+                    "ratio": round(jps / direct_jps, 4),
+                    "latency_median_ms": median_ms(run.latencies_s),
+                }
+            )
+    return {
+        "input": {k: v for k, v in raw_input.items() if k != "image"} | {"image": "64x48 PNG"},
+        "direct_jobs_per_s": round(direct_jps, 2),
+        "direct_ms_per_job": round(1000 / direct_jps, 2),
+        "settings": settings,
+    }
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per side (20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per side first (3)")
+    parser.add_argument("--jobs", type=int, default=40, help="jobs per throughput setting (40)")
+    parser.add_argument(
+        "--clients", default="1,8", help="concurrent clients per throughput setting (1,8)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["poll", "wait", "both"],
+        default="both",
+        help="throughput clients poll GET every 10 ms, use Prefer: wait, or both (both)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for worker and direct call (default: torch's own default)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "build" / "bench.json", help="JSON results file"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder (service log, jobs)"
+    )
+    return parser.parse_args()
+
+
+def print_overhead(result: dict[str, Any]) -> None:
+    print("\n== 1. service overhead: one tiny edit (steps=2, 64x64, cfg 4) ==")
+    print(f"direct predictor call, median   {result['direct_median_ms']:9.2f} ms")
+    print(f"service POST wait=60, median    {result['service_median_ms']:9.2f} ms")
+    print(
+        f"overhead                        {result['overhead_ms']:9.2f} ms   "
+        f"ratio service/direct {result['ratio']:.3f}"
+    )
+    for name, value in result["breakdown_median_ms"].items():
+        print(f"  {name:<50} {value:8.2f} ms")
+    print(
+        f"goal: {result['goal']} (allowed {result['allowed_overhead_ms']:.2f} ms): "
+        f"{result['verdict']}"
+    )
+
+
+def print_throughput(result: dict[str, Any]) -> None:
+    print("\n== 2. job engine throughput (steps=1, 64x64, cfg 1) ==")
+    print(
+        f"direct back-to-back: {result['direct_jobs_per_s']:.2f} jobs/s "
+        f"({result['direct_ms_per_job']:.2f} ms/job)"
+    )
+    print(f"{'clients':>7} {'mode':>5} {'jobs/s':>8} {'ratio':>7} {'median latency':>15}")
+    for row in result["settings"]:
+        print(
+            f"{row['clients']:>7} {row['mode']:>5} {row['engine_jobs_per_s']:>8.2f} "
+            f"{row['ratio']:>7.3f} {row['latency_median_ms']:>12.2f} ms"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    modes = ["poll", "wait"] if args.mode == "both" else [args.mode]
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    default_threads, default_interop = torch_default_threads(base_env)
+    threads = args.threads or default_threads
+    thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # before this process imports torch (load_direct), like the worker inherits them
+    os.environ.update({"HF_HUB_OFFLINE": "1", **thread_env})
+    variant = get_variant(os.environ.get("MODEL_VARIANT")).name
+
+    root = Path(tempfile.mkdtemp(prefix="model-service-bench-"))
+    data_dir, models_dir, direct_dir = root / "data", root / "models", root / "direct"
+    service = ServiceProcess(
+        "model_service.cli",
+        data_dir,
+        env={
+            "PROFILE": "tiny",
+            "MODELS_DIR": str(models_dir),
+            "MODEL_VARIANT": variant,
+            "HF_HUB_OFFLINE": "1",
+            **thread_env,
+        },
+        args=["serve", SERVICE],
+    )
+    data_uri = png_data_uri()
+    print(f"bench: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(
+        f"torch threads: default {default_threads} intra-op / {default_interop} inter-op; "
+        f"both sides run with {threads} (OMP_NUM_THREADS/MKL_NUM_THREADS, "
+        "torch.set_num_threads in-process)"
+    )
+    print(f"temporary folder: {root}")
+    try:
+        t0 = time.perf_counter()
+        service.start(timeout=600)  # builds the tiny model into models_dir first
+        print(f"service ready after {time.perf_counter() - t0:.1f} s on {service.url}")
+        worker_env = {pid: proc_environ(pid) for pid in service.worker_pids()}
+        worker_threads = {pid: env.get("OMP_NUM_THREADS") for pid, env in worker_env.items() if env}
+        direct = load_direct(models_dir, direct_dir, variant, threads, data_uri)
+        with service.client() as client:
+            model_info = client.get("/v1/service").json().get("model", {})
+            overhead = bench_overhead(direct, client, data_uri, args.warmup, args.repeats)
+        print_overhead(overhead)
+        throughput = bench_throughput(direct, service.url, data_uri, args.jobs, clients, modes)
+        print_throughput(throughput)
+    except Exception:
+        print(f"service log tail:\n{service.log()[-4000:]}", file=sys.stderr)
+        raise
+    finally:
+        service.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    import torch
+
+    results = {
+        "machine": {
+            "node": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "threads": {
+            "torch_default_intra_op": default_threads,
+            "torch_default_inter_op": default_interop,
+            "used": threads,
+            "direct_torch_get_num_threads": torch.get_num_threads(),
+            "worker_OMP_NUM_THREADS": worker_threads,
+        },
+        "service_model": model_info,
+        "overhead": overhead,
+        "throughput": throughput,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

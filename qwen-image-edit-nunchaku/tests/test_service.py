@@ -1,0 +1,192 @@
+"""The Qwen-Image-Edit service over real HTTP: tiny pipeline, real worker process."""
+
+import base64
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from model_service.errors import InvalidInput
+from model_service.settings import Settings
+from model_service.testing import ServiceProcess, wait_status
+from qwen_image_edit.schema import QwenEditInput
+from qwen_image_edit.service import SPEC
+
+
+def png(color: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("qwen")
+    process = ServiceProcess(
+        "model_service.cli",
+        root / "data",
+        env={"PROFILE": "tiny", "MODELS_DIR": str(root / "models"), "JOB_TIMEOUT_S": "120"},
+        args=["serve", "qwen-image-edit-nunchaku"],
+    )
+    process.start(timeout=300)
+    yield process
+    process.stop()
+
+
+def edit(client: httpx.Client, **inputs: object) -> dict:
+    body = {"input": {"image": data_uri(png()), "prompt": "make it blue", **inputs}}
+    response = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_edit_job_end_to_end(service: ServiceProcess) -> None:
+    with service.client() as client:
+        job = edit(client, width=96, height=64, num_images=2, output_format="webp", seed=5)
+        assert job["status"] == "succeeded", job
+        assert job["seed"] == 5
+        assert [out["name"] for out in job["outputs"]] == ["output_0.webp", "output_1.webp"]
+        image = Image.open(io.BytesIO(client.get(job["outputs"][0]["url"]).content))
+        assert (image.format, image.size) == ("WEBP", (96, 64))
+        assert job["progress"]["total"] == 2
+
+
+def test_same_seed_same_image_and_random_seed_is_returned(service: ServiceProcess) -> None:
+    with service.client() as client:
+        first = edit(client, width=64, height=64, seed=42)
+        second = edit(client, width=64, height=64, seed=42)
+        random_seed = edit(client, width=64, height=64)
+        assert isinstance(random_seed["seed"], int)
+
+        def image_bytes(job: dict) -> bytes:
+            return client.get(job["outputs"][0]["url"]).content
+
+        assert image_bytes(first) == image_bytes(second)
+
+
+def test_two_and_three_input_images_on_edit_2509(service: ServiceProcess) -> None:
+    with service.client() as client:
+        images = [data_uri(png(color)) for color in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+        body = {"input": {"images": images, "prompt": "merge", "width": 64, "height": 64}}
+        response = client.post("/v1/jobs", json=body, headers={"Prefer": "wait=60"})
+        assert response.json()["status"] == "succeeded"
+        body["input"]["images"] = images + images[:1]
+        assert client.post("/v1/jobs", json=body).status_code == 422
+
+
+def test_the_edit_model_takes_one_image() -> None:
+    data = QwenEditInput(images=["upl_a", "upl_b"], prompt="x")
+    with pytest.raises(InvalidInput, match="takes 1 image"):
+        SPEC.check_input(data, Settings(model_variant="edit"))
+    SPEC.check_input(data, Settings(model_variant="edit-2509"))
+
+
+def test_input_validation_is_a_422_naming_the_field(service: ServiceProcess) -> None:
+    with service.client() as client:
+        cases = [
+            ({"prompt": "x"}, "input"),
+            ({"image": data_uri(png()), "prompt": ""}, "input.prompt"),
+            ({"image": data_uri(png()), "prompt": "x", "width": 65, "height": 64}, "input.width"),
+            ({"image": data_uri(png()), "prompt": "x", "num_images": 7}, "input.num_images"),
+            ({"image": data_uri(b"not an image"), "prompt": "x"}, "input.images[0]"),
+            ({"image": "https://127.0.0.1/a.png", "prompt": "x"}, "input.images[0]"),
+        ]
+        for inputs, field in cases:
+            response = client.post("/v1/jobs", json={"input": inputs})
+            assert response.status_code == 422, (inputs, response.text)
+            assert field in response.json()["error"]["message"], response.json()
+
+
+def test_cancel_a_running_edit(service: ServiceProcess) -> None:
+    with service.client() as client:
+        body = {"input": {"image": data_uri(png()), "prompt": "x", "steps": 100}}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        wait_status(client, job_id, {"running"})
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        job = wait_status(client, job_id, {"canceled"}, timeout=30)
+        assert job["progress"]["step"] < 100
+
+
+def test_legacy_routes(service: ServiceProcess) -> None:
+    with service.client() as client:
+        bare = base64.b64encode(png()).decode()
+        response = client.post(
+            "/edit-image", json={"image": bare, "prompt": "x", "num_inference_steps": 2, "seed": 0}
+        )
+        body = response.json()
+        assert response.status_code == 200
+        assert body["success"] is True, body
+        assert body["model_info"]["seed"] == 0, "seed 0 is a seed, not 'absent'"
+        image = Image.open(io.BytesIO(base64.b64decode(body["edited_image"])))
+        assert image.format == "JPEG"
+        assert client.get(f"/v1/jobs/{body['request_id']}").json()["status"] == "succeeded"
+        batch = client.post(
+            "/batch-edit-image",
+            json={
+                "images": [bare, data_uri(png((0, 0, 0)))],
+                "prompt": "x",
+                "num_inference_steps": 1,
+            },
+        ).json()
+        assert (batch["success"], batch["processed_count"], batch["failed_count"]) == (True, 2, 0)
+        bad = client.post("/edit-image", json={"image": "bm90IGFuIGltYWdl", "prompt": "x"})
+        assert bad.status_code == 422
+        info = client.get("/model-info").json()
+        assert info["model_version"] == "edit-2509"
+        assert info["model_config"]["tiny"] is True
+
+
+def test_service_info_says_what_runs(service: ServiceProcess) -> None:
+    with service.client() as client:
+        info = client.get("/v1/service").json()
+        assert info["profile"] == "tiny"
+        assert info["model"]["transformer_kind"] == "float32-cpu"
+        assert "random-weight" in info["model"]["reason"]
+        schema = client.get("/openapi.json").json()
+        assert "QwenEditInput" in schema["components"]["schemas"]
+
+
+def test_the_api_process_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from model_service.api.app import create_app\n"
+        "from model_service.settings import Settings\n"
+        "from qwen_image_edit.service import SPEC\n"
+        f"create_app(SPEC, Settings(data_dir={str(tmp_path)!r}, profile='tiny'))\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_openapi_fuzz_finds_no_server_error(service: ServiceProcess) -> None:
+    """schemathesis over every route of the service's OpenAPI: no 5xx, ever."""
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "st"),
+            "run",
+            f"{service.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--exclude-path-regex",
+            "/events$",
+            "--generation-deterministic",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
