@@ -190,3 +190,23 @@ def test_openapi_fuzz_finds_no_server_error(service: ServiceProcess) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_full_profile_without_a_gpu_is_not_ready_and_says_why(tmp_path: Path) -> None:
+    process = ServiceProcess(
+        "model_service.cli",
+        tmp_path / "data",
+        env={"PROFILE": "full", "MODELS_DIR": str(tmp_path / "models")},
+        args=["serve", "qwen-image-edit-nunchaku"],
+    )
+    process.start(wait_ready=False)
+    try:
+        with process.client() as client:
+            ready = client.get("/ready")
+            assert ready.status_code == 503
+            assert "no NVIDIA GPU" in ready.json()["reason"]
+            assert client.get("/health").status_code == 200
+            job = client.post("/v1/jobs", json={"input": {"image": data_uri(png()), "prompt": "x"}})
+            assert job.status_code == 202, "jobs are accepted and wait for a ready worker"
+    finally:
+        process.stop()

@@ -231,3 +231,17 @@ def test_metrics_count_jobs_by_status_and_code(start_service) -> None:
         assert "job_queue_wait_seconds_bucket" in text
         assert "http_request_duration_seconds_bucket" in text
         assert "jobs_queued 0.0" in text
+
+
+def test_logs_are_json_with_request_and_job_ids(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        job_id = submit(client)["id"]
+        wait_status(client, job_id, {"succeeded"})
+    service.stop()
+    lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("job_id") == job_id]
+    events = {(line["logger"], line["event"]) for line in mine}
+    assert ("model_service.http", "request") in events
+    assert ("model_service.runner", "job finished") in events
+    assert all(line["request_id"] for line in mine if line["logger"] == "model_service.http")

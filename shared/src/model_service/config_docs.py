@@ -11,9 +11,7 @@ END = "<!-- config-table:end -->"
 def config_table() -> str:
     rows = ["| Variable | Default | What it does |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        if field.default_factory is not None:
-            default = ""
-        elif field.default is PydanticUndefined or field.default is None:
+        if field.default_factory is not None or field.default is PydanticUndefined or field.default is None:
             default = ""
         else:
             default = f"`{field.default}`"

@@ -115,8 +115,12 @@ def install_middleware(
         )
         response.headers["x-request-id"] = request_id[:64]
         if request.url.path not in OPEN_PATHS:
+            job_id = request.scope.get("path_params", {}).get("job_id") or (
+                response.headers.get("location", "").rpartition("/v1/jobs/")[2] or None
+            )
             log.info(
                 "request",
+                job_id=job_id,
                 method=request.method,
                 path=request.url.path,
                 status=response.status_code,

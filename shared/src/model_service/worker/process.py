@@ -68,6 +68,7 @@ class WorkerProcess:
         self.reason = f"{reason}: loading the model"
         self.info: dict[str, Any] = {}
         self._ready = asyncio.Event()
+        self._stopping = False
         self._job_id: str | None = None
         self._done: asyncio.Future[JobDone] | None = None
         self._on_progress: Callable[[JobProgress], None] | None = None
@@ -119,6 +120,7 @@ class WorkerProcess:
             self._process.kill()
 
     async def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
         if self._process.is_alive():
             with contextlib.suppress(OSError):
                 self._conn.send(Shutdown())
@@ -154,7 +156,10 @@ class WorkerProcess:
             why = describe_exit(message.exitcode)
             if self.state is not WorkerState.SETUP_FAILED:
                 self.state, self.reason = WorkerState.DEAD, why
-            log.warning("worker process ended", reason=why, pid=self._process.pid)
+            if self._stopping:
+                log.info("worker process stopped", pid=self._process.pid)
+            else:
+                log.warning("worker process ended", reason=why, pid=self._process.pid)
             self._ready.set()
             if self._done is not None and not self._done.done():
                 self._done.set_exception(WorkerCrashed(why, exit_code=message.exitcode))
