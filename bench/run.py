@@ -52,6 +52,7 @@ WAIT_S = 60
 POLL_INTERVAL_S = 0.010
 GOAL_FRACTION = 0.05  # the service adds under 5 % ...
 GOAL_FLOOR_MS = 20.0  # ... or under 20 ms, whichever is larger
+BUSY_LOAD = 0.5  # 1-minute load average above which the figures are flagged as noisy
 SETTLE_S = 0.02  # pause between samples so that trailing work of one does not hit the next
 
 OVERHEAD_INPUT: dict[str, Any] = {
@@ -469,6 +470,12 @@ def main() -> None:
         "torch.set_num_threads in-process)"
     )
     print(f"temporary folder: {root}")
+    load_before = os.getloadavg()[0]
+    if load_before > BUSY_LOAD:
+        print(
+            f"WARNING: load average {load_before:.2f} before the run; other processes share "
+            "the CPUs and the figures will be noisy"
+        )
     try:
         t0 = time.perf_counter()
         service.start(timeout=600)  # builds the tiny model into models_dir first
@@ -498,6 +505,8 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
         },
         "threads": {
             "torch_default_intra_op": default_threads,

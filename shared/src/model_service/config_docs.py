@@ -11,10 +11,8 @@ END = "<!-- config-table:end -->"
 def config_table() -> str:
     rows = ["| Variable | Default | What it does |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        if field.default_factory is not None or field.default is PydanticUndefined or field.default is None:
-            default = ""
-        else:
-            default = f"`{field.default}`"
+        unset = field.default_factory is not None or field.default in (PydanticUndefined, None)
+        default = "" if unset else f"`{field.default}`"
         text = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{name.upper()}` | {default} | {text} |")
     return "\n".join([BEGIN, *rows, END])
