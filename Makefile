@@ -8,7 +8,7 @@ PROFILE ?= full
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: setup demo test serve bench lint typecheck clean
+.PHONY: setup demo test serve bench lint docs clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+docs: setup
+	$(PY) -m model_service.config_docs --write README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

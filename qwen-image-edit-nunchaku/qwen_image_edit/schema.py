@@ -26,7 +26,10 @@ class QwenEditInput(BaseModel):
     prompt: str = Field(..., min_length=1, max_length=2000, description="What to change.")
     negative_prompt: str = Field(" ", max_length=2000, description="What to avoid.")
     steps: int | None = Field(
-        None, ge=1, le=100, description="Denoising steps (default: the model's own)."
+        None,
+        ge=2,  # one step divides by zero in the Qwen scheduler's shift_terminal: a black image
+        le=100,
+        description="Denoising steps, 2 or more (default: the model's own).",
     )
     true_cfg_scale: float = Field(
         4.0, ge=1.0, le=20.0, description="Guidance; 1 turns the negative pass off (faster)."

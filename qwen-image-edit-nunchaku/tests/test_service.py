@@ -97,6 +97,7 @@ def test_input_validation_is_a_422_naming_the_field(service: ServiceProcess) -> 
             ({"image": data_uri(png()), "prompt": ""}, "input.prompt"),
             ({"image": data_uri(png()), "prompt": "x", "width": 65, "height": 64}, "input.width"),
             ({"image": data_uri(png()), "prompt": "x", "num_images": 7}, "input.num_images"),
+            ({"image": data_uri(png()), "prompt": "x", "steps": 1}, "input.steps"),
             ({"image": data_uri(b"not an image"), "prompt": "x"}, "input.images[0]"),
             ({"image": "https://127.0.0.1/a.png", "prompt": "x"}, "input.images[0]"),
         ]
@@ -134,7 +135,7 @@ def test_legacy_routes(service: ServiceProcess) -> None:
             json={
                 "images": [bare, data_uri(png((0, 0, 0)))],
                 "prompt": "x",
-                "num_inference_steps": 1,
+                "num_inference_steps": 2,
             },
         ).json()
         assert (batch["success"], batch["processed_count"], batch["failed_count"]) == (True, 2, 0)

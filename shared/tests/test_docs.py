@@ -10,4 +10,4 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_readme_config_table_matches_settings() -> None:
     text = README.read_text()
     table = text[text.index(BEGIN) : text.index(END) + len(END)]
-    assert table == config_table(), "run `python -m model_service.config_docs` into README"
+    assert table == config_table(), "run `make docs`"

@@ -245,3 +245,9 @@ def test_logs_are_json_with_request_and_job_ids(start_service) -> None:
     assert ("model_service.http", "request") in events
     assert ("model_service.runner", "job finished") in events
     assert all(line["request_id"] for line in mine if line["logger"] == "model_service.http")
+
+
+def test_worker_threads_setting_reaches_the_worker(start_service) -> None:
+    service = start_service(env={"WORKER_THREADS": "1"})
+    with service.client() as client:
+        assert client.get("/v1/service").json()["model"]["omp_threads"] == "1"

@@ -45,6 +45,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
             ],
         )
     )
+    logging.captureWarnings(True)  # Python warnings become structured log lines too
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         description="Which of the service's models to load (Qwen: `edit` or `edit-2509`); "
         "default: the service's own default.",
     )
+    worker_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for the model (OMP_NUM_THREADS in the worker); default: the "
+        "library's own, or all cores but one with PROFILE=tiny so the API keeps a core.",
+    )
     comfyui_url: str | None = Field(
         None, description="Use this running ComfyUI instead of launching the embedded one."
     )

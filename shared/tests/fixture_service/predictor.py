@@ -19,7 +19,8 @@ class EchoPredictor:
         if config.options.get("fail_setup"):
             raise RuntimeError("weights not found at /nowhere")
         time.sleep(float(config.options.get("setup_s", 0)))
-        return SetupResult(info={"model": "echo", "pid": os.getpid()})
+        threads = os.environ.get("OMP_NUM_THREADS")
+        return SetupResult(info={"model": "echo", "pid": os.getpid(), "omp_threads": threads})
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
         behaviour = inputs["behaviour"]

@@ -1,6 +1,7 @@
 """Builds the FastAPI app of one service from its spec and the settings."""
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -45,6 +46,8 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         data_dir=settings.data_dir.resolve(),
         log_level=settings.log_level,
         log_format="json" if settings.log_format == "auto" else settings.log_format,
+        threads=settings.worker_threads
+        or (max(1, (os.cpu_count() or 2) - 1) if settings.profile == "tiny" else None),
         options=spec.worker_options(settings),
     )
     runner = JobRunner(

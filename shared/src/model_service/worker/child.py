@@ -8,6 +8,7 @@ cancel reaches the job while it runs (the predictor sees it at its next
 from __future__ import annotations
 
 import importlib
+import os
 import queue
 import sys
 import threading
@@ -104,6 +105,9 @@ def load_predictor(path: str) -> Predictor:
 
 def worker_main(conn: Connection, predictor_path: str, config: WorkerConfig) -> None:
     configure_logging(config.log_level, config.log_format)
+    if config.threads is not None:  # before the predictor imports torch, which reads these
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(config.threads)
     pipe = _Pipe(conn)
     inbox = _Inbox(conn)
     try:
