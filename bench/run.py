@@ -9,10 +9,10 @@
    clients (polling `GET /v1/jobs/{id}` every 10 ms, or waiting with `Prefer: wait`),
    against the same number of direct predictor calls run back to back.
 
-Both sides run torch with the same number of intra-op threads: the worker sets none
-itself, so it gets torch's default (one per physical core) unless OMP_NUM_THREADS is
-set; this script sets OMP_NUM_THREADS/MKL_NUM_THREADS for the service (the spawned
-worker inherits them) and the same values plus `torch.set_num_threads` here.
+Both sides run torch with the same number of intra-op threads: the service gets
+WORKER_THREADS (its worker sets OMP_NUM_THREADS/MKL_NUM_THREADS from it before torch
+loads, and reports torch's count in /v1/service, which is checked), and this process
+the same values plus `torch.set_num_threads`. Default: torch's own default here.
 
 Usage: `.venv/bin/python bench/run.py [--repeats 20] [--jobs 40] [--out build/bench.json]`
 """
@@ -108,15 +108,6 @@ def torch_default_threads(env: dict[str, str]) -> tuple[int, int]:
         check=True,
     ).stdout.split()
     return int(out[0]), int(out[1])
-
-
-def proc_environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
-    return {key.decode(errors="replace"): value.decode(errors="replace") for key, _, value in pairs}
 
 
 def ms(seconds: float) -> float:
@@ -520,6 +511,7 @@ def main() -> None:
             "MODELS_DIR": str(models_dir),
             "MODEL_VARIANT": variant,
             "HF_HUB_OFFLINE": "1",
+            "WORKER_THREADS": str(threads),  # the service's own setting for the worker
             **thread_env,
         },
         args=["serve", SERVICE],
@@ -541,12 +533,13 @@ def main() -> None:
         t0 = time.perf_counter()
         service.start(timeout=600)  # builds the tiny model into models_dir first
         print(f"service ready after {time.perf_counter() - t0:.1f} s on {service.url}")
-        # the spawned worker inherits the service's environment; check that it did
-        worker_threads = [proc_environ(pid).get("OMP_NUM_THREADS") for pid in service.worker_pids()]
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # here only, not in the service
         direct = load_direct(models_dir, direct_dir, variant, threads, data_uri)
         with service.client() as client:
             model_info = client.get("/v1/service").json().get("model", {})
+            worker_threads = model_info.get("torch_threads")
+            if worker_threads != threads:
+                raise RuntimeError(f"worker runs {worker_threads} torch threads, not {threads}")
             overhead = bench_overhead(direct, client, data_uri, args.warmup, args.repeats)
         print_overhead(overhead)
         throughput = bench_throughput(direct, service.url, data_uri, args.jobs, clients, modes)
@@ -574,7 +567,7 @@ def main() -> None:
             "torch_default_inter_op": default_interop,
             "used": threads,
             "direct_torch_get_num_threads": torch.get_num_threads(),
-            "worker_OMP_NUM_THREADS": worker_threads,
+            "worker_torch_threads": worker_threads,
         },
         "service_model": model_info,
         "overhead": overhead,

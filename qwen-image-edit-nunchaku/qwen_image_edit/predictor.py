@@ -45,6 +45,7 @@ class QwenImageEditPredictor:
                 "max_input_images": variant.max_input_images,
                 "default_steps": self._default_steps(loaded),
                 "torch_version": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
                 "diffusers_version": diffusers.__version__,
             }
         )

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from model_service.worker.protocol import JobDone, JobProgress, RunJob
 log = get_logger("model_service.runner")
 
 _RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+_PROGRESS_SAVE_S = 1.0
 
 
 class JobRunner:
@@ -268,11 +270,24 @@ class JobRunner:
         )
 
     def _progress_recorder(self, job_id: str) -> Callable[[JobProgress], None]:
-        def record(message: JobProgress) -> None:
-            def change(job: Job) -> None:
-                job.progress_step, job.progress_total = message.step, message.total
+        """Every step goes to listeners at once; the store gets it at most once per
+        `_PROGRESS_SAVE_S` and at the last step (a write per step would cost the event
+        loop a transaction per step)."""
+        last_saved = time.monotonic()
+        job = self._store.get(job_id)
 
-            self._changed(self._store.update(job_id, change), "progress")
+        def record(message: JobProgress) -> None:
+            nonlocal last_saved, job
+
+            def change(record: Job) -> None:
+                record.progress_step, record.progress_total = message.step, message.total
+
+            now = time.monotonic()
+            if now - last_saved >= _PROGRESS_SAVE_S or message.step >= message.total:
+                job, last_saved = self._store.update(job_id, change), now
+            else:
+                job = replace(job, progress_step=message.step, progress_total=message.total)
+            self._changed(job, "progress")
 
         return record
 

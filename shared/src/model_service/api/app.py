@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from model_service import gpu, retention
 from model_service.api import jobs, probes, uploads
-from model_service.api.middleware import install_error_handlers, install_middleware
+from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
@@ -92,11 +92,11 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
-    install_middleware(
-        app,
-        settings.api_keys,
-        state.metrics,
-        settings.max_request_bytes,
+    app.add_middleware(
+        ObserveMiddleware,
+        api_keys=settings.api_keys,
+        metrics=state.metrics,
+        max_body_bytes=settings.max_request_bytes,
     )
     app.include_router(probes.build_router(state))
     app.include_router(jobs.build_router(state))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unauthorized
 from model_service.logs import get_logger
@@ -75,58 +77,86 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
-def install_middleware(
-    app: FastAPI, api_keys: list[str], metrics: Metrics, max_body_bytes: int
-) -> None:
-    """Auth, request ids, logs, metrics, and the body size check for declared lengths
-    (uploads are capped by their route; FastAPI's `max_body_size` stops streamed bodies)."""
-    keys = [key.encode() for key in api_keys]
+class ObserveMiddleware:
+    """Pure ASGI (no extra task per request): request id, auth, the body size check for
+    declared lengths (uploads are capped by their route; FastAPI's `max_body_size` stops
+    streamed bodies), the request log line and HTTP metrics."""
 
-    @app.middleware("http")
-    async def _observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    def __init__(
+        self, app: ASGIApp, api_keys: list[str], metrics: Metrics, max_body_bytes: int
+    ) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in api_keys]
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        request_id = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:64]
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id[:64])
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
-        if keys and request.url.path not in OPEN_PATHS and not _authorized(request, keys):
-            response: Response = error_response(
+        answer: dict[str, Any] = {"status": 500, "location": ""}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                answer["status"] = message["status"]
+                answer["location"] = headers.get("location", "")
+            await send(message)
+
+        refusal = self._refusal(request)
+        try:
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            self._observe(request, scope, answer, time.perf_counter() - started)
+
+    def _refusal(self, request: Request) -> Response | None:
+        path = request.url.path
+        if self.keys and path not in OPEN_PATHS and not _authorized(request, self.keys):
+            return error_response(
                 Unauthorized(
                     "missing or wrong API key; send `Authorization: Bearer <key>` with one "
                     "of the keys in API_KEYS"
                 ),
                 headers={"www-authenticate": "Bearer"},
             )
-        elif request.url.path != "/v1/uploads" and _declared_length(request) > max_body_bytes:
-            response = error_response(
+        if path != "/v1/uploads" and _declared_length(request) > self.max_body_bytes:
+            return error_response(
                 PayloadTooLarge(
-                    f"request body is larger than MAX_REQUEST_BYTES={max_body_bytes}; send "
-                    "large files to POST /v1/uploads or give a URL",
-                    limit=max_body_bytes,
+                    f"request body is larger than MAX_REQUEST_BYTES={self.max_body_bytes}; "
+                    "send large files to POST /v1/uploads or give a URL",
+                    limit=self.max_body_bytes,
                 )
             )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.http_latency.labels(request.method, path, str(response.status_code)).observe(
-            time.perf_counter() - started
+        return None
+
+    def _observe(
+        self, request: Request, scope: Scope, answer: dict[str, Any], seconds: float
+    ) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        status = answer["status"]
+        self.metrics.http_latency.labels(request.method, route, str(status)).observe(seconds)
+        if request.url.path in OPEN_PATHS:
+            return
+        job_id = scope.get("path_params", {}).get("job_id") or (
+            answer["location"].rpartition("/v1/jobs/")[2] or None
         )
-        response.headers["x-request-id"] = request_id[:64]
-        if request.url.path not in OPEN_PATHS:
-            job_id = request.scope.get("path_params", {}).get("job_id") or (
-                response.headers.get("location", "").rpartition("/v1/jobs/")[2] or None
-            )
-            log.info(
-                "request",
-                job_id=job_id,
-                method=request.method,
-                path=request.url.path,
-                status=response.status_code,
-                ms=round((time.perf_counter() - started) * 1000, 1),
-            )
-        return response
+        log.info(
+            "request",
+            job_id=job_id,
+            method=request.method,
+            path=request.url.path,
+            status=status,
+            ms=round(seconds * 1000, 1),
+        )
 
 
 def _authorized(request: Request, keys: list[bytes]) -> bool:
