@@ -183,6 +183,11 @@ def test_uploads_feed_jobs_and_are_size_capped(start_service) -> None:
         job = submit(client, image=upload_id)
         assert job["input"]["image"] == upload_id
         wait_status(client, job["id"], {"succeeded"})
+        (service.data_dir / "uploads" / upload_id).unlink()  # as the retention sweep does
+        expired = client.post("/v1/jobs", json={"input": {"image": upload_id}})
+        assert expired.status_code == 422
+        assert expired.json()["error"]["code"] == "upload_not_found"
+        assert "expired" in expired.json()["error"]["message"]
         big = client.post("/v1/uploads", files={"file": ("big.bin", b"x" * 60000)})
         assert big.status_code == 413
         assert big.json()["error"]["code"] == "payload_too_large"

@@ -171,7 +171,14 @@ class JobSubmitter:
         if "://" in ref:
             return (await self._http.get(ref, field=field)).data
         if ref.startswith(UPLOAD_PREFIX) and self._store.get_upload(ref) is not None:
-            return await asyncio.to_thread((self._settings.uploads_dir / ref).read_bytes)
+            try:
+                return await asyncio.to_thread((self._settings.uploads_dir / ref).read_bytes)
+            except FileNotFoundError:
+                raise UploadNotFound(
+                    f"{field}: upload {ref} has expired (OUTPUT_RETENTION_HOURS); upload the "
+                    "file again",
+                    field=field,
+                ) from None
         raise UploadNotFound(
             f"{field}: {ref[:80]!r} is not an https URL, a data URI or a known upload id; "
             "send the file to POST /v1/uploads first and use the id it returns",
