@@ -151,3 +151,15 @@ def test_a_job_that_keeps_killing_the_service_fails_as_interrupted(start_service
         assert job["status"] == "failed"
         assert job["error"]["code"] == "interrupted"
         assert "submit it again" in job["error"]["message"]
+
+
+def test_a_clean_stop_queues_the_running_job_without_using_an_attempt(start_service) -> None:
+    service = start_service(env={"JOB_MAX_ATTEMPTS": "1"})
+    with service.client() as client:
+        job_id = submit(client, steps=30, step_s=0.1)
+        wait_status(client, job_id, {"running"})
+    service.stop()  # SIGTERM, as a rolling deploy or a RunPod scale-down sends
+    again = start_service(env={"JOB_MAX_ATTEMPTS": "1"}, data_dir=service.data_dir)
+    with again.client() as client:
+        job = wait_status(client, job_id, {"succeeded"}, timeout=60)
+        assert job["attempts"] == 1

@@ -81,8 +81,14 @@ class JobRunner:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        interrupted = self._store.running()
         if self._worker is not None:
+            if interrupted:  # the job runs again after the restart: do not wait for it
+                self._worker.kill()
             await self._worker.stop()
+        for job in interrupted:  # a clean stop (SIGTERM) is not the job's fault
+            self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
+            log.warning("service stopping: running job queued again", job_id=job.id)
 
     def recover(self) -> None:
         """Requeue or fail the jobs that were running when the service last died."""
@@ -305,6 +311,11 @@ def _list_outputs(output_dir: Path, done: JobDone | None) -> list[str]:
 
 def _finish_now(job: Job) -> None:
     job.finished_at = time.time()
+
+
+def _give_back_attempt(job: Job) -> None:
+    job.attempts = max(0, job.attempts - 1)
+    job.started_at = None
 
 
 def _mark_cancel_requested(job: Job) -> None:
