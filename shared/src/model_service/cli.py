@@ -1,7 +1,14 @@
-"""`model-service serve <service-folder>`: run one service in the foreground."""
+"""`model-service serve <service-folder>`: run one service in the foreground.
+
+`model-service download --manifest <file.json>`: put a manifest's model files under
+MODELS_DIR (or `--models-dir`); exits non-zero with the reason when a file fails.
+"""
 
 import argparse
+import asyncio
+import logging
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import uvicorn
 
@@ -26,8 +33,16 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a service's HTTP API and worker")
     serve.add_argument("service", help="service folder name, e.g. qwen-image-edit-nunchaku")
+    download = sub.add_parser("download", help="download a manifest's model files")
+    download.add_argument("--manifest", required=True, type=Path, help="manifest JSON file")
+    download.add_argument(
+        "--models-dir", type=Path, default=None, help="default: MODELS_DIR from the environment"
+    )
+    download.add_argument("--parallel", type=int, default=3, help="files at once (default 3)")
     args = parser.parse_args()
-    if args.command == "serve":
+    if args.command == "download":
+        run_download(args.manifest, args.models_dir, args.parallel)
+    elif args.command == "serve":
         settings = Settings()
         configure_logging(settings.log_level, settings.log_format)
         spec = load_spec(args.service)
@@ -41,6 +56,35 @@ def main() -> None:
             log_config=None,
             timeout_graceful_shutdown=10,
         )
+
+
+def run_download(manifest_path: Path, models_dir: Path | None, parallel: int) -> None:
+    """The `download` command: exits with status 1 and the reason on failure."""
+    from huggingface_hub import get_token
+
+    from model_service.provision import Manifest, ProvisionError, provision
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    for name in ("httpx", "httpx2"):  # one line per request, signed CDN URLs included
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if parallel < 1:
+        raise SystemExit("--parallel must be at least 1")
+    try:
+        manifest = Manifest.load(manifest_path)
+    except OSError as exc:
+        raise SystemExit(f"cannot read manifest {manifest_path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    target = models_dir if models_dir is not None else settings.models_dir
+    try:
+        report = asyncio.run(provision(manifest, target, parallel=parallel, hf_token=get_token()))
+    except ProvisionError as exc:
+        raise SystemExit(f"model download failed: {exc.message}") from exc
+    print(
+        f"{manifest.service}: {len(manifest.files)} files in {target} "
+        f"({len(report.downloaded)} downloaded, {report.bytes_downloaded / 1e9:.2f} GB)"
+    )
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ class NotReady(ServiceError):
     status_code = 503
 
 
+class ProvisionError(ServiceError):
+    """Model weights could not be put in place; the message says what to do."""
+
+    code = "model_download_failed"
+    status_code = 503
+
+
 # --- job failures (recorded on the job; never raised to an HTTP caller) ----------
 
 

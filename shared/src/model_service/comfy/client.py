@@ -1,0 +1,755 @@
+"""Our ComfyUI client (HTTP + websocket) for ComfyUI 0.33 or newer.
+
+`run()` follows one prompt to its end without trusting any single signal:
+
+1. the websocket is connected with our `clientId` *before* the prompt is queued, and the
+   prompt is queued with our own `prompt_id`, so no event can arrive unrecognised;
+2. the end is `executing` with `node: null` for our prompt (history written), or
+   `execution_success` / `execution_error` / `execution_interrupted`, after which
+   `/history/{id}` is read with retries (ComfyUI sends those before writing history);
+3. a poll of `/queue` + `/history` runs whenever the websocket is quiet for
+   `poll_interval_s` or drops, so a dead socket never hangs a job; a prompt that is in
+   neither the queue nor the history means ComfyUI restarted (`ComfyCrashed`);
+4. a hard timeout interrupts our prompt and raises `ComfyTimeout`; cancelling the task
+   that awaits `run()` interrupts or dequeues the prompt too.
+
+Cancelling only ever touches our prompt: a pending prompt is deleted from the queue, a
+running one is interrupted with `POST /interrupt {"prompt_id"}` (never a global one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import mimetypes
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any, NoReturn
+
+import aiohttp
+
+from model_service.comfy.errors import (
+    ComfyCrashed,
+    ComfyCudaError,
+    ComfyExecutionError,
+    ComfyInterrupted,
+    ComfyOutOfMemory,
+    ComfyOutputMissing,
+    ComfyTimeout,
+    ComfyUnavailable,
+    ComfyValidationError,
+)
+from model_service.errors import ServiceError
+from model_service.logs import get_logger
+
+log = get_logger("model_service.comfy")
+
+OOM_TYPES = {"torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError"}
+OOM_MARKERS = ("out of memory", "this error means you ran out of memory on your gpu")
+CUDA_FAULT_MARKERS = (
+    "cuda error",
+    "illegal memory access",
+    "device-side assert",
+    "cublas_status",
+    "cudnn_status",
+    "cudnn error",
+    "nccl error",
+)
+TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+MEDIA_SUFFIXES = {
+    "image": (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"),
+    "video": (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"),
+    "audio": (".flac", ".mp3", ".wav", ".opus", ".ogg", ".m4a", ".aac"),
+}
+_WS_LOST = "_ws_lost"  # internal events pushed to a run's queue
+_CANCELED = "_canceled"
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file a node reported in its history output, under any key."""
+
+    node_id: str
+    kind_key: str  # the history key it was listed under: images, gifs, videos, audio, ...
+    filename: str
+    subfolder: str
+    type: str  # output | temp | input
+
+    @property
+    def relpath(self) -> str:
+        """Path inside ComfyUI's `type` folder (output/, temp/, ...)."""
+        return (
+            str(PurePosixPath(self.subfolder, self.filename)) if self.subfolder else self.filename
+        )
+
+    @property
+    def media(self) -> str:
+        """image | video | audio | other, by extension (core video savers list under `images`)."""
+        suffix = PurePosixPath(self.filename).suffix.lower()
+        return next(
+            (kind for kind, suffixes in MEDIA_SUFFIXES.items() if suffix in suffixes), "other"
+        )
+
+
+@dataclass(frozen=True)
+class ComfyProgress:
+    """A node started (`value` 0 of `max` 1) or a node reported a step."""
+
+    prompt_id: str
+    node_id: str | None
+    node_type: str | None
+    value: int
+    max: int
+    nodes_done: int
+    nodes_total: int  # nodes in the graph minus those ComfyUI took from its cache
+
+
+@dataclass(frozen=True)
+class RunResult:
+    prompt_id: str
+    outputs: list[OutputFile]
+    history: dict[str, Any]  # ComfyUI's history entry: prompt, outputs, status, meta
+    cached_nodes: list[str]
+    duration_s: float
+
+
+ProgressCallback = Callable[[ComfyProgress], Awaitable[None] | None]
+
+
+# --- errors from ComfyUI's answers ---------------------------------------------------
+
+
+def validation_error(body: dict[str, Any]) -> ComfyValidationError:
+    """`POST /prompt`'s refusal as one message naming each node, its class and input."""
+    raw_error, raw_nodes = body.get("error"), body.get("node_errors")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+    node_errors: dict[str, Any] = raw_nodes if isinstance(raw_nodes, dict) else {}
+    problems = [
+        _describe_node_problem(node_id, info, problem)
+        for node_id, info in sorted(node_errors.items())
+        for problem in (info.get("errors") or [])
+    ]
+    first = _first_problem(error, node_errors)
+    if not problems:
+        problems = [_describe_top_level(error)]
+    message = "ComfyUI rejected the workflow: " + "; ".join(problems)
+    return ComfyValidationError(
+        message,
+        error_type=error.get("type"),
+        node_errors=_compact_node_errors(node_errors),
+        **first,
+    )
+
+
+def _describe_node_problem(node_id: str, info: dict[str, Any], problem: dict[str, Any]) -> str:
+    input_name = (problem.get("extra_info") or {}).get("input_name")
+    where = f"node {node_id} ({info.get('class_type')})"
+    if input_name:
+        where += f" input '{input_name}'"
+    details = problem.get("details")
+    return f"{where}: {problem.get('message')}" + (f" ({details})" if details else "")
+
+
+def _describe_top_level(error: dict[str, Any]) -> str:
+    extra = error.get("extra_info") or {}
+    where = f"node {extra['node_id']} ({extra.get('class_type')}): " if extra.get("node_id") else ""
+    details = error.get("details")
+    return f"{where}{error.get('message', 'invalid prompt')}" + (f" ({details})" if details else "")
+
+
+def _first_problem(error: dict[str, Any], node_errors: dict[str, Any]) -> dict[str, Any]:
+    for node_id, info in sorted(node_errors.items()):
+        for problem in info.get("errors") or []:
+            extra = problem.get("extra_info") or {}
+            return {
+                "node_id": node_id,
+                "class_type": info.get("class_type"),
+                "input_name": extra.get("input_name"),
+            }
+    extra = error.get("extra_info") or {}
+    return {
+        "node_id": extra.get("node_id"),
+        "class_type": extra.get("class_type"),
+        "input_name": None,
+    }
+
+
+def _compact_node_errors(node_errors: dict[str, Any]) -> dict[str, Any]:
+    """Without `input_config` and tracebacks: the combo lists can be long."""
+    compact: dict[str, Any] = {}
+    for node_id, info in node_errors.items():
+        errors = []
+        for problem in info.get("errors") or []:
+            extra = {
+                k: v
+                for k, v in (problem.get("extra_info") or {}).items()
+                if k not in ("input_config", "traceback")
+            }
+            errors.append({**problem, "extra_info": extra})
+        compact[node_id] = {**info, "errors": errors}
+    return compact
+
+
+def execution_error(data: dict[str, Any]) -> ServiceError:
+    """An `execution_error` event as our error: OOM, CUDA fault, or a node's exception."""
+    node_id, node_type = data.get("node_id"), data.get("node_type")
+    kind = str(data.get("exception_type") or "Exception")
+    text = str(data.get("exception_message") or "").strip()
+    first_line = text.splitlines()[0] if text else "no message"
+    details = {
+        "node_id": node_id,
+        "node_type": node_type,
+        "exception_type": kind,
+        "exception_message": text,
+        "traceback": list(data.get("traceback") or [])[-10:],
+    }
+    where = f"node {node_id} ({node_type})"
+    lowered = text.lower()
+    if kind in OOM_TYPES or any(marker in lowered for marker in OOM_MARKERS):
+        message = (
+            f"ComfyUI ran out of GPU memory in {where}: {first_line}. Its models were unloaded; "
+            "try again, or use a smaller resolution, fewer frames or a smaller batch."
+        )
+        return ComfyOutOfMemory(message, **details)
+    if any(marker in lowered for marker in CUDA_FAULT_MARKERS):
+        message = f"CUDA error in ComfyUI {where}: {first_line}. ComfyUI must be restarted."
+        return ComfyCudaError(message, **details)
+    return ComfyExecutionError(f"ComfyUI {where} failed: {kind}: {first_line}", **details)
+
+
+def outcome_of(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """success | error | interrupted, and that event's data, from a history entry."""
+    status = entry.get("status")
+    if not isinstance(status, dict):  # ComfyUI leaves it null in odd cases
+        return ("success" if entry.get("outputs") else "error"), {}
+    for event, data in reversed(status.get("messages") or []):
+        if event == "execution_error" and data.get("exception_type") == "ExecutionBlocked":
+            continue
+        if event in TERMINAL_EVENTS:
+            return event.removeprefix("execution_"), dict(data)
+    return ("success" if status.get("status_str") == "success" else "error"), {}
+
+
+# --- one run's view of the event stream ----------------------------------------------
+
+
+@dataclass
+class _Watch:
+    prompt_id: str
+    graph: dict[str, Any]
+    on_progress: ProgressCallback | None
+    events: asyncio.Queue[tuple[str, dict[str, Any]]] = field(default_factory=asyncio.Queue)
+    cached: list[str] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+    async def next(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def handle(self, event: str, data: dict[str, Any]) -> bool:
+        """Take one event; True when our prompt has ended."""
+        if event == "execution_cached":
+            self.cached = [str(n) for n in data.get("nodes") or []]
+        elif event == "executing":
+            node = data.get("node")
+            if node is None:
+                return True  # ended, and the history entry is written
+            await self._node_started(str(node))
+        elif event == "progress":
+            node = data.get("node")
+            await self._emit(
+                None if node is None else str(node),
+                int(data.get("value", 0)),
+                int(data.get("max", 1)),
+            )
+        elif event == "execution_error":
+            if data.get("exception_type") == "ExecutionBlocked":
+                return False  # a blocked branch; the prompt goes on
+            self.error = data
+            return True
+        elif event in TERMINAL_EVENTS:
+            return True
+        return False
+
+    async def _node_started(self, node_id: str) -> None:
+        if node_id not in self.started:
+            self.started.append(node_id)
+        await self._emit(node_id, 0, 1)
+
+    async def _emit(self, node_id: str | None, value: int, maximum: int) -> None:
+        if self.on_progress is None:
+            return
+        node = self.graph.get(node_id or "")
+        progress = ComfyProgress(
+            prompt_id=self.prompt_id,
+            node_id=node_id,
+            node_type=node.get("class_type") if isinstance(node, dict) else None,
+            value=value,
+            max=maximum,
+            nodes_done=max(len(self.started) - 1, 0),
+            nodes_total=max(len(self.graph) - len(self.cached), 1),
+        )
+        result = self.on_progress(progress)
+        if inspect.isawaitable(result):
+            await result
+
+
+# --- the client ----------------------------------------------------------------------
+
+
+class ComfyClient:
+    """One ComfyUI server, one websocket (our `client_id`), any number of concurrent runs."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        client_id: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        request_timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        poll_interval_s: float = 2.0,
+        history_retries: int = 100,
+        history_retry_s: float = 0.05,
+        cancel_grace_s: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client_id = client_id or uuid.uuid4().hex
+        self._session = session
+        self._own_session = session is None
+        self._request_timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self._connect_timeout_s = connect_timeout_s
+        self._poll_interval_s = poll_interval_s
+        self._history_retries = history_retries
+        self._history_retry_s = history_retry_s
+        self._cancel_grace_s = cancel_grace_s
+        self._watches: dict[str, _Watch] = {}
+        self._canceled: set[str] = set()
+        self._ws_task: asyncio.Task[None] | None = None
+        self._ws_connected: asyncio.Event | None = None
+        self._ws_error: str | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> ComfyClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._ws_task is not None:
+            self._ws_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ws_task
+        if self._own_session and self._session is not None:
+            await self._session.close()
+
+    # --- HTTP ----------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """(status, parsed JSON or None); ComfyUnavailable when ComfyUI does not answer."""
+        try:
+            async with self._http().request(
+                method, self.base_url + path, timeout=self._request_timeout, **kwargs
+            ) as response:
+                text = await response.text()
+                return response.status, _json_or_none(text, response.content_type)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ComfyUnavailable(
+                f"ComfyUI at {self.base_url} does not answer ({method} {path}): {exc!r}"
+            ) from exc
+
+    async def _get_json(self, path: str, **kwargs: Any) -> Any:
+        status, data = await self._request("GET", path, **kwargs)
+        if status != 200:
+            raise ServiceError(f"ComfyUI answered {status} to GET {path}")
+        return data
+
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        status, _ = await self._request("POST", path, json=body)
+        if status != 200:
+            raise ServiceError(f"ComfyUI answered {status} to POST {path}")
+
+    async def object_info(self, class_type: str | None = None) -> dict[str, Any]:
+        path = "/object_info" if class_type is None else f"/object_info/{class_type}"
+        result: dict[str, Any] = await self._get_json(path)
+        return result
+
+    async def system_stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._get_json("/system_stats")
+        return result
+
+    async def queue(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._get_json("/queue")
+        return result
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The finished prompt's entry, or None (queued, running and unknown look the same)."""
+        data = await self._get_json(f"/history/{prompt_id}")
+        entry = data.get(prompt_id) if isinstance(data, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    async def delete_history(self, prompt_id: str) -> None:
+        await self._post("/history", {"delete": [prompt_id]})
+
+    async def free(self, *, unload_models: bool = True, free_memory: bool = True) -> None:
+        await self._post("/free", {"unload_models": unload_models, "free_memory": free_memory})
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Interrupt `prompt_id` if it is the one running (ComfyUI >= 0.3.x ignores others)."""
+        await self._post("/interrupt", {"prompt_id": prompt_id})
+
+    async def upload(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        subfolder: str = "",
+        type: str = "input",
+        overwrite: bool = True,
+    ) -> str:
+        """Store a file in ComfyUI's input/ (or temp/, output/); returns the name for LoadImage."""
+        form = aiohttp.FormData()
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        form.add_field("image", data, filename=filename, content_type=content_type)
+        form.add_field("type", type)
+        form.add_field("subfolder", subfolder)
+        form.add_field("overwrite", "true" if overwrite else "false")
+        status, body = await self._request("POST", "/upload/image", data=form)
+        if status != 200 or not isinstance(body, dict) or "name" not in body:
+            raise ServiceError(f"ComfyUI answered {status} to an upload of {filename!r}")
+        name = f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else str(body["name"])
+        return name if type == "input" else f"{name} [{type}]"
+
+    async def queue_prompt(
+        self,
+        graph: dict[str, Any],
+        *,
+        prompt_id: str | None = None,
+        extra_data: dict[str, Any] | None = None,
+    ) -> str:
+        """Queue `graph` under our client id; ComfyValidationError if ComfyUI refuses any part."""
+        body: dict[str, Any] = {
+            "prompt": graph,
+            "client_id": self.client_id,
+            "prompt_id": prompt_id or str(uuid.uuid4()),
+        }
+        if extra_data:
+            body["extra_data"] = extra_data
+        status, data = await self._request("POST", "/prompt", json=body)
+        if status == 400 and isinstance(data, dict) and isinstance(data.get("error"), dict):
+            raise validation_error(data)
+        if status != 200 or not isinstance(data, dict) or "prompt_id" not in data:
+            raise ServiceError(f"ComfyUI answered {status} to POST /prompt: {str(data)[:300]}")
+        queued = str(data["prompt_id"])
+        if data.get("node_errors"):  # queued, but some outputs were dropped: not what we asked for
+            with contextlib.suppress(ServiceError):
+                await self.cancel(queued)
+            raise validation_error({"error": {"type": "prompt_outputs_failed_validation"}, **data})
+        return queued
+
+    async def cancel(self, prompt_id: str) -> bool:
+        """Dequeue our prompt if pending, interrupt it if running; True if it was either."""
+        if prompt_id in self._watches:
+            self._canceled.add(prompt_id)  # its run() then reports a cancel, not a lost prompt
+        running, pending = _queue_ids(await self.queue())
+        if prompt_id in pending:
+            await self._post("/queue", {"delete": [prompt_id]})
+            running, _ = _queue_ids(await self.queue())  # it may have started meanwhile
+        if prompt_id in running:
+            await self.interrupt(prompt_id)
+        elif prompt_id in pending:
+            self._notify(prompt_id, _CANCELED)
+        return prompt_id in running or prompt_id in pending
+
+    async def download(self, output: OutputFile, dest_path: Path) -> Path:
+        """Stream the file from `/view` to `dest_path` (written whole or not at all)."""
+        params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
+        partial = dest_path.with_name(dest_path.name + ".part")
+        try:
+            async with self._http().get(
+                self.base_url + "/view", params=params, timeout=aiohttp.ClientTimeout(sock_read=60)
+            ) as response:
+                if response.status == 404:
+                    raise ComfyOutputMissing(
+                        f"ComfyUI cannot serve its output {output.relpath} ({output.type})"
+                    )
+                if response.status != 200:
+                    raise ServiceError(
+                        f"ComfyUI answered {response.status} to GET /view for {output.relpath}"
+                    )
+                with partial.open("wb") as out:
+                    async for chunk in response.content.iter_chunked(1 << 20):
+                        out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            partial.unlink(missing_ok=True)
+            raise ComfyUnavailable(
+                f"lost ComfyUI while downloading {output.relpath}: {exc!r}"
+            ) from exc
+        os.replace(partial, dest_path)
+        return dest_path
+
+    @staticmethod
+    def outputs(history_entry: dict[str, Any], *, include_temp: bool = False) -> list[OutputFile]:
+        """Every file listed under every key of every node (images, gifs, videos, audio, ...)."""
+        files: list[OutputFile] = []
+        node_outputs = history_entry.get("outputs") or {}
+        for node_id in sorted(node_outputs, key=_node_order):
+            for key, items in (node_outputs[node_id] or {}).items():
+                if not isinstance(items, list):
+                    continue
+                for item in items:
+                    found = _output_file(str(node_id), key, item)
+                    if found is not None and (include_temp or found.type != "temp"):
+                        files.append(found)
+        return files
+
+    # --- running a prompt ----------------------------------------------------------
+
+    async def run(
+        self,
+        graph: dict[str, Any],
+        *,
+        on_progress: ProgressCallback | None = None,
+        timeout_s: float = 3600.0,
+        prompt_id: str | None = None,
+        keep_history: bool = False,
+    ) -> RunResult:
+        """Queue `graph`, follow it to its end, return its outputs (history deleted after)."""
+        watch = _Watch(prompt_id or str(uuid.uuid4()), graph, on_progress)
+        self._watches[watch.prompt_id] = watch
+        loop = asyncio.get_running_loop()
+        started, done = loop.time(), False
+        try:
+            await self._ensure_ws()
+            await self._queue_watched(watch, graph)
+            entry = await self._follow(watch, started + timeout_s, timeout_s)
+            done = True
+            return await self._conclude(watch, entry, loop.time() - started, keep_history)
+        finally:
+            self._watches.pop(watch.prompt_id, None)
+            if not done:
+                await self._abandon(watch.prompt_id)
+            self._canceled.discard(watch.prompt_id)
+
+    async def _queue_watched(self, watch: _Watch, graph: dict[str, Any]) -> None:
+        queued = await self.queue_prompt(graph, prompt_id=watch.prompt_id)
+        if queued != watch.prompt_id:  # an old ComfyUI minted its own id; the poll covers us
+            self._watches.pop(watch.prompt_id, None)
+            watch.prompt_id = queued
+            self._watches[queued] = watch
+
+    async def _follow(self, watch: _Watch, deadline: float, timeout_s: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                await self._time_out(watch, timeout_s)
+            event = await watch.next(min(self._poll_interval_s, remaining))
+            if event is None or event[0] in (_WS_LOST, _CANCELED):
+                entry = await self._check(watch.prompt_id)
+            elif await watch.handle(*event):
+                entry = await self._history_with_retry(watch.prompt_id)
+            else:
+                continue
+            if entry is not None:
+                return entry
+
+    async def _history_with_retry(self, prompt_id: str) -> dict[str, Any] | None:
+        """ComfyUI announces the end before it writes the history entry: wait for it."""
+        for _ in range(self._history_retries):
+            entry = await self.history(prompt_id)
+            if entry is not None:
+                return entry
+            await asyncio.sleep(self._history_retry_s)
+        return None  # the poll in `_follow` takes over
+
+    async def _check(self, prompt_id: str, attempts: int = 3) -> dict[str, Any] | None:
+        """Poll: None while queued or running, the entry when done; raise when it is gone."""
+        for attempt in range(attempts):
+            try:
+                return await self._poll_state(prompt_id)
+            except ComfyUnavailable as exc:
+                if attempt == attempts - 1:
+                    raise ComfyCrashed(
+                        f"ComfyUI stopped answering while prompt {prompt_id} was queued or "
+                        f"running: {exc.message}",
+                        prompt_id=prompt_id,
+                    ) from exc
+                await asyncio.sleep(0.3)
+        return None
+
+    async def _poll_state(self, prompt_id: str) -> dict[str, Any] | None:
+        running, pending = _queue_ids(await self.queue())
+        if prompt_id in running or prompt_id in pending:
+            return None
+        entry = await self.history(
+            prompt_id
+        )  # after /queue: ComfyUI writes history before dequeuing
+        if entry is not None:
+            return entry
+        if prompt_id in self._canceled:
+            raise ComfyInterrupted(prompt_id)
+        raise ComfyCrashed(
+            f"ComfyUI no longer knows prompt {prompt_id}: it restarted, or something else "
+            "removed the prompt",
+            prompt_id=prompt_id,
+        )
+
+    async def _time_out(self, watch: _Watch, timeout_s: float) -> NoReturn:
+        with contextlib.suppress(ServiceError):
+            await self.cancel(watch.prompt_id)
+            await self._wait_gone(watch.prompt_id)
+            await self.delete_history(watch.prompt_id)
+        raise ComfyTimeout(
+            f"ComfyUI prompt {watch.prompt_id} did not finish within {timeout_s:g} s "
+            "and was interrupted",
+            prompt_id=watch.prompt_id,
+            timeout_s=timeout_s,
+        )
+
+    async def _wait_gone(self, prompt_id: str) -> None:
+        deadline = time.monotonic() + self._cancel_grace_s
+        while time.monotonic() < deadline:
+            running, pending = _queue_ids(await self.queue())
+            if prompt_id not in running and prompt_id not in pending:
+                return
+            await asyncio.sleep(0.1)
+
+    async def _abandon(self, prompt_id: str) -> None:
+        """We stop following a prompt (error, task cancelled): make ComfyUI drop it too."""
+        with contextlib.suppress(ServiceError, asyncio.CancelledError, TimeoutError):
+            await asyncio.shield(asyncio.wait_for(self.cancel(prompt_id), self._cancel_grace_s))
+
+    async def _conclude(
+        self, watch: _Watch, entry: dict[str, Any], duration_s: float, keep: bool
+    ) -> RunResult:
+        outcome, data = outcome_of(entry)
+        if not keep:
+            with contextlib.suppress(ServiceError):
+                await self.delete_history(watch.prompt_id)
+        if outcome == "interrupted":
+            raise ComfyInterrupted(watch.prompt_id, data.get("node_id"))
+        if outcome == "error":
+            error = execution_error(data or watch.error or {})
+            if isinstance(error, ComfyOutOfMemory):
+                with contextlib.suppress(ServiceError):
+                    await self.free(unload_models=True, free_memory=True)
+            raise error
+        return RunResult(watch.prompt_id, self.outputs(entry), entry, watch.cached, duration_s)
+
+    # --- websocket -----------------------------------------------------------------
+
+    def _ws_url(self) -> str:
+        scheme, rest = self.base_url.split("://", 1)
+        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws?clientId={self.client_id}"
+
+    async def _ensure_ws(self) -> None:
+        if self._ws_task is None or self._ws_task.done():
+            self._ws_connected = asyncio.Event()
+            self._ws_task = asyncio.create_task(self._ws_loop(), name=f"comfy-ws-{self.client_id}")
+        assert self._ws_connected is not None
+        try:
+            await asyncio.wait_for(self._ws_connected.wait(), self._connect_timeout_s)
+        except TimeoutError as exc:
+            raise ComfyUnavailable(
+                f"cannot open ComfyUI's websocket at {self.base_url}: "
+                f"{self._ws_error or 'no answer'}"
+            ) from exc
+
+    async def _ws_loop(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                async with self._http().ws_connect(self._ws_url(), heartbeat=10.0) as ws:
+                    assert self._ws_connected is not None
+                    self._ws_connected.set()
+                    delay, self._ws_error = 0.1, None
+                    await self._read(ws)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self._ws_error = repr(exc)
+            if self._watches:
+                log.info(
+                    "comfy websocket lost; polling meanwhile",
+                    error=self._ws_error,
+                    runs=len(self._watches),
+                )
+            if self._ws_connected is not None:
+                self._ws_connected.clear()
+            for prompt_id in list(self._watches):
+                self._notify(prompt_id, _WS_LOST)
+            if not self._watches:
+                return  # nobody waits; the next run reconnects
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self._dispatch(msg.data)
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                return
+
+    def _dispatch(self, text: str) -> None:
+        message = _json_or_none(text, "application/json")
+        if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
+            return
+        data: dict[str, Any] = message["data"]
+        prompt_id = data.get("prompt_id")
+        if isinstance(prompt_id, str) and prompt_id in self._watches:
+            self._watches[prompt_id].events.put_nowait((str(message.get("type")), data))
+
+    def _notify(self, prompt_id: str, event: str) -> None:
+        watch = self._watches.get(prompt_id)
+        if watch is not None:
+            watch.events.put_nowait((event, {}))
+
+
+def _json_or_none(text: str, content_type: str) -> Any:
+    if not text or "json" not in content_type:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _queue_ids(queue: dict[str, Any]) -> tuple[set[str], set[str]]:
+    def ids(items: Any) -> set[str]:
+        return {str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1}
+
+    return ids(queue.get("queue_running")), ids(queue.get("queue_pending"))
+
+
+def _node_order(node_id: str) -> tuple[int, str]:
+    return (int(node_id), "") if str(node_id).isdigit() else (1 << 62, str(node_id))
+
+
+def _output_file(node_id: str, key: str, item: Any) -> OutputFile | None:
+    if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+        return None
+    return OutputFile(
+        node_id=node_id,
+        kind_key=key,
+        filename=item["filename"],
+        subfolder=str(item.get("subfolder") or ""),
+        type=str(item.get("type") or "output"),
+    )

@@ -1,0 +1,477 @@
+"""What the stand-in's nodes do when a prompt runs.
+
+The weight-free core nodes run for real on Pillow images (`EmptyImage`, `LoadImage`,
+`ImageInvert`, `RepeatImageBatch`, `SaveImage`, `PreviewImage`, `CreateVideo`,
+`SaveVideo`, `SaveAnimatedWEBP`); `SaveVideo` writes a real H.264 MP4 with the `ffmpeg`
+binary when it is on PATH, else with PyAV. Every other node known to the catalogue is a
+fake: it passes placeholders along (carrying width, height, length and steps so that a
+later real node can make frames of the right size), and sampler-like nodes emit one
+progress message per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import string
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, ImageSequence
+from PIL.PngImagePlugin import PngInfo
+
+META_KEYS = ("width", "height", "length", "batch_size", "steps", "fps")
+MAX_FAKE_FRAMES = 512
+SLOW_TICK_S = 0.05
+DEFAULT_SIZE = 64
+
+
+@dataclass
+class Frames:
+    """An IMAGE value: a batch of RGB frames."""
+
+    images: list[Image.Image]
+
+
+@dataclass
+class Video:
+    """A VIDEO value (from CreateVideo)."""
+
+    frames: list[Image.Image]
+    fps: float
+
+
+@dataclass
+class Placeholder:
+    """What a fake node returns for each of its outputs."""
+
+    io_type: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"<{self.io_type} placeholder {self.meta}>"
+
+
+class NodeInterrupted(Exception):
+    """The prompt was interrupted (ComfyUI's InterruptProcessingException)."""
+
+
+class InjectedFailure(Exception):
+    """A failure configured by a test; reported with the exception type it names."""
+
+    def __init__(self, exception_type: str, message: str) -> None:
+        super().__init__(message)
+        self.exception_type = exception_type
+
+
+@dataclass(frozen=True)
+class Dirs:
+    input: Path
+    output: Path
+    temp: Path
+
+    def by_type(self, kind: str) -> Path | None:
+        return {"input": self.input, "output": self.output, "temp": self.temp}.get(kind)
+
+
+@dataclass
+class NodeContext:
+    node_id: str
+    class_type: str
+    prompt: dict[str, Any]
+    dirs: Dirs
+    return_types: list[Any]
+    progress: Callable[[int, int], Awaitable[None]]
+    step_delay_s: float = 0.0
+    slow_s: float = 0.0
+    video_encoder: str = "auto"
+
+
+@dataclass
+class NodeResult:
+    outputs: tuple[Any, ...]
+    ui: dict[str, Any] | None = None
+
+
+NodeFunc = Callable[[NodeContext, dict[str, Any]], Awaitable[NodeResult]]
+
+
+async def run_node(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    if ctx.slow_s > 0:
+        await _progress_bar(ctx, ctx.slow_s)
+    impl = REAL_NODES.get(ctx.class_type)
+    if impl is not None:
+        return await impl(ctx, inputs)
+    return await _fake_node(ctx, inputs)
+
+
+async def _progress_bar(ctx: NodeContext, seconds: float) -> None:
+    ticks = max(1, round(seconds / SLOW_TICK_S))
+    for tick in range(1, ticks + 1):
+        await asyncio.sleep(seconds / ticks)
+        await ctx.progress(tick, ticks)
+
+
+# --- values ------------------------------------------------------------------------
+
+
+def as_frames(value: Any) -> list[Image.Image]:
+    if isinstance(value, Frames):
+        return value.images
+    if isinstance(value, Video):
+        return value.frames
+    if isinstance(value, Placeholder):
+        return _placeholder_frames(value.meta)
+    raise TypeError(f"expected IMAGE, got {type(value).__name__}")
+
+
+def _placeholder_frames(meta: dict[str, Any]) -> list[Image.Image]:
+    count = int(meta.get("length") or meta.get("batch_size") or 1)
+    width = int(meta.get("width") or DEFAULT_SIZE)
+    height = int(meta.get("height") or DEFAULT_SIZE)
+    count = max(1, min(count, MAX_FAKE_FRAMES))
+    return [Image.new("RGB", (width, height), (i * 7 % 256, 128, 128)) for i in range(count)]
+
+
+def _meta_of(value: Any) -> dict[str, Any]:
+    if isinstance(value, Placeholder):
+        return dict(value.meta)
+    if isinstance(value, Frames) and value.images:
+        width, height = value.images[0].size
+        return {"width": width, "height": height, "batch_size": len(value.images)}
+    if isinstance(value, Video) and value.frames:
+        width, height = value.frames[0].size
+        return {"width": width, "height": height, "length": len(value.frames), "fps": value.fps}
+    return {}
+
+
+# --- saving ------------------------------------------------------------------------
+
+
+def _expand_prefix(prefix: str, width: int, height: int) -> str:
+    if "%" not in prefix:
+        return prefix
+    now = time.localtime()
+    values = {
+        "width": width,
+        "height": height,
+        "year": now.tm_year,
+        "month": f"{now.tm_mon:02}",
+        "day": f"{now.tm_mday:02}",
+        "hour": f"{now.tm_hour:02}",
+        "minute": f"{now.tm_min:02}",
+        "second": f"{now.tm_sec:02}",
+    }
+    for key, value in values.items():
+        prefix = prefix.replace(f"%{key}%", str(value))
+    return prefix
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    folder: Path
+    name: str
+    counter: int
+    subfolder: str
+
+    def file(self, offset: int, ext: str) -> str:
+        return f"{self.name}_{self.counter + offset:05}_.{ext}"
+
+
+def save_target(root: Path, prefix: str, width: int = 0, height: int = 0) -> SaveTarget:
+    """Where ComfyUI would save `prefix`: subfolder from its directory part, next counter."""
+    prefix = os.path.normpath(_expand_prefix(prefix, width, height))
+    subfolder, name = os.path.dirname(prefix), os.path.basename(prefix)
+    folder = (root / subfolder).resolve()
+    if os.path.commonpath((root.resolve(), folder)) != str(root.resolve()):
+        raise ValueError(
+            "**** ERROR: Saving image outside the output folder is not allowed."
+            f"\n full_output_folder: {folder}\n         output_dir: {root}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return SaveTarget(folder, name, _next_counter(folder, name), subfolder)
+
+
+def _next_counter(folder: Path, name: str) -> int:
+    highest = 0
+    for entry in os.listdir(folder):
+        head, sep, rest = (
+            entry[: len(name)],
+            entry[len(name) : len(name) + 1],
+            entry[len(name) + 1 :],
+        )
+        if os.path.normcase(head) != os.path.normcase(name) or sep != "_":
+            continue
+        digits = rest.split("_")[0]
+        if digits.isdigit():
+            highest = max(highest, int(digits))
+    return highest + 1
+
+
+def _png_info(prompt: dict[str, Any]) -> PngInfo:
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(prompt))
+    return info
+
+
+def _write_pngs(
+    frames: list[Image.Image], target: SaveTarget, prompt: dict[str, Any] | None
+) -> list[str]:
+    names = []
+    for i, frame in enumerate(frames):
+        name = target.file(i, "png")
+        frame.save(
+            target.folder / name, pnginfo=_png_info(prompt) if prompt else None, compress_level=4
+        )
+        names.append(name)
+    return names
+
+
+# --- real nodes --------------------------------------------------------------------
+
+
+async def empty_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    color = int(inputs["color"])
+    rgb = ((color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF)
+    size = (int(inputs["width"]), int(inputs["height"]))
+    return NodeResult(
+        (Frames([Image.new("RGB", size, rgb) for _ in range(int(inputs["batch_size"]))]),)
+    )
+
+
+def _input_file(dirs: Dirs, name: str) -> Path:
+    for kind in ("input", "output", "temp"):  # "x.png [output]" names another folder
+        folder = dirs.by_type(kind)
+        if name.endswith(f" [{kind}]") and folder is not None:
+            return folder / name[: -len(kind) - 3]
+    return dirs.input / name
+
+
+async def load_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    path = _input_file(ctx.dirs, str(inputs["image"]))
+    frames = await asyncio.to_thread(_read_frames, path)
+    width, height = frames[0].size
+    return NodeResult((Frames(frames), Placeholder("MASK", {"width": width, "height": height})))
+
+
+def _read_frames(path: Path) -> list[Image.Image]:
+    with Image.open(path) as img:
+        return [
+            ImageOps.exif_transpose(frame).convert("RGB") for frame in ImageSequence.Iterator(img)
+        ]
+
+
+async def image_invert(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    return NodeResult(
+        (Frames([ImageOps.invert(f.convert("RGB")) for f in as_frames(inputs["image"])]),)
+    )
+
+
+async def repeat_image_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    return NodeResult((Frames(as_frames(inputs["image"]) * int(inputs["amount"])),))
+
+
+async def save_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    frames = as_frames(inputs["images"])
+    target = save_target(ctx.dirs.output, str(inputs["filename_prefix"]), *frames[0].size)
+    names = await asyncio.to_thread(_write_pngs, frames, target, ctx.prompt)
+    items = [{"filename": n, "subfolder": target.subfolder, "type": "output"} for n in names]
+    return NodeResult((Frames(frames),), {"images": items})
+
+
+async def preview_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    frames = as_frames(inputs["images"])
+    suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))  # noqa: S311
+    target = save_target(ctx.dirs.temp, f"ComfyUI_temp_{suffix}", *frames[0].size)
+    names = await asyncio.to_thread(_write_pngs, frames, target, None)
+    items = [{"filename": n, "subfolder": target.subfolder, "type": "temp"} for n in names]
+    return NodeResult((Frames(frames),), {"images": items})
+
+
+async def create_video(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    return NodeResult((Video(list(as_frames(inputs["images"])), float(inputs["fps"])),))
+
+
+def _as_video(value: Any) -> Video:
+    if isinstance(value, Video):
+        return value
+    return Video(as_frames(value), float(_meta_of(value).get("fps") or 16.0))
+
+
+CONTAINER_EXT = {"auto": "mp4", "mp4": "mp4", "mkv": "mkv", "webm": "webm"}
+
+
+async def save_video(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    if inputs.get("format") not in CONTAINER_EXT:  # ComfyUI drops a missing or unknown option
+        raise TypeError("SaveVideo.execute() missing 1 required positional argument: 'format'")
+    video = _as_video(inputs["video"])
+    container = CONTAINER_EXT.get(str(inputs["format"]), "mp4")
+    codec = str(inputs.get("format.codec") or "auto")
+    target = save_target(ctx.dirs.output, str(inputs["filename_prefix"]), *video.frames[0].size)
+    name = target.file(0, container)
+    await asyncio.to_thread(
+        write_video, target.folder / name, video, container, codec, ctx.video_encoder
+    )
+    item = {"filename": name, "subfolder": target.subfolder, "type": "output"}
+    return NodeResult((video,), {"images": [item], "animated": [True]})
+
+
+async def save_animated_webp(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    frames = as_frames(inputs["images"])
+    target = save_target(ctx.dirs.output, str(inputs["filename_prefix"]), *frames[0].size)
+    name = target.file(0, "webp")
+    duration = int(1000.0 / float(inputs.get("fps") or 6.0))
+    lossless, quality = bool(inputs.get("lossless")), int(inputs.get("quality") or 80)
+    await asyncio.to_thread(_write_webp, target.folder / name, frames, duration, lossless, quality)
+    item = {"filename": name, "subfolder": target.subfolder, "type": "output"}
+    return NodeResult((Frames(frames),), {"images": [item], "animated": [len(frames) > 1]})
+
+
+def _write_webp(
+    path: Path, frames: list[Image.Image], duration: int, lossless: bool, quality: int
+) -> None:
+    frames[0].save(
+        path,
+        save_all=True,
+        append_images=frames[1:],
+        duration=duration,
+        lossless=lossless,
+        quality=quality,
+    )
+
+
+REAL_NODES: dict[str, NodeFunc] = {
+    "EmptyImage": empty_image,
+    "LoadImage": load_image,
+    "ImageInvert": image_invert,
+    "RepeatImageBatch": repeat_image_batch,
+    "SaveImage": save_image,
+    "PreviewImage": preview_image,
+    "CreateVideo": create_video,
+    "SaveVideo": save_video,
+    "SaveAnimatedWEBP": save_animated_webp,
+}
+
+
+# --- video files -------------------------------------------------------------------
+
+CODECS = {"auto": "libx264", "h264": "libx264", "av1": "libaom-av1"}
+
+
+def write_video(
+    path: Path, video: Video, container: str, codec: str, encoder: str = "auto"
+) -> None:
+    """A real video file: ffmpeg on PATH when allowed, else PyAV."""
+    encoder_name = (
+        "libvpx-vp9" if container == "webm" and codec == "auto" else CODECS.get(codec, "libx264")
+    )
+    ffmpeg = shutil.which("ffmpeg") if encoder in ("auto", "ffmpeg") else None
+    if ffmpeg is not None:
+        _write_with_ffmpeg(ffmpeg, path, video, encoder_name)
+    elif encoder in ("auto", "pyav"):
+        _write_with_pyav(path, video, container, encoder_name)
+    else:
+        raise RuntimeError("SaveVideo needs the ffmpeg binary on PATH")
+
+
+def _write_with_ffmpeg(ffmpeg: str, path: Path, video: Video, encoder_name: str) -> None:
+    width, height = video.frames[0].size
+    raw = b"".join(frame.convert("RGB").tobytes() for frame in video.frames)
+    command = [
+        ffmpeg,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+    ]
+    command += ["-s", f"{width}x{height}", "-r", str(video.fps), "-i", "-", "-c:v", encoder_name]
+    command += ["-pix_fmt", "yuv420p", "-movflags", "+faststart", str(path)]
+    done = subprocess.run(command, input=raw, capture_output=True, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed: {done.stderr.decode(errors='replace').strip()}")
+
+
+def _write_with_pyav(path: Path, video: Video, container: str, encoder_name: str) -> None:
+    try:
+        import av  # optional: only the stand-in's SaveVideo needs it
+    except ImportError as exc:
+        raise RuntimeError(
+            "SaveVideo needs the ffmpeg binary on PATH or PyAV (pip install av)"
+        ) from exc
+    width, height = video.frames[0].size
+    with av.open(
+        str(path), mode="w", format="matroska" if container == "mkv" else container
+    ) as out:
+        stream = out.add_stream(encoder_name, rate=Fraction(video.fps).limit_denominator(1000))
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in video.frames:
+            picture = av.VideoFrame.from_image(frame.convert("RGB"))  # type: ignore[no-untyped-call]
+            out.mux(stream.encode(picture))
+        out.mux(stream.encode(None))
+
+
+# --- fake nodes --------------------------------------------------------------------
+
+SAMPLERS_WITH_SIGMAS = ("SamplerCustom", "SamplerCustomAdvanced")
+FAKE_SAVES: dict[str, tuple[str, str]] = {  # class -> (history key, extension)
+    "SaveAudio": ("audio", "flac"),
+    "SaveAudioMP3": ("audio", "mp3"),
+    "SaveAudioOpus": ("audio", "opus"),
+    "SaveWEBM": ("images", "webm"),
+}
+
+
+def _steps(class_type: str, inputs: dict[str, Any], meta: dict[str, Any]) -> int:
+    if class_type in SAMPLERS_WITH_SIGMAS:
+        return int(meta.get("steps") or 0)
+    if not isinstance(inputs.get("steps"), int):
+        return 0
+    steps = int(inputs["steps"])
+    if "start_at_step" in inputs and "end_at_step" in inputs:  # KSamplerAdvanced
+        return max(0, min(int(inputs["end_at_step"]), steps) - int(inputs["start_at_step"]))
+    return steps
+
+
+async def _fake_node(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    meta: dict[str, Any] = {}
+    for value in inputs.values():
+        meta.update(_meta_of(value))
+    meta.update({k: v for k, v in inputs.items() if k in META_KEYS and isinstance(v, int | float)})
+    steps = _steps(ctx.class_type, inputs, meta)
+    for step in range(1, steps + 1):
+        if ctx.step_delay_s > 0:
+            await asyncio.sleep(ctx.step_delay_s)
+        await ctx.progress(step, steps)
+    outputs = tuple(Placeholder(str(t), dict(meta)) for t in ctx.return_types)
+    return NodeResult(outputs, await _fake_ui(ctx, inputs))
+
+
+async def _fake_ui(ctx: NodeContext, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    if ctx.class_type == "PreviewAny":
+        return {"text": [str(inputs.get("source"))]}
+    saved = FAKE_SAVES.get(ctx.class_type)
+    if saved is None or "filename_prefix" not in inputs:
+        return None
+    key, ext = saved
+    target = save_target(ctx.dirs.output, str(inputs["filename_prefix"]))
+    name = target.file(0, ext)
+    (target.folder / name).write_bytes(b"stand-in placeholder, not a real media file\n")
+    ui: dict[str, Any] = {
+        key: [{"filename": name, "subfolder": target.subfolder, "type": "output"}]
+    }
+    if key == "images":
+        ui["animated"] = [True]
+    return ui
