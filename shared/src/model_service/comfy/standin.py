@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 from aiohttp import WSMsgType, web
 
-from model_service.comfy.standin_graph import Catalog, Validator
+from model_service.comfy.standin_graph import Catalog, Validator, expand_inputs
 from model_service.comfy.standin_nodes import (
     Dirs,
     InjectedFailure,
@@ -739,10 +739,15 @@ class Execution:
         return True
 
     async def _reuse(self, node_id: str) -> None:
+        """A cached node: ComfyUI visits only cached *output* nodes (their UI again and a
+        finished progress_state); a cached input is taken from the cache without a message."""
         entry = self.server.cache[self._signature(node_id)]
         self.values[node_id] = entry.outputs
+        if node_id not in self.item.outputs:
+            return
         if entry.ui:
             await self._executed(node_id, entry.ui)
+        await self._finish_progress(node_id)
 
     async def _executed(self, node_id: str, ui: dict[str, Any]) -> None:
         meta = {
@@ -758,9 +763,13 @@ class Execution:
     async def _execute(self, node_id: str) -> NodeResult:
         node = self.prompt[node_id]
         class_type = node["class_type"]
-        inputs = {
+        raw = node.get("inputs", {})
+        sections, _ = expand_inputs(self.server.catalog.inputs(class_type), raw)
+        declared = set(sections["required"]) | set(sections["optional"])
+        inputs = {  # as ComfyUI: a widget value the schema does not declare is dropped
             k: self.values[v[0]][v[1]] if _is_link(v) else v
-            for k, v in node.get("inputs", {}).items()
+            for k, v in raw.items()
+            if _is_link(v) or k in declared
         }
         self.server.last_node_id = node_id
         await self._start_progress(node_id)
@@ -771,6 +780,7 @@ class Execution:
         if node_id in knobs.crash_nodes or class_type in knobs.crash_nodes:
             log.error("stand-in: crashing at node %s (%s) as configured", node_id, class_type)
             os._exit(1)
+        await asyncio.sleep(0)  # /interrupt and /queue get in between nodes, as in ComfyUI
         self._check_interrupt()
         fail = knobs.fail_nodes.get(node_id) or knobs.fail_nodes.get(class_type)
         if fail is not None:
@@ -800,35 +810,39 @@ class Execution:
 
     async def _progress(self, node_id: str, value: int, total: int) -> None:
         self._check_interrupt()
-        self.progress_nodes[node_id].update({"value": value, "max": total})
+        self._progress_entry(node_id).update({"value": value, "max": total, "state": "running"})
+        await self._progress_state()
         await self.to_client(
             "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
         )
-        await self._progress_state()
+
+    def _progress_entry(self, node_id: str) -> dict[str, Any]:
+        return self.progress_nodes.setdefault(
+            node_id,
+            {
+                "value": 0,  # ints until started: a cached output node reports 1/1, not 1.0/1.0
+                "max": 1,
+                "state": "pending",
+                "node_id": node_id,
+                "prompt_id": self.prompt_id,
+                "display_node_id": node_id,
+                "parent_node_id": None,
+                "real_node_id": node_id,
+            },
+        )
 
     async def _start_progress(self, node_id: str) -> None:
-        self.progress_nodes[node_id] = {
-            "value": 0,
-            "max": 1,
-            "state": "running",
-            "node_id": node_id,
-            "prompt_id": self.prompt_id,
-            "display_node_id": node_id,
-            "parent_node_id": None,
-            "real_node_id": node_id,
-        }
+        self._progress_entry(node_id).update({"value": 0.0, "max": 1.0, "state": "running"})
         await self._progress_state()
 
     async def _finish_progress(self, node_id: str) -> None:
-        state = self.progress_nodes.get(node_id)
-        if state is not None:
-            state.update({"state": "finished", "value": state["max"]})
-            await self._progress_state()
+        state = self._progress_entry(node_id)
+        state.update({"state": "finished", "value": state["max"]})
+        await self._progress_state()
 
     async def _progress_state(self) -> None:
-        await self.to_client(
-            "progress_state", {"prompt_id": self.prompt_id, "nodes": self.progress_nodes}
-        )
+        nodes = {k: v for k, v in self.progress_nodes.items() if v["state"] != "pending"}
+        await self.to_client("progress_state", {"prompt_id": self.prompt_id, "nodes": nodes})
 
     async def _interrupted(self, node_id: str) -> None:
         data = {
@@ -856,7 +870,7 @@ class Execution:
             "exception_type": kind,
             "traceback": trace,
             "current_inputs": inputs,
-            "current_outputs": list(self.cached),
+            "current_outputs": list(self.prompt),  # ComfyUI: every node its cache keys
         }
         await self.message("execution_error", data)
 

@@ -310,11 +310,16 @@ CONTAINER_EXT = {"auto": "mp4", "mp4": "mp4", "mkv": "mkv", "webm": "webm"}
 
 
 async def save_video(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    """Either schema: 0.33's `format` combo (auto|mp4) beside a `codec` dynamic combo
+    (auto|h264), or later masters' `format` dynamic combo holding `format.codec`."""
     if inputs.get("format") not in CONTAINER_EXT:  # ComfyUI drops a missing or unknown option
         raise TypeError("SaveVideo.execute() missing 1 required positional argument: 'format'")
+    codec = inputs.get("format.codec") or inputs.get("codec")
+    if codec is None:  # 0.33: a missing or unknown `codec` option is dropped the same way
+        raise TypeError("SaveVideo.execute() missing 1 required positional argument: 'codec'")
     video = _as_video(inputs["video"])
     container = CONTAINER_EXT.get(str(inputs["format"]), "mp4")
-    codec = str(inputs.get("format.codec") or "auto")
+    codec = str(codec)
     target = save_target(ctx.dirs.output, str(inputs["filename_prefix"]), *video.frames[0].size)
     name = target.file(0, container)
     await asyncio.to_thread(
