@@ -50,6 +50,30 @@ class Settings(BaseSettings):
     comfyui_url: str | None = Field(
         None, description="Use this running ComfyUI instead of launching the embedded one."
     )
+    comfyui_dir: Path | None = Field(
+        None,
+        description="ComfyUI checkout (v0.33.0 or newer) whose `main.py` the service "
+        "launches when COMFYUI_URL is not set.",
+    )
+    comfyui_python: str | None = Field(
+        None,
+        description="Python interpreter that runs ComfyUI (its own environment); default: "
+        "the service's own.",
+    )
+    comfyui_port: int = Field(
+        8188, ge=1, le=65535, description="Port of the launched ComfyUI (on 127.0.0.1 only)."
+    )
+    comfyui_args: str | None = Field(
+        None,
+        description="Extra flags for the launched ComfyUI, split like a shell would (for "
+        "example `--lowvram --preview-method none`).",
+    )
+    comfyui_start_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long the launched ComfyUI may take to answer before it is killed "
+        "and started again.",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`auto`: readable in a terminal, JSON otherwise (containers)."
