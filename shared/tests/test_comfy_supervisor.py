@@ -58,7 +58,7 @@ from pathlib import Path
 
 parser = argparse.ArgumentParser()
 for flag in ("--listen", "--port", "--output-directory", "--input-directory",
-             "--temp-directory", "--user-directory"):
+             "--temp-directory", "--user-directory", "--database-url"):
     parser.add_argument(flag, required=True)
 parser.add_argument("--extra-model-paths-config", action="append", required=True)
 parser.add_argument("--disable-auto-launch", action="store_true")
@@ -188,6 +188,7 @@ def test_launch_spec_from_settings_builds_comfyui_command(tmp_path: Path) -> Non
         ("--input-directory", str(root / "input")),
         ("--temp-directory", str(root)),
         ("--user-directory", str(root / "user")),
+        ("--database-url", f"sqlite:///{root / 'user' / 'comfyui.db'}"),
     ]:
         assert argv[argv.index(flag) + 1] == value
     assert "--disable-auto-launch" in argv

@@ -162,6 +162,8 @@ def launch_spec_from_settings(settings: Settings, *, cpu: bool | None = None) ->
     argv += ["--output-directory", str(output), "--input-directory", str(inputs)]
     argv += ["--temp-directory", str(root)]  # ComfyUI appends "temp" (and empties it)
     argv += ["--user-directory", str(user)]  # must exist: created by prepare()
+    # ComfyUI keeps its database in its install folder unless told: keep it ours too
+    argv += ["--database-url", f"sqlite:///{user / 'comfyui.db'}"]
     argv += shlex.split(settings.comfyui_args or "")
     return LaunchSpec(
         argv=tuple(argv),
