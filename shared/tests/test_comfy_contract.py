@@ -27,6 +27,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from fixture_service.reference import OBJECT_INFO, needs_reference
 from model_service.comfy import (
     ComfyClient,
     ComfyCrashed,
@@ -43,13 +44,7 @@ from model_service.comfy.standin import StandinProcess
 from model_service.errors import InvalidInput, JobCanceled, JobFailure
 from model_service.testing import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(),
-    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
-    "object_info (../shared beside the repository)",
-)
+pytestmark = needs_reference
 MODELS = {"checkpoints": ["tiny-sd.safetensors"]}
 
 Graph = dict[str, Any]

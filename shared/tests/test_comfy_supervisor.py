@@ -27,6 +27,7 @@ import structlog
 import yaml
 from structlog.testing import capture_logs
 
+from fixture_service.reference import OBJECT_INFO, needs_reference
 from model_service.comfy.standin import StandinProcess
 from model_service.comfy.supervisor import (
     MODEL_FOLDERS,
@@ -41,13 +42,7 @@ from model_service.comfy.supervisor import (
 from model_service.settings import Settings
 from model_service.testing import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(),
-    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
-    "object_info (../shared beside the repository)",
-)
+pytestmark = needs_reference
 FAST: dict[str, Any] = {
     "backoff_s": (0.3, 0.6, 1.0),
     "poll_interval_s": 0.05,

@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 
 from model_service import gpu
+from model_service.exits import signal_name, was_killed
 from model_service.logs import get_logger
 from model_service.settings import Settings
 
@@ -237,12 +238,8 @@ def describe_exit(code: int | None) -> str:
     if code is None:
         return "vanished"
     if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = "unknown signal"
-        hint = ", often the out-of-memory killer" if -code == signal.SIGKILL else ""
-        return f"exited with code {code} ({name}{hint})"
+        hint = ", often the out-of-memory killer" if was_killed(code) else ""
+        return f"exited with code {code} ({signal_name(code)}{hint})"
     return f"exited with code {code}"
 
 

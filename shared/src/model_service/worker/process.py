@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import signal
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -17,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from model_service.errors import WorkerCrashed
+from model_service.exits import signal_name, was_killed
 from model_service.logs import get_logger
 from model_service.predictor import WorkerConfig
 from model_service.worker.child import worker_main
@@ -51,12 +51,8 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "the worker process vanished"
     if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = "unknown signal"
-        hint = " (killed: often out of host memory)" if -exitcode == signal.SIGKILL else ""
-        return f"the worker process died from signal {-exitcode} ({name}){hint}"
+        hint = " (killed: often out of host memory)" if was_killed(exitcode) else ""
+        return f"the worker process died from signal {-exitcode} ({signal_name(exitcode)}){hint}"
     return f"the worker process exited with code {exitcode}"
 
 
