@@ -1,7 +1,10 @@
-"""Runs queued jobs on the worker process, one at a time, and records every change.
+"""Runs queued jobs on the service's engine, one at a time, and records every change.
 
-Owns the worker's life: starts it, replaces it when it dies (the job it held fails with
-`worker_crashed`), kills it when a job overruns its timeout or ignores a cancel.
+The engine (a worker process, or an embedded ComfyUI) runs the job; the runner owns the
+job's record: it claims the job, saves progress, enforces the timeout (cancel, then
+`engine.kill()` after `cancel_grace_s`), and records how the job ended. A job whose
+engine died under it fails with the engine's crash code (`worker_crashed`,
+`backend_crashed`).
 On start-up, jobs the store still shows as running (the service was killed) are queued
 again until they have been started `job_max_attempts` times; then they fail with
 `interrupted`. Jobs are idempotent by id, so running one again is safe.
@@ -19,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from model_service.engine import Engine
 from model_service.errors import Interrupted, JobTimeout, ServiceError, WorkerCrashed
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
@@ -26,15 +30,12 @@ from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
-from model_service.predictor import WorkerConfig
 from model_service.settings import Settings
 from model_service.webhooks import WebhookDispatcher
-from model_service.worker.process import WorkerProcess, WorkerState
 from model_service.worker.protocol import JobDone, JobProgress, RunJob
 
 log = get_logger("model_service.runner")
 
-_RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 _PROGRESS_SAVE_S = 1.0
 
 
@@ -42,38 +43,34 @@ class JobRunner:
     def __init__(
         self,
         settings: Settings,
-        predictor_path: str,
-        worker_config: WorkerConfig,
+        engine: Engine,
         store: JobStore,
         bus: EventBus,
         metrics: Metrics,
         webhooks: WebhookDispatcher,
-        setup_blocker: str | None = None,
     ) -> None:
         self._settings = settings
-        self._predictor_path = predictor_path
-        self._worker_config = worker_config
+        self.engine = engine
         self._store = store
         self._bus = bus
         self._metrics = metrics
         self._webhooks = webhooks
-        self._blocker = setup_blocker  # e.g. "no GPU": do not even start a worker
-        self._worker: WorkerProcess | None = None
+        self._bug: str | None = None  # set when the loop itself died
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._crashes_in_a_row = 0
         self._running_job: str | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         self.recover()
+        await self.engine.start()
         self._task = asyncio.create_task(self._loop(), name="job-runner")
         self._task.add_done_callback(self._loop_ended)
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self._blocker = f"job runner stopped by a bug: {task.exception()!r}; restart"
+            self._bug = f"job runner stopped by a bug: {task.exception()!r}; restart"
             log.error("job runner crashed", exc_info=task.exception())
 
     async def stop(self) -> None:
@@ -82,10 +79,8 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         interrupted = self._store.running()
-        if self._worker is not None:
-            if interrupted:  # the job runs again after the restart: do not wait for it
-                self._worker.kill()
-            await self._worker.stop()
+        # a running job runs again after the restart: do not wait for it
+        await self.engine.stop(abandon_running=bool(interrupted))
         for job in interrupted:  # a clean stop (SIGTERM) is not the job's fault
             self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
             log.warning("service stopping: running job queued again", job_id=job.id)
@@ -114,20 +109,13 @@ class JobRunner:
     @property
     def readiness(self) -> tuple[bool, str]:
         """(can a job run now, why not)."""
-        if self._blocker is not None:
-            return False, self._blocker
-        worker = self._worker
-        if worker is None:
-            return False, "starting"
-        if worker.state in (WorkerState.READY, WorkerState.BUSY):
-            return True, "ready"
-        if worker.state is WorkerState.DEAD:
-            return False, f"worker restarting: {worker.reason}"
-        return False, worker.reason
+        if self._bug is not None:
+            return False, self._bug
+        return self.engine.readiness
 
     @property
     def worker_info(self) -> dict[str, Any]:
-        return {} if self._worker is None else dict(self._worker.info)
+        return self.engine.info
 
     # --- public actions --------------------------------------------------------------
 
@@ -148,24 +136,23 @@ class JobRunner:
             return job
         if job.status is JobStatus.RUNNING and not job.cancel_requested:
             job = self._store.update(job_id, _mark_cancel_requested)
-            if self._worker is not None:
-                self._worker.cancel(job_id)
+            if self._running_job == job_id:
+                self.engine.cancel(job_id)
             asyncio.get_running_loop().call_later(
                 self._settings.cancel_grace_s, self._kill_if_still_running, job_id
             )
         return job
 
     def _kill_if_still_running(self, job_id: str) -> None:
-        if self._running_job == job_id and self._worker is not None:
-            log.warning("worker ignored cancel; killing it", job_id=job_id)
-            self._worker.kill()
+        if self._running_job == job_id:
+            log.warning("the job ignored its cancel; stopping it by force", job_id=job_id)
+            self.engine.kill()
 
     # --- the loop ----------------------------------------------------------------------
 
     async def _loop(self) -> None:
         while True:
-            worker = await self._ready_worker()
-            if worker is None:  # setup failed: jobs stay queued; /ready says why
+            if not await self.engine.wait_ready():  # jobs stay queued; /ready says why
                 await asyncio.Event().wait()
                 return
             self._wake.clear()
@@ -174,32 +161,9 @@ class JobRunner:
                 await self._wake.wait()
                 continue
             with structlog.contextvars.bound_contextvars(job_id=job.id):
-                await self._execute(worker, job)
+                await self._execute(job)
 
-    async def _ready_worker(self) -> WorkerProcess | None:
-        if self._blocker is not None:
-            return None
-        while True:
-            worker = self._worker
-            if worker is not None and worker.state in (WorkerState.READY, WorkerState.BUSY):
-                return worker
-            if worker is not None and worker.state is WorkerState.SETUP_FAILED:
-                log.error("model setup failed; jobs stay queued", reason=worker.reason)
-                return None
-            if worker is not None and worker.state is WorkerState.DEAD:
-                self._metrics.worker_restarts.labels("died").inc()
-                delay = _RESTART_BACKOFF_S[min(self._crashes_in_a_row, len(_RESTART_BACKOFF_S) - 1)]
-                self._crashes_in_a_row += 1
-                log.warning("starting a new worker", reason=worker.reason, delay_s=delay)
-                await asyncio.sleep(delay)
-            if worker is None or worker.state is WorkerState.DEAD:
-                why = "starting" if worker is None else f"worker restarting ({worker.reason})"
-                self._worker = WorkerProcess(self._predictor_path, self._worker_config, why)
-                await self._worker.wait_started()
-                if self._worker.state is WorkerState.READY:
-                    log.info("worker ready", worker_pid=self._worker.pid, info=self._worker.info)
-
-    async def _execute(self, worker: WorkerProcess, job: Job) -> None:
+    async def _execute(self, job: Job) -> None:
         self._running_job = job.id
         self._metrics.job_started(job)
         self._changed(job, "status")
@@ -207,7 +171,7 @@ class JobRunner:
         run = RunJob(job.id, job.prepared_input, str(output_dir), job.seed or 0)
         started = job.started_at or time.time()
         remaining = max(0.1, started + self._settings.job_timeout_s - time.time())
-        future = asyncio.ensure_future(worker.run(run, self._progress_recorder(job.id)))
+        future = asyncio.ensure_future(self.engine.run(run, self._progress_recorder(job.id)))
         done: JobDone | None = None
         failure: ServiceError | None = None
         try:
@@ -218,31 +182,21 @@ class JobRunner:
                 "and was stopped; use fewer steps or a smaller size, or raise the limit",
                 timeout_s=self._settings.job_timeout_s,
             )
-            worker.cancel(job.id)
-            done = await self._await_or_kill(worker, future)
+            self.engine.cancel(job.id)
+            done = await self._await_or_kill(future)
         except WorkerCrashed as exc:
-            failure = WorkerCrashed(
-                f"{exc.message} while running this job; a new worker is starting. Retry "
-                "the job; if it crashes again, use a smaller size",
-                **exc.details,
-            )
+            failure = exc
         finally:
             self._running_job = None
-        if done is not None and done.fatal:
-            worker.kill()
-        if worker.state is not WorkerState.DEAD:
-            self._crashes_in_a_row = 0
         self._finish(job.id, done, failure, _list_outputs(output_dir, done))
 
-    async def _await_or_kill(
-        self, worker: WorkerProcess, future: asyncio.Future[JobDone]
-    ) -> JobDone | None:
+    async def _await_or_kill(self, future: asyncio.Future[JobDone]) -> JobDone | None:
         try:
             return await asyncio.wait_for(
                 asyncio.shield(future), timeout=self._settings.cancel_grace_s
             )
         except (TimeoutError, WorkerCrashed):
-            worker.kill()
+            self.engine.kill()
             with contextlib.suppress(WorkerCrashed):
                 await future
             return None

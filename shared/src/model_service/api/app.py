@@ -11,6 +11,7 @@ from model_service import gpu, retention
 from model_service.api import jobs, probes, uploads
 from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
+from model_service.engine import WorkerEngine
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
 from model_service.jobs.status import JobStatus
@@ -50,9 +51,8 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         or (max(1, (os.cpu_count() or 2) - 1) if settings.profile == "tiny" else None),
         options=spec.worker_options(settings),
     )
-    runner = JobRunner(
-        settings, spec.predictor, worker_config, store, bus, metrics, webhooks, blocker
-    )
+    engine = WorkerEngine(spec.predictor, worker_config, metrics, blocker)
+    runner = JobRunner(settings, engine, store, bus, metrics, webhooks)
     submitter = JobSubmitter(
         settings, spec.input_model, store, http, runner, check_input=spec.check_input
     )

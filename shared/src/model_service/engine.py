@@ -1,0 +1,150 @@
+"""What the job runner runs jobs on: an engine. Two kinds exist.
+
+- `WorkerEngine` (here): the service's predictor in a spawned worker process (Qwen).
+- `ComfyEngine` (`model_service.comfy.engine`): an embedded ComfyUI, driven over HTTP.
+
+The runner owns the job records; an engine only turns one `RunJob` into one `JobDone`
+and says whether it can take a job now (`readiness`, shown by `/ready`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from model_service.errors import WorkerCrashed
+from model_service.logs import get_logger
+from model_service.metrics import Metrics
+from model_service.predictor import WorkerConfig
+from model_service.worker.process import WorkerProcess, WorkerState
+from model_service.worker.protocol import JobDone, JobProgress, RunJob
+
+log = get_logger("model_service.engine")
+
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+ProgressSink = Callable[[JobProgress], None]
+
+
+class Engine(Protocol):
+    @property
+    def readiness(self) -> tuple[bool, str]:
+        """(can a job run now, why not)."""
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Facts about the loaded model or backend, for `/v1/service`."""
+
+    async def start(self) -> None:
+        """Begin loading in the background; returns at once."""
+
+    async def stop(self, *, abandon_running: bool) -> None:
+        """Shut down. `abandon_running`: a job is running and will run again after the
+        restart, so do not wait for it."""
+
+    async def wait_ready(self) -> bool:
+        """Until a job can run (True), or never can until an operator acts (False)."""
+
+    async def run(self, job: RunJob, on_progress: ProgressSink) -> JobDone:
+        """Run one job. Raises `WorkerCrashed` (or a subclass) when the engine died under
+        it; every other failure is a `JobDone` with `error`."""
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the running job to stop at its next step."""
+
+    def kill(self) -> None:
+        """Last resort when a cancel is ignored: stop the running job by force."""
+
+
+class WorkerEngine:
+    """The predictor in one worker process, replaced (with backoff) when it dies."""
+
+    def __init__(
+        self,
+        predictor_path: str,
+        config: WorkerConfig,
+        metrics: Metrics,
+        blocker: str | None = None,
+    ) -> None:
+        self._predictor_path = predictor_path
+        self._config = config
+        self._metrics = metrics
+        self._blocker = blocker  # e.g. "no GPU": do not even start a worker
+        self._worker: WorkerProcess | None = None
+        self._crashes_in_a_row = 0
+
+    @property
+    def readiness(self) -> tuple[bool, str]:
+        if self._blocker is not None:
+            return False, self._blocker
+        worker = self._worker
+        if worker is None:
+            return False, "starting"
+        if worker.state in (WorkerState.READY, WorkerState.BUSY):
+            return True, "ready"
+        if worker.state is WorkerState.DEAD:
+            return False, f"worker restarting: {worker.reason}"
+        return False, worker.reason
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {} if self._worker is None else dict(self._worker.info)
+
+    async def start(self) -> None:
+        return None  # the first `wait_ready` spawns the worker
+
+    async def stop(self, *, abandon_running: bool) -> None:
+        if self._worker is not None:
+            if abandon_running:
+                self._worker.kill()
+            await self._worker.stop()
+
+    async def wait_ready(self) -> bool:
+        if self._blocker is not None:
+            return False
+        while True:
+            worker = self._worker
+            if worker is not None and worker.state in (WorkerState.READY, WorkerState.BUSY):
+                return True
+            if worker is not None and worker.state is WorkerState.SETUP_FAILED:
+                log.error("model setup failed; jobs stay queued", reason=worker.reason)
+                return False
+            if worker is not None and worker.state is WorkerState.DEAD:
+                self._metrics.worker_restarts.labels("died").inc()
+                delay = RESTART_BACKOFF_S[min(self._crashes_in_a_row, len(RESTART_BACKOFF_S) - 1)]
+                self._crashes_in_a_row += 1
+                log.warning("starting a new worker", reason=worker.reason, delay_s=delay)
+                await asyncio.sleep(delay)
+            if worker is None or worker.state is WorkerState.DEAD:
+                why = "starting" if worker is None else f"worker restarting ({worker.reason})"
+                self._worker = WorkerProcess(self._predictor_path, self._config, why)
+                await self._worker.wait_started()
+                if self._worker.state is WorkerState.READY:
+                    log.info("worker ready", worker_pid=self._worker.pid, info=self._worker.info)
+
+    async def run(self, job: RunJob, on_progress: ProgressSink) -> JobDone:
+        worker = self._worker
+        if worker is None:
+            raise WorkerCrashed("no worker process is running")
+        try:
+            done = await worker.run(job, on_progress)
+        except WorkerCrashed as exc:
+            raise WorkerCrashed(
+                f"{exc.message} while running this job; a new worker is starting. Retry "
+                "the job; if it crashes again, use a smaller size",
+                **exc.details,
+            ) from exc
+        if done.fatal:  # a poisoned CUDA context: the process must go
+            worker.kill()
+        elif worker.state is not WorkerState.DEAD:
+            self._crashes_in_a_row = 0
+        return done
+
+    def cancel(self, job_id: str) -> None:
+        if self._worker is not None:
+            self._worker.cancel(job_id)
+
+    def kill(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
