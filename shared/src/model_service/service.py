@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from model_service.api.state import ServiceState
+    from model_service.comfy.engine import ComfyServiceSpec
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,17 @@ class ServiceSpec:
     description: str
     default_port: int
     input_model: type[BaseModel]
-    predictor: str  # "package.module:Class", imported only in the worker process
+    # the engine: a predictor ("package.module:Class", imported only in the worker
+    # process), or the workflows of an embedded ComfyUI
+    predictor: str | None
     min_vram_gb: float  # for the full profile; 0 means no GPU needed
     # settings -> options handed to the worker's predictor (WorkerConfig.options)
     worker_options: Callable[[Any], dict[str, Any]] = field(default=lambda settings: {})
     # (validated input, settings) -> None; raise InvalidInput for service-level rules
     check_input: Callable[[Any, Any], None] = field(default=lambda data, settings: None)
     extra_routes: Callable[[ServiceState], list[APIRouter]] = field(default=lambda state: [])
+    comfy: ComfyServiceSpec | None = None
+
+    def __post_init__(self) -> None:
+        if (self.predictor is None) == (self.comfy is None):
+            raise ValueError(f"{self.name}: give exactly one of `predictor` or `comfy`")

@@ -11,7 +11,7 @@ from model_service import gpu, retention
 from model_service.api import jobs, probes, uploads
 from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
-from model_service.engine import WorkerEngine
+from model_service.engine import Engine, WorkerEngine
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
 from model_service.jobs.status import JobStatus
@@ -39,7 +39,8 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     bus = EventBus()
     webhooks = WebhookDispatcher(settings, store, http, metrics)
     blocker = None
-    if settings.profile == "full":
+    runs_model_here = spec.comfy is None or not settings.comfyui_url  # else ComfyUI's host
+    if settings.profile == "full" and runs_model_here:
         blocker = gpu.unmet_requirement(spec.min_vram_gb, gpu.probe())
     worker_config = WorkerConfig(
         profile=settings.profile,
@@ -51,7 +52,14 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         or (max(1, (os.cpu_count() or 2) - 1) if settings.profile == "tiny" else None),
         options=spec.worker_options(settings),
     )
-    engine = WorkerEngine(spec.predictor, worker_config, metrics, blocker)
+    engine: Engine
+    if spec.comfy is not None:
+        from model_service.comfy.engine import ComfyEngine
+
+        engine = ComfyEngine(settings, spec.comfy, metrics, blocker=blocker)
+    else:
+        assert spec.predictor is not None
+        engine = WorkerEngine(spec.predictor, worker_config, metrics, blocker)
     runner = JobRunner(settings, engine, store, bus, metrics, webhooks)
     submitter = JobSubmitter(
         settings, spec.input_model, store, http, runner, check_input=spec.check_input

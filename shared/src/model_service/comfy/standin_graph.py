@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_service.comfy.workflow import MODEL_INPUTS
+
 Spec = list[Any]  # [type, {options}] as /object_info lists an input
 Sections = dict[str, dict[str, Spec]]  # {"required": {name: spec}, "optional": {...}}
 Graph = dict[str, Any]
@@ -28,28 +30,6 @@ AUTOGROW = "COMFY_AUTOGROW_V3"
 DYNAMIC_SLOT = "COMFY_DYNAMICSLOT_V3"
 WILDCARD_TYPES = {"*", "COMFY_MATCHTYPE_V3", "COMFY_ANYTYPE_V3"}
 
-# Inputs whose combo lists ComfyUI fills from a models folder at request time.
-MODEL_INPUTS: dict[tuple[str, str], str] = {
-    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-    ("CheckpointLoader", "ckpt_name"): "checkpoints",
-    ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
-    ("unCLIPCheckpointLoader", "ckpt_name"): "checkpoints",
-    ("UNETLoader", "unet_name"): "diffusion_models",
-    ("CLIPLoader", "clip_name"): "text_encoders",
-    ("DualCLIPLoader", "clip_name1"): "text_encoders",
-    ("DualCLIPLoader", "clip_name2"): "text_encoders",
-    ("TripleCLIPLoader", "clip_name1"): "text_encoders",
-    ("TripleCLIPLoader", "clip_name2"): "text_encoders",
-    ("TripleCLIPLoader", "clip_name3"): "text_encoders",
-    ("VAELoader", "vae_name"): "vae",
-    ("LoraLoader", "lora_name"): "loras",
-    ("LoraLoaderModelOnly", "lora_name"): "loras",
-    ("CLIPVisionLoader", "clip_name"): "clip_vision",
-    ("ControlNetLoader", "control_net_name"): "controlnet",
-    ("ModelPatchLoader", "name"): "model_patches",
-    ("AudioEncoderLoader", "audio_encoder_name"): "audio_encoders",
-    ("UpscaleModelLoader", "model_name"): "upscale_models",
-}
 
 # Inputs naming a file in input/, checked by the node's own validation (not as a combo).
 INPUT_FILE_INPUTS: dict[tuple[str, str], str] = {

@@ -14,7 +14,8 @@ A manifest is a small JSON file (one per service), for example::
             "revision": "main"
           },
           "size_bytes": 253815318,
-          "sha256": null
+          "sha256": null,
+          "tiny": "wan21_vae"
         },
         {
           "name": "lora.safetensors",
@@ -30,8 +31,10 @@ Each file lands at `MODELS_DIR/<folder>/<name>`, `folder` being one of ComfyUI's
 folders (`diffusion_models`, `text_encoders`, `vae`, `loras`, `audio_encoders`,
 `model_patches`, ...; a sub-folder such as `loras/wan22` is allowed). The exact size is
 required: it is how a present file is recognised without reading it, and what the
-disk-space check adds up. Only `.safetensors` files: no pickles (`.ckpt`, `.pt`, `.bin`)
-that could run code when loaded.
+disk-space check adds up. `tiny` (optional) names the tiny random-weight stand-in that
+PROFILE=tiny generates under the same name (see `model_service.comfy.tiny_weights`).
+Only `.safetensors` files: no pickles (`.ckpt`, `.pt`, `.bin`) that could run code when
+loaded.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class ModelFile:
     source: Source
     size_bytes: int
     sha256: str | None = None
+    tiny: str | None = None  # the tiny stand-in's kind for PROFILE=tiny (comfy/tiny_weights)
 
     def __post_init__(self) -> None:
         _check_relative(self.folder, "folder")
@@ -147,11 +151,13 @@ class ModelFile:
             data["url"] = self.source.url
         data["size_bytes"] = self.size_bytes
         data["sha256"] = self.sha256
+        if self.tiny is not None:
+            data["tiny"] = self.tiny
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelFile:
-        known = {"name", "folder", "hub", "url", "size_bytes", "sha256"}
+        known = {"name", "folder", "hub", "url", "size_bytes", "sha256", "tiny"}
         if unknown := set(data) - known:
             raise ValueError(f"unknown keys in a manifest file entry: {sorted(unknown)}")
         if ("hub" in data) == ("url" in data):
@@ -178,6 +184,7 @@ class ModelFile:
             source=source,
             size_bytes=size,
             sha256=None if sha is None else str(sha),
+            tiny=None if data.get("tiny") is None else str(data["tiny"]),
         )
 
 

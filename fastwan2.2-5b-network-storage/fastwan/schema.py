@@ -1,0 +1,67 @@
+"""Typed input of the FastWan2.2-5B services (shown in /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model_service.media_refs import ImageRef
+
+PRESETS: dict[str, tuple[int, int]] = {"1280x704": (1280, 704), "704x1280": (704, 1280)}
+MAX_PIXELS = 1280 * 720  # 720p area: the size the model was trained for
+MAX_FRAMES = 241  # 10 s at 24 fps
+
+
+class FastWanInput(BaseModel):
+    """One video: a prompt, and a start image for image-to-video."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=4000, description="What the video shows.")
+    negative_prompt: str = Field(
+        "", max_length=4000, description="What to avoid (used only with cfg above 1)."
+    )
+    start_image: ImageRef | None = Field(
+        None, description="First frame: image-to-video. Absent: text-to-video."
+    )
+    preset: Literal["1280x704", "704x1280"] | None = Field(
+        None, description="Landscape or portrait 720p; or give width and height instead."
+    )
+    width: int | None = Field(
+        None, ge=64, le=1280, multiple_of=32, description="Multiple of 32 (default 1280)."
+    )
+    height: int | None = Field(
+        None, ge=64, le=1280, multiple_of=32, description="Multiple of 32 (default 704)."
+    )
+    num_frames: int = Field(
+        121, ge=5, le=MAX_FRAMES, description="Frames, 4n+1 (121 = 5 s at 24 fps)."
+    )
+    fps: int = Field(24, ge=1, le=60, description="Frames per second of the mp4.")
+    steps: int = Field(3, ge=1, le=50, description="Denoising steps (FastWan is distilled for 3).")
+    cfg: float = Field(1.0, ge=1.0, le=20.0, description="Guidance; 1 skips the negative pass.")
+    shift: float = Field(5.0, ge=0.0, le=100.0, description="Flow shift of the sampler.")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> FastWanInput:
+        if self.preset is not None:
+            if self.width is not None or self.height is not None:
+                raise ValueError("give `preset`, or `width` and `height`, not both")
+            self.width, self.height = PRESETS[self.preset]
+        elif (self.width is None) != (self.height is None):
+            raise ValueError("give both `width` and `height`, or neither")
+        self.width, self.height = self.width or 1280, self.height or 704
+        if self.width * self.height > MAX_PIXELS:
+            raise ValueError(
+                f"{self.width}x{self.height} is larger than 720p ({MAX_PIXELS} pixels); "
+                "use 1280x704, 704x1280 or smaller"
+            )
+        if (self.num_frames - 1) % 4:
+            raise ValueError(
+                f"num_frames must be 4n+1 (the VAE packs 4 frames per latent), got "
+                f"{self.num_frames}; use {self.num_frames - (self.num_frames - 1) % 4}"
+            )
+        return self

@@ -1,0 +1,75 @@
+"""The two FastWan2.2-5B services: one code, two images.
+
+- `fastwan2.2-5b-network-storage`: downloads missing model files to MODELS_DIR (the
+  RunPod network volume) at start, then loads them;
+- `fastwan2.2-5b-packed`: the image has the files (downloaded at build time with the
+  same manifest and `model-service download`); nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastwan import legacy
+from fastwan.schema import FastWanInput
+from model_service.api.legacy_video import video_routers
+from model_service.comfy.engine import ComfyServiceSpec
+from model_service.comfy.workflow import Bind, Workflow
+from model_service.service import ServiceSpec
+
+HERE = Path(__file__).parent
+MANIFEST = HERE / "manifest.json"
+
+TI2V = Workflow.load(
+    HERE / "workflows" / "fastwan_ti2v.json",
+    bind={
+        "prompt": "6.text",
+        "negative_prompt": "7.text",
+        "seed": "3.seed",
+        "steps": "3.steps",
+        "cfg": "3.cfg",
+        "shift": "48.shift",
+        "width": "55.width",
+        "height": "55.height",
+        "num_frames": "55.length",
+        "fps": Bind("57.fps", convert=float),
+        "start_image": Bind("56.image", media="image"),
+    },
+    only_when={"56": "start_image"},  # no start image: text-to-video
+    outputs={"58": "video"},
+    name="ti2v",
+)
+
+
+def _choose(values: Any) -> str:
+    return "ti2v"
+
+
+def _spec(name: str, download_at_start: bool, title: str) -> ServiceSpec:
+    return ServiceSpec(
+        name=name,
+        title=title,
+        version="0.1.0",
+        description=(
+            "FastWan2.2-TI2V-5B (distilled, 3 steps) on an embedded ComfyUI: text-to-video, "
+            "or image-to-video with a start image; h264 mp4 out."
+        ),
+        default_port=8189,
+        input_model=FastWanInput,
+        predictor=None,
+        min_vram_gb=16.0,
+        extra_routes=video_routers(legacy.GenerateRequest, legacy.to_input),
+        comfy=ComfyServiceSpec(
+            workflows={"ti2v": TI2V},
+            choose=_choose,
+            manifest=MANIFEST,
+            download_at_start=download_at_start,
+        ),
+    )
+
+
+NETWORK_STORAGE = _spec(
+    "fastwan2.2-5b-network-storage", True, "FastWan2.2-5B (models on network storage)"
+)
+PACKED = _spec("fastwan2.2-5b-packed", False, "FastWan2.2-5B (models in the image)")

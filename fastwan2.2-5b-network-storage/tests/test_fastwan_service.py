@@ -1,0 +1,402 @@
+"""The FastWan service end to end: a real service process on loopback, with the stand-in
+ComfyUI (a real process speaking ComfyUI's protocol) as its backend (COMFYUI_URL).
+
+The graph each input builds is checked directly (`TI2V.build`); that the stand-in
+accepts it (ComfyUI's own validation, from a real /object_info) is checked by the jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import pytest
+from PIL import Image
+
+from fastwan.schema import FastWanInput
+from fastwan.service import MANIFEST, TI2V
+from model_service.comfy.standin import StandinProcess
+from model_service.provision import Manifest
+from model_service.testing import ServiceProcess, free_port, wait_status
+
+REPO = Path(__file__).resolve().parents[2]
+OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
+pytestmark = pytest.mark.skipif(
+    not OBJECT_INFO.is_file(),
+    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
+    "object_info (../shared beside the repository)",
+)
+FILES = Manifest.load(MANIFEST).files
+MODELS = {file.folder: [file.name] for file in FILES}
+SMALL = {"width": 64, "height": 64, "num_frames": 9, "fps": 8}
+
+
+def _png_data_uri(color: tuple[int, int, int] = (200, 30, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
+    base = tmp_path_factory.mktemp("comfy")
+    with StandinProcess(base, OBJECT_INFO, models=MODELS) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def service(
+    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    data = tmp_path_factory.mktemp("fastwan-data")
+    process = ServiceProcess(
+        "model_service.cli",
+        data,
+        env={"COMFYUI_URL": standin.url, "CANCEL_GRACE_S": "3"},
+        args=["serve", "fastwan2.2-5b-packed"],
+    )
+    process.start(timeout=60)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(service: ServiceProcess, standin: StandinProcess) -> Iterator[httpx.Client]:
+    standin.configure(reset=True)
+    with service.client() as http:
+        yield http
+
+
+def _run(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def _video_facts(data: bytes) -> dict[str, Any]:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return {
+            "codec": stream.codec_context.name,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "frames": frames,
+            "fps": float(stream.average_rate or 0),
+        }
+
+
+# --- the graph each input builds (no server needed) ------------------------------------
+
+
+def test_text_to_video_graph_has_no_start_image() -> None:
+    values = FastWanInput.model_validate({"prompt": "a cat", **SMALL}).model_dump()
+    graph = TI2V.build({**values, "seed": 7}, tag="job1")
+    assert "56" not in graph
+    assert "start_image" not in graph["55"]["inputs"]
+    assert graph["6"]["inputs"]["text"] == "a cat"
+    assert graph["3"]["inputs"] | {"seed": 7, "steps": 3, "cfg": 1.0} == graph["3"]["inputs"]
+    assert (graph["55"]["inputs"]["width"], graph["55"]["inputs"]["height"]) == (64, 64)
+    assert graph["55"]["inputs"]["length"] == 9
+    assert graph["57"]["inputs"]["fps"] == 8.0
+    assert graph["58"]["inputs"]["filename_prefix"] == "fastwan/video_job1"
+
+
+def test_image_to_video_graph_links_the_uploaded_image() -> None:
+    values = FastWanInput.model_validate(
+        {"prompt": "a cat", "start_image": "upl_x", "preset": "704x1280"}
+    ).model_dump()
+    graph = TI2V.build({**values, "start_image": "jobs/abc_start_image.png"}, tag="t")
+    assert graph["56"]["inputs"]["image"] == "jobs/abc_start_image.png"
+    assert graph["55"]["inputs"]["start_image"] == ["56", 0]
+    assert (graph["55"]["inputs"]["width"], graph["55"]["inputs"]["height"]) == (704, 1280)
+    assert TI2V.graph["55"]["inputs"]["start_image"] == ["56", 0]  # the template is untouched
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"prompt": "x", "num_frames": 120}, "4n+1"),
+        ({"prompt": "x", "width": 100, "height": 64}, "multiple of 32"),
+        ({"prompt": "x", "width": 1280, "height": 1280}, "larger than 720p"),
+        ({"prompt": "x", "preset": "1280x704", "width": 64, "height": 64}, "not both"),
+        ({"prompt": "x", "width": 64}, "both `width` and `height`"),
+        ({"prompt": ""}, "at least 1 character"),
+    ],
+)
+def test_bad_input_is_refused_with_the_reason(payload: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        FastWanInput.model_validate(payload)
+
+
+def test_manifest_names_every_model_the_workflow_loads() -> None:
+    assert sorted(TI2V.model_files()) == sorted((f.folder, f.name) for f in FILES)
+    assert all(file.sha256 and file.tiny for file in FILES)
+    assert sum(file.size_bytes for file in FILES) == 18_144_966_705 - 9_999_658_848 + 9_999_659_744
+
+
+# --- through the service -----------------------------------------------------------------
+
+
+def test_text_to_video_job_returns_an_h264_mp4(client: httpx.Client) -> None:
+    job = _run(client, {"prompt": "a red fox", "seed": 11, **SMALL})
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["outputs"][0]["name"] == "video.mp4"
+    assert job["info"]["workflow"] == "ti2v"
+    assert job["seed"] == 11
+    video = client.get(job["outputs"][0]["url"])
+    assert video.status_code == 200
+    facts = _video_facts(video.content)
+    assert facts["codec"] == "h264"
+    assert (facts["width"], facts["height"], facts["frames"]) == (64, 64, 9)
+    assert facts["fps"] == pytest.approx(8.0)
+
+
+def test_image_to_video_uploads_the_start_image(
+    client: httpx.Client, standin: StandinProcess
+) -> None:
+    job = _run(client, {"prompt": "a red fox", "start_image": _png_data_uri(), **SMALL})
+    assert job["status"] == "succeeded", job
+    uploaded = list((standin.base_dir / "input" / "jobs").glob("*_start_image.png"))
+    assert uploaded, "the start image never reached ComfyUI's input folder"
+    assert Image.open(uploaded[-1]).size == (48, 32)
+
+
+def test_a_random_seed_is_chosen_and_returned(client: httpx.Client) -> None:
+    first = _run(client, {"prompt": "waves", **SMALL})
+    second = _run(client, {"prompt": "waves", **SMALL})
+    assert first["status"] == second["status"] == "succeeded"
+    assert isinstance(first["seed"], int)
+    assert first["seed"] != second["seed"]
+
+
+def test_progress_events_follow_the_sampler_steps(
+    client: httpx.Client, standin: StandinProcess, service: ServiceProcess
+) -> None:
+    standin.configure(step_delay_s=0.2)
+    job = client.post("/v1/jobs", json={"input": {"prompt": "p", "steps": 4, **SMALL}}).json()
+    seen: list[tuple[int, int]] = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                data = json.loads(line[5:])
+                progress = data.get("progress") or {}
+                if progress.get("total"):
+                    seen.append((progress["step"], progress["total"]))
+                if data["status"] in ("succeeded", "failed", "canceled"):
+                    assert data["status"] == "succeeded", data
+                    break
+    assert (4, 4) in seen
+    assert any(step < total for step, total in seen), seen
+
+
+def test_cancel_interrupts_only_our_prompt(client: httpx.Client, standin: StandinProcess) -> None:
+    standin.configure(slow_nodes={"KSampler": 20.0})
+    job = client.post("/v1/jobs", json={"input": {"prompt": "slow", **SMALL}}).json()
+    wait_status(client, job["id"], {"running"}, timeout=30)
+    time.sleep(0.5)  # the prompt is running inside ComfyUI
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    done = wait_status(client, job["id"], {"canceled", "failed", "succeeded"}, timeout=30)
+    assert done["status"] == "canceled", done
+    interrupts = standin.stats()["interrupt"]
+    assert interrupts, "ComfyUI was never asked to interrupt"
+    assert all(call.get("prompt_id") for call in interrupts), interrupts  # never a global one
+    standin.configure(reset=True)
+    assert _run(client, {"prompt": "after cancel", **SMALL})["status"] == "succeeded"
+
+
+def test_execution_error_names_the_node(client: httpx.Client, standin: StandinProcess) -> None:
+    standin.configure(
+        fail_nodes={"VAEDecode": {"exception_type": "RuntimeError", "message": "bad latent"}}
+    )
+    job = _run(client, {"prompt": "fails", **SMALL})
+    assert job["status"] == "failed"
+    error = job["error"]
+    assert error["code"] == "comfy_execution_error"
+    assert "VAEDecode" in error["message"]
+    assert "bad latent" in error["message"]
+
+
+def test_out_of_memory_has_its_own_code_and_frees_memory(
+    client: httpx.Client, standin: StandinProcess
+) -> None:
+    standin.configure(
+        fail_nodes={"KSampler": {"exception_type": "torch.OutOfMemoryError", "message": ""}}
+    )
+    job = _run(client, {"prompt": "too big", **SMALL})
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "out_of_memory"
+    assert standin.stats()["free"], "ComfyUI was not asked to free its memory"
+
+
+def test_legacy_routes(client: httpx.Client) -> None:
+    started = client.post(
+        "/generate", json={"prompt": "legacy", "width": 64, "height": 64, "length": 9, "fps": 8}
+    )
+    assert started.status_code == 200, started.text
+    body = started.json()
+    assert body["status"] == "queued"
+    assert body["job_id"]
+    job_id = body["job_id"]
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"/status/{job_id}").json()
+        if status["status"] in ("completed", "error"):
+            break
+        time.sleep(0.1)
+    assert status["status"] == "completed", status
+    assert status["video_ready"] is True
+    assert status["progress"] == 100
+    video = client.get(status["download_url"])
+    assert video.status_code == 200
+    assert f"generated_video_{job_id}.mp4" in video.headers["content-disposition"]
+    assert _video_facts(video.content)["frames"] == 9
+    assert job_id in client.get("/jobs").json()
+    assert client.delete(f"/jobs/{job_id}").status_code == 200
+    assert client.get(f"/download/{job_id}").status_code == 400
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"  # record kept
+
+
+def test_legacy_generate_validates_like_the_job_api(client: httpx.Client) -> None:
+    response = client.post("/generate", json={"prompt": "x", "length": 10})
+    assert response.status_code == 422
+    assert "4n+1" in response.json()["error"]["message"]
+
+
+def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
+    tmp_path: Path, service: ServiceProcess
+) -> None:
+    """A second service on its own stand-in, restarted on the same port after the crash."""
+    base = tmp_path / "comfy"
+    crashing = StandinProcess(base, OBJECT_INFO, models=MODELS, knobs={"crash_nodes": ["KSampler"]})
+    crashing.start()
+    data = tmp_path / "data"
+    own = ServiceProcess(
+        "model_service.cli",
+        data,
+        env={"COMFYUI_URL": crashing.url},
+        args=["serve", "fastwan2.2-5b-packed"],
+    )
+    own.start(timeout=60)
+    try:
+        with own.client() as http:
+            job = _run(http, {"prompt": "boom", **SMALL})
+            assert job["status"] == "failed", job
+            assert job["error"]["code"] == "backend_crashed", job["error"]
+            assert "Retry" in job["error"]["message"] or "retry" in job["error"]["message"]
+            restarted = StandinProcess(base, OBJECT_INFO, models=MODELS)
+            restarted.port, restarted.url = crashing.port, crashing.url
+            restarted.args[1] = str(crashing.port)
+            restarted.start()
+            try:
+                own.wait_for("/ready", 60)
+                assert _run(http, {"prompt": "fine", **SMALL})["status"] == "succeeded"
+            finally:
+                restarted.stop()
+    finally:
+        own.stop()
+        crashing.stop()
+
+
+def test_missing_model_keeps_ready_503_naming_the_file(tmp_path: Path) -> None:
+    base = tmp_path / "comfy"
+    partial = {folder: names for folder, names in MODELS.items() if folder != "vae"}
+    with StandinProcess(base, OBJECT_INFO, models=partial) as comfy:
+        own = ServiceProcess(
+            "model_service.cli",
+            tmp_path / "data",
+            env={"COMFYUI_URL": comfy.url},
+            args=["serve", "fastwan2.2-5b-packed"],
+        )
+        own.start(wait_ready=False, timeout=60)
+        try:
+            deadline = time.monotonic() + 30
+            ready = httpx.get(own.url + "/ready")
+            while "wan2.2_vae" not in ready.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+                ready = httpx.get(own.url + "/ready")
+            assert ready.status_code == 503
+            assert "vae/wan2.2_vae.safetensors is missing" in ready.text, ready.text
+            assert "model-service download" in ready.text
+            # the file arrives (an operator copied it): ready without a restart
+            (base / "models" / "vae").mkdir(parents=True, exist_ok=True)
+            (base / "models" / "vae" / "wan2.2_vae.safetensors").write_bytes(b"x")
+            own.wait_for("/ready", 30)
+        finally:
+            own.stop()
+
+
+# --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------
+
+COMFYUI_TEST_DIR = os.environ.get("COMFYUI_TEST_DIR")
+needs_real_comfyui = pytest.mark.skipif(
+    not COMFYUI_TEST_DIR,
+    reason="set COMFYUI_TEST_DIR (a ComfyUI 0.33+ checkout; COMFYUI_TEST_PYTHON: its "
+    "interpreter) to run the real workflow on tiny weights",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("fastwan-tiny")
+    env = {
+        "PROFILE": "tiny",
+        "COMFYUI_DIR": str(COMFYUI_TEST_DIR),
+        "COMFYUI_PORT": str(free_port()),
+        "MODELS_DIR": str(root / "models"),
+    }
+    if os.environ.get("COMFYUI_TEST_PYTHON"):
+        env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
+    process = ServiceProcess(
+        "model_service.cli", root / "data", env=env, args=["serve", "fastwan2.2-5b-packed"]
+    )
+    process.start(timeout=240)
+    yield process
+    process.stop()
+
+
+def _frames(data: bytes) -> list[bytes]:
+    with av.open(io.BytesIO(data)) as container:
+        return [frame.to_ndarray(format="rgb24").tobytes() for frame in container.decode(video=0)]
+
+
+@needs_real_comfyui
+def test_tiny_text_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> None:
+    with tiny_service.client() as http:
+        job = _run(http, {"prompt": "a red fox", "seed": 1, **SMALL, "num_frames": 17})
+        assert job["status"] == "succeeded", job.get("error")
+        video = http.get(job["outputs"][0]["url"]).content
+        facts = _video_facts(video)
+        assert facts["codec"] == "h264"
+        assert (facts["width"], facts["height"], facts["frames"]) == (64, 64, 17)
+        assert facts["fps"] == pytest.approx(8.0)
+        other = _run(http, {"prompt": "a red fox", "seed": 2, **SMALL, "num_frames": 17})
+        assert _frames(http.get(other["outputs"][0]["url"]).content) != _frames(video)
+        ready = http.get("/ready").json()
+        assert ready["ready"] is True
+
+
+@needs_real_comfyui
+def test_tiny_image_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> None:
+    with tiny_service.client() as http:
+        red = _run(http, {"prompt": "x", "seed": 3, "start_image": _png_data_uri(), **SMALL})
+        blue = _run(
+            http,
+            {"prompt": "x", "seed": 3, "start_image": _png_data_uri((20, 40, 220)), **SMALL},
+        )
+        assert red["status"] == blue["status"] == "succeeded", (red.get("error"), blue.get("error"))
+        red_frames = _frames(http.get(red["outputs"][0]["url"]).content)
+        blue_frames = _frames(http.get(blue["outputs"][0]["url"]).content)
+        assert len(red_frames) == len(blue_frames) == 9
+        assert red_frames != blue_frames  # the start image reaches the model

@@ -1,0 +1,419 @@
+"""The engine of the ComfyUI services: jobs run as prompts on an embedded ComfyUI.
+
+Start-up, in the background (each stage shows in `/ready`):
+
+1. models: PROFILE=tiny generates the tiny stand-ins of the manifest's files into a
+   folder of their own (`MODELS_DIR/tiny`); a service with `download_at_start` (the
+   network-storage images) downloads what is missing into MODELS_DIR;
+2. ComfyUI: launched by the supervisor (or watched at COMFYUI_URL);
+3. checks: each workflow against ComfyUI's `/object_info`: a missing node class, input
+   or model file keeps `/ready` at 503 naming it (checked again every few seconds
+   while something is missing, and after each ComfyUI restart).
+
+A job: its media inputs are uploaded to ComfyUI (`/upload/image`), the workflow is
+bound to its values, queued with our client id, followed to its end (`ComfyClient.run`),
+and every output is streamed into the job's folder. Cancel interrupts or dequeues only
+our prompt. When ComfyUI dies under a job, the job fails with `backend_crashed` and the
+supervisor starts a new ComfyUI; a CUDA error restarts ComfyUI on purpose (the process
+is poisoned); out-of-memory asks ComfyUI to free its memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
+from model_service.comfy.errors import ComfyCrashed, ComfyCudaError, ComfyInterrupted
+from model_service.comfy.supervisor import ComfyState, ComfySupervisor
+from model_service.comfy.workflow import Workflow
+from model_service.errors import ProvisionError, ServiceError
+from model_service.logs import get_logger
+from model_service.metrics import Metrics
+from model_service.provision import Manifest, ProvisionMetrics, provision
+from model_service.settings import Settings
+from model_service.worker.protocol import JobDone, JobProgress, RunJob
+
+log = get_logger("model_service.comfy")
+
+UPLOAD_SUBFOLDER = "jobs"
+_PROVISION_RETRY_S = (10.0, 30.0, 60.0, 300.0)
+_BLOCKED_RECHECK_S = 5.0  # while a model file is missing: soon ready once it is there
+
+
+@dataclass(frozen=True)
+class ComfyServiceSpec:
+    """What a ComfyUI service declares: its workflows and its model files."""
+
+    workflows: Mapping[str, Workflow]
+    choose: Callable[[Mapping[str, Any]], str]  # a job's input -> the workflow's name
+    manifest: Path  # the model files (JSON, see model_service.provision.manifest)
+    download_at_start: bool = False  # network-storage images: True; packed images: False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def models_dir_for(settings: Settings) -> Path:
+    """Where ComfyUI finds the models: MODELS_DIR, or its `tiny` folder in PROFILE=tiny
+    (never a folder with real weights in it)."""
+    base = settings.models_dir.absolute()
+    return base / "tiny" if settings.profile == "tiny" else base
+
+
+class ComfyEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        spec: ComfyServiceSpec,
+        metrics: Metrics,
+        *,
+        supervisor: ComfySupervisor | None = None,
+        recheck_s: float = 1.0,
+        blocker: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._spec = spec
+        self._metrics = metrics
+        self._models_dir = models_dir_for(settings)
+        self._manifest = Manifest.load(spec.manifest)
+        comfy_settings = settings.model_copy(update={"models_dir": self._models_dir})
+        self._supervisor = supervisor or ComfySupervisor.from_settings(
+            comfy_settings, on_crash=self._on_crash, on_restart=self._on_restart
+        )
+        self._client = ComfyClient(self._supervisor.url, cancel_grace_s=settings.cancel_grace_s)
+        self._recheck_s = recheck_s
+        self._stage = "starting"
+        self._blocker: str | None = None  # a workflow check failed: what is missing
+        self._fatal = blocker  # cannot work until an operator acts (e.g. no GPU)
+        self._checked_run = -1  # the supervisor restart count the checks passed for
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._info: dict[str, Any] = {}
+        self._running: _Running | None = None
+
+    # --- what the service reads ------------------------------------------------------
+
+    @property
+    def readiness(self) -> tuple[bool, str]:
+        if self._fatal is not None:
+            return False, self._fatal
+        if self._stage != "comfyui":
+            return False, self._stage
+        ok, reason = self._supervisor.readiness
+        if not ok:
+            return False, f"ComfyUI: {reason}"
+        if self._blocker is not None:
+            return False, self._blocker
+        if self._checked_run != self._supervisor.restarts:
+            return False, "checking the workflows against ComfyUI"
+        return True, "ready"
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            **self._info,
+            "backend": "comfyui",
+            "comfyui_url": self._supervisor.url,
+            "models_dir": str(self._models_dir),
+            "workflows": sorted(self._spec.workflows),
+        }
+
+    @property
+    def supervisor(self) -> ComfySupervisor:
+        return self._supervisor
+
+    @property
+    def client(self) -> ComfyClient:
+        return self._client
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._fatal is not None:
+            return
+        self._task = asyncio.create_task(self._prepare(), name="comfy-engine")
+        self._task.add_done_callback(self._prepare_ended)
+
+    def _prepare_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fatal = f"ComfyUI engine stopped by a bug: {task.exception()!r}; restart"
+            log.error("comfy engine crashed", exc_info=task.exception())
+            self._notify()
+
+    async def stop(self, *, abandon_running: bool) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        running = self._running
+        if running is not None and abandon_running:  # it runs again after our restart
+            with contextlib.suppress(ServiceError):
+                await asyncio.wait_for(self._client.cancel(running.prompt_id), 5.0)
+        await self._client.close()
+        await self._supervisor.stop()
+
+    async def wait_ready(self) -> bool:
+        while True:
+            if self._fatal is not None:
+                return False
+            if self.readiness[0]:
+                return True
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 1.0)
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def _prepare(self) -> None:
+        await self._provide_models()
+        self._stage = "comfyui"
+        await self._supervisor.start()
+        while True:
+            if self._supervisor.state is ComfyState.FAILED:
+                self._fatal = f"ComfyUI cannot start: {self._supervisor.reason}"
+                self._notify()
+                return
+            if not await self._supervisor.wait_ready(self._recheck_s):
+                continue
+            runs = self._supervisor.restarts
+            if self._checked_run != runs or self._blocker is not None:
+                await self._check_workflows(runs)
+            await asyncio.sleep(_BLOCKED_RECHECK_S if self._blocker else self._recheck_s)
+
+    async def _provide_models(self) -> None:
+        if self._settings.profile == "tiny":
+            self._stage = "generating the tiny test models"
+            from model_service.comfy.tiny_weights import materialize
+
+            entries = [(f.tiny, f.path(self._models_dir)) for f in self._manifest.files if f.tiny]
+            await asyncio.to_thread(materialize, entries, self._models_dir / ".cache")
+            return
+        if not self._spec.download_at_start:
+            return
+        metrics = ProvisionMetrics(self._metrics.registry)
+        for attempt in range(1_000_000):
+            missing = self._manifest.missing(self._models_dir)
+            if not missing:
+                return
+            total = sum(f.size_bytes for f in missing)
+            self._stage = (
+                f"downloading {len(missing)} model file(s), {total / 1e9:.1f} GB, to "
+                f"{self._models_dir}"
+            )
+            self._notify()
+            try:
+                await provision(
+                    self._manifest,
+                    self._models_dir,
+                    on_progress=self._download_progress,
+                    metrics=metrics,
+                )
+                return
+            except ProvisionError as exc:
+                delay = _PROVISION_RETRY_S[min(attempt, len(_PROVISION_RETRY_S) - 1)]
+                self._stage = f"model download failed, retrying in {delay:g} s: {exc.message}"
+                log.error("model download failed", error=exc.message, retry_in_s=delay)
+                self._notify()
+                await asyncio.sleep(delay)
+
+    def _download_progress(self, file: Any, done: int, total: int) -> None:
+        self._stage = f"downloading models: {file.relpath} {done / 1e9:.2f} of {total / 1e9:.2f} GB"
+
+    async def _check_workflows(self, runs: int) -> None:
+        try:
+            object_info = await self._client.object_info()
+            stats = await self._client.system_stats()
+        except ServiceError as exc:
+            log.warning("cannot read ComfyUI's object_info", error=exc.message)
+            return
+        problems = [
+            problem
+            for workflow in self._spec.workflows.values()
+            for problem in workflow.check(object_info, self._describe_file)
+        ]
+        unique = list(dict.fromkeys(problems))
+        self._blocker = "; ".join(unique) if unique else None
+        self._checked_run = runs
+        self._info = {"comfyui_version": (stats.get("system") or {}).get("comfyui_version")}
+        if unique:
+            log.error("workflows cannot run on this ComfyUI", problems=unique)
+        else:
+            log.info("workflows checked against ComfyUI", workflows=sorted(self._spec.workflows))
+        self._notify()
+
+    def _describe_file(self, folder: str, name: str) -> str:
+        for file in self._manifest.files:
+            if file.folder == folder and file.name == name:
+                where = self._models_dir / folder / name
+                return (
+                    f"expected at {where} ({file.size_bytes / 1e9:.2f} GB from "
+                    f"{file.source.describe()}); run `model-service download --manifest "
+                    f"{self._spec.manifest}` or fix MODELS_DIR"
+                )
+        return "not in the service's manifest"
+
+    def _on_crash(self, reason: str) -> None:
+        running = self._running
+        if running is not None:
+            running.crash = reason
+            running.task.cancel()
+        self._notify()
+
+    def _on_restart(self, label: str) -> None:
+        self._metrics.worker_restarts.labels(f"comfyui_{label}").inc()
+        self._notify()
+
+    # --- jobs --------------------------------------------------------------------------
+
+    async def run(self, job: RunJob, on_progress: Callable[[JobProgress], None]) -> JobDone:
+        task = asyncio.current_task()
+        assert task is not None
+        prompt_id = str(uuid.uuid4())  # ComfyUI wants a UUID; a new one for each attempt
+        running = _Running(job.job_id, f"{job.job_id[:12]}-{prompt_id[:8]}", prompt_id, task)
+        self._running = running
+        try:
+            return await self._run(job, running, on_progress)
+        except asyncio.CancelledError:
+            if running.crash is None and not running.killed:
+                raise
+            if running.killed:
+                return JobDone(job.job_id, canceled=True)
+            return JobDone(job.job_id, error=_crashed(running.crash or "", running.prompt_id))
+        except ComfyCrashed as exc:
+            return JobDone(job.job_id, error=_crashed(exc.message, running.prompt_id))
+        except ComfyInterrupted:
+            return JobDone(job.job_id, canceled=True)
+        except ComfyCudaError as exc:
+            log.error("CUDA error in ComfyUI; restarting it", error=exc.message)
+            asyncio.get_running_loop().create_task(self._supervisor.restart("CUDA error"))
+            return JobDone(job.job_id, error=exc.to_dict())
+        except ServiceError as exc:
+            return JobDone(job.job_id, error=exc.to_dict())
+        finally:
+            self._running = None
+
+    async def _run(
+        self, job: RunJob, running: _Running, on_progress: Callable[[JobProgress], None]
+    ) -> JobDone:
+        name = self._spec.choose(job.inputs)
+        workflow = self._spec.workflows[name]
+        values = {**job.inputs, "seed": job.seed}
+        for field_name in workflow.media_fields:
+            path = values.get(field_name)
+            if path is not None:
+                values[field_name] = await self._upload(Path(path), f"{running.tag}_{field_name}")
+        graph = workflow.build(values, tag=running.tag)
+        if running.cancel_requested:
+            return JobDone(job.job_id, canceled=True)
+
+        def progress(event: ComfyProgress) -> None:
+            if event.max > 1:  # sampler steps (a node starting is 0 of 1)
+                on_progress(JobProgress(job.job_id, event.value, event.max))
+
+        started = time.monotonic()
+        result = await self._client.run(
+            graph,
+            on_progress=progress,
+            timeout_s=self._settings.job_timeout_s + self._settings.cancel_grace_s,
+            prompt_id=running.prompt_id,
+        )
+        output_dir = Path(job.output_dir)
+        await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
+        names = await self._save_outputs(workflow, result, output_dir)
+        return JobDone(
+            job.job_id,
+            outputs=names,
+            info={
+                "workflow": name,
+                "comfy_prompt_id": result.prompt_id,
+                "comfy_run_s": round(time.monotonic() - started, 3),
+                **_execution_times(result),
+            },
+        )
+
+    async def _upload(self, path: Path, stem: str) -> str:
+        data = await asyncio.to_thread(path.read_bytes)
+        return await self._client.upload(
+            data, f"{stem}{path.suffix}", subfolder=UPLOAD_SUBFOLDER, overwrite=True
+        )
+
+    async def _save_outputs(
+        self, workflow: Workflow, result: RunResult, output_dir: Path
+    ) -> list[str]:
+        names: list[str] = []
+        counts: dict[str, int] = {}
+        for output in result.outputs:
+            stem = workflow.outputs.get(output.node_id) or f"node{output.node_id}"
+            index = counts.get(stem, 0)
+            counts[stem] = index + 1
+            name = _output_name(stem, index, output)
+            await self._client.download(output, output_dir / name)
+            names.append(name)
+        return names
+
+    def cancel(self, job_id: str) -> None:
+        running = self._running
+        if running is None or running.job_id != job_id or running.cancel_requested:
+            return
+        running.cancel_requested = True
+
+        async def cancel_prompt() -> None:
+            with contextlib.suppress(ServiceError):
+                await self._client.cancel(running.prompt_id)
+
+        asyncio.get_running_loop().create_task(cancel_prompt())
+
+    def kill(self) -> None:
+        """The prompt ignored its interrupt (a long node that never checks for one): stop
+        waiting for it. ComfyUI itself is not restarted: it drops the prompt at its next
+        interrupt check, and a restart would cost every loaded model."""
+        running = self._running
+        if running is not None:
+            running.killed = True
+            running.task.cancel()
+
+
+@dataclass
+class _Running:
+    job_id: str
+    tag: str  # unique per attempt: upload names and output prefixes
+    prompt_id: str
+    task: asyncio.Task[Any]
+    cancel_requested: bool = False
+    killed: bool = False
+    crash: str | None = None
+
+
+def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:
+    error = ComfyCrashed(
+        "ComfyUI died or restarted while running this job. Retry the job; if it crashes "
+        "again, use a smaller size or fewer frames, and read the service logs",
+        prompt_id=prompt_id,
+        reason=reason[:500],
+    )
+    return error.to_dict()
+
+
+def _output_name(stem: str, index: int, output: OutputFile) -> str:
+    suffix = Path(output.filename).suffix.lower()
+    return f"{stem}{suffix}" if index == 0 else f"{stem}_{index}{suffix}"
+
+
+def _execution_times(result: RunResult) -> dict[str, Any]:
+    """ComfyUI's own start and end of execution (ms timestamps in its history status)."""
+    messages = (result.history.get("status") or {}).get("messages") or []
+    stamps = {
+        event: data.get("timestamp")
+        for event, data in (m for m in messages if isinstance(m, list) and len(m) == 2)
+        if isinstance(data, dict)
+    }
+    start, end = stamps.get("execution_start"), stamps.get("execution_success")
+    if isinstance(start, int | float) and isinstance(end, int | float):
+        return {"comfy_execution_s": round((end - start) / 1000, 3)}
+    return {}

@@ -1,0 +1,234 @@
+"""A service's ComfyUI workflow: an API-format graph file plus declarative bindings.
+
+The graph is what ComfyUI's "Export (API)" writes; it stays loadable in ComfyUI as is.
+The bindings say which request field goes to which node input::
+
+    FASTWAN = Workflow.load(
+        HERE / "workflows" / "fastwan_ti2v.json",
+        bind={
+            "prompt": "6.text",
+            "seed": "3.seed",
+            "start_image": Bind("56.image", media="image"),
+        },
+        only_when={"56": "start_image"},  # LoadImage exists only with a start image
+        outputs={"58": "video"},
+    )
+
+`build(values)` returns a fresh graph with the values in place: a field that is absent
+(None) keeps the graph's own value, a node listed in `only_when` is dropped (with the
+links to it) unless its field is set, and every `filename_prefix` gets the job's tag so
+two jobs never share an output name (nor a ComfyUI cache entry). `check(object_info)`
+lists what the running ComfyUI lacks: node classes, bound inputs, model files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Graph = dict[str, Any]
+
+# Inputs whose choices ComfyUI fills from a models folder (what a missing file looks like).
+MODEL_INPUTS: dict[tuple[str, str], str] = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("CheckpointLoader", "ckpt_name"): "checkpoints",
+    ("ImageOnlyCheckpointLoader", "ckpt_name"): "checkpoints",
+    ("unCLIPCheckpointLoader", "ckpt_name"): "checkpoints",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("TripleCLIPLoader", "clip_name1"): "text_encoders",
+    ("TripleCLIPLoader", "clip_name2"): "text_encoders",
+    ("TripleCLIPLoader", "clip_name3"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("ControlNetLoader", "control_net_name"): "controlnet",
+    ("ModelPatchLoader", "name"): "model_patches",
+    ("AudioEncoderLoader", "audio_encoder_name"): "audio_encoders",
+    ("UpscaleModelLoader", "model_name"): "upscale_models",
+}
+
+MediaKind = Literal["image", "audio", "video"]
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Where one request field goes: `"<node id>.<input>"`, one or several targets.
+
+    `media`: the field's value is a local file; the engine uploads it to ComfyUI and
+    binds the name ComfyUI gave it. `convert` maps the request value to the input's.
+    """
+
+    targets: tuple[str, ...]
+    media: MediaKind | None = None
+    convert: Callable[[Any], Any] | None = None
+
+    def __init__(
+        self,
+        *targets: str,
+        media: MediaKind | None = None,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
+        for target in targets:
+            node, _, name = target.partition(".")
+            if not node or not name:
+                raise ValueError(f"binding target {target!r} is not '<node id>.<input>'")
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "media", media)
+        object.__setattr__(self, "convert", convert)
+
+    def places(self) -> list[tuple[str, str]]:
+        return [(t.partition(".")[0], t.partition(".")[2]) for t in self.targets]
+
+
+@dataclass(frozen=True)
+class Workflow:
+    name: str
+    graph: Mapping[str, Any]
+    bind: Mapping[str, Bind]
+    only_when: Mapping[str, str] = field(default_factory=dict)  # node id -> field
+    outputs: Mapping[str, str] = field(default_factory=dict)  # node id -> our file stem
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        bind: Mapping[str, str | Bind],
+        only_when: Mapping[str, str] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> Workflow:
+        graph = json.loads(path.read_text())
+        binds = {k: v if isinstance(v, Bind) else Bind(v) for k, v in bind.items()}
+        workflow = cls(name or path.stem, graph, binds, dict(only_when or {}), dict(outputs or {}))
+        problems = workflow.problems_in_graph()
+        if problems:
+            raise ValueError(f"workflow {path}: " + "; ".join(problems))
+        return workflow
+
+    @property
+    def media_fields(self) -> dict[str, MediaKind]:
+        return {name: b.media for name, b in self.bind.items() if b.media is not None}
+
+    # --- checks ----------------------------------------------------------------------
+
+    def problems_in_graph(self) -> list[str]:
+        """Mistakes in the workflow file or its bindings (a bug in the service)."""
+        problems = []
+        for node_id, node in self.graph.items():
+            if not isinstance(node, dict) or "class_type" not in node:
+                problems.append(f"node {node_id} has no class_type (not API format?)")
+        for name, binding in self.bind.items():
+            for node_id, _ in binding.places():
+                if node_id not in self.graph:
+                    problems.append(f"field {name!r} is bound to node {node_id}, not in the graph")
+        for node_id, name in {**self.only_when, **dict.fromkeys(self.outputs, "")}.items():
+            if node_id not in self.graph:
+                problems.append(f"node {node_id} ({name or 'output'}) is not in the graph")
+        return problems
+
+    def check(
+        self, object_info: Mapping[str, Any], describe_file: Callable[[str, str], str] | None = None
+    ) -> list[str]:
+        """What the running ComfyUI lacks for this workflow, one sentence each.
+
+        `describe_file(folder, name)` can add where a missing model file comes from.
+        """
+        problems: list[str] = []
+        for node_id, node in sorted(self.graph.items(), key=lambda kv: _order(kv[0])):
+            class_type = node["class_type"]
+            where = f"workflow {self.name!r} node {node_id}"
+            info = object_info.get(class_type)
+            if not isinstance(info, dict):
+                problems.append(
+                    f"ComfyUI has no node class {class_type!r} ({where}); use ComfyUI 0.33 or "
+                    "newer, or install the custom node that provides it"
+                )
+                continue
+            declared = _declared_inputs(info)
+            for _, (bound_node, input_name) in self._bound_places():
+                if bound_node == node_id and input_name not in declared:
+                    problems.append(f"{class_type} has no input {input_name!r} ({where})")
+            for input_name, value in (node.get("inputs") or {}).items():
+                folder = MODEL_INPUTS.get((class_type, input_name))
+                if folder is None or not isinstance(value, str):
+                    continue
+                choices = _combo_choices(declared.get(input_name))
+                if value not in choices:
+                    source = f"; {describe_file(folder, value)}" if describe_file else ""
+                    problems.append(
+                        f"model file {folder}/{value} is missing ({where}, "
+                        f"{class_type}.{input_name}){source}"
+                    )
+        return problems
+
+    def _bound_places(self) -> list[tuple[str, tuple[str, str]]]:
+        return [(name, place) for name, b in self.bind.items() for place in b.places()]
+
+    def model_files(self) -> list[tuple[str, str]]:
+        """(folder, file name) of every model file the graph loads."""
+        found = []
+        for node in self.graph.values():
+            for input_name, value in (node.get("inputs") or {}).items():
+                folder = MODEL_INPUTS.get((node["class_type"], input_name))
+                if folder is not None and isinstance(value, str):
+                    found.append((folder, value))
+        return found
+
+    # --- building a job's graph --------------------------------------------------------
+
+    def build(self, values: Mapping[str, Any], *, tag: str) -> Graph:
+        """The graph for one job. Media values must already be ComfyUI input names."""
+        graph: Graph = copy.deepcopy(dict(self.graph))
+        for node_id, field_name in self.only_when.items():
+            if values.get(field_name) is None:
+                graph.pop(node_id, None)
+        for node in graph.values():  # links to dropped nodes go too
+            inputs = node.setdefault("inputs", {})
+            for name in [n for n, v in inputs.items() if _is_link(v) and v[0] not in graph]:
+                del inputs[name]
+        for name, binding in self.bind.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            if binding.convert is not None:
+                value = binding.convert(value)
+            for node_id, input_name in binding.places():
+                if node_id in graph:
+                    graph[node_id]["inputs"][input_name] = value
+        for node in graph.values():
+            prefix = node["inputs"].get("filename_prefix")
+            if isinstance(prefix, str):
+                node["inputs"]["filename_prefix"] = f"{prefix}_{tag}"
+        return graph
+
+
+def _order(node_id: str) -> tuple[int, str]:
+    return (int(node_id), "") if node_id.isdigit() else (1 << 62, node_id)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+
+
+def _declared_inputs(info: Mapping[str, Any]) -> dict[str, Any]:
+    sections = info.get("input") or {}
+    return {**(sections.get("optional") or {}), **(sections.get("required") or {})}
+
+
+def _combo_choices(spec: Any) -> list[Any]:
+    """The choices of a combo input, old style (`[[...], {}]`) or new (`["COMBO", {options}]`)."""
+    if not isinstance(spec, list) or not spec:
+        return []
+    if isinstance(spec[0], list):
+        return list(spec[0])
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return list(options.get("options") or [])
