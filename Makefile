@@ -30,6 +30,7 @@ serve: setup
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/comfy.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

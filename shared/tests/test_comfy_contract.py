@@ -186,7 +186,13 @@ def test_image_passthrough_inverts_pixels(backend: Backend, tmp_path: Path) -> N
         result = await client.run(invert_graph(name, prefix), timeout_s=60)
         for output in result.outputs:
             await client.download(output, tmp_path / output.filename)
-        return result.outputs, await client.history(result.prompt_id)
+        history = await client.history(result.prompt_id)
+        for _ in range(100):  # deleted in the background, off the job's critical path
+            if history is None:
+                break
+            await asyncio.sleep(0.02)
+            history = await client.history(result.prompt_id)
+        return result.outputs, history
 
     outputs, history_after = run(scenario, backend.url)
     assert [(o.node_id, o.kind_key, o.subfolder, o.type, o.media) for o in outputs] == [

@@ -4,9 +4,10 @@
 
 1. the websocket is connected with our `clientId` *before* the prompt is queued, and the
    prompt is queued with our own `prompt_id`, so no event can arrive unrecognised;
-2. the end is `executing` with `node: null` for our prompt (history written), or
-   `execution_success` / `execution_error` / `execution_interrupted`, after which
-   `/history/{id}` is read with retries (ComfyUI sends those before writing history);
+2. the end is `executing` with `node: null` for our prompt (history written);
+   `execution_success` / `execution_error` / `execution_interrupted` come just before
+   it, while the history is not written yet: if `executing` null does not follow within
+   half a second, `/history/{id}` is read with retries anyway;
 3. a poll of `/queue` + `/history` runs whenever the websocket is quiet for
    `poll_interval_s` or drops, so a dead socket never hangs a job; a prompt that is in
    neither the queue nor the history means ComfyUI restarted (`ComfyCrashed`);
@@ -70,6 +71,7 @@ MEDIA_SUFFIXES = {
 }
 _WS_LOST = "_ws_lost"  # internal events pushed to a run's queue
 _CANCELED = "_canceled"
+_END_GRACE_S = 0.5  # after a terminal event, how long to wait for `executing` node=null
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class _Watch:
     cached: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    ended: bool = False  # a terminal event came; `executing` node=null should follow
 
     async def next(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
         try:
@@ -276,9 +279,11 @@ class _Watch:
             if data.get("exception_type") == "ExecutionBlocked":
                 return False  # a blocked branch; the prompt goes on
             self.error = data
-            return True
+            self.ended = True
         elif event in TERMINAL_EVENTS:
-            return True
+            # ComfyUI sends these before it writes the history entry; `executing` with
+            # `node: null` follows once it is written, so wait for that (a short grace)
+            self.ended = True
         return False
 
     async def _node_started(self, node_id: str) -> None:
@@ -319,8 +324,8 @@ class ComfyClient:
         request_timeout_s: float = 30.0,
         connect_timeout_s: float = 10.0,
         poll_interval_s: float = 2.0,
-        history_retries: int = 100,
-        history_retry_s: float = 0.05,
+        history_retries: int = 500,
+        history_retry_s: float = 0.01,
         cancel_grace_s: float = 10.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -339,6 +344,7 @@ class ComfyClient:
         self._ws_connected: asyncio.Event | None = None
         self._ws_error: str | None = None
         self._closed = False
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ComfyClient:
         return self
@@ -350,6 +356,8 @@ class ComfyClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5.0)
         if self._ws_task is not None:
             self._ws_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -563,8 +571,11 @@ class ComfyClient:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 await self._time_out(watch, timeout_s)
-            event = await watch.next(min(self._poll_interval_s, remaining))
-            if event is None or event[0] in (_WS_LOST, _CANCELED):
+            wait = min(self._poll_interval_s, remaining)
+            event = await watch.next(min(wait, _END_GRACE_S) if watch.ended else wait)
+            if event is None and watch.ended:  # no `executing` null: read history anyway
+                entry = await self._history_with_retry(watch.prompt_id)
+            elif event is None or event[0] in (_WS_LOST, _CANCELED):
                 entry = await self._check(watch.prompt_id)
             elif await watch.handle(*event):
                 entry = await self._history_with_retry(watch.prompt_id)
@@ -643,9 +654,8 @@ class ComfyClient:
         self, watch: _Watch, entry: dict[str, Any], duration_s: float, keep: bool
     ) -> RunResult:
         outcome, data = outcome_of(entry)
-        if not keep:
-            with contextlib.suppress(ServiceError):
-                await self.delete_history(watch.prompt_id)
+        if not keep:  # off the job's critical path: the next job need not wait for it
+            self._in_background(self.delete_history(watch.prompt_id))
         if outcome == "interrupted":
             raise ComfyInterrupted(watch.prompt_id, data.get("node_id"))
         if outcome == "error":
@@ -655,6 +665,15 @@ class ComfyClient:
                     await self.free(unload_models=True, free_memory=True)
             raise error
         return RunResult(watch.prompt_id, self.outputs(entry), entry, watch.cached, duration_s)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(ServiceError):
+                await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- websocket -----------------------------------------------------------------
 

@@ -1,0 +1,337 @@
+"""Benchmarks of the ComfyUI engine and the model downloader, each against a baseline
+measured in the same run.
+
+1. Wrapper overhead: one FastWan job through our API (`POST /v1/jobs` with
+   `Prefer: wait=60`, then `GET` of the mp4), against the same graph sent to the same
+   ComfyUI directly (websocket with a client id, `POST /prompt`, wait for `executing`
+   with `node: null`, `GET /history/{id}`, `GET /view` of the mp4). The two sides
+   alternate run by run, each with its own seed, so ComfyUI's cache never answers for
+   the sampler. Backends: the stand-in ComfyUI (always; its model nodes are fakes, so
+   the run is almost all protocol), and, with `COMFYUI_TEST_DIR` (+ `COMFYUI_TEST_PYTHON`),
+   a real ComfyUI launched by the service in the tiny profile (the real workflow on tiny
+   weights, on CPU).
+2. Downloader throughput: `model_service.provision` fetching three files from a local
+   HTTP server (parallel, with size and sha256 checks), against a single-stream `curl`
+   of the same files one after the other.
+
+Usage: `.venv/bin/python bench/comfy.py [--repeats 40] [--out build/bench-comfy.json]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+from fastwan.service import MANIFEST, TI2V
+from model_service.comfy.standin import StandinProcess
+from model_service.provision import Manifest, ModelFile, UrlSource, provision
+from model_service.testing import ServiceProcess, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
+SERVICE = "fastwan2.2-5b-packed"
+JOB_INPUT: dict[str, Any] = {"prompt": "a red fox", "width": 64, "height": 64, "num_frames": 9}
+GOAL_MS = 2.5  # SaladTechnologies/comfyui-api adds about 2.5 ms at the median (2-core CPU)
+STALL_MS = 30.0  # ... with stalls of about 30 ms in its tail
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def p90(samples: list[float]) -> float:
+    return sorted(samples)[max(0, int(len(samples) * 0.9) - 1)]
+
+
+# --- 1. wrapper overhead ---------------------------------------------------------------
+
+
+async def direct_run(session: aiohttp.ClientSession, url: str, graph: dict[str, Any]) -> float:
+    """What a client of ComfyUI itself does: ws first, queue, wait, history, fetch."""
+    client_id = uuid.uuid4().hex
+    prompt_id = str(uuid.uuid4())
+    started = time.perf_counter()
+    ws_url = url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
+    async with session.ws_connect(ws_url) as ws:
+        body = {"prompt": graph, "client_id": client_id, "prompt_id": prompt_id}
+        async with session.post(url + "/prompt", json=body) as response:
+            response.raise_for_status()
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                continue
+            event = json.loads(message.data)
+            data = event.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if event.get("type") == "execution_error":
+                raise RuntimeError(f"direct run failed: {data}")
+            if event.get("type") == "executing" and data.get("node") is None:
+                break
+    entry: dict[str, Any] = {}
+    for _ in range(200):  # history can lag the websocket by a moment
+        async with session.get(f"{url}/history/{prompt_id}") as response:
+            entry = (await response.json()).get(prompt_id) or {}
+        if entry:
+            break
+        await asyncio.sleep(0.005)
+    video = next(
+        item
+        for out in entry["outputs"].values()
+        for items in out.values()
+        if isinstance(items, list)
+        for item in items
+        if isinstance(item, dict)
+    )
+    params = {k: video[k] for k in ("filename", "subfolder", "type")}
+    async with session.get(url + "/view", params=params) as response:
+        await response.read()
+    elapsed = time.perf_counter() - started
+    async with session.post(url + "/history", json={"delete": [prompt_id]}):
+        pass
+    return elapsed
+
+
+def api_run(client: httpx.Client, seed: int) -> float:
+    started = time.perf_counter()
+    response = client.post(
+        "/v1/jobs", json={"input": {**JOB_INPUT, "seed": seed}}, headers={"Prefer": "wait=60"}
+    )
+    job = response.json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed: {job}")
+    client.get(job["outputs"][0]["url"]).raise_for_status()
+    return time.perf_counter() - started
+
+
+async def overhead(
+    service: ServiceProcess, comfy_url: str, warmup: int, repeats: int
+) -> dict[str, Any]:
+    ours: list[float] = []
+    theirs: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        with service.client() as client:
+            for i in range(warmup + repeats):
+                seed = 1000 + i
+                values = {
+                    **JOB_INPUT,
+                    "seed": seed,
+                    "negative_prompt": "",
+                    "steps": 3,
+                    "cfg": 1.0,
+                    "shift": 5.0,
+                    "fps": 24,
+                    "start_image": None,
+                }
+                graph = TI2V.build(values, tag=f"direct{i}")
+                first_ours = i % 2 == 0
+                if first_ours:
+                    a = await asyncio.to_thread(api_run, client, seed)
+                    b = await direct_run(session, comfy_url, graph)
+                else:
+                    b = await direct_run(session, comfy_url, graph)
+                    a = await asyncio.to_thread(api_run, client, seed)
+                if i >= warmup:
+                    ours.append(a)
+                    theirs.append(b)
+    added = [a - b for a, b in zip(ours, theirs, strict=True)]
+    return {
+        "runs": repeats,
+        "api_median_ms": ms(statistics.median(ours)),
+        "api_p90_ms": ms(p90(ours)),
+        "api_max_ms": ms(max(ours)),
+        "direct_median_ms": ms(statistics.median(theirs)),
+        "direct_p90_ms": ms(p90(theirs)),
+        "direct_max_ms": ms(max(theirs)),
+        "added_median_ms": ms(statistics.median(ours) - statistics.median(theirs)),
+        "added_paired_median_ms": ms(statistics.median(added)),
+        "added_p90_ms": ms(p90(ours) - p90(theirs)),
+        "ratio": round(statistics.median(ours) / statistics.median(theirs), 3),
+    }
+
+
+def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    env: dict[str, str] = {"CANCEL_GRACE_S": "5"}
+    standin: StandinProcess | None = None
+    if kind == "standin":
+        if not OBJECT_INFO.is_file():
+            print(f"skipped: the stand-in needs {OBJECT_INFO}")
+            return None
+        models = {f.folder: [f.name] for f in Manifest.load(MANIFEST).files}
+        standin = StandinProcess(root / "standin", OBJECT_INFO, models=models).start()
+        env["COMFYUI_URL"] = comfy_url = standin.url
+    else:
+        port = free_port()
+        comfy_url = f"http://127.0.0.1:{port}"
+        env |= {
+            "PROFILE": "tiny",
+            "COMFYUI_DIR": os.environ["COMFYUI_TEST_DIR"],
+            "COMFYUI_PORT": str(port),
+            "MODELS_DIR": str(root / "models"),
+        }
+        if os.environ.get("COMFYUI_TEST_PYTHON"):
+            env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
+    service = ServiceProcess(
+        "model_service.cli", root / f"data-{kind}", env=env, args=["serve", SERVICE]
+    )
+    try:
+        service.start(timeout=300)
+        result = asyncio.run(overhead(service, comfy_url, args.warmup, args.repeats))
+    except Exception:
+        print(f"service log tail:\n{service.log()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        service.stop()
+        if standin is not None:
+            standin.stop()
+    result["backend"] = kind
+    return result
+
+
+# --- 2. downloader throughput --------------------------------------------------------------
+
+
+def safetensors_blob(size: int, seed: int) -> bytes:
+    header = json.dumps(
+        {"blob": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    payload = hashlib.shake_256(str(seed).encode()).digest(size)
+    return struct.pack("<Q", len(header)) + header + payload
+
+
+def run_download(root: Path, files: int, size_mb: int) -> dict[str, Any]:
+    served = root / "served"
+    served.mkdir(parents=True)
+    entries = []
+    for i in range(files):
+        data = safetensors_blob(size_mb * 1_000_000, i)
+        (served / f"file{i}.safetensors").write_bytes(data)
+        entries.append((f"file{i}.safetensors", len(data), hashlib.sha256(data).hexdigest()))
+    port = free_port()  # a separate process, as a real server would be (not our GIL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(served),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.head(f"{base}/file0.safetensors", timeout=1).raise_for_status()
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    total = sum(size for _, size, _ in entries)
+    try:
+        curl_dir = root / "curl"
+        curl_dir.mkdir()
+        started = time.perf_counter()
+        for name, _, _ in entries:
+            subprocess.run(
+                ["curl", "-sS", "--fail", "-o", str(curl_dir / name), f"{base}/{name}"],
+                check=True,
+            )
+        curl_s = time.perf_counter() - started
+        manifest = Manifest(
+            "bench",
+            tuple(
+                ModelFile(name, "diffusion_models", UrlSource(f"{base}/{name}"), size, sha)
+                for name, size, sha in entries
+            ),
+        )
+        started = time.perf_counter()
+        asyncio.run(provision(manifest, root / "models", disk_margin_bytes=0))
+        ours_s = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {
+        "files": files,
+        "bytes": total,
+        "curl_s": round(curl_s, 3),
+        "curl_mb_s": round(total / curl_s / 1e6, 1),
+        "ours_s": round(ours_s, 3),
+        "ours_mb_s": round(total / ours_s / 1e6, 1),
+        "ratio": round(curl_s / ours_s, 3),
+    }
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=40, help="timed runs per side (40)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per side first")
+    parser.add_argument("--files", type=int, default=3, help="files for the downloader")
+    parser.add_argument("--size-mb", type=int, default=200, help="size of each file (MB)")
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "bench-comfy.json")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="model-service-bench-comfy-"))
+    print(f"bench: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}")
+    results: dict[str, Any] = {"overhead": []}
+    try:
+        kinds = ["standin"] + (["real"] if os.environ.get("COMFYUI_TEST_DIR") else [])
+        for kind in kinds:
+            result = run_overhead(kind, root, args)
+            if result is None:
+                continue
+            results["overhead"].append(result)
+            print(
+                f"\n1. ComfyUI wrapper overhead ({kind}, {result['runs']} runs each, "
+                "alternating; FastWan 64x64x9 job incl. fetching the mp4)\n"
+                f"   direct ComfyUI: median {result['direct_median_ms']} ms, p90 "
+                f"{result['direct_p90_ms']} ms, max {result['direct_max_ms']} ms\n"
+                f"   through our API: median {result['api_median_ms']} ms, p90 "
+                f"{result['api_p90_ms']} ms, max {result['api_max_ms']} ms\n"
+                f"   added: {result['added_median_ms']} ms at the median (paired "
+                f"{result['added_paired_median_ms']} ms), {result['added_p90_ms']} ms at p90; "
+                f"ratio {result['ratio']}  (anchor: comfyui-api adds ~{GOAL_MS} ms, "
+                f"{STALL_MS:g} ms stalls)"
+            )
+        if kinds == ["standin"]:
+            print("   (set COMFYUI_TEST_DIR to also measure a real ComfyUI in the tiny profile)")
+        download = run_download(root, args.files, args.size_mb)
+        results["download"] = download
+        print(
+            f"\n2. Downloader: {download['files']} files, {download['bytes'] / 1e6:.0f} MB "
+            f"from a local HTTP server\n   curl, one stream, one file after another: "
+            f"{download['curl_s']} s ({download['curl_mb_s']} MB/s)\n"
+            f"   model_service.provision (parallel, size + sha256 checked): "
+            f"{download['ours_s']} s ({download['ours_mb_s']} MB/s)\n"
+            f"   ratio (curl time / ours): {download['ratio']}"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
