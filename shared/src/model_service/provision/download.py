@@ -46,7 +46,6 @@ log = get_logger("model_service.provision")
 
 GiB = 2**30
 _CHUNK = 1 << 20
-_NET_CHUNK = 1 << 20  # bytes per read from the network: fewer Python-level steps per GB
 _HF_HOSTS = ("huggingface.co", "hf.co")
 
 ProgressCallback = Callable[[ModelFile, int, int], None]
@@ -289,7 +288,7 @@ def _fetch_url_once(
         position = offset
         progress.moved(0, position, 0)
         with part.open("ab" if offset else "wb") as f:
-            for chunk in response.iter_bytes(_NET_CHUNK):  # as it arrives: a cut loses nothing
+            for chunk in response.iter_bytes():  # as it arrives: a cut loses nothing
                 if stop.is_set():
                     raise _Stopped
                 if position + len(chunk) > size:
