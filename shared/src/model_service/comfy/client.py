@@ -47,6 +47,7 @@ from model_service.comfy.errors import (
     ComfyUnavailable,
     ComfyValidationError,
 )
+from model_service.comfy.workflow import node_order
 from model_service.errors import ServiceError
 from model_service.logs import get_logger
 
@@ -520,7 +521,7 @@ class ComfyClient:
         """Every file listed under every key of every node (images, gifs, videos, audio, ...)."""
         files: list[OutputFile] = []
         node_outputs = history_entry.get("outputs") or {}
-        for node_id in sorted(node_outputs, key=_node_order):
+        for node_id in sorted(node_outputs, key=node_order):
             for key, items in (node_outputs[node_id] or {}).items():
                 if not isinstance(items, list):
                     continue
@@ -756,10 +757,6 @@ def _queue_ids(queue: dict[str, Any]) -> tuple[set[str], set[str]]:
         return {str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1}
 
     return ids(queue.get("queue_running")), ids(queue.get("queue_pending"))
-
-
-def _node_order(node_id: str) -> tuple[int, str]:
-    return (int(node_id), "") if str(node_id).isdigit() else (1 << 62, str(node_id))
 
 
 def _output_file(node_id: str, key: str, item: Any) -> OutputFile | None:

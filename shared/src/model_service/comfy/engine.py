@@ -25,7 +25,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class ComfyServiceSpec:
     choose: Callable[[Mapping[str, Any]], str]  # a job's input -> the workflow's name
     manifest: Path  # the model files (JSON, see model_service.provision.manifest)
     download_at_start: bool = False  # network-storage images: True; packed images: False
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def models_dir_for(settings: Settings) -> Path:
@@ -122,14 +121,6 @@ class ComfyEngine:
             "models_dir": str(self._models_dir),
             "workflows": sorted(self._spec.workflows),
         }
-
-    @property
-    def supervisor(self) -> ComfySupervisor:
-        return self._supervisor
-
-    @property
-    def client(self) -> ComfyClient:
-        return self._client
 
     # --- lifecycle ---------------------------------------------------------------------
 

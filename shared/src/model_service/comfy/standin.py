@@ -59,6 +59,7 @@ from model_service.comfy.standin_nodes import (
     NodeResult,
     run_node,
 )
+from model_service.comfy.workflow import is_link
 from model_service.testing import free_port
 
 log = logging.getLogger("comfy.standin")
@@ -150,10 +151,6 @@ def _type_name(exc: BaseException) -> str:
         if kind.__module__ == "builtins"
         else f"{kind.__module__}.{kind.__qualname__}"
     )
-
-
-def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 
 def _now_ms() -> int:
@@ -689,7 +686,7 @@ class Execution:
                 return
             seen.add(node_id)
             for value in self.prompt[node_id].get("inputs", {}).values():
-                if _is_link(value):
+                if is_link(value):
                     visit(value[0])
             order.append(node_id)
 
@@ -701,7 +698,7 @@ class Execution:
         if node_id not in self._signatures:
             node = self.prompt[node_id]
             inputs = {
-                k: ["link", self._signature(v[0]), v[1]] if _is_link(v) else v
+                k: ["link", self._signature(v[0]), v[1]] if is_link(v) else v
                 for k, v in sorted(node.get("inputs", {}).items())
             }
             text = json.dumps(
@@ -767,9 +764,9 @@ class Execution:
         sections, _ = expand_inputs(self.server.catalog.inputs(class_type), raw)
         declared = set(sections["required"]) | set(sections["optional"])
         inputs = {  # as ComfyUI: a widget value the schema does not declare is dropped
-            k: self.values[v[0]][v[1]] if _is_link(v) else v
+            k: self.values[v[0]][v[1]] if is_link(v) else v
             for k, v in raw.items()
-            if _is_link(v) or k in declared
+            if is_link(v) or k in declared
         }
         self.server.last_node_id = node_id
         await self._start_progress(node_id)
@@ -860,7 +857,7 @@ class Execution:
             kind, text, trace = _type_name(exc), str(exc), traceback.format_tb(exc.__traceback__)
         oom = kind in OOM_TYPES or "out of memory" in text.lower()
         node = self.prompt[node_id]
-        inputs = {k: [None if _is_link(v) else v] for k, v in node.get("inputs", {}).items()}
+        inputs = {k: [None if is_link(v) else v] for k, v in node.get("inputs", {}).items()}
         data = {
             "prompt_id": self.prompt_id,
             "node_id": node_id,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model_service.comfy.workflow import MODEL_INPUTS
+from model_service.comfy.workflow import MODEL_INPUTS, combo_choices
 
 Spec = list[Any]  # [type, {options}] as /object_info lists an input
 Sections = dict[str, dict[str, Spec]]  # {"required": {name: spec}, "optional": {...}}
@@ -111,19 +111,12 @@ class Catalog:
     def _files_for(self, class_type: str, name: str, spec: Spec) -> list[str] | None:
         folder = MODEL_INPUTS.get((class_type, name))
         if folder is not None:
-            fixed = [o for o in _combo_options(spec) if "." not in o]  # e.g. "pixel_space"
+            fixed = [o for o in combo_choices(spec) if "." not in o]  # e.g. "pixel_space"
             return sorted(self._model_files(folder)) + fixed
         if (class_type, name) in INPUT_FILE_INPUTS:
             suffixes = INPUT_FILE_SUFFIXES.get(name, ())
             return sorted(f for f in self._input_files() if f.lower().endswith(suffixes))
         return None
-
-
-def _combo_options(spec: Spec) -> list[Any]:
-    if isinstance(spec[0], list):
-        return list(spec[0])
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return list(opts.get("options") or [])
 
 
 def _set_combo_options(spec: Spec, files: list[str]) -> None:

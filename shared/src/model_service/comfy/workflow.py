@@ -143,7 +143,7 @@ class Workflow:
         `describe_file(folder, name)` can add where a missing model file comes from.
         """
         problems: list[str] = []
-        for node_id, node in sorted(self.graph.items(), key=lambda kv: _order(kv[0])):
+        for node_id, node in sorted(self.graph.items(), key=lambda kv: node_order(kv[0])):
             class_type = node["class_type"]
             where = f"workflow {self.name!r} node {node_id}"
             info = object_info.get(class_type)
@@ -161,7 +161,7 @@ class Workflow:
                 folder = MODEL_INPUTS.get((class_type, input_name))
                 if folder is None or not isinstance(value, str):
                     continue
-                choices = _combo_choices(declared.get(input_name))
+                choices = combo_choices(declared.get(input_name))
                 if value not in choices:
                     source = f"; {describe_file(folder, value)}" if describe_file else ""
                     problems.append(
@@ -193,7 +193,7 @@ class Workflow:
                 graph.pop(node_id, None)
         for node in graph.values():  # links to dropped nodes go too
             inputs = node.setdefault("inputs", {})
-            for name in [n for n, v in inputs.items() if _is_link(v) and v[0] not in graph]:
+            for name in [n for n, v in inputs.items() if is_link(v) and v[0] not in graph]:
                 del inputs[name]
         for name, binding in self.bind.items():
             value = values.get(name)
@@ -211,11 +211,13 @@ class Workflow:
         return graph
 
 
-def _order(node_id: str) -> tuple[int, str]:
+def node_order(node_id: str) -> tuple[int, str]:
+    """Sort key: numeric node ids in number order, others after."""
     return (int(node_id), "") if node_id.isdigit() else (1 << 62, node_id)
 
 
-def _is_link(value: Any) -> bool:
+def is_link(value: Any) -> bool:
+    """An input that is a link to another node's output: `[node id, output index]`."""
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
 
 
@@ -224,7 +226,7 @@ def _declared_inputs(info: Mapping[str, Any]) -> dict[str, Any]:
     return {**(sections.get("optional") or {}), **(sections.get("required") or {})}
 
 
-def _combo_choices(spec: Any) -> list[Any]:
+def combo_choices(spec: Any) -> list[Any]:
     """The choices of a combo input, old style (`[[...], {}]`) or new (`["COMBO", {options}]`)."""
     if not isinstance(spec, list) or not spec:
         return []
