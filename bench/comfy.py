@@ -108,15 +108,17 @@ async def direct_run(session: aiohttp.ClientSession, url: str, graph: dict[str, 
     return elapsed
 
 
-def api_run(client: httpx.Client, seed: int) -> float:
+async def api_run(session: aiohttp.ClientSession, url: str, seed: int) -> float:
+    """What a client of our API does: one request that waits, then fetch the mp4."""
     started = time.perf_counter()
-    response = client.post(
-        "/v1/jobs", json={"input": {**JOB_INPUT, "seed": seed}}, headers={"Prefer": "wait=60"}
-    )
-    job = response.json()
+    body = {"input": {**JOB_INPUT, "seed": seed}}
+    async with session.post(url + "/v1/jobs", json=body, headers={"Prefer": "wait=60"}) as r:
+        job = await r.json()
     if job.get("status") != "succeeded":
         raise RuntimeError(f"job did not succeed: {job}")
-    client.get(job["outputs"][0]["url"]).raise_for_status()
+    async with session.get(job["outputs"][0]["url"]) as response:
+        response.raise_for_status()
+        await response.read()
     return time.perf_counter() - started
 
 
@@ -125,31 +127,30 @@ async def overhead(
 ) -> dict[str, Any]:
     ours: list[float] = []
     theirs: list[float] = []
-    async with aiohttp.ClientSession() as session:
-        with service.client() as client:
-            for i in range(warmup + repeats):
-                seed = 1000 + i
-                values = {
-                    **JOB_INPUT,
-                    "seed": seed,
-                    "negative_prompt": "",
-                    "steps": 3,
-                    "cfg": 1.0,
-                    "shift": 5.0,
-                    "fps": 24,
-                    "start_image": None,
-                }
-                graph = TI2V.build(values, tag=f"direct{i}")
-                first_ours = i % 2 == 0
-                if first_ours:
-                    a = await asyncio.to_thread(api_run, client, seed)
-                    b = await direct_run(session, comfy_url, graph)
-                else:
-                    b = await direct_run(session, comfy_url, graph)
-                    a = await asyncio.to_thread(api_run, client, seed)
-                if i >= warmup:
-                    ours.append(a)
-                    theirs.append(b)
+    async with aiohttp.ClientSession() as session:  # the same client library for both
+        for i in range(warmup + repeats):
+            seed = 1000 + i
+            values = {
+                **JOB_INPUT,
+                "seed": seed,
+                "negative_prompt": "",
+                "steps": 3,
+                "cfg": 1.0,
+                "shift": 5.0,
+                "fps": 24,
+                "start_image": None,
+            }
+            graph = TI2V.build(values, tag=f"direct{i}")
+            first_ours = i % 2 == 0
+            if first_ours:
+                a = await api_run(session, service.url, seed)
+                b = await direct_run(session, comfy_url, graph)
+            else:
+                b = await direct_run(session, comfy_url, graph)
+                a = await api_run(session, service.url, seed)
+            if i >= warmup:
+                ours.append(a)
+                theirs.append(b)
     added = [a - b for a, b in zip(ours, theirs, strict=True)]
     return {
         "runs": repeats,

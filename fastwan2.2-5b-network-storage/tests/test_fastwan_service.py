@@ -385,6 +385,9 @@ def test_tiny_text_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> N
         assert _frames(http.get(other["outputs"][0]["url"]).content) != _frames(video)
         ready = http.get("/ready").json()
         assert ready["ready"] is True
+    # each video was moved out of the ComfyUI we launched: its output folder does not grow
+    left = [p for p in (tiny_service.data_dir / "comfyui" / "output").rglob("*") if p.is_file()]
+    assert left == []
 
 
 @needs_real_comfyui

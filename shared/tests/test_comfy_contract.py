@@ -259,6 +259,29 @@ def test_video_is_a_real_h264_mp4(backend: Backend, tmp_path: Path) -> None:
         assert probe == {"codec": "h264", "size": (64, 64), "frames": 8}
 
 
+def test_expected_outputs_come_from_the_websocket(backend: Backend) -> None:
+    """With `expect_outputs`, a success is concluded from the `executed` events alone: no
+    `/history` read, and the same outputs and status messages the history entry holds."""
+    graph = video_graph(f"contract/{uid()}/ws", save_video_codec_key(backend.url))
+
+    async def scenario(client: ComfyClient) -> tuple[Any, Any]:
+        result = await client.run(graph, timeout_s=120, keep_history=True, expect_outputs=["3"])
+        entry = await client.history(result.prompt_id)
+        await client.delete_history(result.prompt_id)
+        return result, entry
+
+    result, entry = run(scenario, backend.url)
+    assert result.history.get("from_websocket") is True
+    assert entry is not None
+    assert result.history["outputs"] == entry["outputs"]
+    assert [m[0] for m in result.history["status"]["messages"]] == [
+        m[0] for m in entry["status"]["messages"]
+    ]
+    assert [o.filename for o in result.outputs] == [o.filename for o in ComfyClient.outputs(entry)]
+    if backend.standin is not None:  # the one read is ours, after the run
+        assert backend.standin.stats()["history_reads"].count(result.prompt_id) == 1
+
+
 def test_progress_callbacks_arrive(backend: Backend) -> None:
     seen: list[ComfyProgress] = []
 

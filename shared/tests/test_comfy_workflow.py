@@ -117,3 +117,26 @@ def test_load_refuses_bindings_to_nodes_not_in_the_graph(
 def test_a_binding_target_must_name_node_and_input() -> None:
     with pytest.raises(ValueError, match="not '<node id>.<input>'"):
         Bind("3")
+
+
+# --- where an output is taken from ----------------------------------------------------
+
+
+def test_local_output_is_taken_only_from_inside_comfyuis_output_folder(tmp_path: Path) -> None:
+    from model_service.comfy.client import OutputFile
+    from model_service.comfy.engine import _local_output
+
+    root = tmp_path / "output"
+    (root / "jobs").mkdir(parents=True)
+    (root / "jobs" / "clip.mp4").write_bytes(b"x")
+    (tmp_path / "secret.txt").write_text("no")
+
+    def output(filename: str, subfolder: str = "jobs", kind: str = "output") -> OutputFile:
+        return OutputFile("9", "images", filename, subfolder, kind)
+
+    assert _local_output(root, output("clip.mp4")) == (root / "jobs" / "clip.mp4").resolve()
+    assert _local_output(None, output("clip.mp4")) is None  # ComfyUI is not ours
+    assert _local_output(root, output("clip.mp4", kind="temp")) is None
+    assert _local_output(root, output("missing.mp4")) is None  # then fetched over /view
+    assert _local_output(root, output("secret.txt", subfolder="..")) is None
+    assert _local_output(root, output("../../secret.txt")) is None

@@ -6,7 +6,6 @@ MODELS_DIR (or `--models-dir`); exits non-zero with the reason when a file fails
 
 import argparse
 import asyncio
-import logging
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -54,6 +53,8 @@ def main() -> None:
             host=settings.host,
             port=settings.port or spec.default_port,
             log_config=None,
+            loop="uvloop",
+            http="httptools",
             timeout_graceful_shutdown=10,
         )
 
@@ -66,8 +67,6 @@ def run_download(manifest_path: Path, models_dir: Path | None, parallel: int) ->
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
-    for name in ("httpx", "httpx2"):  # one line per request, signed CDN URLs included
-        logging.getLogger(name).setLevel(logging.WARNING)
     if parallel < 1:
         raise SystemExit("--parallel must be at least 1")
     try:
@@ -78,7 +77,15 @@ def run_download(manifest_path: Path, models_dir: Path | None, parallel: int) ->
         raise SystemExit(str(exc)) from exc
     target = models_dir if models_dir is not None else settings.models_dir
     try:
-        report = asyncio.run(provision(manifest, target, parallel=parallel, hf_token=get_token()))
+        report = asyncio.run(
+            provision(
+                manifest,
+                target,
+                parallel=parallel,
+                hf_token=get_token(),
+                hf_endpoint=settings.hf_endpoint,
+            )
+        )
     except ProvisionError as exc:
         raise SystemExit(f"model download failed: {exc.message}") from exc
     print(

@@ -171,7 +171,8 @@ class JobRunner:
         run = RunJob(job.id, job.prepared_input, str(output_dir), job.seed or 0)
         started = job.started_at or time.time()
         remaining = max(0.1, started + self._settings.job_timeout_s - time.time())
-        future = asyncio.ensure_future(self.engine.run(run, self._progress_recorder(job.id)))
+        recorder = self._progress_recorder(job)
+        future = asyncio.ensure_future(self.engine.run(run, recorder))
         done: JobDone | None = None
         failure: ServiceError | None = None
         try:
@@ -188,7 +189,8 @@ class JobRunner:
             failure = exc
         finally:
             self._running_job = None
-        self._finish(job.id, done, failure, _list_outputs(output_dir, done))
+            recorder.close()
+        self._finish(job.id, done, failure, _list_outputs(output_dir, done), recorder.latest)
 
     async def _await_or_kill(self, future: asyncio.Future[JobDone]) -> JobDone | None:
         try:
@@ -207,6 +209,7 @@ class JobRunner:
         done: JobDone | None,
         failure: ServiceError | None,
         outputs: list[str],
+        progress: tuple[int, int],
     ) -> None:
         current = self._store.get(job_id)
         change: Callable[[Job], None]
@@ -219,7 +222,10 @@ class JobRunner:
         else:
             assert done is not None
             status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info)
-        job = self._store.transition(job_id, status, change)
+        # not fsynced: after a power loss the job runs again (see JobStore._tx)
+        job = self._store.transition(
+            job_id, status, _with_progress(change, progress), durable=False
+        )
         self._metrics.job_ended(job, was_running=True)
         self._changed(job, "status")
         log.info(
@@ -229,27 +235,8 @@ class JobRunner:
             run_s=round((job.finished_at or 0) - (job.started_at or 0), 3),
         )
 
-    def _progress_recorder(self, job_id: str) -> Callable[[JobProgress], None]:
-        """Every step goes to listeners at once; the store gets it at most once per
-        `_PROGRESS_SAVE_S` and at the last step (a write per step would cost the event
-        loop a transaction per step)."""
-        last_saved = time.monotonic()
-        job = self._store.get(job_id)
-
-        def record(message: JobProgress) -> None:
-            nonlocal last_saved, job
-
-            def change(record: Job) -> None:
-                record.progress_step, record.progress_total = message.step, message.total
-
-            now = time.monotonic()
-            if now - last_saved >= _PROGRESS_SAVE_S or message.step >= message.total:
-                job, last_saved = self._store.update(job_id, change), now
-            else:
-                job = replace(job, progress_step=message.step, progress_total=message.total)
-            self._changed(job, "progress")
-
-        return record
+    def _progress_recorder(self, job: Job) -> _ProgressRecorder:
+        return _ProgressRecorder(job, self._store, lambda j: self._changed(j, "progress"))
 
     def _changed(self, job: Job, kind: str) -> None:
         self._bus.publish(JobEvent(job.id, kind, job))
@@ -257,10 +244,60 @@ class JobRunner:
             self._webhooks.enqueue(job, job.status.value)
 
 
+class _ProgressRecorder:
+    """Every step goes to listeners at once; the store gets the latest step at most
+    `_PROGRESS_SAVE_S` after it came (a write per step would cost the event loop a
+    transaction per step, and a job that ends sooner needs none: its end records it)."""
+
+    def __init__(self, job: Job, store: JobStore, publish: Callable[[Job], None]) -> None:
+        self._job = job
+        self._store = store
+        self._publish = publish
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self, message: JobProgress) -> None:
+        self._job = replace(self._job, progress_step=message.step, progress_total=message.total)
+        self._publish(self._job)
+        if self._pending is None:
+            loop = asyncio.get_running_loop()
+            self._pending = loop.call_later(_PROGRESS_SAVE_S, self._save)
+
+    def _save(self) -> None:
+        self._pending = None
+        step, total = self._job.progress_step, self._job.progress_total
+
+        def change(record: Job) -> None:
+            record.progress_step, record.progress_total = step, total
+
+        with contextlib.suppress(ServiceError):  # the job is gone: nothing to save
+            self._store.update(self._job.id, change, durable=False)
+
+    @property
+    def latest(self) -> tuple[int, int]:
+        return self._job.progress_step, self._job.progress_total
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+
 def _list_outputs(output_dir: Path, done: JobDone | None) -> list[str]:
     if done is None or done.error is not None or done.canceled:
         return []
     return [name for name in done.outputs if (output_dir / name).is_file()]
+
+
+def _with_progress(
+    change: Callable[[Job], None], progress: tuple[int, int]
+) -> Callable[[Job], None]:
+    """`change`, plus the last progress the engine reported (it may not be saved yet)."""
+
+    def both(job: Job) -> None:
+        job.progress_step, job.progress_total = progress
+        change(job)
+
+    return both
 
 
 def _finish_now(job: Job) -> None:

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("data"), description="Job store (SQLite), inputs and outputs.")
     models_dir: Path = Field(Path("models"), description="Where model weights live.")
+    hf_endpoint: str | None = Field(
+        None,
+        description="A Hugging Face Hub mirror to download models from (default: "
+        "huggingface.co). `HF_TOKEN` is read as huggingface_hub reads it.",
+    )
     model_variant: str | None = Field(
         None,
         description="Which of the service's models to load (Qwen: `edit` or `edit-2509`); "
@@ -48,7 +53,9 @@ class Settings(BaseSettings):
         "library's own, or all cores but one with PROFILE=tiny so the API keeps a core.",
     )
     comfyui_url: str | None = Field(
-        None, description="Use this running ComfyUI instead of launching the embedded one."
+        None,
+        description="Use this running ComfyUI instead of launching the embedded one "
+        "(outputs are then fetched over `/view` and stay in its output folder).",
     )
     comfyui_dir: Path | None = Field(
         None,

@@ -5,6 +5,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from stat import S_ISREG
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -19,6 +20,7 @@ from model_service.jobs.status import JobStatus
 from model_service.jobs.view import JobView, job_view
 from model_service.webhooks import WEBHOOK_EVENTS
 
+SMALL_OUTPUT_BYTES = 4 << 20  # outputs up to this size are sent from memory
 MAX_WAIT_S = 90  # RunPod's proxy cuts requests at 100 s
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -178,7 +180,9 @@ def build_router(state: ServiceState) -> APIRouter:
         summary="Download an output (supports HTTP Range)",
         response_class=FileResponse,
     )
-    async def get_output(job_id: JobId, name: Annotated[str, Path(max_length=255)]) -> Response:
+    async def get_output(
+        request: Request, job_id: JobId, name: Annotated[str, Path(max_length=255)]
+    ) -> Response:
         job = state.store.get(job_id)
         if name not in job.outputs or job.outputs_expired:
             raise NotFound(
@@ -187,9 +191,17 @@ def build_router(state: ServiceState) -> APIRouter:
                 job_id=job_id,
             )
         path = state.settings.job_dir(job_id) / "outputs" / name
-        if not path.is_file():
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
             raise NotFound(f"output {name!r} of job {job_id} is missing on disk", job_id=job_id)
-        return FileResponse(path, filename=name)
+        response = FileResponse(path, filename=name, stat_result=stat)
+        if stat.st_size > SMALL_OUTPUT_BYTES or "range" in request.headers:
+            return response  # streamed by worker threads, with HTTP Range
+        # small and whole: one read here instead of a worker thread per open/read/close
+        return Response(path.read_bytes(), headers=dict(response.headers))
 
     return router
 

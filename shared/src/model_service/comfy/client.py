@@ -7,7 +7,8 @@
 2. the end is `executing` with `node: null` for our prompt (history written);
    `execution_success` / `execution_error` / `execution_interrupted` come just before
    it, while the history is not written yet: if `executing` null does not follow within
-   half a second, `/history/{id}` is read with retries anyway;
+   half a second, `/history/{id}` is read with retries anyway. A success whose expected
+   output nodes all sent `executed` needs no `/history` read at all;
 3. a poll of `/queue` + `/history` runs whenever the websocket is quiet for
    `poll_interval_s` or drops, so a dead socket never hangs a job; a prompt that is in
    neither the queue nor the history means ComfyUI restarted (`ComfyCrashed`);
@@ -28,7 +29,7 @@ import mimetypes
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -65,6 +66,8 @@ CUDA_FAULT_MARKERS = (
     "nccl error",
 )
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+# the events ComfyUI also lists in the history entry's `status.messages`
+_STATUS_EVENTS = frozenset({"execution_start", "execution_cached", *TERMINAL_EVENTS})
 MEDIA_SUFFIXES = {
     "image": (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"),
     "video": (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"),
@@ -72,6 +75,7 @@ MEDIA_SUFFIXES = {
 }
 _WS_LOST = "_ws_lost"  # internal events pushed to a run's queue
 _CANCELED = "_canceled"
+_FORGET_AFTER_S = 0.25  # consumed history entries are deleted in batches this often
 _END_GRACE_S = 0.5  # after a terminal event, how long to wait for `executing` node=null
 
 
@@ -118,7 +122,7 @@ class ComfyProgress:
 class RunResult:
     prompt_id: str
     outputs: list[OutputFile]
-    history: dict[str, Any]  # ComfyUI's history entry: prompt, outputs, status, meta
+    history: dict[str, Any]  # ComfyUI's history entry (or it, from the websocket events)
     cached_nodes: list[str]
     duration_s: float
 
@@ -251,8 +255,12 @@ class _Watch:
     events: asyncio.Queue[tuple[str, dict[str, Any]]] = field(default_factory=asyncio.Queue)
     cached: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    expect_outputs: frozenset[str] | None = None  # output nodes whose files we need
     error: dict[str, Any] | None = None
     ended: bool = False  # a terminal event came; `executing` node=null should follow
+    succeeded: bool = False
+    outputs: dict[str, Any] = field(default_factory=dict)  # from `executed` events
+    messages: list[list[Any]] = field(default_factory=list)  # as in the history's status
 
     async def next(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
         try:
@@ -262,7 +270,13 @@ class _Watch:
 
     async def handle(self, event: str, data: dict[str, Any]) -> bool:
         """Take one event; True when our prompt has ended."""
-        if event == "execution_cached":
+        if event in _STATUS_EVENTS:
+            self.messages.append([event, data])
+        if event == "executed":
+            node, output = data.get("node"), data.get("output")
+            if node is not None and isinstance(output, dict):
+                self.outputs[str(node)] = output
+        elif event == "execution_cached":
             self.cached = [str(n) for n in data.get("nodes") or []]
         elif event == "executing":
             node = data.get("node")
@@ -282,10 +296,22 @@ class _Watch:
             self.error = data
             self.ended = True
         elif event in TERMINAL_EVENTS:
+            self.succeeded = event == "execution_success"
             # ComfyUI sends these before it writes the history entry; `executing` with
             # `node: null` follows once it is written, so wait for that (a short grace)
             self.ended = True
         return False
+
+    def entry_from_events(self) -> dict[str, Any] | None:
+        """The history entry, assembled from the websocket events, when they hold all
+        of it: a success whose every expected output node sent `executed` (ComfyUI
+        sends it for cached output nodes too). Saves the `/history` round trip."""
+        if not self.succeeded or self.expect_outputs is None:
+            return None
+        if not self.expect_outputs <= self.outputs.keys():
+            return None
+        status = {"status_str": "success", "completed": True, "messages": self.messages}
+        return {"outputs": self.outputs, "status": status, "from_websocket": True}
 
     async def _node_started(self, node_id: str) -> None:
         if node_id not in self.started:
@@ -346,6 +372,7 @@ class ComfyClient:
         self._ws_error: str | None = None
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
+        self._to_forget: list[str] = []  # history entries to delete (batched)
 
     async def __aenter__(self) -> ComfyClient:
         return self
@@ -357,6 +384,8 @@ class ComfyClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._to_forget:
+            self._in_background(self._flush_forgotten(0.0))
         if self._background:
             await asyncio.wait(set(self._background), timeout=5.0)
         if self._ws_task is not None:
@@ -541,9 +570,15 @@ class ComfyClient:
         timeout_s: float = 3600.0,
         prompt_id: str | None = None,
         keep_history: bool = False,
+        expect_outputs: Collection[str] | None = None,
     ) -> RunResult:
-        """Queue `graph`, follow it to its end, return its outputs (history deleted after)."""
-        watch = _Watch(prompt_id or str(uuid.uuid4()), graph, on_progress)
+        """Queue `graph`, follow it to its end, return its outputs (history deleted after).
+
+        `expect_outputs`: the output nodes whose files the caller needs; when the
+        websocket reported each of them, `/history` is not read (its entry is still
+        deleted). Without it every output is taken from `/history`."""
+        expect = None if expect_outputs is None else frozenset(map(str, expect_outputs))
+        watch = _Watch(prompt_id or str(uuid.uuid4()), graph, on_progress, expect_outputs=expect)
         self._watches[watch.prompt_id] = watch
         loop = asyncio.get_running_loop()
         started, done = loop.time(), False
@@ -579,7 +614,7 @@ class ComfyClient:
             elif event is None or event[0] in (_WS_LOST, _CANCELED):
                 entry = await self._check(watch.prompt_id)
             elif await watch.handle(*event):
-                entry = await self._history_with_retry(watch.prompt_id)
+                entry = watch.entry_from_events() or await self._history_with_retry(watch.prompt_id)
             else:
                 continue
             if entry is not None:
@@ -655,8 +690,8 @@ class ComfyClient:
         self, watch: _Watch, entry: dict[str, Any], duration_s: float, keep: bool
     ) -> RunResult:
         outcome, data = outcome_of(entry)
-        if not keep:  # off the job's critical path: the next job need not wait for it
-            self._in_background(self.delete_history(watch.prompt_id))
+        if not keep:
+            self._forget(watch.prompt_id)
         if outcome == "interrupted":
             raise ComfyInterrupted(watch.prompt_id, data.get("node_id"))
         if outcome == "error":
@@ -666,6 +701,20 @@ class ComfyClient:
                     await self.free(unload_models=True, free_memory=True)
             raise error
         return RunResult(watch.prompt_id, self.outputs(entry), entry, watch.cached, duration_s)
+
+    def _forget(self, prompt_id: str) -> None:
+        """Delete the history entry soon, in one request with the others that ended
+        meanwhile: off the job's critical path, and one request per burst, not per job."""
+        self._to_forget.append(prompt_id)
+        if len(self._to_forget) == 1:
+            self._in_background(self._flush_forgotten(_FORGET_AFTER_S))
+
+    async def _flush_forgotten(self, delay_s: float) -> None:
+        if not self._closed:
+            await asyncio.sleep(delay_s)
+        ids, self._to_forget = self._to_forget, []
+        if ids:
+            await self._post("/history", {"delete": ids})
 
     def _in_background(self, work: Awaitable[None]) -> None:
         async def run() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -204,6 +205,7 @@ class ComfyEngine:
                     self._models_dir,
                     on_progress=self._download_progress,
                     metrics=metrics,
+                    hf_endpoint=self._settings.hf_endpoint,
                 )
                 return
             except ProvisionError as exc:
@@ -313,9 +315,10 @@ class ComfyEngine:
             on_progress=progress,
             timeout_s=self._settings.job_timeout_s + self._settings.cancel_grace_s,
             prompt_id=running.prompt_id,
+            expect_outputs=[node for node in workflow.outputs if node in graph] or None,
         )
         output_dir = Path(job.output_dir)
-        await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - cheaper than a thread
         names = await self._save_outputs(workflow, result, output_dir)
         return JobDone(
             job.job_id,
@@ -344,9 +347,21 @@ class ComfyEngine:
             index = counts.get(stem, 0)
             counts[stem] = index + 1
             name = _output_name(stem, index, output)
-            await self._client.download(output, output_dir / name)
+            await self._take_output(output, output_dir / name)
             names.append(name)
         return names
+
+    async def _take_output(self, output: OutputFile, dest: Path) -> None:
+        """Move the file out of ComfyUI's output folder when it is ours and on this
+        machine (a rename: no copy, and ComfyUI's folder does not grow); else `/view`."""
+        source = _local_output(self._supervisor.output_dir, output)
+        if source is not None:
+            try:
+                os.replace(source, dest)
+                return
+            except OSError:  # another filesystem, or already gone: fetch it
+                pass
+        await self._client.download(output, dest)
 
     def cancel(self, job_id: str) -> None:
         running = self._running
@@ -394,6 +409,16 @@ def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:
 def _output_name(stem: str, index: int, output: OutputFile) -> str:
     suffix = Path(output.filename).suffix.lower()
     return f"{stem}{suffix}" if index == 0 else f"{stem}_{index}{suffix}"
+
+
+def _local_output(root: Path | None, output: OutputFile) -> Path | None:
+    """Where ComfyUI wrote `output` under `root`, if it is a plain file inside it."""
+    if root is None or output.type != "output":
+        return None
+    path = (root / output.subfolder / output.filename).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        return None
+    return path
 
 
 def _execution_times(result: RunResult) -> dict[str, Any]:

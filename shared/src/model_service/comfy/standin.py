@@ -17,7 +17,7 @@ fake that passes placeholders and emits sampler progress. Test knobs (constructo
 `POST /standin/config`): `step_delay_s`, `slow_nodes` {class: seconds},
 `fail_nodes` {class or node id: {exception_type, message}}, `crash_nodes` [class or node
 id] (the process exits with `os._exit(1)` when one starts), `history_delay_s`, `cache`.
-`GET /standin/stats` lists the `/free` and `/interrupt` calls it received;
+`GET /standin/stats` lists the `/free`, `/interrupt` and `/history/{id}` calls it received;
 `POST /standin/drop_websockets` closes every websocket (a network blip).
 
 Written from the protocol as observed (see shared/reference/comfyui-anchors.md); no
@@ -178,7 +178,7 @@ class Standin:
         self.history: dict[str, dict[str, Any]] = {}
         self.cache: dict[str, CacheEntry] = {}
         self.flags: dict[str, Any] = {}
-        self.stats: dict[str, list[Any]] = {"free": [], "interrupt": []}
+        self.stats: dict[str, list[Any]] = {"free": [], "interrupt": [], "history_reads": []}
         self.number = 0
         self.task_counter = 0
         self.client_id: str | None = None
@@ -410,6 +410,7 @@ class Standin:
 
     async def get_history_item(self, request: web.Request) -> web.Response:
         prompt_id = request.match_info["prompt_id"]
+        self.stats["history_reads"].append(prompt_id)
         entry = self.history.get(prompt_id)
         return web.json_response({prompt_id: entry} if entry is not None else {})
 

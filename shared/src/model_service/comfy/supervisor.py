@@ -94,6 +94,7 @@ class LaunchSpec:
     dirs: tuple[Path, ...] = ()  # created before each launch
     files: Mapping[Path, str] = field(default_factory=dict)  # written before each launch
     problem: str | None = None  # why it cannot be launched at all; the supervisor fails
+    output_dir: Path | None = None  # ComfyUI's `--output-directory`, when we chose it
 
     @property
     def url(self) -> str:
@@ -172,6 +173,7 @@ def launch_spec_from_settings(settings: Settings, *, cpu: bool | None = None) ->
         cwd=comfy_dir,
         dirs=(output, inputs, root / "temp", user, settings.models_dir.absolute()),
         files={paths_yaml: extra_model_paths_yaml(settings.models_dir.absolute())},
+        output_dir=output,
     )
 
 
@@ -327,6 +329,11 @@ class ComfySupervisor:
     @property
     def external(self) -> bool:
         return self._launch is None
+
+    @property
+    def output_dir(self) -> Path | None:
+        """ComfyUI's output folder on this machine, when we launched it (else None)."""
+        return self._launch.output_dir if self._launch is not None else None
 
     @property
     def pid(self) -> int | None:

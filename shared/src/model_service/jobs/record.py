@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model_service.jobs.status import JobStatus
@@ -33,7 +33,9 @@ class Job:
     base_url: str = ""  # where the job was submitted; output links in webhooks use it
 
     def to_row(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The fields as they are (JSON values already): no deep copy, it is serialised
+        at once."""
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["status"] = self.status.value
         return data
 
@@ -51,3 +53,6 @@ class JobEvent:
     job_id: str
     kind: str  # "status" or "progress"
     job: Job
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Job))
