@@ -13,7 +13,8 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 setup: $(STAMP)
 
 $(STAMP): requirements-test.txt shared/pyproject.toml qwen-image-edit-nunchaku/pyproject.toml \
-		fastwan2.2-5b-network-storage/pyproject.toml
+		fastwan2.2-5b-network-storage/pyproject.toml wan2.2-14b-loras-v1/pyproject.toml \
+		infinite-talk-v1/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(PY) -m pip install $(PIP_FLAGS) -r requirements-test.txt

@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 import uuid
+import wave
+from array import array
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -770,3 +774,235 @@ def test_outputs_reads_every_key_and_subfolder() -> None:
         ("12", "gifs", "talk_00001.mp4", "video"),
     ]
     assert [o.type for o in ComfyClient.outputs(entry, include_temp=True)].count("temp") == 1
+
+
+# --- audio in videos, batch slicing (what the InfiniteTalk graphs use) ------------------
+
+
+def wav_bytes(seconds: float, rate: int = 16000, freq: float = 440.0) -> bytes:
+    """A mono 16-bit PCM tone as a .wav file."""
+    count = round(seconds * rate)
+    tone = array(
+        "h", (round(12000 * math.sin(2 * math.pi * freq * i / rate)) for i in range(count))
+    )
+    if sys.byteorder == "big":
+        tone.byteswap()
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(tone.tobytes())
+    return buffer.getvalue()
+
+
+def probe_audio(path: Path) -> dict[str, Any]:
+    """The first audio stream's codec, rate, channels and duration in seconds."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        assert stream.duration is not None
+        assert stream.time_base is not None
+        return {
+            "codec": stream.codec_context.name,
+            "rate": stream.sample_rate,
+            "channels": stream.channels,
+            "duration": float(stream.duration * stream.time_base),
+        }
+
+
+def test_video_with_audio_muxes_aac_cut_to_the_video(backend: Backend, tmp_path: Path) -> None:
+    """CreateVideo's optional audio goes into SaveVideo's mp4 as AAC: a track shorter than
+    the video whole (not padded), a longer one cut to the video (20 frames at 10 fps: 2 s)."""
+    key = save_video_codec_key(backend.url)
+    empty = {"width": 64, "height": 64, "batch_size": 20, "color": color()}
+
+    async def scenario(client: ComfyClient) -> list[OutputFile]:
+        graph: Graph = {"1": {"class_type": "EmptyImage", "inputs": empty}}
+        for node, seconds in ((2, 1.3), (3, 3.0)):
+            name = await client.upload(wav_bytes(seconds), f"tone-{uid()}.wav", subfolder="jobs")
+            save = {"filename_prefix": f"contract/{uid()}/talk", "format": "mp4", key: "h264"}
+            graph |= {
+                f"{node}": {"class_type": "LoadAudio", "inputs": {"audio": name}},
+                f"{node}0": {
+                    "class_type": "CreateVideo",
+                    "inputs": {"images": ["1", 0], "fps": 10.0, "audio": [f"{node}", 0]},
+                },
+                f"{node}1": {
+                    "class_type": "SaveVideo",
+                    "inputs": {"video": [f"{node}0", 0], **save},
+                },
+            }
+        result = await client.run(graph, timeout_s=120)
+        for output in result.outputs:
+            await client.download(output, tmp_path / f"{output.node_id}.mp4")
+        return result.outputs
+
+    outputs = run(scenario, backend.url)
+    assert [o.node_id for o in outputs] == ["21", "31"]
+    for output, seconds in zip(outputs, (1.3, 2.0), strict=True):
+        path = tmp_path / f"{output.node_id}.mp4"
+        probe = probe_video(path)
+        if "codec" in probe:
+            assert probe == {"codec": "h264", "size": (64, 64), "frames": 20}
+        audio = probe_audio(path)
+        assert audio == {**audio, "codec": "aac", "rate": 16000, "channels": 1}
+        assert abs(audio["duration"] - seconds) < 0.01, audio
+
+
+def test_image_batch_and_image_from_batch_pick_the_right_frames(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """ImageBatch appends image2 (resized to image1's size); ImageFromBatch slices with
+    ComfyUI's clamping: a start past the end is the last frame, a negative one counts back."""
+    red, green, blue, yellow = 0xFF0000, 0x00FF00, 0x0000FF, 0xFFFF00
+
+    def empty(rgb: int, batch: int, width: int = 48, height: int = 48) -> dict[str, Any]:
+        inputs = {"width": width, "height": height, "batch_size": batch, "color": rgb}
+        return {"class_type": "EmptyImage", "inputs": inputs}
+
+    def batch(first: str, second: str) -> dict[str, Any]:
+        return {"class_type": "ImageBatch", "inputs": {"image1": [first, 0], "image2": [second, 0]}}
+
+    def pick(index: int, length: int) -> dict[str, Any]:
+        inputs = {"image": ["5", 0], "batch_index": index, "length": length}
+        return {"class_type": "ImageFromBatch", "inputs": inputs}
+
+    def save(images: str) -> dict[str, Any]:
+        inputs = {"images": [images, 0], "filename_prefix": f"contract/{uid()}/batch"}
+        return {"class_type": "SaveImage", "inputs": inputs}
+
+    graph: Graph = {
+        "1": empty(red, 9),
+        "2": empty(green, 2),
+        "3": empty(blue, 1, 32, 16),  # another size: resized into the batch
+        "4": batch("1", "2"),
+        "5": batch("4", "3"),  # 12 frames: 9 red, 2 green, 1 blue
+        "6": pick(9, 100),  # green, green, blue
+        "7": empty(yellow, 5, 64, 64),
+        "8": batch("7", "6"),
+        "9": save("8"),
+        "10": pick(-3, 1),  # green
+        "11": pick(40, 2),  # blue
+        "12": batch("10", "11"),
+        "13": save("12"),
+    }
+
+    async def scenario(client: ComfyClient) -> list[OutputFile]:
+        result = await client.run(graph, timeout_s=60)
+        for output in result.outputs:
+            await client.download(output, tmp_path / f"{output.node_id}-{output.filename}")
+        return result.outputs
+
+    outputs = run(scenario, backend.url)
+
+    def colours(node: str) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+        found = []
+        for output in (o for o in outputs if o.node_id == node):
+            image = Image.open(tmp_path / f"{node}-{output.filename}").convert("RGB")
+            low, high = zip(*image.getextrema(), strict=True)
+            assert all(h - lo <= 1 for lo, h in zip(low, high, strict=True)), "a solid colour"
+            found.append((image.size, tuple(high)))
+        return found
+
+    rgb = {c: ((c >> 16) & 0xFF, (c >> 8) & 0xFF, c & 0xFF) for c in (red, green, blue, yellow)}
+    assert colours("9") == [((64, 64), rgb[yellow])] * 5 + [
+        ((64, 64), rgb[green]),
+        ((64, 64), rgb[green]),
+        ((64, 64), rgb[blue]),
+    ]
+    assert colours("13") == [((48, 48), rgb[green]), ((48, 48), rgb[blue])]
+
+
+def node(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def test_infinitetalk_graph_runs_its_real_nodes_on_fake_frames(tmp_path: Path) -> None:
+    """Two InfiniteTalk windows with fake model nodes: each VAEDecode yields `length`
+    frames, the second window drops its `trim_image` motion frames with ImageFromBatch,
+    ImageBatch joins the windows, and the loaded audio ends up in the mp4."""
+    models = {
+        "diffusion_models": ["wan.safetensors"],
+        "model_patches": ["talk.safetensors"],
+        "text_encoders": ["umt5.safetensors"],
+        "vae": ["vae.safetensors"],
+        "audio_encoders": ["wav2vec2.safetensors"],
+    }
+    shared: Graph = {
+        "1": node("UNETLoader", unet_name="wan.safetensors", weight_dtype="default"),
+        "2": node("ModelPatchLoader", name="talk.safetensors"),
+        "3": node("CLIPLoader", clip_name="umt5.safetensors", type="wan"),
+        "4": node("CLIPTextEncode", text="talking", clip=["3", 0]),
+        "5": node("ConditioningZeroOut", conditioning=["4", 0]),
+        "6": node("VAELoader", vae_name="vae.safetensors"),
+        "7": node("AudioEncoderLoader", audio_encoder_name="wav2vec2.safetensors"),
+        "9": node("AudioEncoderEncode", audio_encoder=["7", 0], audio=["8", 0]),
+        "10": node("EmptyImage", width=80, height=60, batch_size=1, color=0x336699),
+        "11": node("KSamplerSelect", sampler_name="euler"),
+        "12": node("RandomNoise", noise_seed=7),
+    }
+
+    def window(first: int, **previous: Any) -> Graph:
+        talk, sched, guider, sampler, decode = (str(first + i) for i in range(5))
+        return {
+            talk: node(
+                "WanInfiniteTalkToVideo",
+                mode="single_speaker",
+                model=["1", 0],
+                model_patch=["2", 0],
+                positive=["4", 0],
+                negative=["5", 0],
+                vae=["6", 0],
+                width=64,
+                height=48,
+                length=13,
+                audio_encoder_output_1=["9", 0],
+                motion_frame_count=5,
+                audio_scale=1.0,
+                start_image=["10", 0],
+                **previous,
+            ),
+            sched: node(
+                "BasicScheduler", model=[talk, 0], scheduler="simple", steps=2, denoise=1.0
+            ),
+            guider: node(
+                "CFGGuider", model=[talk, 0], positive=[talk, 1], negative=[talk, 2], cfg=1.0
+            ),
+            sampler: node(
+                "SamplerCustomAdvanced",
+                noise=["12", 0],
+                guider=[guider, 0],
+                sampler=["11", 0],
+                sigmas=[sched, 0],
+                latent_image=[talk, 3],
+            ),
+            decode: node("VAEDecode", samples=[sampler, 0], vae=["6", 0]),
+        }
+
+    process = StandinProcess(tmp_path / "base", OBJECT_INFO, models=models)
+    with process:
+        save = {"filename_prefix": "talk/out", "format": "mp4"}
+        save[save_video_codec_key(process.url)] = "h264"
+
+        async def scenario(client: ComfyClient) -> Path:
+            name = await client.upload(wav_bytes(1.3), "voice.wav", subfolder="jobs")
+            graph = shared | window(20) | window(30, previous_frames=["24", 0])
+            graph |= {
+                "8": node("LoadAudio", audio=name),
+                "40": node("ImageFromBatch", image=["34", 0], batch_index=["30", 4], length=4096),
+                "41": node("ImageBatch", image1=["24", 0], image2=["40", 0]),
+                "42": node("CreateVideo", images=["41", 0], fps=25.0, audio=["8", 0]),
+                "43": node("SaveVideo", video=["42", 0], **save),
+            }
+            result = await client.run(graph, timeout_s=60)
+            return await client.download(result.outputs[0], tmp_path / "talk.mp4")
+
+        path = run(scenario, process.url)
+    probe = probe_video(path)
+    if "codec" in probe:
+        assert probe == {"codec": "h264", "size": (64, 48), "frames": 13 + 13 - 5}
+    audio = probe_audio(path)
+    assert (audio["codec"], audio["rate"]) == ("aac", 16000)
+    assert abs(audio["duration"] - 21 / 25) < 0.01, "cut to the video's 0.84 s"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import COMMIT, Server, blob, serve, sha
 from model_service.comfy.engine import ComfyEngine, ComfyServiceSpec
 from model_service.comfy.standin import StandinProcess
 from model_service.comfy.workflow import Workflow
+from model_service.hub_standin import COMMIT, Server, blob, serve, sha
 from model_service.metrics import Metrics
 from model_service.settings import Settings
 

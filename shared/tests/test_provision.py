@@ -17,7 +17,7 @@ import huggingface_hub.constants
 import pytest
 from prometheus_client import CollectorRegistry
 
-from hub_server import COMMIT, Server, blob, serve, sha
+from model_service.hub_standin import COMMIT, Server, blob, serve, sha
 from model_service.provision import (
     FileLock,
     HubSource,

@@ -51,6 +51,40 @@ class UploadNotFound(InvalidInput):
     code = "upload_not_found"
 
 
+class AudioUnreadable(InvalidInput):
+    """The audio file cannot be decoded (corrupt, truncated, not audio)."""
+
+    code = "audio_unreadable"
+
+
+class AudioSilent(InvalidInput):
+    """The audio holds only silence: nothing to animate."""
+
+    code = "audio_silent"
+
+
+class AudioTooLong(InvalidInput):
+    """Longer than the service's cap (MAX_AUDIO_S)."""
+
+    code = "audio_too_long"
+
+
+class AudioTooShort(InvalidInput):
+    code = "audio_too_short"
+
+
+class LoraInvalid(InvalidInput):
+    """A LoRA that is not a usable safetensors LoRA (bad source, header, size)."""
+
+    code = "lora_invalid"
+
+
+class LoraUnavailable(InvalidInput):
+    """A LoRA that cannot be fetched (unreachable, not found, refused)."""
+
+    code = "lora_unavailable"
+
+
 class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
     status_code = 413

@@ -24,6 +24,8 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import httpcore
 import httpx
@@ -216,9 +218,18 @@ class SafeHttpClient:
 
     async def get(self, url: str, *, field: str) -> Fetched:
         """Fetches a URL's body; raises `UrlNotAllowed` or `FetchFailed`."""
+        return await self._fetch(url, field, None)
+
+    async def download(self, url: str, dest: Path, *, field: str) -> Fetched:
+        """Like `get`, but the body goes into the file `dest` as it arrives (large files:
+        nothing held in memory); `Fetched.data` is empty. `dest` is partial on failure."""
+        with dest.open("wb") as out:
+            return await self._fetch(url, field, out)
+
+    async def _fetch(self, url: str, field: str, out: BinaryIO | None) -> Fetched:
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._get(url, field)
+                return await self._get(url, field, out)
         except (TimeoutError, httpx.TimeoutException):
             raise FetchFailed(
                 f"{field}: fetching the URL took longer than {self._timeout_s:g} s; "
@@ -226,7 +237,7 @@ class SafeHttpClient:
                 field=field,
             ) from None
 
-    async def _get(self, url: str, field: str) -> Fetched:
+    async def _get(self, url: str, field: str, out: BinaryIO | None) -> Fetched:
         current = url
         for _ in range(self._max_redirects + 1):
             self.check_url(current, field=field)
@@ -252,7 +263,7 @@ class SafeHttpClient:
                         field=field,
                         status=response.status_code,
                     )
-                data = await self._read_capped(response, field)
+                data = await self._read_capped(response, field, out)
                 return Fetched(data, response.headers.get("content-type"), str(response.url))
             except httpx.TimeoutException:
                 raise
@@ -286,7 +297,10 @@ class SafeHttpClient:
         what = f"{what} ({reason})"
         return FetchFailed(f"{field}: {what}; check the URL, or {hint}", field=field)
 
-    async def _read_capped(self, response: httpx.Response, field: str) -> bytes:
+    async def _read_capped(
+        self, response: httpx.Response, field: str, out: BinaryIO | None = None
+    ) -> bytes:
+        """The body (or b"" when it went to `out`), refused past `max_bytes`."""
         too_large = FetchFailed(
             f"{field}: the file is larger than the limit of {self._max_bytes} bytes; "
             "send a smaller file",
@@ -302,7 +316,10 @@ class SafeHttpClient:
             size += len(chunk)
             if size > self._max_bytes:
                 raise too_large
-            chunks.append(chunk)
+            if out is None:
+                chunks.append(chunk)
+            else:
+                out.write(chunk)
         return b"".join(chunks)
 
     async def post(

@@ -32,6 +32,17 @@ ImageRef = Annotated[
 ]
 
 
+AudioRef = Annotated[
+    str,
+    MediaField("audio"),
+    Field(
+        min_length=1,
+        max_length=120_000_000,
+        description="Audio (wav, mp3, m4a, flac, ogg): " + _REF_HELP,
+    ),
+]
+
+
 def media_fields(model: type[BaseModel]) -> dict[str, MediaKind]:
     """Names of the model's fields that hold media references (single or list)."""
     found: dict[str, MediaKind] = {}

@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         description="Comma-separated CIDRs that URL fetches and webhooks may reach besides "
         "public addresses (for example `10.0.0.0/8`). Empty: public addresses only.",
     )
+    max_audio_s: float = Field(
+        60.0, gt=0, description="Longest audio input accepted (seconds), e.g. by InfiniteTalk."
+    )
+    lora_cache_gb: float = Field(
+        20.0,
+        gt=0,
+        description="Disk cap of the cache of LoRAs that requests name "
+        "(MODELS_DIR/loras/cache); least recently used LoRAs are deleted beyond it.",
+    )
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Largest decoded image (width x height) accepted."
     )

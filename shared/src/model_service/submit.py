@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from model_service import media
+from model_service.audio import prepare_audio
 from model_service.errors import IdempotencyConflict, InvalidInput, UploadNotFound
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
@@ -145,7 +146,7 @@ class JobSubmitter:
             paths = []
             for index, ref in enumerate(refs):
                 field = f"input.{name}" + (f"[{index}]" if isinstance(value, list) else "")
-                target = inputs_dir / f"{name}_{index}.png"
+                target = inputs_dir / f"{name}_{index}.{_SUFFIX[kind]}"
                 await self._materialize(ref, kind, field, target)
                 paths.append(str(target.resolve()))
             shown = [_shorten(ref) for ref in refs]
@@ -155,6 +156,11 @@ class JobSubmitter:
 
     async def _materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> None:
         data = await self.read_reference(ref, field)
+        if kind == "audio":  # checked (decodes, not silent, within MAX_AUDIO_S), as a wav
+            await asyncio.to_thread(
+                prepare_audio, data, target, field=field, max_duration_s=self._settings.max_audio_s
+            )
+            return
         if kind != "image":
             raise InvalidInput(f"{field}: {kind} inputs are not supported yet", field=field)
         image = await asyncio.to_thread(
@@ -184,6 +190,9 @@ class JobSubmitter:
             "send the file to POST /v1/uploads first and use the id it returns",
             field=field,
         )
+
+
+_SUFFIX: dict[MediaKind, str] = {"image": "png", "audio": "wav", "video": "mp4"}
 
 
 def _shorten(ref: str) -> str:

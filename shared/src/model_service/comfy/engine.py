@@ -33,9 +33,11 @@ from typing import Any
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
 from model_service.comfy.errors import ComfyCrashed, ComfyCudaError, ComfyInterrupted
 from model_service.comfy.supervisor import ComfyState, ComfySupervisor
-from model_service.comfy.workflow import Workflow
+from model_service.comfy.workflow import Workflow, sampler_steps
 from model_service.errors import ProvisionError, ServiceError
+from model_service.fetch import SafeHttpClient
 from model_service.logs import get_logger
+from model_service.loras import LoraCache, parse_lora_source
 from model_service.metrics import Metrics
 from model_service.provision import Manifest, ProvisionMetrics, provision
 from model_service.settings import Settings
@@ -45,6 +47,9 @@ log = get_logger("model_service.comfy")
 
 UPLOAD_SUBFOLDER = "jobs"
 _PROVISION_RETRY_S = (10.0, 30.0, 60.0, 300.0)
+LORA_CACHE_FOLDER = "cache"  # under the models' `loras` folder, so ComfyUI lists them
+MAX_LORA_BYTES = 2 * 2**30
+LORA_FETCH_TIMEOUT_S = 1800.0
 _BLOCKED_RECHECK_S = 5.0  # while a model file is missing: soon ready once it is there
 
 
@@ -56,6 +61,12 @@ class ComfyServiceSpec:
     choose: Callable[[Mapping[str, Any]], str]  # a job's input -> the workflow's name
     manifest: Path  # the model files (JSON, see model_service.provision.manifest)
     download_at_start: bool = False  # network-storage images: True; packed images: False
+    # the input field that lists the job's LoRAs (`[{source, strength, applies_to}]`): the
+    # engine puts each in the LoRA cache and gives the workflow its ComfyUI `lora_name`
+    lora_field: str | None = None
+    # more values from the job's own (local) files before they go to ComfyUI, e.g. the
+    # frame count and windows an audio file's length asks for; merged into the values
+    derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 
 
 def models_dir_for(settings: Settings) -> Path:
@@ -86,6 +97,21 @@ class ComfyEngine:
             comfy_settings, on_crash=self._on_crash, on_restart=self._on_restart
         )
         self._client = ComfyClient(self._supervisor.url, cancel_grace_s=settings.cancel_grace_s)
+        self._loras = (
+            LoraCache(
+                self._models_dir / "loras" / LORA_CACHE_FOLDER,
+                max_bytes=int(settings.lora_cache_gb * 1e9),
+                http=SafeHttpClient(
+                    allow_networks=settings.fetch_allow_networks,
+                    max_bytes=MAX_LORA_BYTES,
+                    timeout_s=LORA_FETCH_TIMEOUT_S,
+                ),
+                hf_endpoint=settings.hf_endpoint,
+                max_file_bytes=MAX_LORA_BYTES,
+            )
+            if spec.lora_field
+            else None
+        )
         self._recheck_s = recheck_s
         self._stage = "starting"
         self._blocker: str | None = None  # a workflow check failed: what is missing
@@ -297,17 +323,53 @@ class ComfyEngine:
         name = self._spec.choose(job.inputs)
         workflow = self._spec.workflows[name]
         values = {**job.inputs, "seed": job.seed}
-        for field_name in workflow.media_fields:
-            path = values.get(field_name)
-            if path is not None:
-                values[field_name] = await self._upload(Path(path), f"{running.tag}_{field_name}")
-        graph = workflow.build(values, tag=running.tag)
+        derived: dict[str, Any] = {}
+        if self._spec.derive is not None:
+            derived = dict(await asyncio.to_thread(self._spec.derive, values))
+            values.update(derived)
+        async with contextlib.AsyncExitStack() as held:
+            await self._take_loras(values, held)
+            for field_name in workflow.media_fields:
+                path = values.get(field_name)
+                if path is not None:
+                    values[field_name] = await self._upload(
+                        Path(path), f"{running.tag}_{field_name}"
+                    )
+            graph = workflow.build(values, tag=running.tag)
+            done = await self._queue_and_collect(job, running, on_progress, name, graph)
+        if derived:  # what the job's files asked for (frames, windows, ...), on the job
+            done.info["derived"] = derived
+        return done
+
+    async def _take_loras(self, values: dict[str, Any], held: contextlib.AsyncExitStack) -> None:
+        """Fetch (or find in the cache) the job's LoRAs, held until the job ends; each
+        entry gets its ComfyUI `lora_name`. A bad or unreachable LoRA fails the job here,
+        before ComfyUI does any work."""
+        field_name = self._spec.lora_field
+        if self._loras is None or field_name is None or not values.get(field_name):
+            return
+        named = []
+        for index, entry in enumerate(values[field_name]):
+            where = f"input.{field_name}[{index}].source"
+            source = parse_lora_source(entry["source"], field=where)
+            handle = await self._loras.acquire(source, field=where)
+            held.callback(handle.release)
+            named.append({**entry, "lora_name": handle.name})
+        values[field_name] = named
+
+    async def _queue_and_collect(
+        self,
+        job: RunJob,
+        running: _Running,
+        on_progress: Callable[[JobProgress], None],
+        name: str,
+        graph: dict[str, Any],
+    ) -> JobDone:
+        workflow = self._spec.workflows[name]
         if running.cancel_requested:
             return JobDone(job.job_id, canceled=True)
 
-        def progress(event: ComfyProgress) -> None:
-            if event.max > 1:  # sampler steps (a node starting is 0 of 1)
-                on_progress(JobProgress(job.job_id, event.value, event.max))
+        progress = _StepCounter(job.job_id, sampler_steps(graph), on_progress)
 
         started = time.monotonic()
         result = await self._client.run(
@@ -409,6 +471,32 @@ def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:
 def _output_name(stem: str, index: int, output: OutputFile) -> str:
     suffix = Path(output.filename).suffix.lower()
     return f"{stem}{suffix}" if index == 0 else f"{stem}_{index}{suffix}"
+
+
+class _StepCounter:
+    """ComfyUI counts steps per node; the job counts them across its samplers (two
+    experts, or one sampler per InfiniteTalk window) so progress only goes up."""
+
+    def __init__(
+        self, job_id: str, expected: int, on_progress: Callable[[JobProgress], None]
+    ) -> None:
+        self._job_id = job_id
+        self._expected = expected
+        self._on_progress = on_progress
+        self._node: str | None = None
+        self._done = 0  # steps of the samplers that finished
+        self._max = 0
+
+    def __call__(self, event: ComfyProgress) -> None:
+        if event.max <= 1:  # a node starting (0 of 1), not a sampler step
+            return
+        if event.node_id != self._node:
+            if self._node is not None:
+                self._done += self._max
+            self._node = event.node_id
+        self._max = event.max
+        total = max(self._expected, self._done + event.max)
+        self._on_progress(JobProgress(self._job_id, self._done + event.value, total))
 
 
 def _local_output(root: Path | None, output: OutputFile) -> Path | None:

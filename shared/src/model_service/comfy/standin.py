@@ -17,7 +17,8 @@ fake that passes placeholders and emits sampler progress. Test knobs (constructo
 `POST /standin/config`): `step_delay_s`, `slow_nodes` {class: seconds},
 `fail_nodes` {class or node id: {exception_type, message}}, `crash_nodes` [class or node
 id] (the process exits with `os._exit(1)` when one starts), `history_delay_s`, `cache`.
-`GET /standin/stats` lists the `/free`, `/interrupt` and `/history/{id}` calls it received;
+`GET /standin/stats` lists the `/free`, `/interrupt` and `/history/{id}` calls it received
+and the prompts it accepted;
 `POST /standin/drop_websockets` closes every websocket (a network blip).
 
 Written from the protocol as observed (see shared/reference/comfyui-anchors.md); no
@@ -178,7 +179,12 @@ class Standin:
         self.history: dict[str, dict[str, Any]] = {}
         self.cache: dict[str, CacheEntry] = {}
         self.flags: dict[str, Any] = {}
-        self.stats: dict[str, list[Any]] = {"free": [], "interrupt": [], "history_reads": []}
+        self.stats: dict[str, list[Any]] = {
+            "free": [],
+            "interrupt": [],
+            "history_reads": [],
+            "prompts": [],  # every graph it accepted, as received
+        }
         self.number = 0
         self.task_counter = 0
         self.client_id: str | None = None
@@ -336,6 +342,7 @@ class Standin:
             return web.json_response(
                 {"error": result.error, "node_errors": result.node_errors}, status=400
             )
+        self.stats["prompts"].append(body["prompt"])
         extra = dict(body.get("extra_data") or {})
         if "client_id" in body:
             extra["client_id"] = body["client_id"]

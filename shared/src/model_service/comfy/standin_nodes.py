@@ -1,18 +1,20 @@
 """What the stand-in's nodes do when a prompt runs.
 
 The weight-free core nodes run for real on Pillow images (`EmptyImage`, `LoadImage`,
-`ImageInvert`, `RepeatImageBatch`, `SaveImage`, `PreviewImage`, `CreateVideo`,
-`SaveVideo`, `SaveAnimatedWEBP`); `SaveVideo` writes a real H.264 MP4 with the `ffmpeg`
-binary when it is on PATH, else with PyAV. Every other node known to the catalogue is a
-fake: it passes placeholders along (carrying width, height, length and steps so that a
-later real node can make frames of the right size), and sampler-like nodes emit one
-progress message per step.
+`ImageInvert`, `RepeatImageBatch`, `ImageBatch`, `ImageFromBatch`, `SaveImage`,
+`PreviewImage`, `CreateVideo`, `SaveVideo`, `SaveAnimatedWEBP`) and on PyAV-decoded audio
+(`LoadAudio`); `SaveVideo` writes a real H.264 MP4 with the `ffmpeg` binary when it is on
+PATH, else with PyAV, which also muxes the video's audio as AAC (as ComfyUI does). Every
+other node known to the catalogue is a fake: it passes placeholders along (carrying width,
+height, length and steps so that a later real node can make frames of the right size),
+and sampler-like nodes emit one progress message per step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -23,10 +25,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
+
+if TYPE_CHECKING:  # imported where used: numpy is in the test environment only
+    import av
+    import numpy as np
+    import numpy.typing as npt
 
 META_KEYS = ("width", "height", "length", "batch_size", "steps", "fps")
 MAX_FAKE_FRAMES = 512
@@ -42,11 +49,20 @@ class Frames:
 
 
 @dataclass
+class Audio:
+    """An AUDIO value: ComfyUI's waveform without its batch axis, [channels, samples]."""
+
+    samples: npt.NDArray[np.float32]
+    sample_rate: int
+
+
+@dataclass
 class Video:
     """A VIDEO value (from CreateVideo)."""
 
     frames: list[Image.Image]
     fps: float
+    audio: Audio | None = None
 
 
 @dataclass
@@ -150,7 +166,7 @@ def _meta_of(value: Any) -> dict[str, Any]:
     if isinstance(value, Video) and value.frames:
         width, height = value.frames[0].size
         return {"width": width, "height": height, "length": len(value.frames), "fps": value.fps}
-    return {}
+    return {}  # Audio, scalars: nothing that sizes frames
 
 
 # --- saving ------------------------------------------------------------------------
@@ -269,6 +285,64 @@ def _read_frames(path: Path) -> list[Image.Image]:
         ]
 
 
+async def load_audio(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    path = _input_file(ctx.dirs, str(inputs["audio"]))
+    return NodeResult((await asyncio.to_thread(read_audio, path),))
+
+
+async def audio_concat(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    """Like ComfyUI's AudioConcat: mono becomes stereo, the lower rate is resampled to the
+    higher (linear here; torchaudio's windowed sinc there), then one after the other."""
+    import numpy as np
+
+    first, second = inputs["audio1"], inputs["audio2"]
+    if not isinstance(first, Audio) or not isinstance(second, Audio):  # a fake's value
+        return NodeResult((first if isinstance(first, Audio) else second,))
+    rate = max(first.sample_rate, second.sample_rate)
+    parts = []
+    for audio in (first, second):
+        samples = audio.samples
+        if samples.shape[0] == 1:
+            samples = np.repeat(samples, 2, axis=0)
+        if audio.sample_rate != rate:
+            count = round(samples.shape[1] * rate / audio.sample_rate)
+            positions = np.arange(count) * audio.sample_rate / rate
+            samples = np.stack(
+                [np.interp(positions, np.arange(samples.shape[1]), ch) for ch in samples]
+            ).astype(np.float32)
+        parts.append(samples)
+    if inputs.get("direction") == "before":
+        parts.reverse()
+    return NodeResult((Audio(np.concatenate(parts, axis=1).astype(np.float32), rate),))
+
+
+def read_audio(path: Path) -> Audio:
+    """Like ComfyUI's LoadAudio: every frame of the first audio stream, as float PCM."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("No audio stream found in the file.")
+        stream = container.streams.audio[0]
+        rate, channels = stream.codec_context.sample_rate, stream.channels
+        chunks = []
+        for frame in container.decode(stream):
+            chunk = frame.to_ndarray()
+            if chunk.shape[0] != channels:  # interleaved formats decode as [1, samples * C]
+                chunk = chunk.reshape(-1, channels).T
+            chunks.append(chunk)
+    if not chunks:
+        raise ValueError("No audio frames decoded.")
+    pcm = np.concatenate(chunks, axis=1)
+    if pcm.dtype.kind == "f":
+        return Audio(pcm.astype(np.float32), rate)
+    scale = {"int16": 2.0**15, "int32": 2.0**31}.get(pcm.dtype.name)
+    if scale is None:
+        raise ValueError(f"Unsupported wav dtype: torch.{pcm.dtype.name}")
+    return Audio(pcm.astype(np.float32) / np.float32(scale), rate)
+
+
 async def image_invert(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     return NodeResult(
         (Frames([ImageOps.invert(f.convert("RGB")) for f in as_frames(inputs["image"])]),)
@@ -277,6 +351,50 @@ async def image_invert(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
 
 async def repeat_image_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     return NodeResult((Frames(as_frames(inputs["image"]) * int(inputs["amount"])),))
+
+
+async def image_from_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    frames = as_frames(inputs["image"])
+    index, length = int(inputs["batch_index"]), int(inputs["length"])
+    if index < 0:  # counts from the end; then clamped into the batch, as ComfyUI does
+        index += len(frames)
+    index = max(0, min(len(frames) - 1, index))
+    return NodeResult((Frames(frames[index : index + length]),))  # length: up to the end
+
+
+async def image_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    first, second = as_frames(inputs["image1"]), as_frames(inputs["image2"])
+    size = first[0].size
+    if second[0].size != size:
+        second = [_fit(frame, size) for frame in second]
+    return NodeResult((Frames(first + second),))
+
+
+def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """ComfyUI's common_upscale(bilinear, center): crop to the target's aspect, resize."""
+    width, height = image.size
+    aspect, target = width / height, size[0] / size[1]
+    x = round((width - width * (target / aspect)) / 2) if aspect > target else 0
+    y = round((height - height * (aspect / target)) / 2) if aspect < target else 0
+    return _bilinear(image.crop((x, y, width - x, height - y)), size)
+
+
+def _bilinear(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """torch's interpolate(mode="bilinear"): unlike Pillow's, no antialiasing when shrinking;
+    float pixels truncated back to bytes, as SaveImage does."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+
+    def taps(size_out: int, size_in: int) -> tuple[Any, Any, Any]:
+        pos = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0)
+        low = np.minimum(pos.astype(np.int64), size_in - 1)
+        return low, np.minimum(low + 1, size_in - 1), (pos - low).astype(np.float32)
+
+    (y0, y1, wy), (x0, x1, wx) = taps(size[1], image.height), taps(size[0], image.width)
+    rows = pixels[y0] * (1 - wy)[:, None, None] + pixels[y1] * wy[:, None, None]
+    out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    return Image.fromarray(np.clip(out * 255, 0, 255).astype(np.uint8))
 
 
 async def save_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
@@ -297,7 +415,11 @@ async def preview_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
 
 
 async def create_video(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
-    return NodeResult((Video(list(as_frames(inputs["images"])), float(inputs["fps"])),))
+    audio = inputs.get("audio")  # a fake node's AUDIO placeholder makes a silent video
+    frames = list(as_frames(inputs["images"]))
+    return NodeResult(
+        (Video(frames, float(inputs["fps"]), audio if isinstance(audio, Audio) else None),)
+    )
 
 
 def _as_video(value: Any) -> Video:
@@ -356,8 +478,12 @@ def _write_webp(
 REAL_NODES: dict[str, NodeFunc] = {
     "EmptyImage": empty_image,
     "LoadImage": load_image,
+    "LoadAudio": load_audio,
+    "AudioConcat": audio_concat,
     "ImageInvert": image_invert,
     "RepeatImageBatch": repeat_image_batch,
+    "ImageFromBatch": image_from_batch,
+    "ImageBatch": image_batch,
     "SaveImage": save_image,
     "PreviewImage": preview_image,
     "CreateVideo": create_video,
@@ -374,14 +500,15 @@ CODECS = {"auto": "libx264", "h264": "libx264", "av1": "libaom-av1"}
 def write_video(
     path: Path, video: Video, container: str, codec: str, encoder: str = "auto"
 ) -> None:
-    """A real video file: ffmpeg on PATH when allowed, else PyAV."""
+    """A real video file: ffmpeg on PATH when allowed, else PyAV. A video with audio
+    always goes through PyAV, as in ComfyUI."""
     encoder_name = (
         "libvpx-vp9" if container == "webm" and codec == "auto" else CODECS.get(codec, "libx264")
     )
     ffmpeg = shutil.which("ffmpeg") if encoder in ("auto", "ffmpeg") else None
-    if ffmpeg is not None:
+    if ffmpeg is not None and video.audio is None:
         _write_with_ffmpeg(ffmpeg, path, video, encoder_name)
-    elif encoder in ("auto", "pyav"):
+    elif encoder in ("auto", "pyav") or video.audio is not None:
         _write_with_pyav(path, video, container, encoder_name)
     else:
         raise RuntimeError("SaveVideo needs the ffmpeg binary on PATH")
@@ -422,15 +549,47 @@ def _write_with_pyav(path: Path, video: Video, container: str, encoder_name: str
         stream = out.add_stream(encoder_name, rate=Fraction(video.fps).limit_denominator(1000))
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        audio = _add_audio(out, video, container) if video.audio is not None else None
         for frame in video.frames:
             picture = av.VideoFrame.from_image(frame.convert("RGB"))  # type: ignore[no-untyped-call]
             out.mux(stream.encode(picture))
         out.mux(stream.encode(None))
+        if audio is not None:
+            audio_stream, sound = audio
+            out.mux(audio_stream.encode(sound))
+            out.mux(audio_stream.encode(None))
+
+
+AUDIO_CODECS = {"webm": ("libopus", 48000)}  # webm takes no AAC; others: AAC at the source rate
+AUDIO_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
+
+
+def _add_audio(
+    out: av.container.OutputContainer, video: Video, container: str
+) -> tuple[av.AudioStream, av.AudioFrame]:
+    """An audio stream (added before any packet is muxed) and the video's audio as one
+    frame, as ComfyUI's save_to makes it: cut to the video's duration (rounded up to a
+    whole sample), never padded; PyAV splits it into encoder frames."""
+    import av
+    import numpy as np
+
+    assert video.audio is not None
+    rate = video.audio.sample_rate
+    frame_rate = Fraction(round(video.fps * 1000), 1000)
+    samples = video.audio.samples[:, : math.ceil(rate / frame_rate * len(video.frames))]
+    layout = AUDIO_LAYOUTS.get(samples.shape[0], "stereo")
+    sound = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
+    sound.sample_rate, sound.pts = rate, 0
+    codec, codec_rate = AUDIO_CODECS.get(container, ("aac", rate))
+    stream = out.add_stream(codec, rate=codec_rate, layout=layout)
+    assert isinstance(stream, av.AudioStream)
+    return stream, sound
 
 
 # --- fake nodes --------------------------------------------------------------------
 
 SAMPLERS_WITH_SIGMAS = ("SamplerCustom", "SamplerCustomAdvanced")
+SAMPLERS_WITH_STEPS = ("KSampler", "KSamplerAdvanced")  # only samplers report steps
 FAKE_SAVES: dict[str, tuple[str, str]] = {  # class -> (history key, extension)
     "SaveAudio": ("audio", "flac"),
     "SaveAudioMP3": ("audio", "mp3"),
@@ -442,8 +601,8 @@ FAKE_SAVES: dict[str, tuple[str, str]] = {  # class -> (history key, extension)
 def _steps(class_type: str, inputs: dict[str, Any], meta: dict[str, Any]) -> int:
     if class_type in SAMPLERS_WITH_SIGMAS:
         return int(meta.get("steps") or 0)
-    if not isinstance(inputs.get("steps"), int):
-        return 0
+    if class_type not in SAMPLERS_WITH_STEPS or not isinstance(inputs.get("steps"), int):
+        return 0  # e.g. BasicScheduler has `steps` but reports no progress
     steps = int(inputs["steps"])
     if "start_at_step" in inputs and "end_at_step" in inputs:  # KSamplerAdvanced
         return max(0, min(int(inputs["end_at_step"]), steps) - int(inputs["start_at_step"]))
@@ -460,8 +619,11 @@ async def _fake_node(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
         if ctx.step_delay_s > 0:
             await asyncio.sleep(ctx.step_delay_s)
         await ctx.progress(step, steps)
-    outputs = tuple(Placeholder(str(t), dict(meta)) for t in ctx.return_types)
-    return NodeResult(outputs, await _fake_ui(ctx, inputs))
+    outputs: list[Any] = [Placeholder(str(t), dict(meta)) for t in ctx.return_types]
+    if ctx.class_type == "WanInfiniteTalkToVideo":  # trim_image, which real nodes consume
+        extending = inputs.get("previous_frames") is not None
+        outputs[4] = int(inputs.get("motion_frame_count", 9)) if extending else 0
+    return NodeResult(tuple(outputs), await _fake_ui(ctx, inputs))
 
 
 async def _fake_ui(ctx: NodeContext, inputs: dict[str, Any]) -> dict[str, Any] | None:

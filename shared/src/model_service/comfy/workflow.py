@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +95,9 @@ class Workflow:
     bind: Mapping[str, Bind]
     only_when: Mapping[str, str] = field(default_factory=dict)  # node id -> field
     outputs: Mapping[str, str] = field(default_factory=dict)  # node id -> our file stem
+    # what bindings cannot say (a LoRA chain of any length, a node left out): called
+    # with the bound graph and the job's values, changes the graph in place
+    adjust: Callable[[Graph, Mapping[str, Any]], None] | None = None
 
     @classmethod
     def load(
@@ -105,10 +108,13 @@ class Workflow:
         only_when: Mapping[str, str] | None = None,
         outputs: Mapping[str, str] | None = None,
         name: str | None = None,
+        adjust: Callable[[Graph, Mapping[str, Any]], None] | None = None,
     ) -> Workflow:
         graph = json.loads(path.read_text())
         binds = {k: v if isinstance(v, Bind) else Bind(v) for k, v in bind.items()}
-        workflow = cls(name or path.stem, graph, binds, dict(only_when or {}), dict(outputs or {}))
+        workflow = cls(
+            name or path.stem, graph, binds, dict(only_when or {}), dict(outputs or {}), adjust
+        )
         problems = workflow.problems_in_graph()
         if problems:
             raise ValueError(f"workflow {path}: " + "; ".join(problems))
@@ -204,11 +210,58 @@ class Workflow:
             for node_id, input_name in binding.places():
                 if node_id in graph:
                     graph[node_id]["inputs"][input_name] = value
+        if self.adjust is not None:
+            self.adjust(graph, values)
         for node in graph.values():
             prefix = node["inputs"].get("filename_prefix")
             if isinstance(prefix, str):
                 node["inputs"]["filename_prefix"] = f"{prefix}_{tag}"
         return graph
+
+
+def chain_loras(
+    graph: Graph, source: str, target: tuple[str, str], loras: Sequence[tuple[str, float]]
+) -> list[str]:
+    """Put a chain of `LoraLoaderModelOnly` nodes (ComfyUI file name, strength) between
+    node `source`'s MODEL output and the `target` (node id, input). New node ids follow
+    the largest numeric id. Returns them."""
+    added: list[str] = []
+    previous = source
+    for name, strength in loras:
+        node_id = str(max((int(n) for n in graph if n.isdigit()), default=0) + 1)
+        graph[node_id] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": [previous, 0], "lora_name": name, "strength_model": strength},
+            "_meta": {"title": f"LoRA {name}"},
+        }
+        added.append(node_id)
+        previous = node_id
+    graph[target[0]]["inputs"][target[1]] = [previous, 0]
+    return added
+
+
+def sampler_steps(graph: Mapping[str, Any]) -> int:
+    """Denoising steps the graph will run in all its samplers (0 when it cannot tell):
+    KSampler, KSamplerAdvanced (its start..end range) and SamplerCustomAdvanced (the
+    steps of the BasicScheduler that feeds it)."""
+    total = 0
+    for node in graph.values():
+        inputs = node.get("inputs") or {}
+        kind = node.get("class_type")
+        if kind == "KSampler":
+            total += _int(inputs.get("steps"))
+        elif kind == "KSamplerAdvanced":
+            end = min(_int(inputs.get("end_at_step")), _int(inputs.get("steps")))
+            total += max(0, end - _int(inputs.get("start_at_step")))
+        elif kind == "SamplerCustomAdvanced" and is_link(inputs.get("sigmas")):
+            scheduler = graph.get(inputs["sigmas"][0]) or {}
+            if scheduler.get("class_type") == "BasicScheduler":
+                total += _int(scheduler["inputs"].get("steps"))
+    return total
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def node_order(node_id: str) -> tuple[int, str]:

@@ -23,7 +23,7 @@ COMMIT = "a" * 40
 def blob(seed: int, size: int = SIZE) -> bytes:
     """Random bytes that start like a safetensors file (8-byte header length, JSON)."""
     header = json.dumps({"__metadata__": {"seed": str(seed)}}).encode()
-    body = random.Random(seed).randbytes(size - 8 - len(header))
+    body = random.Random(seed).randbytes(size - 8 - len(header))  # noqa: S311 - test data
     return len(header).to_bytes(8, "little") + header + body
 
 
@@ -110,7 +110,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = k.blobs[key]
         if key in k.wrong_bytes:
-            data = random.Random(99).randbytes(len(data))
+            data = random.Random(99).randbytes(len(data))  # noqa: S311 - test data
         start = 0
         if range_header and key not in k.ignore_range:
             start = int(range_header.removeprefix("bytes=").split("-")[0])

@@ -1,0 +1,1 @@
+"""InfiniteTalk: a talking video from one image and speech, on an embedded ComfyUI."""

@@ -1,0 +1,213 @@
+"""`infinite-talk-v1`: a talking video from one image and speech, with InfiniteTalk on
+ComfyUI's native nodes (Wan2.1 I2V 14B + the InfiniteTalk patch + wav2vec2 audio
+features + the lightx2v step-distill LoRA).
+
+One window is `window_frames` frames (81, 3.24 s at 25 fps). Longer speech is made of
+chained windows inside one job and one ComfyUI prompt: each window after the first takes
+the frames so far as `previous_frames`, so it continues from the last 9 of them (their
+motion) and its audio starts where they end; its first 9 decoded frames repeat those
+and are dropped. The result is cut to the audio's length and the audio is muxed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from infinitetalk import legacy
+from infinitetalk.schema import FPS, MOTION_FRAMES, RESOLUTIONS, InfiniteTalkInput
+from model_service.api.legacy_video import video_routers
+from model_service.audio import audio_duration
+from model_service.comfy.engine import ComfyServiceSpec
+from model_service.comfy.workflow import Bind, Graph, Workflow
+from model_service.service import ServiceSpec
+
+HERE = Path(__file__).parent
+MANIFEST = HERE / "manifest.json"
+
+# node ids of the workflow file (window 1 and the end)
+AUDIO, IMAGE, WINDOW, SAMPLER, NOISE, DECODE, TRIM, VIDEO = (
+    "5", "11", "12", "13", "16", "18", "19", "20",
+)  # fmt: skip
+
+
+def plan(values: Mapping[str, Any]) -> dict[str, Any]:
+    """From the job's local files: frames for the speech, windows, and the size."""
+    seconds = audio_duration(Path(values["audio"]))
+    if values.get("second_audio"):
+        seconds += audio_duration(Path(values["second_audio"]))
+    frames = max(5, round(seconds * FPS))
+    window = int(values["window_frames"])
+    if frames <= window:  # one window, as short as the speech allows (4n+1)
+        window = frames + (-(frames - 1) % 4)
+        windows = 1
+    else:
+        windows = 1 + math.ceil((frames - window) / (window - MOTION_FRAMES))
+    width, height = values.get("width"), values.get("height")
+    if width is None or height is None:
+        with Image.open(values["image"]) as image:
+            width, height = fit(image.size, RESOLUTIONS[values["resolution"]])
+    return {
+        "audio_s": round(seconds, 3),
+        "frames": frames,
+        "windows": windows,
+        "window_frames": window,
+        "width": width,
+        "height": height,
+    }
+
+
+def fit(size: tuple[int, int], pixels: int) -> tuple[int, int]:
+    """The image's aspect ratio at about `pixels` pixels, sides multiples of 16."""
+    aspect = size[0] / size[1]
+    height = math.sqrt(pixels / aspect)
+    return max(64, round(height * aspect / 16) * 16), max(64, round(height / 16) * 16)
+
+
+def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
+    """Window 1 is in the file; add windows 2..n, each continuing the frames so far,
+    then cut the frames to the speech's length. Two speakers: the second speaker's
+    audio features and both masks go to every window, and the audio track is both
+    voices one after the other (as InfiniteTalk places them)."""
+    two = bool(values.get("second_audio"))
+    if two:
+        _add_second_speaker(graph)
+    frames_so_far = [DECODE, 0]
+    next_id = max(int(n) for n in graph if n.isdigit()) + 1
+
+    def add(node: dict[str, Any]) -> str:
+        nonlocal next_id
+        node_id, next_id = str(next_id), next_id + 1
+        graph[node_id] = node
+        return node_id
+
+    for index in range(2, int(values["windows"]) + 1):
+        window = add(
+            {
+                "class_type": "WanInfiniteTalkToVideo",
+                "inputs": {**graph[WINDOW]["inputs"], "previous_frames": frames_so_far},
+                "_meta": {"title": f"Window {index}"},
+            }
+        )
+        steps = dict(graph["14"]["inputs"], model=[window, 0])
+        scheduler = add({"class_type": "BasicScheduler", "inputs": steps})
+        guider = add(
+            {
+                "class_type": "CFGGuider",
+                "inputs": {
+                    "model": [window, 0],
+                    "positive": [window, 1],
+                    "negative": [window, 2],
+                    "cfg": graph["15"]["inputs"]["cfg"],
+                },
+            }
+        )
+        sampled = add(
+            {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": [NOISE, 0],
+                    "guider": [guider, 0],
+                    "sampler": [SAMPLER, 0],
+                    "sigmas": [scheduler, 0],
+                    "latent_image": [window, 3],
+                },
+            }
+        )
+        decoded = add(
+            {"class_type": "VAEDecode", "inputs": {"samples": [sampled, 0], "vae": ["10", 0]}}
+        )
+        new = add(  # without the frames that repeat the previous window's last ones
+            {
+                "class_type": "ImageFromBatch",
+                "inputs": {"image": [decoded, 0], "batch_index": [window, 4], "length": 4096},
+            }
+        )
+        joined = add(
+            {"class_type": "ImageBatch", "inputs": {"image1": frames_so_far, "image2": [new, 0]}}
+        )
+        frames_so_far = [joined, 0]
+    graph[TRIM]["inputs"]["image"] = frames_so_far
+    graph[TRIM]["inputs"]["length"] = int(values["frames"])
+
+
+def _add_second_speaker(graph: Graph) -> None:
+    graph["30"] = {"class_type": "LoadAudio", "inputs": {"audio": "second.wav"}}
+    graph["31"] = {
+        "class_type": "AudioEncoderEncode",
+        "inputs": {"audio_encoder": ["4", 0], "audio": ["30", 0]},
+    }
+    for node_id, mask in (("32", "mask_1"), ("33", "mask_2")):
+        graph[node_id] = {
+            "class_type": "LoadImageMask",
+            "inputs": {"image": mask, "channel": "red"},
+        }
+    graph["34"] = {
+        "class_type": "AudioConcat",
+        "inputs": {"audio1": [AUDIO, 0], "audio2": ["30", 0], "direction": "after"},
+    }
+    window = graph[WINDOW]["inputs"]
+    window["mode"] = "two_speakers"
+    window["mode.audio_encoder_output_2"] = ["31", 0]
+    window["mode.mask_1"] = ["32", 0]
+    window["mode.mask_2"] = ["33", 0]
+    graph[VIDEO]["inputs"]["audio"] = ["34", 0]
+
+
+def _media_after_adjust(graph: Graph, values: Mapping[str, Any]) -> None:
+    chain_windows(graph, values)
+    if values.get("second_audio"):  # the second speaker's files, uploaded by the engine
+        graph["30"]["inputs"]["audio"] = values["second_audio"]
+        graph["32"]["inputs"]["image"] = values["mask_1"]
+        graph["33"]["inputs"]["image"] = values["mask_2"]
+
+
+TALK = Workflow.load(
+    HERE / "workflows" / "infinitetalk.json",
+    bind={
+        "prompt": "8.text",
+        "seed": "16.noise_seed",
+        "steps": "14.steps",
+        "audio_scale": "12.audio_scale",
+        "width": "12.width",
+        "height": "12.height",
+        "window_frames": "12.length",
+        "image": Bind("11.image", media="image"),
+        "audio": Bind("5.audio", media="audio"),
+        # no node to bind to until `adjust` adds the second speaker's: the engine uploads
+        # these files and `adjust` places their ComfyUI names
+        "second_audio": Bind(media="audio"),
+        "mask_1": Bind(media="image"),
+        "mask_2": Bind(media="image"),
+    },
+    outputs={"21": "video"},
+    name="talk",
+    adjust=_media_after_adjust,
+)
+
+
+SERVICE = ServiceSpec(
+    name="infinite-talk-v1",
+    title="InfiniteTalk",
+    version="0.1.0",
+    description=(
+        "InfiniteTalk on an embedded ComfyUI: one image and speech in, a talking video out "
+        "(h264 mp4 with the speech), any length up to MAX_AUDIO_S, in chained windows."
+    ),
+    default_port=8189,
+    input_model=InfiniteTalkInput,
+    predictor=None,
+    min_vram_gb=24.0,
+    extra_routes=video_routers(legacy.GenerateRequest, legacy.to_input),
+    comfy=ComfyServiceSpec(
+        workflows={"talk": TALK},
+        choose=lambda values: "talk",
+        manifest=MANIFEST,
+        download_at_start=True,
+        derive=plan,
+    ),
+)

@@ -1,0 +1,438 @@
+"""The Wan2.2-14B service end to end: a real service process on loopback with the
+stand-in ComfyUI (a real process speaking ComfyUI's protocol) as its backend, LoRAs
+served by a real HTTP server on loopback (plain URLs and a Hub look-alike).
+
+The graph each input builds is checked directly (`<workflow>.build`) and as the stand-in
+received it; that ComfyUI accepts it is checked by the stand-in's validation (a real
+/object_info) and, with COMFYUI_TEST_DIR, by a real ComfyUI on tiny weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import pytest
+from PIL import Image
+
+from model_service.comfy.standin import StandinProcess
+from model_service.comfy.tiny_weights import write_tiny
+from model_service.comfy.workflow import sampler_steps
+from model_service.hub_standin import Server, serve
+from model_service.provision import Manifest
+from model_service.testing import ServiceProcess, free_port
+from wan14b.schema import Wan14bInput
+from wan14b.service import FLF, I2V, MANIFEST, T2V, choose
+
+REPO = Path(__file__).resolve().parents[2]
+OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
+pytestmark = pytest.mark.skipif(
+    not OBJECT_INFO.is_file(),
+    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
+    "object_info (../shared beside the repository)",
+)
+FILES = Manifest.load(MANIFEST).files
+SMALL = {"width": 64, "height": 64, "num_frames": 9, "fps": 8}
+
+
+def _png_data_uri(color: tuple[int, int, int] = (200, 30, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _lora_bytes(tmp: Path, seed: int) -> bytes:
+    """A real (tiny) Wan LoRA: rank-4 lora_down/lora_up pairs in safetensors."""
+    path = tmp / f"lora{seed}.safetensors"
+    write_tiny("wan_lora", path, seed=seed)
+    return path.read_bytes()
+
+
+def _values(**given: Any) -> dict[str, Any]:
+    """A job's values as the engine hands them to `build` (validated, defaults filled)."""
+    model = Wan14bInput.model_validate({"prompt": "p", "seed": 7, **SMALL, **given})
+    values = model.model_dump(mode="json")
+    for index, lora in enumerate(values["loras"]):
+        lora["lora_name"] = f"cache/l{index}.safetensors"
+    return values
+
+
+def _links(graph: dict[str, Any], node: str, name: str = "model") -> str:
+    return str(graph[node]["inputs"][name][0])
+
+
+def _chain(graph: dict[str, Any], sampler: str) -> list[str]:
+    """The LoRAs on the model path into a sampler, nearest first, then the UNet file."""
+    path, node = [], _links(graph, sampler)
+    while True:
+        kind, inputs = graph[node]["class_type"], graph[node]["inputs"]
+        if kind == "UNETLoader":
+            return [*path, f"UNETLoader:{inputs['unet_name']}"]
+        if kind == "LoraLoaderModelOnly":
+            path.append(f"LoRA:{inputs['lora_name']}")
+        node = _links(graph, node)
+
+
+# --- the graph each input builds (no server needed) ------------------------------------
+
+
+def test_modes_follow_the_images() -> None:
+    assert choose(_values()) == "t2v"
+    assert choose(_values(start_image="x")) == "i2v"
+    assert choose(_values(start_image="x", end_image="y")) == "flf"
+    t2v = T2V.build(_values(), tag="t")
+    assert {n["class_type"] for n in t2v.values()} >= {"EmptyHunyuanLatentVideo"}
+    assert not any(n["class_type"] == "LoadImage" for n in t2v.values())
+    i2v = I2V.build(_values(start_image="start.png"), tag="t")
+    assert i2v["11"]["inputs"]["image"] == "start.png"
+    assert i2v["12"]["class_type"] == "WanImageToVideo"
+    flf = FLF.build(_values(start_image="a.png", end_image="b.png"), tag="t")
+    assert flf["12"]["class_type"] == "WanFirstLastFrameToVideo"
+    assert (flf["11"]["inputs"]["image"], flf["18"]["inputs"]["image"]) == ("a.png", "b.png")
+
+
+def test_two_experts_split_the_steps() -> None:
+    graph = I2V.build(_values(start_image="s.png", steps=6, split_step=2, cfg=2.0), tag="t")
+    high, low = graph["13"]["inputs"], graph["14"]["inputs"]
+    assert (high["start_at_step"], high["end_at_step"], high["steps"]) == (0, 2, 6)
+    assert (low["start_at_step"], low["end_at_step"], low["steps"]) == (2, 10000, 6)
+    assert high["return_with_leftover_noise"] == "enable"
+    assert low["add_noise"] == "disable"
+    assert high["noise_seed"] == low["noise_seed"] == 7
+    assert high["cfg"] == low["cfg"] == 2.0
+    assert sampler_steps(graph) == 6
+    assert "wan2.2_i2v_high" in _chain(graph, "13")[-1]
+    assert "wan2.2_i2v_low" in _chain(graph, "14")[-1]
+
+
+def test_lightning_is_the_default_and_can_be_left_out() -> None:
+    fast = _values(start_image="s.png")
+    assert (fast["steps"], fast["split_step"], fast["cfg"]) == (4, 2, 1.0)
+    graph = I2V.build(fast, tag="t")
+    assert _chain(graph, "13")[0].endswith("lightx2v_4steps_lora_v1_high_noise.safetensors")
+    assert _chain(graph, "14")[0].endswith("lightx2v_4steps_lora_v1_low_noise.safetensors")
+    t2v = T2V.build(_values(), tag="t")
+    assert _chain(t2v, "13")[0].endswith("lightx2v_4steps_lora_v1.1_high_noise.safetensors")
+    full = _values(start_image="s.png", lightning=False)
+    assert (full["steps"], full["split_step"], full["cfg"]) == (20, 10, 3.5)
+    graph = I2V.build(full, tag="t")
+    assert "3" not in graph
+    assert "4" not in graph
+    assert len(_chain(graph, "13")) == len(_chain(graph, "14")) == 1  # straight to the UNet
+
+
+@pytest.mark.parametrize(
+    ("applies", "high", "low"),
+    [
+        (["high"], ["cache/l0.safetensors"], []),
+        (["low"], [], ["cache/l0.safetensors"]),
+        (["both"], ["cache/l0.safetensors"], ["cache/l0.safetensors"]),
+        (
+            ["both", "high", "low"],
+            ["cache/l1.safetensors", "cache/l0.safetensors"],
+            ["cache/l2.safetensors", "cache/l0.safetensors"],
+        ),
+    ],
+)
+def test_loras_are_chained_onto_their_expert(
+    applies: list[str], high: list[str], low: list[str]
+) -> None:
+    loras = [
+        {"source": f"https://example.com/l{i}.safetensors", "strength": 0.5 + i, "applies_to": a}
+        for i, a in enumerate(applies)
+    ]
+    for lightning in (True, False):
+        graph = I2V.build(_values(start_image="s.png", loras=loras, lightning=lightning), tag="t")
+        got_high = [p.split(":")[1] for p in _chain(graph, "13")[: len(high)]]
+        got_low = [p.split(":")[1] for p in _chain(graph, "14")[: len(low)]]
+        assert (got_high, got_low) == (high, low)
+        extra = len(_chain(graph, "13")) - len(high) - 1
+        assert extra == (1 if lightning else 0)  # the lightning LoRA stays next to the UNet
+    strengths = {
+        n["inputs"]["lora_name"]: n["inputs"]["strength_model"]
+        for n in graph.values()
+        if n["class_type"] == "LoraLoaderModelOnly"
+    }
+    assert strengths["cache/l0.safetensors"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"num_frames": 80}, r"4n\+1"),
+        ({"width": 100, "height": 64}, "multiple of 16"),
+        ({"width": 1280, "height": 1280}, "larger than 720p"),
+        ({"end_image": "x"}, "needs a start_image"),
+        ({"steps": 4, "split_step": 4}, "split_step"),
+        ({"loras": [{"source": "ftp://example.com/a.safetensors"}]}, "source"),
+        ({"loras": [{"source": "hf://org/repo/x.bin"}]}, "source"),
+        ({"loras": [{"source": "https://e.com/a.safetensors", "applies_to": "mid"}]}, "applies"),
+        ({"loras": [{"source": "https://e.com/a.safetensors"}] * 9}, "loras"),
+    ],
+)
+def test_bad_input_is_refused_with_the_reason(payload: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Wan14bInput.model_validate({"prompt": "p", **SMALL, **payload})
+
+
+def test_manifest_names_every_model_the_workflows_load() -> None:
+    names = {(f.folder, f.name) for f in FILES}
+    for workflow in (T2V, I2V, FLF):
+        assert set(workflow.model_files()) <= names, workflow.name
+    assert all(f.tiny for f in FILES)
+
+
+# --- the service against the stand-in ComfyUI ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[Server]:
+    with serve() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
+    base = tmp_path_factory.mktemp("comfy")
+    for file in FILES:  # "downloaded": sparse files of the manifest's sizes
+        path = base / "models" / file.folder / file.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as out:
+            out.truncate(file.size_bytes)
+    with StandinProcess(base, OBJECT_INFO) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def service(
+    standin: StandinProcess, hub: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    data = tmp_path_factory.mktemp("wan14b-data")
+    process = ServiceProcess(
+        "model_service.cli",
+        data,
+        env={
+            "COMFYUI_URL": standin.url,
+            "MODELS_DIR": str(standin.base_dir / "models"),
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0",  # other test modules set it for their own process
+            "FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
+            "LORA_CACHE_GB": "0.0025",  # 2.5 MB: room for two of the 1 MB test LoRAs
+            "CANCEL_GRACE_S": "3",
+        },
+        args=["serve", "wan2.2-14b-loras-v1"],
+    )
+    process.start(timeout=60)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(service: ServiceProcess, standin: StandinProcess) -> Iterator[httpx.Client]:
+    standin.configure(reset=True)
+    with service.client() as http:
+        yield http
+
+
+def _run(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def _last_prompt(standin: StandinProcess) -> dict[str, Any]:
+    prompt: dict[str, Any] = standin.stats()["prompts"][-1]
+    return prompt
+
+
+def _video_facts(data: bytes) -> tuple[str, int, int, int]:
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return stream.codec_context.name, stream.width, stream.height, frames
+
+
+def test_each_mode_returns_an_h264_mp4(client: httpx.Client, standin: StandinProcess) -> None:
+    for payload, mode in (
+        ({}, "t2v"),
+        ({"start_image": _png_data_uri()}, "i2v"),
+        ({"start_image": _png_data_uri(), "end_image": _png_data_uri((0, 0, 255))}, "flf"),
+    ):
+        job = _run(client, {"prompt": "a red fox", **SMALL, **payload})
+        assert job["status"] == "succeeded", job.get("error")
+        assert job["info"]["workflow"] == mode
+        assert _video_facts(client.get(job["outputs"][0]["url"]).content) == ("h264", 64, 64, 9)
+        sent = _last_prompt(standin)
+        loads = sorted(
+            n["inputs"]["image"] for n in sent.values() if n["class_type"] == "LoadImage"
+        )
+        assert len(loads) == {"t2v": 0, "i2v": 1, "flf": 2}[mode]
+        assert all(name.startswith("jobs/") for name in loads)
+
+
+def test_progress_counts_the_steps_of_both_experts(
+    client: httpx.Client, standin: StandinProcess
+) -> None:
+    standin.configure(step_delay_s=0.1)
+    job = client.post("/v1/jobs", json={"input": {"prompt": "p", "steps": 6, **SMALL}}).json()
+    seen: list[tuple[int, int]] = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                data = json.loads(line[5:])
+                progress = data.get("progress") or {}
+                if progress.get("total"):
+                    seen.append((progress["step"], progress["total"]))
+                if data["status"] in ("succeeded", "failed", "canceled"):
+                    assert data["status"] == "succeeded", data
+                    break
+    steps = [step for step, _ in seen]
+    assert steps == sorted(steps), seen  # never goes back when the low expert starts
+    assert seen[-1] == (6, 6)
+    assert {total for _, total in seen} == {6}
+
+
+def test_job_loras_are_downloaded_once_and_reach_comfyui(
+    client: httpx.Client, standin: StandinProcess, hub: Server, tmp_path: Path
+) -> None:
+    url = hub.add("/loras/style.safetensors", _lora_bytes(tmp_path, 1))
+    hub.add("/hub/someone/wan-loras/motion.safetensors", _lora_bytes(tmp_path, 2))
+    loras = [
+        {"source": url, "strength": 0.8, "applies_to": "high"},
+        {"source": "hf://someone/wan-loras/motion.safetensors", "applies_to": "both"},
+    ]
+    for _ in range(2):
+        job = _run(client, {"prompt": "p", "start_image": _png_data_uri(), **SMALL, "loras": loras})
+        assert job["status"] == "succeeded", job.get("error")
+        sent = _last_prompt(standin)
+        names = [
+            n["inputs"]["lora_name"]
+            for n in sent.values()
+            if n["class_type"] == "LoraLoaderModelOnly"
+        ]
+        assert sum(name.startswith("cache/") for name in names) == 3  # high: 2, low: 1
+        assert any(name.endswith("_style.safetensors") for name in names)
+    assert len(hub.gets_of("/loras/style.safetensors")) == 1, "downloaded once, then cached"
+    cached = list((standin.base_dir / "models" / "loras" / "cache").glob("*.safetensors"))
+    assert len(cached) == 2
+
+
+def test_the_lora_cache_stays_under_its_cap(
+    client: httpx.Client, hub: Server, standin: StandinProcess, tmp_path: Path
+) -> None:
+    for seed in range(10, 14):
+        url = hub.add(f"/loras/cap{seed}.safetensors", _lora_bytes(tmp_path, seed) + b"")
+        job = _run(client, {"prompt": "p", **SMALL, "loras": [{"source": url}]})
+        assert job["status"] == "succeeded", job.get("error")
+    cache = standin.base_dir / "models" / "loras" / "cache"
+    assert sum(p.stat().st_size for p in cache.glob("*.safetensors")) <= 2_500_000
+    assert any(p.name.endswith("_cap13.safetensors") for p in cache.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("setup", "code"),
+    [("missing", "lora_unavailable"), ("not_a_lora", "lora_invalid")],
+)
+def test_a_bad_lora_fails_the_job_before_comfyui_works(
+    client: httpx.Client, hub: Server, standin: StandinProcess, setup: str, code: str
+) -> None:
+    if setup == "not_a_lora":
+        hub.add("/loras/readme.safetensors", b"this is not a safetensors file at all")
+    source = f"{hub.url}/loras/" + ("gone" if setup == "missing" else "readme") + ".safetensors"
+    before = len(standin.stats()["prompts"])
+    job = _run(client, {"prompt": "p", **SMALL, "loras": [{"source": source}]})
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == code, job["error"]
+    assert source in job["error"]["message"] or "readme" in job["error"]["message"]
+    assert len(standin.stats()["prompts"]) == before, "nothing was queued in ComfyUI"
+
+
+def test_legacy_generate(client: httpx.Client) -> None:
+    body = {"image_url": _png_data_uri(), "prompt": "p", "width": 64, "height": 64, "frames": 9}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    job_id = response.json()["job_id"]
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = client.get(f"/status/{job_id}").json()
+        if status["status"] in ("completed", "error"):
+            break
+        time.sleep(0.1)
+    assert status["status"] == "completed", status
+    video = client.get(f"/download/{job_id}")
+    assert video.status_code == 200
+    assert video.content[4:8] == b"ftyp"
+
+
+# --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------
+
+COMFYUI_TEST_DIR = os.environ.get("COMFYUI_TEST_DIR")
+needs_real_comfyui = pytest.mark.skipif(
+    not COMFYUI_TEST_DIR,
+    reason="set COMFYUI_TEST_DIR (a ComfyUI 0.33+ checkout; COMFYUI_TEST_PYTHON: its "
+    "interpreter) to run the real workflows on tiny weights",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_service(tmp_path_factory: pytest.TempPathFactory, hub: Server) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("wan14b-tiny")
+    env = {
+        "PROFILE": "tiny",
+        "COMFYUI_DIR": str(COMFYUI_TEST_DIR),
+        "COMFYUI_PORT": str(free_port()),
+        "MODELS_DIR": str(root / "models"),
+        "FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
+    }
+    if os.environ.get("COMFYUI_TEST_PYTHON"):
+        env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
+    process = ServiceProcess(
+        "model_service.cli", root / "data", env=env, args=["serve", "wan2.2-14b-loras-v1"]
+    )
+    process.start(timeout=240)
+    yield process
+    process.stop()
+
+
+def _frames(data: bytes) -> list[bytes]:
+    with av.open(io.BytesIO(data)) as container:
+        return [frame.to_ndarray(format="rgb24").tobytes() for frame in container.decode(video=0)]
+
+
+@needs_real_comfyui
+def test_tiny_modes_with_loras_on_a_real_comfyui(
+    tiny_service: ServiceProcess, hub: Server, tmp_path: Path
+) -> None:
+    high = hub.add("/tiny/high.safetensors", _lora_bytes(tmp_path, 21))
+    low = hub.add("/tiny/low.safetensors", _lora_bytes(tmp_path, 22))
+    loras = [{"source": high, "applies_to": "high"}, {"source": low, "applies_to": "low"}]
+    size = {"width": 64, "height": 64, "num_frames": 17, "fps": 16}
+    red, blue = _png_data_uri((220, 20, 20)), _png_data_uri((20, 20, 220))
+    with tiny_service.client() as http:
+        videos = {}
+        for name, extra in (
+            ("t2v", {}),
+            ("i2v", {"start_image": red}),
+            ("flf", {"start_image": red, "end_image": blue}),
+            ("i2v_blue", {"start_image": blue}),
+            ("i2v_plain", {"start_image": red, "loras": []}),
+        ):
+            payload = {"prompt": "a fox", "seed": 5, **size, "loras": loras, **extra}
+            job = _run(http, payload)
+            assert job["status"] == "succeeded", (name, job.get("error"))
+            data = http.get(job["outputs"][0]["url"]).content
+            assert _video_facts(data) == ("h264", 64, 64, 17), name
+            videos[name] = _frames(data)
+    assert videos["i2v"] != videos["i2v_blue"], "the start image changes the video"
+    assert videos["i2v"] != videos["i2v_plain"], "the LoRAs change the video"
+    assert videos["i2v"] != videos["flf"]

@@ -1,0 +1,137 @@
+"""Typed input of the Wan2.2-14B service (shown in /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from model_service.errors import LoraInvalid
+from model_service.loras import parse_lora_source
+from model_service.media_refs import ImageRef
+
+PRESETS: dict[str, tuple[int, int]] = {
+    "480p": (832, 480),
+    "480p_portrait": (480, 832),
+    "720p": (1280, 720),
+    "720p_portrait": (720, 1280),
+}
+MAX_PIXELS = 1280 * 720
+MAX_FRAMES = 121  # the experts were trained on 81; longer clips lose coherence
+MAX_LORAS = 8
+LIGHTNING = {"steps": 4, "split_step": 2, "cfg": 1.0}  # the lightx2v 4-step LoRA pair
+FULL = {"steps": 20, "split_step": 10, "cfg": 3.5}  # without it (the template's values)
+
+
+class LoraSpec(BaseModel):
+    """A LoRA applied to this job only, downloaded once into the service's LoRA cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        ...,
+        max_length=2048,
+        description="`hf://<owner>/<repo>/<path>.safetensors[@revision]` or an http(s) URL "
+        "of a .safetensors file.",
+    )
+    strength: float = Field(1.0, ge=-5.0, le=5.0, description="Weight of the LoRA.")
+    applies_to: Literal["high", "low", "both"] = Field(
+        "both", description="Which expert gets it: the high-noise, the low-noise, or both."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        try:
+            parse_lora_source(value, field="source")
+        except LoraInvalid as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+
+class Wan14bInput(BaseModel):
+    """One video. No image: text-to-video; a start image: image-to-video; a start and an
+    end image: first-last-frame (the video travels from one to the other)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=4000, description="What the video shows.")
+    negative_prompt: str = Field(
+        "", max_length=4000, description="What to avoid (used only with cfg above 1)."
+    )
+    start_image: ImageRef | None = Field(None, description="First frame: image-to-video.")
+    end_image: ImageRef | None = Field(
+        None, description="Last frame (with start_image): first-last-frame."
+    )
+    preset: Literal["480p", "480p_portrait", "720p", "720p_portrait"] | None = Field(
+        None, description="832x480, 480x832, 1280x720 or 720x1280; or give width and height."
+    )
+    width: int | None = Field(
+        None, ge=64, le=1280, multiple_of=16, description="Multiple of 16 (default 832)."
+    )
+    height: int | None = Field(
+        None, ge=64, le=1280, multiple_of=16, description="Multiple of 16 (default 480)."
+    )
+    num_frames: int = Field(
+        81, ge=5, le=MAX_FRAMES, description="Frames, 4n+1 (81 = 5 s at 16 fps)."
+    )
+    fps: int = Field(16, ge=1, le=60, description="Frames per second of the mp4.")
+    lightning: bool = Field(
+        True,
+        description="Use the lightx2v 4-step LoRA pair (4 steps, cfg 1); false: the full "
+        "model (20 steps, cfg 3.5), about 10x slower.",
+    )
+    steps: int | None = Field(None, ge=2, le=60, description="Default 4 (lightning) or 20.")
+    split_step: int | None = Field(
+        None,
+        ge=1,
+        le=59,
+        description="Step where the low-noise expert takes over; default half the steps.",
+    )
+    cfg: float | None = Field(None, ge=1.0, le=20.0, description="Default 1.0 (lightning) or 3.5.")
+    shift: float = Field(5.0, ge=0.0, le=100.0, description="Flow shift of both samplers.")
+    loras: list[LoraSpec] = Field(
+        default_factory=list, max_length=MAX_LORAS, description="Your LoRAs for this job."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Wan14bInput:
+        if self.end_image is not None and self.start_image is None:
+            raise ValueError("end_image needs a start_image (first-last-frame)")
+        if self.preset is not None:
+            if self.width is not None or self.height is not None:
+                raise ValueError("give `preset`, or `width` and `height`, not both")
+            self.width, self.height = PRESETS[self.preset]
+        elif (self.width is None) != (self.height is None):
+            raise ValueError("give both `width` and `height`, or neither")
+        self.width, self.height = self.width or 832, self.height or 480
+        if self.width * self.height > MAX_PIXELS:
+            raise ValueError(
+                f"{self.width}x{self.height} is larger than 720p ({MAX_PIXELS} pixels); "
+                "use a preset or a smaller size"
+            )
+        if (self.num_frames - 1) % 4:
+            raise ValueError(
+                f"num_frames must be 4n+1 (the VAE packs 4 frames per latent), got "
+                f"{self.num_frames}; use {self.num_frames - (self.num_frames - 1) % 4}"
+            )
+        defaults = LIGHTNING if self.lightning else FULL
+        self.steps = self.steps or int(defaults["steps"])
+        if self.split_step is None:
+            self.split_step = self.steps // 2
+        if not 1 <= self.split_step < self.steps:
+            raise ValueError(
+                f"split_step must be between 1 and steps - 1 ({self.steps - 1}); "
+                f"got {self.split_step}"
+            )
+        self.cfg = self.cfg if self.cfg is not None else defaults["cfg"]
+        return self
+
+    @property
+    def mode(self) -> str:
+        if self.start_image is None:
+            return "t2v"
+        return "flf" if self.end_image is not None else "i2v"
