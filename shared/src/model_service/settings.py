@@ -27,6 +27,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
+    mode: Literal["http", "serverless"] = Field(
+        "http",
+        description="`http`: the job API on PORT; `serverless`: a RunPod serverless worker "
+        "(the runpod SDK's handler loop) on the same job engine.",
+    )
     host: str = Field("0.0.0.0", description="Address the HTTP API listens on.")  # noqa: S104
     port: int | None = Field(None, description="HTTP port; default is the service's own port.")
     profile: Literal["full", "tiny"] = Field(
@@ -135,6 +140,23 @@ class Settings(BaseSettings):
     )
     output_retention_hours: float = Field(
         72.0, ge=0, description="Outputs older than this are deleted (0 keeps them forever)."
+    )
+    s3_bucket: str | None = Field(
+        None,
+        description="Upload every output to this S3-compatible bucket; jobs then list the "
+        "object URLs. Credentials: the usual AWS_* variables (boto3).",
+    )
+    s3_prefix: str = Field("outputs/", description="Key prefix of uploaded outputs.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (R2, MinIO, B2, ...); default AWS."
+    )
+    s3_region: str | None = Field(None, description="Region of the bucket.")
+    s3_presign_s: int = Field(
+        0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="Presigned GET URLs valid this long; 0: plain object URLs (public "
+        "buckets, or clients with their own credentials).",
     )
     webhook_secret: str | None = Field(
         None,
