@@ -37,6 +37,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint $(wildcard */Dockerfile)
+	$(VENV)/bin/actionlint $(wildcard .github/workflows/*.yml)
 
 docs: setup
 	$(PY) -m model_service.config_docs --write README.md

@@ -30,7 +30,9 @@ def load_spec(name: str) -> ServiceSpec:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="model-service")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run a service's HTTP API and worker")
+    serve = sub.add_parser(
+        "serve", help="run a service: its HTTP API, or a RunPod serverless worker (MODE)"
+    )
     serve.add_argument("service", help="service folder name, e.g. qwen-image-edit-nunchaku")
     download = sub.add_parser("download", help="download a manifest's model files")
     download.add_argument("--manifest", required=True, type=Path, help="manifest JSON file")
@@ -38,13 +40,21 @@ def main() -> None:
         "--models-dir", type=Path, default=None, help="default: MODELS_DIR from the environment"
     )
     download.add_argument("--parallel", type=int, default=3, help="files at once (default 3)")
-    args = parser.parse_args()
+    # with MODE=serverless the runpod SDK reads its own flags (--rp_serve_api, ...)
+    args, sdk_flags = parser.parse_known_args()
+    settings = Settings() if args.command == "serve" else None
+    if sdk_flags and (settings is None or settings.mode != "serverless"):
+        parser.error(f"unrecognized arguments: {' '.join(sdk_flags)}")
     if args.command == "download":
         run_download(args.manifest, args.models_dir, args.parallel)
-    elif args.command == "serve":
-        settings = Settings()
+    elif settings is not None:
         configure_logging(settings.log_level, settings.log_format)
         spec = load_spec(args.service)
+        if settings.mode == "serverless":
+            from model_service import serverless
+
+            serverless.serve(spec, settings)
+            return
         from model_service.api.app import create_app
 
         app = create_app(spec, settings)

@@ -169,5 +169,11 @@ class SetupFailed(JobFailure):
     code = "setup_failed"
 
 
+class StorageFailed(JobFailure):
+    """The outputs could not be uploaded to the S3 bucket; they stay downloadable here."""
+
+    code = "storage_failed"
+
+
 class JobCanceled(Exception):
     """Raised inside a worker at the next step after a cancel; not a failure."""

@@ -16,14 +16,20 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from model_service.engine import Engine
-from model_service.errors import Interrupted, JobTimeout, ServiceError, WorkerCrashed
+from model_service.errors import (
+    Interrupted,
+    JobTimeout,
+    ServiceError,
+    StorageFailed,
+    WorkerCrashed,
+)
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
 from model_service.jobs.status import JobStatus
@@ -31,6 +37,7 @@ from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 from model_service.settings import Settings
+from model_service.storage import OutputStore, StoredObject
 from model_service.webhooks import WebhookDispatcher
 from model_service.worker.protocol import JobDone, JobProgress, RunJob
 
@@ -190,7 +197,18 @@ class JobRunner:
         finally:
             self._running_job = None
             recorder.close()
-        self._finish(job.id, done, failure, _list_outputs(output_dir, done), recorder.latest)
+        outputs = [] if failure is not None else _list_outputs(output_dir, done)
+        stored: list[StoredObject] = []
+        store = OutputStore.for_job(self._settings, job.storage) if outputs else None
+        if store is not None:
+            # Uploaded before `succeeded` is recorded, so that a client who sees it can use
+            # the URLs. This delays the next job by the upload time (a later step moves
+            # output handling off the critical path).
+            try:
+                stored = await store.upload(job, [output_dir / name for name in outputs])
+            except StorageFailed as exc:
+                failure = exc
+        self._finish(job.id, done, failure, outputs, recorder.latest, stored)
 
     async def _await_or_kill(self, future: asyncio.Future[JobDone]) -> JobDone | None:
         try:
@@ -210,18 +228,19 @@ class JobRunner:
         failure: ServiceError | None,
         outputs: list[str],
         progress: tuple[int, int],
+        stored: list[StoredObject],
     ) -> None:
         current = self._store.get(job_id)
         change: Callable[[Job], None]
         if failure is None and (current.cancel_requested or (done is not None and done.canceled)):
             status, change = JobStatus.CANCELED, _finish_now
         elif failure is not None:
-            status, change = JobStatus.FAILED, _fail_with(failure)
+            status, change = JobStatus.FAILED, _fail_with(failure, outputs)
         elif done is not None and done.error is not None:
             status, change = JobStatus.FAILED, _fail_with_dict(done.error)
         else:
             assert done is not None
-            status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info)
+            status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info, stored)
         # not fsynced: after a power loss the job runs again (see JobStore._tx)
         job = self._store.transition(
             job_id, status, _with_progress(change, progress), durable=False
@@ -313,22 +332,29 @@ def _mark_cancel_requested(job: Job) -> None:
     job.cancel_requested = True
 
 
-def _fail_with(error: ServiceError) -> Callable[[Job], None]:
-    return _fail_with_dict(error.to_dict())
+def _fail_with(error: ServiceError, outputs: list[str] | None = None) -> Callable[[Job], None]:
+    return _fail_with_dict(error.to_dict(), outputs)
 
 
-def _fail_with_dict(error: dict[str, Any]) -> Callable[[Job], None]:
+def _fail_with_dict(
+    error: dict[str, Any], outputs: list[str] | None = None
+) -> Callable[[Job], None]:
     def change(job: Job) -> None:
         job.finished_at = time.time()
         job.error = error
+        if outputs:  # the upload failed: the files can still be downloaded from us
+            job.outputs = outputs
 
     return change
 
 
-def _succeed(outputs: list[str], info: dict[str, Any]) -> Callable[[Job], None]:
+def _succeed(
+    outputs: list[str], info: dict[str, Any], stored: list[StoredObject]
+) -> Callable[[Job], None]:
     def change(job: Job) -> None:
         job.finished_at = time.time()
         job.outputs = outputs
+        job.stored_outputs = {obj.name: asdict(obj) for obj in stored}
         job.info = {**job.info, **info}
         job.progress_step = max(job.progress_step, job.progress_total)
 

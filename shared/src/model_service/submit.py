@@ -78,8 +78,10 @@ class JobSubmitter:
         webhook: str | None,
         webhook_events: list[str] | None,
         base_url: str,
+        storage: dict[str, Any] | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new job (or return the existing one for a repeated `job_id`)."""
+        """Store a new job (or return the existing one for a repeated `job_id`).
+        `storage` is a validated `StorageRequest`, as a dict."""
         events = list(webhook_events or DEFAULT_WEBHOOK_EVENTS)
         unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
         if unknown:
@@ -87,8 +89,11 @@ class JobSubmitter:
                 f"unknown webhook_events {unknown}; choose from {list(WEBHOOK_EVENTS)}",
                 field="webhook_events",
             )
+        storage = {k: v for k, v in (storage or {}).items() if v is not None} or None
+        # like webhook; a request without storage hashes as it did before storage existed
+        hashed = [raw_input, webhook, events, *([storage] if storage else [])]
         request_hash = hashlib.sha256(
-            json.dumps([raw_input, webhook, events], sort_keys=True, default=str).encode()
+            json.dumps(hashed, sort_keys=True, default=str).encode()
         ).hexdigest()
         if job_id is not None and (existing := self._store.find(job_id)) is not None:
             if existing.request_hash != request_hash:
@@ -100,6 +105,12 @@ class JobSubmitter:
             return existing, False
         if webhook is not None:
             self._http.check_url(webhook, field="webhook")
+        if storage is not None and not (storage.get("bucket") or self._settings.s3_bucket):
+            raise InvalidInput(
+                "storage: no bucket to upload to; name one in storage.bucket, or configure "
+                "S3_BUCKET",
+                field="storage.bucket",
+            )
         try:
             validated = self._model.model_validate(raw_input)
         except ValidationError as exc:
@@ -127,6 +138,7 @@ class JobSubmitter:
             webhook=webhook,
             webhook_events=events,
             base_url=base_url,
+            storage=storage,
         )
         job, created = self._store.create(job)
         if created:

@@ -1,4 +1,5 @@
-"""Run the echo service with uvicorn: `python -m fixture_service.serve` (env configures)."""
+"""Run the echo service with uvicorn: `python -m fixture_service.serve` (env configures;
+MODE=serverless runs it as a RunPod worker)."""
 
 import os
 
@@ -18,6 +19,14 @@ if __name__ == "__main__":
         "setup_s": os.environ.get("ECHO_SETUP_S", "0"),
     }
     spec = ServiceSpec(**{**SPEC.__dict__, "worker_options": lambda _settings: options})
-    uvicorn.run(
-        create_app(spec, settings), host="127.0.0.1", port=settings.port or 8099, log_config=None
-    )
+    if settings.mode == "serverless":  # a RunPod worker, as `model-service serve` starts it
+        from model_service import serverless
+
+        serverless.serve(spec, settings)
+    else:
+        uvicorn.run(
+            create_app(spec, settings),
+            host="127.0.0.1",
+            port=settings.port or 8099,
+            log_config=None,
+        )

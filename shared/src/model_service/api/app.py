@@ -29,6 +29,7 @@ log = get_logger("model_service.app")
 
 
 def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.db_path)
     metrics = Metrics(spec.name, lambda: float(store.count(JobStatus.QUEUED)))
     http = SafeHttpClient(
@@ -67,29 +68,42 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     return ServiceState(spec, settings, store, bus, metrics, http, webhooks, runner, submitter)
 
 
+@asynccontextmanager
+async def running(state: ServiceState) -> AsyncIterator[None]:
+    """The service's lifetime on the current event loop: runner, webhooks, retention
+    (the HTTP app's lifespan, and the serverless worker's)."""
+    await state.runner.start()
+    background = [
+        asyncio.create_task(state.webhooks.run(), name="webhooks"),
+        asyncio.create_task(retention.run_forever(state.settings, state.store), name="retention"),
+    ]
+    _ok, reason = state.runner.readiness
+    log.info(
+        "service started",
+        service=state.spec.name,
+        profile=state.settings.profile,
+        mode=state.settings.mode,
+        reason=reason,
+    )
+    try:
+        yield
+    finally:
+        for task in background:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await state.runner.stop()
+        await state.http.aclose()
+        state.store.close()
+
+
 def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = build_state(spec, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.runner.start()
-        background = [
-            asyncio.create_task(state.webhooks.run(), name="webhooks"),
-            asyncio.create_task(retention.run_forever(settings, state.store), name="retention"),
-        ]
-        _ok, reason = state.runner.readiness
-        log.info("service started", service=spec.name, profile=settings.profile, reason=reason)
-        try:
+        async with running(state):
             yield
-        finally:
-            for task in background:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
-            await state.runner.stop()
-            await state.http.aclose()
-            state.store.close()
 
     app = FastAPI(
         title=spec.title,

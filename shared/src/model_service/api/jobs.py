@@ -18,6 +18,7 @@ from model_service.errors import NotFound
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.jobs.view import JobView, job_view
+from model_service.storage import StorageRequest
 from model_service.webhooks import WEBHOOK_EVENTS
 
 SMALL_OUTPUT_BYTES = 4 << 20  # outputs up to this size are sent from memory
@@ -48,6 +49,14 @@ def job_request_model(input_model: type[BaseModel]) -> type[BaseModel]:
                 None,
                 description=f"Events that call the webhook: any of {list(WEBHOOK_EVENTS)}; "
                 "default: the terminal ones.",
+            ),
+        ),
+        storage=(
+            StorageRequest | None,
+            Field(
+                None,
+                description="Upload the outputs to this bucket/prefix (S3-compatible, the "
+                "service's endpoint and credentials) instead of S3_BUCKET / S3_PREFIX.",
             ),
         ),
     )
@@ -98,6 +107,7 @@ def build_router(state: ServiceState) -> APIRouter:
             job_id=job_id,
             webhook=payload.get("webhook"),
             webhook_events=payload.get("webhook_events"),
+            storage=payload.get("storage"),
             base_url=state.base_url(request),
         )
 

@@ -31,6 +31,8 @@ class Job:
     webhook: str | None = None
     webhook_events: list[str] = field(default_factory=list)
     base_url: str = ""  # where the job was submitted; output links in webhooks use it
+    storage: dict[str, Any] | None = None  # the request's bucket/prefix/presign_s override
+    stored_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> object
 
     def to_row(self) -> dict[str, Any]:
         """The fields as they are (JSON values already): no deep copy, it is serialised

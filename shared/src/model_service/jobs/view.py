@@ -26,10 +26,22 @@ class Timings(BaseModel):
     run_s: float | None = Field(description="From start to end of the last attempt.")
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class Output(BaseModel):
     name: str
     url: str
     content_type: str | None
+    # only when the output was uploaded (S3_BUCKET or the job's `storage`)
+    storage_url: str | None = Field(
+        None,
+        exclude_if=_is_none,
+        description="The uploaded object: its URL, or a presigned GET URL (S3_PRESIGN_S).",
+    )
+    bucket: str | None = Field(None, exclude_if=_is_none)
+    key: str | None = Field(None, exclude_if=_is_none)
 
 
 class ErrorBody(BaseModel):
@@ -63,6 +75,17 @@ def _time(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
+def _output(name: str, job_url: str, stored: dict[str, Any]) -> Output:
+    return Output(
+        name=name,
+        url=f"{job_url}/outputs/{name}",
+        content_type=mimetypes.guess_type(name)[0],
+        storage_url=stored.get("url"),
+        bucket=stored.get("bucket"),
+        key=stored.get("key"),
+    )
+
+
 def job_view(job: Job, base_url: str) -> JobView:
     base = base_url.rstrip("/")
     job_url = f"{base}/v1/jobs/{job.id}"
@@ -86,14 +109,7 @@ def job_view(job: Job, base_url: str) -> JobView:
         ),
         outputs=[]
         if job.outputs_expired
-        else [
-            Output(
-                name=name,
-                url=f"{job_url}/outputs/{name}",
-                content_type=mimetypes.guess_type(name)[0],
-            )
-            for name in job.outputs
-        ],
+        else [_output(name, job_url, job.stored_outputs.get(name, {})) for name in job.outputs],
         outputs_expired=job.outputs_expired,
         error=job.error,
         info=job.info,
