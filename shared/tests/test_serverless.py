@@ -419,3 +419,31 @@ def test_cuda_error_asks_runpod_for_a_new_worker(on_runpod) -> None:
     assert result["stopPod"] is True
     fake.jobs.put({"id": "job-cuda", "input": {"behaviour": "cuda_error"}})  # /retry
     worker.wait_until(lambda: worker.job_status("job-cuda.2") == "failed", "the retry")
+
+
+@needs_sdk
+def test_a_worker_that_can_never_be_ready_fails_jobs_at_once_and_asks_for_another(
+    tmp_path: Path,
+) -> None:
+    fake = FakeRunPod()
+    worker = Worker(
+        tmp_path / "data",
+        {
+            "ECHO_FAIL_SETUP": "1",  # the model cannot load here: no job will ever run
+            "RUNPOD_POD_ID": "worker-broken",
+            "RUNPOD_WEBHOOK_GET_JOB": f"{fake.url}/job-take/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{fake.url}/job-done/$RUNPOD_POD_ID/$ID?gpu=test",
+        },
+        [],
+    )
+    try:
+        fake.jobs.put({"id": "job-doomed", "input": {"text": "x"}})
+        result = fake.result("job-doomed")  # at once, not after RunPod's execution timeout
+        error = _error(result)
+        assert error["code"] == "not_ready"
+        assert "cannot run jobs" in error["message"]
+        assert result["stopPod"] is True
+        assert worker.job_status("job-doomed") == "canceled"
+    finally:
+        worker.stop()
+        fake.close()

@@ -66,6 +66,9 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running_job: str | None = None
+        # why no job can run here until an operator acts (no GPU, setup failed), once known
+        self.blocked: str | None = None
+        self._blocked_event = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -109,6 +112,11 @@ class JobRunner:
             else:
                 self._store.transition(job.id, JobStatus.QUEUED)
                 log.warning("interrupted job queued again", job_id=job.id, attempts=job.attempts)
+
+    async def wait_blocked(self) -> str:
+        """Returns (the reason) once the engine is known never to become ready."""
+        await self._blocked_event.wait()
+        return self.blocked or "the engine cannot run jobs"
 
     def wake(self) -> None:
         self._wake.set()
@@ -160,6 +168,8 @@ class JobRunner:
     async def _loop(self) -> None:
         while True:
             if not await self.engine.wait_ready():  # jobs stay queued; /ready says why
+                self.blocked = self.engine.readiness[1]
+                self._blocked_event.set()
                 await asyncio.Event().wait()
                 return
             self._wake.clear()

@@ -126,6 +126,15 @@ class ServerlessWorker:
                 log.info("RunPod stopped the job; canceling it")
                 await state.runner.cancel(record.id)
                 raise
+            except _Unusable as exc:  # e.g. no GPU: no job will ever run on this worker
+                log.error("this worker cannot run jobs; asking RunPod for another", reason=exc)
+                await state.runner.cancel(record.id)
+                error = {
+                    "code": "not_ready",
+                    "message": f"this worker cannot run jobs: {exc}; RunPod replaces it, "
+                    "retry the job",
+                }
+                return _failure(error, refresh_worker=True)
             return await self._result(record)
 
     async def _result(self, job: Job) -> dict[str, Any]:
@@ -181,15 +190,31 @@ class ProgressReporter:
         self._send(self._job, {"step": step, "total": total, "fraction": round(step / total, 4)})
 
 
+class _Unusable(Exception):
+    """The engine will never become ready on this worker (its reason is the message)."""
+
+
 async def _wait(state: ServiceState, job_id: str, progress: ProgressReporter) -> Job:
-    """The job once it has ended; its progress goes to `progress` meanwhile."""
-    async with state.bus.subscribe(job_id) as events:
-        job = state.store.get(job_id)
-        while not job.status.is_terminal:
-            event = await events.get()
-            job = event.job
-            if event.kind == "progress":
-                progress(job.progress_step, job.progress_total)
+    """The job once it has ended; its progress goes to `progress` meanwhile. Raises
+    `_Unusable` if the engine turns out never to become ready."""
+    blocked = asyncio.ensure_future(state.runner.wait_blocked())
+    try:
+        async with state.bus.subscribe(job_id) as events:
+            job = state.store.get(job_id)
+            while not job.status.is_terminal:
+                event_task = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait(
+                    {event_task, blocked}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if event_task not in done:
+                    event_task.cancel()
+                    raise _Unusable(blocked.result())
+                event = event_task.result()
+                job = event.job
+                if event.kind == "progress":
+                    progress(job.progress_step, job.progress_total)
+    finally:
+        blocked.cancel()
     return state.store.get(job_id)
 
 
