@@ -32,6 +32,7 @@ serve: setup
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/comfy.py
+	$(PY) bench/stitch.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -45,3 +46,9 @@ docs: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Build $(SERVICE)'s image on a locally made Debian base (no CUDA base, no Docker engine, no
+# GPU), run it, check /health and a tiny job: scripts/image_smoke.sh (root; see README).
+.PHONY: image-smoke
+image-smoke:
+	scripts/image_smoke.sh $(SERVICE)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -210,7 +211,11 @@ class ComfyEngine:
             from model_service.comfy.tiny_weights import materialize
 
             entries = [(f.tiny, f.path(self._models_dir)) for f in self._manifest.files if f.tiny]
-            await asyncio.to_thread(materialize, entries, self._models_dir / ".cache")
+            cache = self._models_dir / ".cache"
+            if self._settings.comfyui_python:  # torch is there (the API venv may lack it)
+                await _materialize_with(self._settings.comfyui_python, entries, cache)
+            else:
+                await asyncio.to_thread(materialize, entries, cache)
             return
         if not self._spec.download_at_start:
             return
@@ -471,6 +476,28 @@ def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:
 def _output_name(stem: str, index: int, output: OutputFile) -> str:
     suffix = Path(output.filename).suffix.lower()
     return f"{stem}{suffix}" if index == 0 else f"{stem}_{index}{suffix}"
+
+
+async def _materialize_with(python: str, entries: list[tuple[str, Path]], cache: Path) -> None:
+    """`tiny_weights.materialize` run by another interpreter (ComfyUI's, which has torch)."""
+    from model_service.comfy import tiny_weights
+
+    spec = json.dumps([[kind, str(path)] for kind, path in entries])
+    process = await asyncio.create_subprocess_exec(
+        python,
+        tiny_weights.__file__,
+        str(cache),
+        spec,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    if process.returncode != 0:
+        tail = output.decode(errors="replace").strip().splitlines()[-5:]
+        raise ServiceError(
+            f"generating the tiny models with {python} failed (exit {process.returncode}): "
+            + " | ".join(tail)
+        )
 
 
 class _StepCounter:

@@ -562,3 +562,20 @@ def materialize(
             write_tiny(kind, source, seed=seed)
         for path in paths:
             _place(source, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python tiny_weights.py CACHE_DIR ENTRIES_JSON [SEED]`: `materialize` in another
+    interpreter. The file needs only the standard library and torch, so the ComfyUI
+    images run it with ComfyUI's Python (their API venv has no torch)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (2, 3):
+        raise SystemExit("usage: tiny_weights.py CACHE_DIR ENTRIES_JSON [SEED]")
+    entries = [(str(kind), Path(path)) for kind, path in json.loads(args[1])]
+    materialize(entries, Path(args[0]), seed=int(args[2]) if len(args) == 3 else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -98,7 +98,10 @@ class WorkerProcess:
         self._on_progress = on_progress
         self._done = self._loop.create_future()
         try:
-            self._conn.send(job)
+            try:
+                self._conn.send(job)
+            except OSError as exc:  # it died before the reader thread noticed
+                raise WorkerCrashed(f"the worker process is gone ({exc})") from exc
             return await asyncio.shield(self._done)
         finally:
             self._job_id = None
@@ -114,6 +117,9 @@ class WorkerProcess:
     def kill(self) -> None:
         if self._process.is_alive():
             self._process.kill()
+            # dead from now on: no job may be sent to it before the reader sees it go
+            if self.state in (WorkerState.READY, WorkerState.BUSY):
+                self.state, self.reason = WorkerState.DEAD, "killed"
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
