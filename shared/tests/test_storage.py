@@ -248,3 +248,31 @@ def test_endpoint_down_is_storage_failed(tmp_path: Path, monkeypatch) -> None:
     assert failed.value.details["s3_code"] == "EndpointConnectionError"
     assert settings.s3_endpoint_url in failed.value.message
     assert "S3_ENDPOINT_URL" in failed.value.message
+
+
+def test_stored_outputs_stay_listed_after_local_retention() -> None:
+    from model_service.jobs.record import Job
+    from model_service.jobs.status import JobStatus
+    from model_service.jobs.view import job_view
+
+    stored = {"url": "https://bucket.example/outputs/j1/out.png", "bucket": "b", "key": "k"}
+    job = Job(
+        id="j1",
+        status=JobStatus.SUCCEEDED,
+        input={},
+        prepared_input={},
+        seed=1,
+        request_hash="h",
+        outputs=["out.png", "text.txt"],
+        stored_outputs={"out.png": stored},
+    )
+    live = job_view(job, "http://svc/").outputs
+    assert [o.url for o in live] == [
+        "http://svc/v1/jobs/j1/outputs/out.png",
+        "http://svc/v1/jobs/j1/outputs/text.txt",
+    ]
+    job.outputs_expired = True  # the local files are gone; the object is not
+    expired = job_view(job, "http://svc/").outputs
+    assert [(o.name, o.url, o.storage_url) for o in expired] == [
+        ("out.png", stored["url"], stored["url"])
+    ]

@@ -75,6 +75,18 @@ def _time(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
+def _outputs(job: Job, job_url: str) -> list[Output]:
+    """Every output; once retention deleted the local files, only those in object storage,
+    whose `url` is then the object's own."""
+    if not job.outputs_expired:
+        return [_output(name, job_url, job.stored_outputs.get(name, {})) for name in job.outputs]
+    return [
+        _output(name, job_url, stored).model_copy(update={"url": stored["url"]})
+        for name in job.outputs
+        if (stored := job.stored_outputs.get(name, {})).get("url")
+    ]
+
+
 def _output(name: str, job_url: str, stored: dict[str, Any]) -> Output:
     return Output(
         name=name,
@@ -107,9 +119,7 @@ def job_view(job: Job, base_url: str) -> JobView:
             queue_wait_s=None if job.started_at is None else job.started_at - job.created_at,
             run_s=None if job.started_at is None or ended is None else ended - job.started_at,
         ),
-        outputs=[]
-        if job.outputs_expired
-        else [_output(name, job_url, job.stored_outputs.get(name, {})) for name in job.outputs],
+        outputs=_outputs(job, job_url),
         outputs_expired=job.outputs_expired,
         error=job.error,
         info=job.info,
