@@ -16,7 +16,8 @@ Weight-free core nodes run for real (see `standin_nodes`); every other known nod
 fake that passes placeholders and emits sampler progress. Test knobs (constructor or
 `POST /standin/config`): `step_delay_s`, `slow_nodes` {class: seconds},
 `fail_nodes` {class or node id: {exception_type, message}}, `crash_nodes` [class or node
-id] (the process exits with `os._exit(1)` when one starts), `history_delay_s`, `cache`.
+id] (the process exits with `os._exit(1)` when one starts), `history_delay_s`, `cache`,
+`drift` (colour drift of frames made from a start image, at the last frame).
 `GET /standin/stats` lists the `/free`, `/interrupt` and `/history/{id}` calls it received
 and the prompts it accepted;
 `POST /standin/drop_websockets` closes every websocket (a network blip).
@@ -99,6 +100,7 @@ class Knobs:
     crash_nodes: list[str] = field(default_factory=list)
     history_delay_s: float = 0.0
     cache: bool = True
+    drift: float = 0.0  # colour drift of frames made from a start image (standin_nodes)
 
     def update(self, data: dict[str, Any]) -> None:
         if data.get("reset"):
@@ -108,7 +110,7 @@ class Knobs:
         for key, value in data.items():
             if key == "fail_nodes":
                 self.fail_nodes = {k: FailSpec(**v) for k, v in value.items()}
-            elif key in ("step_delay_s", "history_delay_s"):
+            elif key in ("step_delay_s", "history_delay_s", "drift"):
                 setattr(self, key, float(value))
             elif key in ("slow_nodes", "crash_nodes", "cache"):
                 setattr(self, key, value)
@@ -805,6 +807,7 @@ class Execution:
             step_delay_s=knobs.step_delay_s,
             slow_s=float(knobs.slow_nodes.get(node_id) or knobs.slow_nodes.get(class_type) or 0.0),
             video_encoder=self.server.config.video_encoder,
+            drift=knobs.drift,
         )
         return await run_node(ctx, inputs)
 

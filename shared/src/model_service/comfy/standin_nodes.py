@@ -8,6 +8,12 @@ PATH, else with PyAV, which also muxes the video's audio as AAC (as ComfyUI does
 other node known to the catalogue is a fake: it passes placeholders along (carrying width,
 height, length and steps so that a later real node can make frames of the right size),
 and sampler-like nodes emit one progress message per step.
+
+Wan's image-to-video latent nodes keep their start (and end) image in the placeholder, so
+the decoded frames can be checked from the saved video alone: frame 0 is the start image
+exactly; later frames drift in colour (the `drift` knob) and carry their index as a grey
+block in the top-left corner (`index_level`, `index_block`); with an end image the frames
+blend linearly from start to end, the last one being the end image exactly.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class NodeContext:
     step_delay_s: float = 0.0
     slow_s: float = 0.0
     video_encoder: str = "auto"
+    drift: float = 0.0  # colour drift of frames made from a start image, at the last frame
 
 
 @dataclass
@@ -154,7 +161,61 @@ def _placeholder_frames(meta: dict[str, Any]) -> list[Image.Image]:
     width = int(meta.get("width") or DEFAULT_SIZE)
     height = int(meta.get("height") or DEFAULT_SIZE)
     count = max(1, min(count, MAX_FAKE_FRAMES))
+    start = meta.get("start_image")
+    if isinstance(start, Image.Image):
+        end = meta.get("end_image")
+        return _frames_from_images(
+            _sized(start, (width, height)),
+            _sized(end, (width, height)) if isinstance(end, Image.Image) else None,
+            count,
+            float(meta.get("drift") or 0.0),
+        )
     return [Image.new("RGB", (width, height), (i * 7 % 256, 128, 128)) for i in range(count)]
+
+
+def _sized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return image if image.size == size else _fit(image, size)
+
+
+def index_level(index: int) -> int:
+    """The grey level that marks frame `index` (frames after the first): 8 levels apart."""
+    return index * 8 % 256
+
+
+def index_block(width: int, height: int) -> int:
+    """The side of the square index block in the top-left corner: 1/8 of the width, at
+    least 16 px (smaller blocks lose more than 3 grey levels to h264 at 64x64)."""
+    return min(max(16, width // 8), width, height)
+
+
+def _frames_from_images(
+    start: Image.Image, end: Image.Image | None, count: int, drift: float
+) -> list[Image.Image]:
+    """Frame 0 is `start` exactly, frame count-1 is `end` exactly when given; in between a
+    linear blend (no drift), or `start` with a colour drift growing linearly to `drift` at
+    the last frame: saturation and brightness times 1 + drift * t, red + 64 * drift * t."""
+    import numpy as np
+
+    first = np.asarray(start.convert("RGB"), dtype=np.float32)
+    last = None if end is None else np.asarray(end.convert("RGB"), dtype=np.float32)
+    side = index_block(start.width, start.height)
+    frames = [start.convert("RGB").copy()]
+    for i in range(1, count):
+        t = i / (count - 1)
+        if end is not None and last is not None:
+            if i == count - 1:
+                frames.append(end.convert("RGB").copy())
+                continue
+            pixels = first * (1 - t) + last * t
+        else:
+            gain = 1 + drift * t
+            luma = first @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            pixels = (luma[..., None] + (first - luma[..., None]) * gain) * gain
+            pixels[..., 0] += 64 * drift * t
+        out = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        out[:side, :side] = index_level(i)
+        frames.append(Image.fromarray(out))
+    return frames
 
 
 def _meta_of(value: Any) -> dict[str, Any]:
@@ -598,6 +659,27 @@ FAKE_SAVES: dict[str, tuple[str, str]] = {  # class -> (history key, extension)
 }
 
 
+# Latent nodes whose start/end images the decoded frames show (see _placeholder_frames).
+IMAGE_TO_VIDEO = (
+    "Wan22ImageToVideoLatent",
+    "WanImageToVideo",
+    "WanFirstLastFrameToVideo",
+    "WanInfiniteTalkToVideo",
+)
+
+
+def _keep_images(meta: dict[str, Any], inputs: dict[str, Any], drift: float) -> None:
+    """The first image of each real start/end input, at the node's size, into `meta`."""
+    size = (int(meta.get("width") or DEFAULT_SIZE), int(meta.get("height") or DEFAULT_SIZE))
+    for key in ("start_image", "end_image"):
+        meta.pop(key, None)  # a placeholder input's images are not this node's
+        value = inputs.get(key)
+        if isinstance(value, Frames | Video) and as_frames(value):
+            meta[key] = _sized(as_frames(value)[0], size)
+    if "start_image" in meta:
+        meta["drift"] = drift
+
+
 def _steps(class_type: str, inputs: dict[str, Any], meta: dict[str, Any]) -> int:
     if class_type in SAMPLERS_WITH_SIGMAS:
         return int(meta.get("steps") or 0)
@@ -614,6 +696,8 @@ async def _fake_node(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     for value in inputs.values():
         meta.update(_meta_of(value))
     meta.update({k: v for k, v in inputs.items() if k in META_KEYS and isinstance(v, int | float)})
+    if ctx.class_type in IMAGE_TO_VIDEO:
+        _keep_images(meta, inputs, ctx.drift)
     steps = _steps(ctx.class_type, inputs, meta)
     for step in range(1, steps + 1):
         if ctx.step_delay_s > 0:
