@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_service.media_refs import ImageRef
+from model_service.video_size import check_frame_count, resolve_size
 
 PRESETS: dict[str, tuple[int, int]] = {"1280x704": (1280, 704), "704x1280": (704, 1280)}
 MAX_PIXELS = 1280 * 720  # 720p area: the size the model was trained for
@@ -47,21 +48,14 @@ class FastWanInput(BaseModel):
 
     @model_validator(mode="after")
     def _sizes(self) -> FastWanInput:
-        if self.preset is not None:
-            if self.width is not None or self.height is not None:
-                raise ValueError("give `preset`, or `width` and `height`, not both")
-            self.width, self.height = PRESETS[self.preset]
-        elif (self.width is None) != (self.height is None):
-            raise ValueError("give both `width` and `height`, or neither")
-        self.width, self.height = self.width or 1280, self.height or 704
-        if self.width * self.height > MAX_PIXELS:
-            raise ValueError(
-                f"{self.width}x{self.height} is larger than 720p ({MAX_PIXELS} pixels); "
-                "use 1280x704, 704x1280 or smaller"
-            )
-        if (self.num_frames - 1) % 4:
-            raise ValueError(
-                f"num_frames must be 4n+1 (the VAE packs 4 frames per latent), got "
-                f"{self.num_frames}; use {self.num_frames - (self.num_frames - 1) % 4}"
-            )
+        self.width, self.height = resolve_size(
+            self.preset,
+            self.width,
+            self.height,
+            PRESETS,
+            (1280, 704),
+            MAX_PIXELS,
+            "use 1280x704, 704x1280 or smaller",
+        )
+        check_frame_count(self.num_frames)
         return self

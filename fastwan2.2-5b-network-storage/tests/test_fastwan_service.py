@@ -26,7 +26,7 @@ from fastwan.schema import FastWanInput
 from fastwan.service import MANIFEST, TI2V
 from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, free_port, wait_status
+from model_service.testing import ServiceProcess, tiny_comfy_service, wait_status
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
@@ -350,17 +350,7 @@ needs_real_comfyui = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("fastwan-tiny")
-    env = {
-        "PROFILE": "tiny",
-        "COMFYUI_DIR": str(COMFYUI_TEST_DIR),
-        "COMFYUI_PORT": str(free_port()),
-        "MODELS_DIR": str(root / "models"),
-    }
-    if os.environ.get("COMFYUI_TEST_PYTHON"):
-        env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
-    process = ServiceProcess(
-        "model_service.cli", root / "data", env=env, args=["serve", "fastwan2.2-5b-packed"]
-    )
+    process = tiny_comfy_service(root, "fastwan2.2-5b-packed", str(COMFYUI_TEST_DIR))
     process.start(timeout=240)
     yield process
     process.stop()

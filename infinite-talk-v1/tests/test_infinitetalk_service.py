@@ -31,7 +31,7 @@ from infinitetalk.service import MANIFEST, TALK, fit, plan
 from model_service.comfy.standin import StandinProcess
 from model_service.comfy.workflow import sampler_steps
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, free_port
+from model_service.testing import ServiceProcess, place_sparse_models, tiny_comfy_service
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
@@ -210,11 +210,7 @@ def test_manifest_names_every_model_the_workflow_loads() -> None:
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
     base = tmp_path_factory.mktemp("comfy")
-    for file in FILES:  # "downloaded": sparse files of the manifest's sizes
-        path = base / "models" / file.folder / file.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as out:
-            out.truncate(file.size_bytes)
+    place_sparse_models(base / "models", FILES)  # "downloaded"
     with StandinProcess(base, OBJECT_INFO) as process:
         yield process
 
@@ -412,17 +408,7 @@ needs_real_comfyui = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("talk-tiny")
-    env = {
-        "PROFILE": "tiny",
-        "COMFYUI_DIR": str(COMFYUI_TEST_DIR),
-        "COMFYUI_PORT": str(free_port()),
-        "MODELS_DIR": str(root / "models"),
-    }
-    if os.environ.get("COMFYUI_TEST_PYTHON"):
-        env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
-    process = ServiceProcess(
-        "model_service.cli", root / "data", env=env, args=["serve", "infinite-talk-v1"]
-    )
+    process = tiny_comfy_service(root, "infinite-talk-v1", str(COMFYUI_TEST_DIR))
     process.start(timeout=240)
     yield process
     process.stop()

@@ -28,7 +28,7 @@ from model_service.comfy.tiny_weights import write_tiny
 from model_service.comfy.workflow import sampler_steps
 from model_service.hub_standin import Server, serve
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, free_port
+from model_service.testing import ServiceProcess, place_sparse_models, tiny_comfy_service
 from wan14b.schema import Wan14bInput
 from wan14b.service import FLF, I2V, MANIFEST, T2V, choose
 
@@ -202,11 +202,7 @@ def hub() -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
     base = tmp_path_factory.mktemp("comfy")
-    for file in FILES:  # "downloaded": sparse files of the manifest's sizes
-        path = base / "models" / file.folder / file.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as out:
-            out.truncate(file.size_bytes)
+    place_sparse_models(base / "models", FILES)  # "downloaded"
     with StandinProcess(base, OBJECT_INFO) as process:
         yield process
 
@@ -387,17 +383,8 @@ needs_real_comfyui = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_service(tmp_path_factory: pytest.TempPathFactory, hub: Server) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("wan14b-tiny")
-    env = {
-        "PROFILE": "tiny",
-        "COMFYUI_DIR": str(COMFYUI_TEST_DIR),
-        "COMFYUI_PORT": str(free_port()),
-        "MODELS_DIR": str(root / "models"),
-        "FETCH_ALLOW_NETWORKS": "127.0.0.0/8",
-    }
-    if os.environ.get("COMFYUI_TEST_PYTHON"):
-        env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
-    process = ServiceProcess(
-        "model_service.cli", root / "data", env=env, args=["serve", "wan2.2-14b-loras-v1"]
+    process = tiny_comfy_service(
+        root, "wan2.2-14b-loras-v1", str(COMFYUI_TEST_DIR), {"FETCH_ALLOW_NETWORKS": "127.0.0.0/8"}
     )
     process.start(timeout=240)
     yield process

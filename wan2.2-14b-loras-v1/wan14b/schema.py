@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from model_service.errors import LoraInvalid
 from model_service.loras import parse_lora_source
 from model_service.media_refs import ImageRef
+from model_service.video_size import check_frame_count, resolve_size
 
 PRESETS: dict[str, tuple[int, int]] = {
     "480p": (832, 480),
@@ -101,23 +102,16 @@ class Wan14bInput(BaseModel):
     def _resolve(self) -> Wan14bInput:
         if self.end_image is not None and self.start_image is None:
             raise ValueError("end_image needs a start_image (first-last-frame)")
-        if self.preset is not None:
-            if self.width is not None or self.height is not None:
-                raise ValueError("give `preset`, or `width` and `height`, not both")
-            self.width, self.height = PRESETS[self.preset]
-        elif (self.width is None) != (self.height is None):
-            raise ValueError("give both `width` and `height`, or neither")
-        self.width, self.height = self.width or 832, self.height or 480
-        if self.width * self.height > MAX_PIXELS:
-            raise ValueError(
-                f"{self.width}x{self.height} is larger than 720p ({MAX_PIXELS} pixels); "
-                "use a preset or a smaller size"
-            )
-        if (self.num_frames - 1) % 4:
-            raise ValueError(
-                f"num_frames must be 4n+1 (the VAE packs 4 frames per latent), got "
-                f"{self.num_frames}; use {self.num_frames - (self.num_frames - 1) % 4}"
-            )
+        self.width, self.height = resolve_size(
+            self.preset,
+            self.width,
+            self.height,
+            PRESETS,
+            (832, 480),
+            MAX_PIXELS,
+            "use a preset or a smaller size",
+        )
+        check_frame_count(self.num_frames)
         defaults = LIGHTNING if self.lightning else FULL
         self.steps = self.steps or int(defaults["steps"])
         if self.split_step is None:

@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from model_service.provision.manifest import ModelFile
 
 
 def free_port() -> int:
@@ -126,3 +129,30 @@ def wait_status(
             return job
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} not in {statuses} after {timeout}s: {job}")
+
+
+def place_sparse_models(models_dir: Path, files: Iterable[ModelFile]) -> None:
+    """Each manifest file as a sparse file of its real size: "downloaded" for the
+    services' start-up checks (sizes only), costing no disk."""
+    for file in files:
+        path = file.path(models_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as out:
+            out.truncate(file.size_bytes)
+
+
+def tiny_comfy_service(
+    root: Path, service: str, comfyui_dir: str, env: dict[str, str] | None = None
+) -> ServiceProcess:
+    """A ComfyUI service in PROFILE=tiny launching the real ComfyUI at `comfyui_dir` (with
+    COMFYUI_TEST_PYTHON as its interpreter when set); not started yet."""
+    settings = {
+        "PROFILE": "tiny",
+        "COMFYUI_DIR": comfyui_dir,
+        "COMFYUI_PORT": str(free_port()),
+        "MODELS_DIR": str(root / "models"),
+        **(env or {}),
+    }
+    if os.environ.get("COMFYUI_TEST_PYTHON"):
+        settings["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
+    return ServiceProcess("model_service.cli", root / "data", env=settings, args=["serve", service])
