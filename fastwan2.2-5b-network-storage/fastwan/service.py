@@ -16,6 +16,7 @@ from fastwan.schema import FastWanInput
 from model_service.api.legacy_video import video_routers
 from model_service.comfy.engine import ComfyServiceSpec
 from model_service.comfy.workflow import Bind, Workflow
+from model_service.longvideo.spec import LongVideoSpec
 from model_service.service import ServiceSpec
 
 HERE = Path(__file__).parent
@@ -66,6 +67,7 @@ def _spec(name: str, download_at_start: bool, title: str) -> ServiceSpec:
             manifest=MANIFEST,
             download_at_start=download_at_start,
         ),
+        long_video=LongVideoSpec(image_field="start_image"),
     )
 
 

@@ -4,6 +4,7 @@ in which each segment drifts further from the start image unless corrected."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 from model_service.video.colour import (
     MAX_SCALE,
     ColourStats,
+    SegmentCorrection,
     colour_stats,
     correct_segment,
     drift,
+    fit_segment,
     lab_to_srgb,
     match_colours,
     srgb_to_lab,
@@ -183,3 +186,63 @@ def test_correct_segment_is_lazy_and_needs_a_reiterable_source() -> None:
         correct_segment(iter([start_image()]), colour_stats(start_image()))
     with pytest.raises(ValueError, match="strength"):
         match_colours(start_image(), colour_stats(start_image()), colour_stats(start_image()), 2)
+
+
+def test_fit_segment_stored_as_json_corrects_like_correct_segment() -> None:
+    """fit_segment + apply (through a JSON round trip) is correct_segment, exactly."""
+    rng = np.random.default_rng(11)
+    image = start_image()
+    reference = colour_stats(image)
+    frames = [drifted(image, 1.0 + t / (FRAMES - 1), t, rng) for t in range(FRAMES)]
+    for start in (None, reference):
+        expected = list(correct_segment(frames, reference, strength=0.8, start=start))
+        fitted = fit_segment(iter(frames), reference, strength=0.8, start=start)  # one pass
+        assert fitted.n == FRAMES
+        stored = json.loads(json.dumps(fitted.to_dict()))
+        restored = SegmentCorrection.from_dict(stored)
+        assert restored == fitted
+        for t, frame in enumerate(frames):
+            assert np.array_equal(restored.apply(frame, t), expected[t])
+            assert np.array_equal(fitted.apply(frame, t), expected[t])
+        assert np.array_equal(restored.apply_last(frames[-1]), expected[-1])
+
+
+def test_fit_segment_reads_a_generator_once() -> None:
+    reads = []
+
+    def source() -> Iterator[Frame]:
+        for t in range(4):
+            reads.append(t)
+            yield start_image()
+
+    fitted = fit_segment(source(), colour_stats(start_image()))
+    assert reads == [0, 1, 2, 3]
+    assert fitted.n == 4
+    one = fit_segment([start_image()], colour_stats(start_image()))
+    assert one.n == 1
+    assert np.abs(one.apply_last(start_image()).astype(int) - start_image()).max() <= 1
+
+
+def test_segment_correction_refuses_bad_input() -> None:
+    image = start_image()
+    reference = colour_stats(image)
+    fitted = fit_segment([image] * 3, reference)
+    for t in (-1, 3, 10):
+        with pytest.raises(ValueError, match="frame index"):
+            fitted.apply(image, t)
+    with pytest.raises(ValueError, match="at least one frame"):
+        fit_segment([], reference)
+    with pytest.raises(ValueError, match="strength"):
+        fit_segment([image], reference, strength=1.5)
+    with pytest.raises(ValueError, match="6 numbers"):
+        SegmentCorrection.from_dict({**fitted.to_dict(), "slope": [0.0] * 5})
+
+
+def test_fit_segment_at_zero_strength_changes_nothing() -> None:
+    image = start_image()
+    other = ColourStats((60.0, 20.0, -10.0), (10.0, 5.0, 5.0))
+    fitted = fit_segment([image, image], other, strength=0.0)
+    out = fitted.apply(image, 0)
+    assert np.array_equal(out, image)
+    assert out is not image
+    assert np.array_equal(fitted.apply_last(image), image)

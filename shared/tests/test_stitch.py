@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -269,6 +270,110 @@ def test_travel_audio_cross_fades(tmp_path: Path) -> None:
     assert _rms(samples, _sample(10.5)) == pytest.approx(_amplitude(1) / math.sqrt(2), rel=0.1)
     for frame in (3, 7.5, 10.5, 14, 18):  # output frame n is global frame n
         assert _in_phase(samples, _sample(frame), half=400) > 0.95
+
+
+# --- per-segment transforms ---------------------------------------------------------
+
+
+def _invert(rgb: np.ndarray, i: int) -> np.ndarray:
+    return 255 - rgb
+
+
+def _inverted(level: float) -> float:
+    """A grey luma level after inverting its RGB: 235 - (level - 16) in limited range."""
+    return 251.0 - level
+
+
+def _close(got: list[tuple[float, float]], expected: list[tuple[float, float]]) -> None:
+    assert len(got) == len(expected)
+    for (top, bottom), (want_top, want_bottom) in zip(got, expected, strict=True):
+        assert abs(top - want_top) < TOLERANCE
+        assert abs(bottom - want_bottom) < TOLERANCE
+
+
+def test_chain_transforms_one_segment(segments: list[Path], tmp_path: Path) -> None:
+    plain = stitch_chain(segments, tmp_path / "plain.mp4", preset="ultrafast")
+    result = stitch_chain(
+        segments, tmp_path / "out.mp4", preset="ultrafast", transforms=[None, _invert, None]
+    )
+    assert result.method == "reencode"
+    assert result.frames == plain.frames == 25 == probe(result.path).frames
+    expected = [(_top(0), _bottom(i)) for i in range(9)]
+    expected += [(_inverted(_top(1)), _inverted(_bottom(i))) for i in range(1, 9)]
+    expected += [(_top(2), _bottom(i)) for i in range(1, 9)]
+    _close(_frames(result.path), expected)
+
+
+def test_transform_index_counts_per_segment(segments: list[Path], tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def record(k: int) -> Callable[[np.ndarray, int], np.ndarray]:
+        def transform(rgb: np.ndarray, i: int) -> np.ndarray:
+            assert rgb.shape == (SIZE, SIZE, 3)
+            assert rgb.dtype == np.uint8
+            calls.append((k, i))
+            return rgb
+
+        return transform
+
+    # Without a frame to drop this would be copied; a transform forces a re-encode.
+    result = stitch_chain(
+        segments, tmp_path / "all.mp4", drop_boundary=False, transforms=[record(0), None, record(2)]
+    )
+    assert result.method == "reencode"
+    assert calls == [(k, i) for k in (0, 2) for i in range(9)]
+    assert _labels(result.path) == [(k, i) for k in range(3) for i in range(9)]
+    calls.clear()  # dropped boundary frames are counted, not transformed
+    stitch_chain(segments, tmp_path / "drop.mp4", transforms=[record(k) for k in range(3)])
+    assert calls == [(0, i) for i in range(9)] + [(k, i) for k in (1, 2) for i in range(1, 9)]
+
+
+def test_travel_transforms_before_the_cross_fade(segments: list[Path], tmp_path: Path) -> None:
+    overlap = 3
+    result = stitch_travel(
+        segments,
+        tmp_path / "travel.mp4",
+        overlap=overlap,
+        preset="ultrafast",
+        transforms=[None, _invert, None],
+    )
+    assert result.method == "reencode"
+    assert result.frames == 21
+
+    def level(k: int, i: int) -> tuple[float, float]:
+        top, bottom = _top(k), _bottom(i)
+        return (_inverted(top), _inverted(bottom)) if k == 1 else (top, bottom)
+
+    expected = [level(0, i) for i in range(6)]
+    for k in (1, 2):
+        for j in range(overlap):
+            w = (j + 1) / (overlap + 1)
+            a, b = level(k - 1, FRAMES - overlap + j), level(k, j)
+            expected.append(((1 - w) * a[0] + w * b[0], (1 - w) * a[1] + w * b[1]))
+        end = FRAMES - overlap if k < 2 else FRAMES
+        expected += [level(k, i) for i in range(overlap, end)]
+    got = _frames(result.path)
+    _close(got, expected)
+    # j = 1 of the first overlap: the average of leg 0 and inverted leg 1 (95.5), not the
+    # inverted average (181)
+    assert got[7][0] == pytest.approx((_top(0) + _inverted(_top(1))) / 2, abs=TOLERANCE)
+
+
+def test_bad_transforms_are_refused(segments: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="2 transforms for 3 segments"):
+        stitch_chain(segments, tmp_path / "out.mp4", transforms=[None, _invert])
+    with pytest.raises(ValueError, match="4 transforms for 3 legs"):
+        stitch_travel(segments, tmp_path / "out.mp4", overlap=1, transforms=[None] * 4)
+    with pytest.raises(ValueError, match="transform returned"):
+        stitch_chain(
+            segments, tmp_path / "out.mp4", transforms=[lambda rgb, i: rgb[1:], None, None]
+        )
+    assert not list(tmp_path.iterdir())
+    # All None: handled as without transforms (here: copied).
+    result = stitch_chain(
+        segments, tmp_path / "out.mp4", drop_boundary=False, transforms=[None] * 3
+    )
+    assert result.method == "copy"
 
 
 # --- bad inputs ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The SQLite job store and the state machine, on real files."""
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -46,12 +47,92 @@ def test_state_machine_refuses_illegal_moves(tmp_path: Path) -> None:
     assert claimed is not None
     assert (claimed.status, claimed.attempts) == (JobStatus.RUNNING, 1)
     store.transition("a", JobStatus.SUCCEEDED)
-    for target in JobStatus:
+    for target in set(JobStatus) - {JobStatus.AWAITING_INPUT}:  # only a reopen leaves it
         with pytest.raises(InvalidTransition):
             store.transition("a", target)
-    assert all(not TRANSITIONS[status] for status in TERMINAL)
-    assert all(status.is_terminal for status in TERMINAL)
+    # a finished job moves again only by a client's retry (failed, canceled) or reopen
+    assert TRANSITIONS[JobStatus.SUCCEEDED] == {JobStatus.AWAITING_INPUT}
+    assert TRANSITIONS[JobStatus.FAILED] == TRANSITIONS[JobStatus.CANCELED] == {JobStatus.QUEUED}
+    assert all(status.is_terminal and status.is_settled for status in TERMINAL)
+    assert JobStatus.AWAITING_INPUT.is_settled
+    assert not JobStatus.AWAITING_INPUT.is_terminal
     assert not JobStatus.RUNNING.is_terminal
+
+
+def part(job_id: str, parent: str, depends_on: list[str] | None = None) -> Job:
+    job = new_job(job_id)
+    job.parent_id, job.depends_on = parent, depends_on or []
+    return job
+
+
+def test_graph_claims_follow_dependencies_and_skip_parents(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    parent = new_job("p")
+    parent.kind = "chain"
+    children = [part("p.0", "p"), part("p.1", "p", ["p.0"]), part("p.2", "p", ["p.1"])]
+    assert store.create_graph(parent, children)[1] is True
+    assert store.create_graph(parent, children)[1] is False  # idempotent by id and hash
+    store.create(new_job("other"))
+    assert [c.id for c in store.children("p")] == ["p.0", "p.1", "p.2"]
+    first = store.claim_next()
+    assert first is not None
+    assert first.id == "p.0"
+    # p.1 waits for p.0: the next claim is the unrelated job, then nothing
+    second = store.claim_next()
+    assert second is not None
+    assert second.id == "other"
+    assert store.claim_next() is None
+    assert store.count(JobStatus.QUEUED) == 2  # p.1, p.2; the parent is not queue work
+    store.transition("p.0", JobStatus.FAILED)
+    assert store.claim_next() is None  # a failed dependency never releases p.1
+    store.transition("p.0", JobStatus.QUEUED)  # retry
+    claimed = store.claim_next()
+    assert claimed is not None
+    assert claimed.id == "p.0"
+    store.transition("p.0", JobStatus.SUCCEEDED)
+    claimed = store.claim_next()
+    assert claimed is not None
+    assert claimed.id == "p.1"
+    store.transition("p", JobStatus.RUNNING)  # as the coordinator keeps it
+    assert [job.id for job in store.running()] == ["p.1", "other"]  # never the parent
+    assert [job.id for job in store.open_parents()] == ["p"]
+
+
+def test_graph_children_added_and_removed_atomically(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    parent = new_job("p")
+    parent.kind, parent.children = "chain", ["p.0"]
+    store.create_graph(parent, [part("p.0", "p")])
+    store.add_children("p", [part("p.1", "p", ["p.0"])], lambda job: job.children.append("p.1"))
+    assert store.get("p").children == ["p.0", "p.1"]
+    store.remove_child("p", "p.1", lambda job: job.children.remove("p.1"))
+    assert store.find("p.1") is None
+    assert store.get("p").children == ["p.0"]
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM job_deps").fetchone()[0] == 0
+
+
+def test_store_of_the_first_release_opens_and_gains_graph_columns(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:  # the jobs table as the first release made it
+        db.execute(
+            "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL "
+            "UNIQUE, status TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL)"
+        )
+        old = {
+            k: v
+            for k, v in new_job("old").to_row().items()
+            if k not in ("kind", "parent_id", "children", "depends_on", "inputs_from", "plan")
+        }
+        db.execute(
+            "INSERT INTO jobs (id, status, created_at, data) VALUES (?, ?, ?, ?)",
+            ("old", "queued", 1.0, json.dumps(old)),
+        )
+    store = JobStore(path)
+    job = store.claim_next()
+    assert job is not None
+    assert job.id == "old"
+    assert job.kind == "job"
 
 
 def test_claim_is_fifo(tmp_path: Path) -> None:

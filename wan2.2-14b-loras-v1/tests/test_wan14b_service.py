@@ -20,6 +20,7 @@ from typing import Any
 
 import av
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -368,6 +369,46 @@ def test_legacy_generate(client: httpx.Client) -> None:
     video = client.get(f"/download/{job_id}")
     assert video.status_code == 200
     assert video.content[4:8] == b"ftyp"
+
+
+def test_travel_legs_go_first_to_last_frame_and_cross_fade(client: httpx.Client) -> None:
+    """N images: N-1 first-last-frame legs, each from image i to image i+1; the final mp4
+    passes through every image, with each join cross-faded over the overlap."""
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+    overlap = 2
+    body = {
+        "input": {**SMALL, "prompt": "p", "seed": 1},
+        "images": [_png_data_uri(c) for c in colours],
+        "overlap": overlap,
+        "webhook_events": ["succeeded"],
+    }
+    response = client.post("/v1/travels", json=body, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    travel = response.json()
+    assert travel["status"] == "succeeded", travel
+    assert len(travel["parts"]) == 2
+    legs = [client.get(f"/v1/jobs/{part['id']}").json() for part in travel["parts"]]
+    assert {leg["info"]["workflow"] for leg in legs} == {"flf"}
+    assert [leg["seed"] for leg in legs] == [1, 2]
+    url = next(out["url"] for out in travel["outputs"] if out["name"] == "video.mp4")
+    with av.open(io.BytesIO(client.get(url).content)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames_per_leg = SMALL["num_frames"]
+    assert len(frames) == 2 * frames_per_leg - overlap
+    # the stand-in's first-last-frame frames blend linearly from start to end image
+    n = frames_per_leg - 1
+    c = [np.array(colour, dtype=np.float64) for colour in colours]
+    leg0 = [c[0] * (1 - i / n) + c[1] * (i / n) for i in range(frames_per_leg)]
+    leg1 = [c[1] * (1 - i / n) + c[2] * (i / n) for i in range(frames_per_leg)]
+    join = frames_per_leg - overlap
+    expected = leg0[:join]
+    for j in range(overlap):
+        w = (j + 1) / (overlap + 1)
+        expected.append((1 - w) * leg0[join + j] + w * leg1[j])
+    expected += leg1[overlap:]
+    centre = [f[24:40, 24:40].reshape(-1, 3).mean(axis=0) for f in frames]
+    errors = [float(np.abs(got - want).max()) for got, want in zip(centre, expected, strict=True)]
+    assert max(errors) < 8, errors
 
 
 # --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from model_service.api.legacy_video import video_routers
 from model_service.comfy.engine import ComfyServiceSpec
 from model_service.comfy.workflow import Bind, Graph, Workflow, chain_loras
+from model_service.longvideo.spec import LongVideoSpec
 from model_service.service import ServiceSpec
 from wan14b import legacy
 from wan14b.schema import Wan14bInput
@@ -107,4 +108,5 @@ SERVICE = ServiceSpec(
         download_at_start=True,
         lora_field="loras",
     ),
+    long_video=LongVideoSpec(image_field="start_image", end_image_field="end_image"),
 )

@@ -114,6 +114,14 @@ class InvalidTransition(ServiceError):
     status_code = 409
 
 
+class WrongJobState(ServiceError):
+    """The action does not apply to the job as it is now (e.g. adding a segment to a
+    video that is not interactive, or finalizing one that is still running)."""
+
+    code = "wrong_job_state"
+    status_code = 409
+
+
 class NotReady(ServiceError):
     code = "not_ready"
     status_code = 503
@@ -173,6 +181,25 @@ class StorageFailed(JobFailure):
     """The outputs could not be uploaded to the S3 bucket; they stay downloadable here."""
 
     code = "storage_failed"
+
+
+class PartFailed(JobFailure):
+    """A part of a long video (a segment or leg, a child job) failed or was canceled."""
+
+    code = "part_failed"
+
+
+class InputMissing(JobFailure):
+    """A file this job takes from another job (the last frame of the segment before)
+    is not there."""
+
+    code = "input_missing"
+
+
+class ComposeFailed(JobFailure):
+    """Joining the parts of a long video (stitching, colour correction) failed."""
+
+    code = "compose_failed"
 
 
 class JobCanceled(Exception):

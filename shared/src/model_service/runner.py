@@ -18,17 +18,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from model_service.engine import Engine
 from model_service.errors import (
+    InputMissing,
     Interrupted,
     JobTimeout,
     ServiceError,
     StorageFailed,
     WorkerCrashed,
+    WrongJobState,
 )
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
@@ -40,6 +42,9 @@ from model_service.settings import Settings
 from model_service.storage import OutputStore, StoredObject
 from model_service.webhooks import WebhookDispatcher
 from model_service.worker.protocol import JobDone, JobProgress, RunJob
+
+if TYPE_CHECKING:
+    from model_service.jobs.graph import JobGraphs
 
 log = get_logger("model_service.runner")
 
@@ -69,6 +74,7 @@ class JobRunner:
         # why no job can run here until an operator acts (no GPU, setup failed), once known
         self.blocked: str | None = None
         self._blocked_event = asyncio.Event()
+        self.graphs: JobGraphs | None = None  # set by the graph coordinator (long videos)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -158,6 +164,21 @@ class JobRunner:
             )
         return job
 
+    def retry(self, job_id: str) -> Job:
+        """A failed or canceled job queued again, as it was submitted (same id, input and
+        seed); its error and outputs are cleared."""
+        job = self._store.get(job_id)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
+            raise WrongJobState(
+                f"job {job_id} is {job.status}; only a failed or canceled job can be retried",
+                job_id=job_id,
+                status=job.status.value,
+            )
+        job = self._store.transition(job_id, JobStatus.QUEUED, reset_for_retry)
+        self._changed(job, "status")
+        self.wake()
+        return job
+
     def _kill_if_still_running(self, job_id: str) -> None:
         if self._running_job == job_id:
             log.warning("the job ignored its cancel; stopping it by force", job_id=job_id)
@@ -185,7 +206,13 @@ class JobRunner:
         self._metrics.job_started(job)
         self._changed(job, "status")
         output_dir = self._settings.job_dir(job.id) / "outputs"
-        run = RunJob(job.id, job.prepared_input, str(output_dir), job.seed or 0)
+        try:
+            inputs = self._inputs_of(job)
+        except InputMissing as exc:
+            self._finish(job.id, None, exc, [], (0, 0), [])
+            self._running_job = None
+            return
+        run = RunJob(job.id, inputs, str(output_dir), job.seed or 0)
         started = job.started_at or time.time()
         remaining = max(0.1, started + self._settings.job_timeout_s - time.time())
         recorder = self._progress_recorder(job)
@@ -208,6 +235,13 @@ class JobRunner:
             self._running_job = None
             recorder.close()
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
+        if outputs and done is not None and job.parent_id and self.graphs is not None:
+            try:  # a part of a long video: e.g. its colour-corrected last frame
+                added, info = await self.graphs.after_run(job, output_dir, outputs)
+                outputs += added
+                done.info.update(info)
+            except ServiceError as exc:
+                failure, outputs = exc, []
         stored: list[StoredObject] = []
         store = OutputStore.for_job(self._settings, job.storage) if outputs else None
         if store is not None:
@@ -264,6 +298,22 @@ class JobRunner:
             run_s=round((job.finished_at or 0) - (job.started_at or 0), 3),
         )
 
+    def _inputs_of(self, job: Job) -> dict[str, Any]:
+        """The job's input, with the files it takes from other jobs' outputs filled in."""
+        inputs = dict(job.prepared_input)
+        for field_name, source in job.inputs_from.items():
+            source_id, _, name = source.partition("/")
+            path = self._settings.job_dir(source_id) / "outputs" / name
+            if not path.is_file():
+                raise InputMissing(
+                    f"input.{field_name}: output {name!r} of job {source_id} is not on this "
+                    "machine (deleted by retention, or made elsewhere); retry the long video",
+                    field=f"input.{field_name}",
+                    source_job=source_id,
+                )
+            inputs[field_name] = str(path.resolve())
+        return inputs
+
     def _progress_recorder(self, job: Job) -> _ProgressRecorder:
         return _ProgressRecorder(job, self._store, lambda j: self._changed(j, "progress"))
 
@@ -271,6 +321,8 @@ class JobRunner:
         self._bus.publish(JobEvent(job.id, kind, job))
         if kind == "status" and job.status is not JobStatus.QUEUED:
             self._webhooks.enqueue(job, job.status.value)
+        if job.parent_id is not None and self.graphs is not None:
+            self.graphs.child_changed(job, kind)
 
 
 class _ProgressRecorder:
@@ -331,6 +383,16 @@ def _with_progress(
 
 def _finish_now(job: Job) -> None:
     job.finished_at = time.time()
+
+
+def reset_for_retry(job: Job) -> None:
+    job.info = {"retries": int(job.info.get("retries", 0)) + 1}
+    job.error = None
+    job.outputs, job.stored_outputs, job.outputs_expired = [], {}, False
+    job.cancel_requested = False
+    job.attempts = 0
+    job.started_at = job.finished_at = None
+    job.progress_step = job.progress_total = 0
 
 
 def _give_back_attempt(job: Job) -> None:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
     from model_service.api.state import ServiceState
     from model_service.comfy.engine import ComfyServiceSpec
+    from model_service.longvideo.spec import LongVideoSpec
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class ServiceSpec:
     check_input: Callable[[Any, Any], None] = field(default=lambda data, settings: None)
     extra_routes: Callable[[ServiceState], list[APIRouter]] = field(default=lambda state: [])
     comfy: ComfyServiceSpec | None = None
+    # image-to-video services: long videos (chains of segments, travel between images)
+    long_video: LongVideoSpec | None = None
 
     def __post_init__(self) -> None:
         if (self.predictor is None) == (self.comfy is None):

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,14 @@ def validation_error(exc: ValidationError, prefix: str = "input") -> InvalidInpu
     return InvalidInput(f"invalid input: {summary}", field=problems[0]["field"], problems=problems)
 
 
+@dataclass(frozen=True)
+class RequestOptions:
+    events: list[str]
+    storage: dict[str, Any] | None
+    request_hash: str
+    existing: Job | None  # the job a repeated id refers to
+
+
 class JobSubmitter:
     def __init__(
         self,
@@ -82,35 +91,10 @@ class JobSubmitter:
     ) -> tuple[Job, bool]:
         """Store a new job (or return the existing one for a repeated `job_id`).
         `storage` is a validated `StorageRequest`, as a dict."""
-        events = list(webhook_events or DEFAULT_WEBHOOK_EVENTS)
-        unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
-        if unknown:
-            raise InvalidInput(
-                f"unknown webhook_events {unknown}; choose from {list(WEBHOOK_EVENTS)}",
-                field="webhook_events",
-            )
-        storage = {k: v for k, v in (storage or {}).items() if v is not None} or None
-        # like webhook; a request without storage hashes as it did before storage existed
-        hashed = [raw_input, webhook, events, *([storage] if storage else [])]
-        request_hash = hashlib.sha256(
-            json.dumps(hashed, sort_keys=True, default=str).encode()
-        ).hexdigest()
-        if job_id is not None and (existing := self._store.find(job_id)) is not None:
-            if existing.request_hash != request_hash:
-                raise IdempotencyConflict(
-                    f"job {job_id} exists with a different request; use a new id, or "
-                    "repeat the original request exactly",
-                    job_id=job_id,
-                )
-            return existing, False
-        if webhook is not None:
-            self._http.check_url(webhook, field="webhook")
-        if storage is not None and not (storage.get("bucket") or self._settings.s3_bucket):
-            raise InvalidInput(
-                "storage: no bucket to upload to; name one in storage.bucket, or configure "
-                "S3_BUCKET",
-                field="storage.bucket",
-            )
+        options = self.check_options(raw_input, job_id, webhook, webhook_events, storage)
+        if options.existing is not None:
+            return options.existing, False
+        events, storage, request_hash = options.events, options.storage, options.request_hash
         try:
             validated = self._model.model_validate(raw_input)
         except ValidationError as exc:
@@ -146,6 +130,61 @@ class JobSubmitter:
             self._runner.wake()
         return job, created
 
+    def check_options(
+        self,
+        request: Any,
+        job_id: str | None,
+        webhook: str | None,
+        webhook_events: list[str] | None,
+        storage: dict[str, Any] | None,
+    ) -> RequestOptions:
+        """The checks every kind of job request shares: webhook, storage, and the repeat
+        of an existing `job_id` (the same request: that job; another: a conflict)."""
+        events = list(webhook_events or DEFAULT_WEBHOOK_EVENTS)
+        unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise InvalidInput(
+                f"unknown webhook_events {unknown}; choose from {list(WEBHOOK_EVENTS)}",
+                field="webhook_events",
+            )
+        storage = {k: v for k, v in (storage or {}).items() if v is not None} or None
+        # like webhook; a request without storage hashes as it did before storage existed
+        hashed = [request, webhook, events, *([storage] if storage else [])]
+        request_hash = hashlib.sha256(
+            json.dumps(hashed, sort_keys=True, default=str).encode()
+        ).hexdigest()
+        if job_id is not None and (existing := self._store.find(job_id)) is not None:
+            if existing.request_hash != request_hash:
+                raise IdempotencyConflict(
+                    f"job {job_id} exists with a different request; use a new id, or "
+                    "repeat the original request exactly",
+                    job_id=job_id,
+                )
+            return RequestOptions(events, storage, request_hash, existing)
+        if webhook is not None:
+            self._http.check_url(webhook, field="webhook")
+        if storage is not None and not (storage.get("bucket") or self._settings.s3_bucket):
+            raise InvalidInput(
+                "storage: no bucket to upload to; name one in storage.bucket, or configure "
+                "S3_BUCKET",
+                field="storage.bucket",
+            )
+        return RequestOptions(events, storage, request_hash, None)
+
+    def validate(self, raw_input: Any, prefix: str = "input") -> dict[str, Any]:
+        """The input checked by the service's model and rules, as JSON values."""
+        try:
+            validated = self._model.model_validate(raw_input)
+        except ValidationError as exc:
+            raise validation_error(exc, prefix) from None
+        try:
+            self._check(validated, self._settings)
+        except InvalidInput as exc:
+            if prefix != "input":
+                exc.message = f"{prefix}: {exc.message}"
+            raise
+        return validated.model_dump(mode="json")
+
     async def _resolve_media(
         self, values: dict[str, Any], inputs_dir: Path
     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -159,14 +198,15 @@ class JobSubmitter:
             for index, ref in enumerate(refs):
                 field = f"input.{name}" + (f"[{index}]" if isinstance(value, list) else "")
                 target = inputs_dir / f"{name}_{index}.{_SUFFIX[kind]}"
-                await self._materialize(ref, kind, field, target)
+                await self.materialize(ref, kind, field, target)
                 paths.append(str(target.resolve()))
             shown = [_shorten(ref) for ref in refs]
             public[name] = shown if isinstance(value, list) else shown[0]
             prepared[name] = paths if isinstance(value, list) else paths[0]
         return public, prepared
 
-    async def _materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> None:
+    async def materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> None:
+        """The file behind `ref`, fetched, checked and written to `target`."""
         data = await self.read_reference(ref, field)
         if kind == "audio":  # checked (decodes, not silent, within MAX_AUDIO_S), as a wav
             await asyncio.to_thread(

@@ -14,6 +14,7 @@ from model_service.api.state import ServiceState
 from model_service.engine import Engine, WorkerEngine
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
+from model_service.jobs.graph import Composer, JobGraphs
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
@@ -65,7 +66,18 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     submitter = JobSubmitter(
         settings, spec.input_model, store, http, runner, check_input=spec.check_input
     )
-    return ServiceState(spec, settings, store, bus, metrics, http, webhooks, runner, submitter)
+    graphs = None
+    if spec.long_video is not None:
+        from model_service.longvideo.compose import ChainComposer, TravelComposer
+
+        composers: dict[str, Composer] = {
+            "chain": ChainComposer(settings, spec.long_video.image_field),
+            "travel": TravelComposer(settings),
+        }
+        graphs = JobGraphs(settings, store, runner, composers)
+    return ServiceState(
+        spec, settings, store, bus, metrics, http, webhooks, runner, submitter, graphs
+    )
 
 
 @asynccontextmanager
@@ -73,6 +85,8 @@ async def running(state: ServiceState) -> AsyncIterator[None]:
     """The service's lifetime on the current event loop: runner, webhooks, retention
     (the HTTP app's lifespan, and the serverless worker's)."""
     await state.runner.start()
+    if state.graphs is not None:
+        await state.graphs.start()
     background = [
         asyncio.create_task(state.webhooks.run(), name="webhooks"),
         asyncio.create_task(retention.run_forever(state.settings, state.store), name="retention"),
@@ -92,6 +106,8 @@ async def running(state: ServiceState) -> AsyncIterator[None]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+        if state.graphs is not None:
+            await state.graphs.stop()
         await state.runner.stop()
         await state.http.aclose()
         state.store.close()
@@ -123,6 +139,10 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
     app.include_router(probes.build_router(state))
     app.include_router(jobs.build_router(state))
     app.include_router(uploads.build_router(state))
+    if state.graphs is not None:
+        from model_service.longvideo import routes as long_video_routes
+
+        app.include_router(long_video_routes.build_router(state))
     for router in spec.extra_routes(state):
         app.include_router(router)
     return app

@@ -69,11 +69,12 @@ def prefer_wait(prefer: str | None) -> int:
 
 
 async def wait_until_terminal(state: ServiceState, job: Job, seconds: float) -> Job:
-    """The job once it finished, or as it is when `seconds` ran out."""
+    """The job once it finished (or waits for the client), or as it is when `seconds`
+    ran out."""
     deadline = time.monotonic() + seconds
     async with state.bus.subscribe(job.id) as events:
         job = state.store.get(job.id)
-        while not job.status.is_terminal:
+        while not job.status.is_settled:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -96,8 +97,8 @@ def build_router(state: ServiceState) -> APIRouter:
         if wait:
             job = await wait_until_terminal(state, job, wait)
             headers["preference-applied"] = f"wait={wait}"
-        status_code = 200 if job.status.is_terminal or not created else 202
-        view = job_view(job, state.base_url(request))
+        status_code = 200 if job.status.is_settled or not created else 202
+        view = job_view(job, state.base_url(request), state.children(job))
         return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
 
     async def submit(request: Request, body: BaseModel, job_id: str | None) -> tuple[Job, bool]:
@@ -150,7 +151,8 @@ def build_router(state: ServiceState) -> APIRouter:
 
     @router.get("/{job_id}", response_model=JobView, summary="Get a job")
     async def get_job(request: Request, job_id: JobId) -> JobView:
-        return job_view(state.store.get(job_id), state.base_url(request))
+        job = state.store.get(job_id)
+        return job_view(job, state.base_url(request), state.children(job))
 
     @router.get("", response_model=JobList, summary="List jobs, newest first")
     async def list_jobs(
@@ -165,8 +167,27 @@ def build_router(state: ServiceState) -> APIRouter:
 
     @router.post("/{job_id}/cancel", response_model=JobView, summary="Cancel a job (idempotent)")
     async def cancel_job(request: Request, job_id: JobId) -> JobView:
-        job = await state.runner.cancel(job_id)
-        return job_view(job, state.base_url(request))
+        job = state.store.get(job_id)
+        if job.is_parent and state.graphs is not None:  # and every part not finished
+            job = await state.graphs.cancel(job_id)
+        else:
+            job = await state.runner.cancel(job_id)
+        return job_view(job, state.base_url(request), state.children(job))
+
+    @router.post(
+        "/{job_id}/retry",
+        response_model=JobView,
+        summary="Run a failed or canceled job again (a long video: its failed parts)",
+    )
+    async def retry_job(request: Request, job_id: JobId) -> JobView:
+        job = state.store.get(job_id)
+        if job.parent_id is not None:  # a part: the long video it belongs to
+            job = state.store.get(job.parent_id)
+        if job.is_parent and state.graphs is not None:
+            job = await state.graphs.retry(job.id)
+        else:
+            job = state.runner.retry(job.id)
+        return job_view(job, state.base_url(request), state.children(job))
 
     @router.get(
         "/{job_id}/events",
@@ -179,11 +200,11 @@ def build_router(state: ServiceState) -> APIRouter:
         base = state.base_url(request)
         async with state.bus.subscribe(job_id) as events:
             job = state.store.get(job_id)
-            yield _sse("status", job, base)
+            yield _sse("status", job, base, state.children(job))
             while not job.status.is_terminal:
                 event = await events.get()
                 job = event.job
-                yield _sse(event.kind, job, base)
+                yield _sse(event.kind, job, base, state.children(job))
 
     @router.get(
         "/{job_id}/outputs/{name}",
@@ -216,6 +237,6 @@ def build_router(state: ServiceState) -> APIRouter:
     return router
 
 
-def _sse(kind: str, job: Job, base_url: str) -> ServerSentEvent:
-    view = job_view(job, base_url).model_dump(mode="json")
+def _sse(kind: str, job: Job, base_url: str, children: list[Job] | None) -> ServerSentEvent:
+    view = job_view(job, base_url, children).model_dump(mode="json")
     return ServerSentEvent(event=kind, raw_data=json.dumps(view))

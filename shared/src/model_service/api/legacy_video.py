@@ -25,6 +25,7 @@ from model_service.jobs.status import JobStatus
 _STATUS = {
     JobStatus.QUEUED: "queued",
     JobStatus.RUNNING: "processing",
+    JobStatus.AWAITING_INPUT: "processing",
     JobStatus.SUCCEEDED: "completed",
     JobStatus.FAILED: "error",
     JobStatus.CANCELED: "error",

@@ -8,6 +8,8 @@ from fastapi import Request
 
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
+from model_service.jobs.graph import JobGraphs
+from model_service.jobs.record import Job
 from model_service.jobs.store import JobStore
 from model_service.metrics import Metrics
 from model_service.runner import JobRunner
@@ -28,9 +30,14 @@ class ServiceState:
     webhooks: WebhookDispatcher
     runner: JobRunner
     submitter: JobSubmitter
+    graphs: JobGraphs | None = None  # services with long videos
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url)
+
+    def children(self, job: Job) -> list[Job] | None:
+        """A long video's parts (None for a plain job)."""
+        return self.store.children(job.id) if job.is_parent else None
 
 
 def get_state(request: Request) -> ServiceState:

@@ -34,7 +34,12 @@ from typing import Any
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
 from model_service.comfy.errors import ComfyCrashed, ComfyCudaError, ComfyInterrupted
 from model_service.comfy.supervisor import ComfyState, ComfySupervisor
-from model_service.comfy.workflow import Workflow, sampler_steps
+from model_service.comfy.workflow import (
+    LAST_FRAME_STEM,
+    Workflow,
+    add_last_frame,
+    sampler_steps,
+)
 from model_service.errors import ProvisionError, ServiceError
 from model_service.fetch import SafeHttpClient
 from model_service.logs import get_logger
@@ -52,6 +57,9 @@ LORA_CACHE_FOLDER = "cache"  # under the models' `loras` folder, so ComfyUI list
 MAX_LORA_BYTES = 2 * 2**30
 LORA_FETCH_TIMEOUT_S = 1800.0
 _BLOCKED_RECHECK_S = 5.0  # while a model file is missing: soon ready once it is there
+# an input key set by the long-video coordinator (never by a caller: input models forbid
+# extra keys): also save the video's last frame as `last_frame.png`
+WANT_LAST_FRAME = "_last_frame"
 
 
 @dataclass(frozen=True)
@@ -341,7 +349,10 @@ class ComfyEngine:
                         Path(path), f"{running.tag}_{field_name}"
                     )
             graph = workflow.build(values, tag=running.tag)
-            done = await self._queue_and_collect(job, running, on_progress, name, graph)
+            stems = dict(workflow.outputs)
+            if values.get(WANT_LAST_FRAME):
+                stems.update(_last_frame_nodes(graph, workflow, running.tag))
+            done = await self._queue_and_collect(job, running, on_progress, stems, name, graph)
         if derived:  # what the job's files asked for (frames, windows, ...), on the job
             done.info["derived"] = derived
         return done
@@ -367,10 +378,10 @@ class ComfyEngine:
         job: RunJob,
         running: _Running,
         on_progress: Callable[[JobProgress], None],
+        stems: Mapping[str, str],
         name: str,
         graph: dict[str, Any],
     ) -> JobDone:
-        workflow = self._spec.workflows[name]
         if running.cancel_requested:
             return JobDone(job.job_id, canceled=True)
 
@@ -382,11 +393,11 @@ class ComfyEngine:
             on_progress=progress,
             timeout_s=self._settings.job_timeout_s + self._settings.cancel_grace_s,
             prompt_id=running.prompt_id,
-            expect_outputs=[node for node in workflow.outputs if node in graph] or None,
+            expect_outputs=[node for node in stems if node in graph] or None,
         )
         output_dir = Path(job.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - cheaper than a thread
-        names = await self._save_outputs(workflow, result, output_dir)
+        names = await self._save_outputs(stems, result, output_dir)
         return JobDone(
             job.job_id,
             outputs=names,
@@ -405,12 +416,12 @@ class ComfyEngine:
         )
 
     async def _save_outputs(
-        self, workflow: Workflow, result: RunResult, output_dir: Path
+        self, stems: Mapping[str, str], result: RunResult, output_dir: Path
     ) -> list[str]:
         names: list[str] = []
         counts: dict[str, int] = {}
         for output in result.outputs:
-            stem = workflow.outputs.get(output.node_id) or f"node{output.node_id}"
+            stem = stems.get(output.node_id) or f"node{output.node_id}"
             index = counts.get(stem, 0)
             counts[stem] = index + 1
             name = _output_name(stem, index, output)
@@ -471,6 +482,18 @@ def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:
         reason=reason[:500],
     )
     return error.to_dict()
+
+
+def _last_frame_nodes(graph: dict[str, Any], workflow: Workflow, tag: str) -> dict[str, str]:
+    """Adds the last-frame nodes after the workflow's video output: {SaveImage id: stem}."""
+    for node_id, stem in workflow.outputs.items():
+        if stem == "video" and node_id in graph:
+            save = add_last_frame(graph, node_id)
+            if save is not None:
+                prefix = graph[save]["inputs"]["filename_prefix"]
+                graph[save]["inputs"]["filename_prefix"] = f"{prefix}_{tag}"
+                return {save: LAST_FRAME_STEM}
+    return {}
 
 
 def _output_name(stem: str, index: int, output: OutputFile) -> str:

@@ -240,6 +240,36 @@ def chain_loras(
     return added
 
 
+LAST_FRAME_STEM = "last_frame"
+
+
+def add_last_frame(graph: Graph, video_node: str) -> str | None:
+    """Nodes that save the last frame of the video that `video_node` (a SaveVideo fed by
+    a CreateVideo) writes, as a PNG: the exact 8-bit frame the video encoder got, so the
+    next segment of a long video starts from it without a lossy round trip through the
+    mp4. Returns the SaveImage node's id, or None when the graph is not shaped so."""
+    video_input = (graph.get(video_node) or {}).get("inputs", {}).get("video")
+    if not is_link(video_input):
+        return None
+    create = graph.get(video_input[0]) or {}
+    images = create.get("inputs", {}).get("images")
+    if create.get("class_type") != "CreateVideo" or not is_link(images):
+        return None
+    top = max((int(n) for n in graph if n.isdigit()), default=0)
+    pick, save = str(top + 1), str(top + 2)
+    graph[pick] = {
+        "class_type": "ImageFromBatch",
+        "inputs": {"image": images, "batch_index": -1, "length": 1},
+        "_meta": {"title": "Last frame"},
+    }
+    graph[save] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [pick, 0], "filename_prefix": LAST_FRAME_STEM},
+        "_meta": {"title": "Save last frame"},
+    }
+    return save
+
+
 def sampler_steps(graph: Mapping[str, Any]) -> int:
     """Denoising steps the graph will run in all its samplers (0 when it cannot tell):
     KSampler, KSamplerAdvanced (its start..end range) and SamplerCustomAdvanced (the

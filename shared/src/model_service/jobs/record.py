@@ -33,6 +33,19 @@ class Job:
     base_url: str = ""  # where the job was submitted; output links in webhooks use it
     storage: dict[str, Any] | None = None  # the request's bucket/prefix/presign_s override
     stored_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> object
+    # job graphs (long videos): a parent ("chain", "travel") runs nothing itself; its
+    # children are plain jobs that run after the jobs in `depends_on` succeeded
+    kind: str = "job"
+    parent_id: str | None = None
+    children: list[str] = field(default_factory=list)  # a parent's, in order
+    depends_on: list[str] = field(default_factory=list)
+    # input field -> "<job id>/<output name>": a file another job makes, found at run time
+    inputs_from: dict[str, str] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)  # a parent's options; a child's role
+
+    @property
+    def is_parent(self) -> bool:
+        return self.kind != "job"
 
     def to_row(self) -> dict[str, Any]:
         """The fields as they are (JSON values already): no deep copy, it is serialised

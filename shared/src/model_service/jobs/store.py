@@ -2,7 +2,12 @@
 
 Every change is one transaction that is on disk when the call returns, so a kill -9
 of the service loses nothing that was acknowledged. Status changes go through
-`transition`, which enforces the state machine in SQL (`WHERE status IN (...)`).
+`transition`, which enforces the state machine.
+
+Job graphs (long videos): a parent job and its children are written in one transaction;
+`job_deps` holds which job waits for which, and `claim_next` takes only a child whose
+dependencies all succeeded. Parents are never claimed: the graph coordinator
+(`model_service.jobs.graph`) keeps their status.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS job_deps (
+    job_id TEXT NOT NULL,
+    depends_on TEXT NOT NULL,
+    PRIMARY KEY (job_id, depends_on)
+);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -89,6 +99,17 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since the first release (a store written by it opens as is)."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        with self._tx() as db:
+            if "parent_id" not in columns:
+                db.execute("ALTER TABLE jobs ADD COLUMN parent_id TEXT")
+            if "is_parent" not in columns:
+                db.execute("ALTER TABLE jobs ADD COLUMN is_parent INTEGER NOT NULL DEFAULT 0")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_parent ON jobs (parent_id)")
 
     def close(self) -> None:
         with self._lock:
@@ -130,11 +151,84 @@ class JobStore:
                         f"job {job.id} exists with a different request", job_id=job.id
                     )
                 return existing, False
-            db.execute(
-                "INSERT INTO jobs (id, status, created_at, data) VALUES (?, ?, ?, ?)",
-                (job.id, job.status.value, job.created_at, json.dumps(job.to_row())),
-            )
+            self._insert(db, job)
             return job, True
+
+    def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]:
+        """A parent and its children (with their `depends_on`) in one transaction;
+        idempotent by the parent's id and request hash, like `create`."""
+        with self._tx() as db:
+            existing = self._get(db, parent.id)
+            if existing is not None:
+                if existing.request_hash != parent.request_hash:
+                    raise IdempotencyConflict(
+                        f"job {parent.id} exists with a different request", job_id=parent.id
+                    )
+                return existing, False
+            self._insert(db, parent)
+            for child in children:
+                self._insert(db, child)
+            return parent, True
+
+    def add_children(
+        self, parent_id: str, children: list[Job], change: Callable[[Job], None]
+    ) -> Job:
+        """New children of an existing parent, and `change` to the parent, atomically."""
+        with self._tx() as db:
+            parent = self._require(db, parent_id)
+            change(parent)
+            self._save(db, parent)
+            for child in children:
+                self._insert(db, child)
+            return parent
+
+    def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job:
+        """Delete a child job (its row and dependencies) and apply `change` to the parent."""
+        with self._tx() as db:
+            parent = self._require(db, parent_id)
+            change(parent)
+            self._save(db, parent)
+            db.execute("DELETE FROM jobs WHERE id = ? AND parent_id = ?", (child_id, parent_id))
+            db.execute(
+                "DELETE FROM job_deps WHERE job_id = ? OR depends_on = ?", (child_id, child_id)
+            )
+            return parent
+
+    def children(self, parent_id: str) -> list[Job]:
+        """A parent's children in the order they were created."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM jobs WHERE parent_id = ? ORDER BY seq", (parent_id,)
+            ).fetchall()
+        return [Job.from_row(json.loads(row["data"])) for row in rows]
+
+    def open_parents(self) -> list[Job]:
+        """Parents that are not finished (their children may need the coordinator)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM jobs WHERE is_parent = 1 AND status NOT IN (?, ?, ?) "
+                "ORDER BY seq",
+                tuple(status.value for status in TERMINAL),
+            ).fetchall()
+        return [Job.from_row(json.loads(row["data"])) for row in rows]
+
+    def _insert(self, db: sqlite3.Connection, job: Job) -> None:
+        db.execute(
+            "INSERT INTO jobs (id, status, created_at, data, parent_id, is_parent) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.status.value,
+                job.created_at,
+                json.dumps(job.to_row()),
+                job.parent_id,
+                int(job.is_parent),
+            ),
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO job_deps (job_id, depends_on) VALUES (?, ?)",
+            [(job.id, dep) for dep in job.depends_on],
+        )
 
     def find(self, job_id: str) -> Job | None:
         with self._lock:
@@ -164,7 +258,7 @@ class JobStore:
     def count(self, status: JobStatus) -> int:
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ?", (status.value,)
+                "SELECT COUNT(*) FROM jobs WHERE status = ? AND is_parent = 0", (status.value,)
             ).fetchone()
         return int(row[0])
 
@@ -197,12 +291,15 @@ class JobStore:
             return job
 
     def claim_next(self) -> Job | None:
-        """Oldest queued job, moved to running (attempt counted), or None. Not synced:
-        after a power loss the job is simply queued again."""
+        """Oldest queued job whose dependencies all succeeded, moved to running (attempt
+        counted), or None. Not synced: after a power loss the job is simply queued again."""
         with self._tx(durable=False) as db:
             row = db.execute(
-                "SELECT data FROM jobs WHERE status = ? ORDER BY seq LIMIT 1",
-                (JobStatus.QUEUED.value,),
+                "SELECT data FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
+                " SELECT 1 FROM job_deps AS d JOIN jobs AS dep ON dep.id = d.depends_on"
+                " WHERE d.job_id = j.id AND dep.status != ?"
+                ") ORDER BY seq LIMIT 1",
+                (JobStatus.QUEUED.value, JobStatus.SUCCEEDED.value),
             ).fetchone()
             if row is None:
                 return None
@@ -215,9 +312,10 @@ class JobStore:
             return job
 
     def running(self) -> list[Job]:
+        """Jobs the runner is running (parents are not run by the runner)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT data FROM jobs WHERE status = ? ORDER BY seq",
+                "SELECT data FROM jobs WHERE status = ? AND is_parent = 0 ORDER BY seq",
                 (JobStatus.RUNNING.value,),
             ).fetchall()
         return [Job.from_row(json.loads(row["data"])) for row in rows]

@@ -55,8 +55,24 @@ class JobLinks(BaseModel):
     cancel: str
 
 
+class PartView(BaseModel):
+    """One part of a long video (a child job)."""
+
+    id: str
+    index: int = Field(description="Its place in the video, from 0.")
+    status: JobStatus
+    progress: float = Field(description="0 to 1")
+    seed: int | None
+    video: str | None = Field(description="URL of the part's own video, once it exists.")
+    error: dict[str, Any] | None
+
+
 class JobView(BaseModel):
     id: str
+    kind: str = Field(
+        "job", description="`job`; a long video: `chain` or `travel` (its parts are jobs too)."
+    )
+    parent_id: str | None = Field(None, exclude_if=_is_none, description="A part's long video.")
     status: JobStatus
     input: dict[str, Any]
     seed: int | None = Field(description="The seed actually used.")
@@ -69,6 +85,9 @@ class JobView(BaseModel):
     attempts: int
     cancel_requested: bool
     links: JobLinks
+    parts: list[PartView] | None = Field(
+        None, exclude_if=_is_none, description="A long video's parts, in order."
+    )
 
 
 def _time(value: float | None) -> datetime | None:
@@ -98,7 +117,27 @@ def _output(name: str, job_url: str, stored: dict[str, Any]) -> Output:
     )
 
 
-def job_view(job: Job, base_url: str) -> JobView:
+def _part(child: Job, index: int, base: str) -> PartView:
+    total = child.progress_total
+    done = child.status is JobStatus.SUCCEEDED
+    video = next((n for n in child.outputs if n.endswith(".mp4")), None)
+    return PartView(
+        id=child.id,
+        index=index,
+        status=child.status,
+        progress=1.0 if done else round(child.progress_step / total, 4) if total else 0.0,
+        seed=child.seed,
+        video=(
+            f"{base}/v1/jobs/{child.id}/outputs/{video}"
+            if video and done and not child.outputs_expired
+            else None
+        ),
+        error=child.error,
+    )
+
+
+def job_view(job: Job, base_url: str, children: list[Job] | None = None) -> JobView:
+    """`children`: a long video's parts (listed as `parts`)."""
     base = base_url.rstrip("/")
     job_url = f"{base}/v1/jobs/{job.id}"
     total = job.progress_total
@@ -108,6 +147,8 @@ def job_view(job: Job, base_url: str) -> JobView:
     ended = job.finished_at
     return JobView(
         id=job.id,
+        kind=job.kind,
+        parent_id=job.parent_id,
         status=job.status,
         input=job.input,
         seed=job.seed,
@@ -126,4 +167,7 @@ def job_view(job: Job, base_url: str) -> JobView:
         attempts=job.attempts,
         cancel_requested=job.cancel_requested,
         links=JobLinks(self=job_url, events=f"{job_url}/events", cancel=f"{job_url}/cancel"),
+        parts=None
+        if children is None
+        else [_part(child, i, base) for i, child in enumerate(children)],
     )

@@ -10,7 +10,8 @@ start image), never against the previous clip, blended by a strength.
 Two pitfalls are avoided: matching every frame on its own flickers, and one constant
 transform per clip makes a step at each join. Here each segment gets one smooth transform
 that varies linearly in time, identity at the join and full correction at the tail (see
-`correct_segment`).
+`correct_segment`). The transform can be fitted once (`fit_segment`), stored as JSON
+(`SegmentCorrection.to_dict`) and applied later, frame by frame (`SegmentCorrection.apply`).
 
 sRGB <-> Lab (D65) is implemented here with numpy, vectorised, in float32.
 """
@@ -18,8 +19,9 @@ sRGB <-> Lab (D65) is implemented here with numpy, vectorised, in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -190,6 +192,130 @@ def match_colours(
     return _transfer(frame, scale, offset)
 
 
+@dataclass(frozen=True)
+class SegmentCorrection:
+    """One segment's fitted colour correction (pass 1 of `correct_segment`), in plain
+    Python numbers so it can be stored as JSON (`to_dict` / `from_dict`) and applied
+    later, frame by frame (`apply`), to the segment's frames or to a lossless copy of its
+    last frame (`apply_last`).
+
+    The 6-vectors are (L, a, b) means then (L, a, b) stds: `y_mean` and `slope` the
+    least-squares line over frame index (centred on `t_mean`), `first` the target at
+    frame 0, `ref` the target at frame `n - 1`.
+    """
+
+    n: int  # frames in the segment
+    t_mean: float
+    y_mean: tuple[float, ...]
+    slope: tuple[float, ...]
+    first: tuple[float, ...]
+    ref: tuple[float, ...]
+    strength: float
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"a segment correction needs n >= 1 frames, got {self.n}")
+        for name in ("y_mean", "slope", "first", "ref"):
+            if len(getattr(self, name)) != 6:
+                raise ValueError(f"{name} must hold 6 numbers, got {getattr(self, name)}")
+        _check_strength(self.strength)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; `from_dict` restores it exactly."""
+        return {
+            "n": self.n,
+            "t_mean": self.t_mean,
+            "y_mean": list(self.y_mean),
+            "slope": list(self.slope),
+            "first": list(self.first),
+            "ref": list(self.ref),
+            "strength": self.strength,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SegmentCorrection:
+        def vec(name: str) -> tuple[float, ...]:
+            return tuple(float(v) for v in data[name])
+
+        return cls(
+            n=int(data["n"]),
+            t_mean=float(data["t_mean"]),
+            y_mean=vec("y_mean"),
+            slope=vec("slope"),
+            first=vec("first"),
+            ref=vec("ref"),
+            strength=float(data["strength"]),
+        )
+
+    def apply(self, frame: Frame, t: int) -> Frame:
+        """Frame `t` (0 .. n-1) of the segment, corrected: mapped from the fitted
+        statistics at `t` to a target moving linearly from `first` to `ref`."""
+        if not 0 <= t < self.n:
+            raise ValueError(f"frame index {t} is outside this segment's 0..{self.n - 1}")
+        _check_frame(frame)
+        if self.strength == 0.0:
+            return frame.copy()
+        u = t / (self.n - 1) if self.n > 1 else 1.0
+        src = np.array(self.y_mean) + np.array(self.slope) * (t - self.t_mean)
+        tgt = (1.0 - u) * np.array(self.first) + u * np.array(self.ref)
+        return _transfer(frame, *_affine(src[:3], src[3:], tgt[:3], tgt[3:], self.strength))
+
+    def apply_last(self, frame: Frame) -> Frame:
+        """`apply(frame, n - 1)`: e.g. a lossless copy of the last frame, the next
+        segment's start image."""
+        return self.apply(frame, self.n - 1)
+
+
+def fit_segment(
+    frames: Iterable[Frame],
+    reference: ColourStats,
+    *,
+    strength: float = 1.0,
+    start: ColourStats | None = None,
+) -> SegmentCorrection:
+    """Pass 1 of `correct_segment` alone: reads `frames` once (a one-shot iterator is
+    fine) and returns the correction to apply to them. See `correct_segment` for the
+    method and `start`. No frames: ValueError."""
+    _check_strength(strength)
+    correction = _fit(frames, reference, strength, start)
+    if correction is None:
+        raise ValueError("fit_segment needs at least one frame")
+    return correction
+
+
+def _fit(
+    frames: Iterable[Frame], reference: ColourStats, strength: float, start: ColourStats | None
+) -> SegmentCorrection | None:
+    # Per-frame (mean, std) as 6 numbers, then a least-squares line over time.
+    rows = []
+    for frame in frames:
+        lab = _lab_sample(frame, STATS_MAX_PIXELS)
+        rows.append(np.concatenate([lab.mean(axis=0), lab.std(axis=0)]))
+    n = len(rows)
+    if n == 0:
+        return None
+    per_frame = np.array(rows)
+    times = np.arange(n, dtype=np.float64)
+    t_mean, y_mean = times.mean(), per_frame.mean(axis=0)
+    dt = times - t_mean
+    slope = (dt @ (per_frame - y_mean)) / (dt @ dt) if n > 1 else np.zeros(6)
+    ref = np.concatenate([np.array(reference.mean), np.array(reference.std)])
+    first = (
+        np.concatenate([np.array(start.mean), np.array(start.std)])
+        if start is not None
+        else y_mean - slope * t_mean
+    )
+    return SegmentCorrection(
+        n=n,
+        t_mean=float(t_mean),
+        y_mean=tuple(y_mean.tolist()),
+        slope=tuple(slope.tolist()),
+        first=tuple(first.tolist()),
+        ref=tuple(ref.tolist()),
+        strength=float(strength),
+    )
+
+
 def correct_segment(
     frames: Iterable[Frame],
     reference: ColourStats,
@@ -204,7 +330,8 @@ def correct_segment(
     an object whose `__iter__` reopens a file; a one-shot iterator is refused): the first
     measures every frame's Lab mean and std on a subsample (a few numbers per frame, so
     memory stays bounded) and fits a straight line to them over time; the second
-    transforms and yields one frame at a time.
+    transforms and yields one frame at a time. The two passes are `fit_segment` and
+    `SegmentCorrection.apply`, usable apart to store the correction.
 
     Why a ramp: generation drifts progressively, frame 0 reproduces the conditioning image
     and the tail has drifted most. Frame t is mapped from the fitted statistics at t to a
@@ -237,37 +364,15 @@ def correct_segment(
 def _correct(
     frames: Iterable[Frame], reference: ColourStats, strength: float, start: ColourStats | None
 ) -> Iterator[Frame]:
-    # Pass 1: per-frame (mean, std) as 6 numbers, then a least-squares line over time.
-    rows = []
-    for frame in frames:
-        lab = _lab_sample(frame, STATS_MAX_PIXELS)
-        rows.append(np.concatenate([lab.mean(axis=0), lab.std(axis=0)]))
-    n = len(rows)
-    if n == 0:
+    correction = _fit(frames, reference, strength, start)
+    if correction is None:
         return
-    per_frame = np.array(rows)
-    times = np.arange(n, dtype=np.float64)
-    t_mean, y_mean = times.mean(), per_frame.mean(axis=0)
-    dt = times - t_mean
-    slope = (dt @ (per_frame - y_mean)) / (dt @ dt) if n > 1 else np.zeros(6)
-
-    ref = np.concatenate([np.array(reference.mean), np.array(reference.std)])
-    at_start = y_mean - slope * t_mean
-    first = (
-        np.concatenate([np.array(start.mean), np.array(start.std)])
-        if start is not None
-        else at_start
-    )
-
-    # Pass 2: one affine Lab transform per frame, interpolated in time.
+    n = correction.n
     t = -1
     for t, frame in enumerate(frames):
         if t >= n:
             break
-        u = t / (n - 1) if n > 1 else 1.0
-        src = y_mean + slope * (t - t_mean)
-        tgt = (1.0 - u) * first + u * ref
-        yield _transfer(frame, *_affine(src[:3], src[3:], tgt[:3], tgt[3:], strength))
+        yield correction.apply(frame, t)
     if t != n - 1:
         raise ValueError(f"frames gave {n} frames on the first pass but not on the second")
 

@@ -35,13 +35,19 @@ Two ways to write the output, chosen per call (`StitchResult.method`):
   memory stays bounded: at most `overlap` decoded frames are held, besides the codecs'
   own lookahead and one decoded audio packet per open segment.
 
+Per-segment frame transforms (`transforms=`, e.g. a colour correction): `transforms[k]`,
+if not None, gets every kept frame of segment k as an H x W x 3 RGB24 array with its
+index among all of that segment's decoded frames (from 0; a dropped boundary frame is
+counted but not transformed) and returns the new one, before any cross-fade. Any transform
+forces "reencode". Segments without one are not converted to RGB.
+
 Bad inputs raise `ValueError` (the job layer maps it to its failure type): no segments,
 a file that is unreadable, holds no video or decodes to fewer frames than its header
 says, mismatched sizes or frame rates, a leg with fewer than `overlap` frames per
 neighbour, a crf outside 0..51, an unknown x264 preset, an output that is not .mp4, .m4v
-or .mov. Other FFmpeg failures propagate as `av.FFmpegError`. The output is written to
-a temporary file beside `out` and moved into place with `os.replace`, so `out` is never
-half written.
+or .mov, `transforms` not one per segment, a transform returning another shape or dtype.
+Other FFmpeg failures propagate as `av.FFmpegError`. The output is written to a temporary
+file beside `out` and moved into place with `os.replace`, so `out` is never half written.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -69,6 +75,8 @@ from av.video.stream import VideoStream
 
 Method = Literal["copy", "reencode"]
 Samples = npt.NDArray[np.float32]  # (channels, samples), planar float
+# (RGB24 frame, H x W x 3; its index in the segment) -> the new frame, same shape
+FrameTransform = Callable[[npt.NDArray[np.uint8], int], npt.NDArray[np.uint8]]
 
 X264_PRESETS = (
     "ultrafast",
@@ -154,13 +162,18 @@ def stitch_chain(
     drop_boundary: bool = True,
     crf: int = 18,
     preset: str = "medium",
+    transforms: Sequence[FrameTransform | None] | None = None,
 ) -> StitchResult:
     """Joins a chain of segments, each generated from the last frame of the one before.
 
     With `drop_boundary`, the first frame of every segment after the first (a repeat of
     the frame before it) is dropped, with its audio span.
+
+    `transforms`: one per segment (None: the frames as decoded), called as
+    `transforms[k](rgb, i)` on frame i of segment k (see the module docstring). Any
+    transform forces the "reencode" method.
     """
-    return _stitch(segments, "segment", Path(out), drop_boundary, 0, crf, preset)
+    return _stitch(segments, "segment", Path(out), drop_boundary, 0, crf, preset, transforms)
 
 
 def stitch_travel(
@@ -170,10 +183,16 @@ def stitch_travel(
     overlap: int,
     crf: int = 18,
     preset: str = "medium",
+    transforms: Sequence[FrameTransform | None] | None = None,
 ) -> StitchResult:
     """Joins legs whose last/first `overlap` frames show the same moment, cross-fading
-    them (video and audio) linearly over the overlap."""
-    return _stitch(legs, "leg", Path(out), False, overlap, crf, preset)
+    them (video and audio) linearly over the overlap.
+
+    `transforms`: one per leg (None: the frames as decoded), called as
+    `transforms[k](rgb, i)` on frame i of leg k before the cross-fade (see the module
+    docstring). Any transform forces the "reencode" method.
+    """
+    return _stitch(legs, "leg", Path(out), False, overlap, crf, preset, transforms)
 
 
 # --- checks --------------------------------------------------------------------------
@@ -296,10 +315,17 @@ def _stitch(
     overlap: int,
     crf: int,
     preset: str,
+    transforms: Sequence[FrameTransform | None] | None,
 ) -> StitchResult:
     started = time.perf_counter()
     muxer = _muxer(out)
     _check_encoding(crf, preset)
+    if transforms is not None and len(transforms) != len(paths):
+        raise ValueError(
+            f"got {len(transforms)} transforms for {len(paths)} {noun}s: give one per {noun} "
+            "(None for no transform)"
+        )
+    steps = list(transforms or [None] * len(paths))
     with ExitStack() as stack:  # the copy path reads the inputs opened for the checks
         inputs = _inspect_all(paths, noun, stack)
         facts = [f for f, _ in inputs]
@@ -307,13 +333,14 @@ def _stitch(
         skip = 1 if drop_boundary and len(facts) > 1 else 0
         overlap = overlap if len(facts) > 1 else 0
         same = all(f.copy_key() == facts[0].copy_key() for f in facts)
-        method: Method = "copy" if same and skip == 0 and overlap == 0 else "reencode"
+        plain = all(step is None for step in steps)
+        method: Method = "copy" if same and plain and skip == 0 and overlap == 0 else "reencode"
         if method == "copy":
             with _atomic(out) as tmp:
                 frames, has_audio = _copy(inputs, tmp, muxer)
     if method == "reencode":
         with _atomic(out) as tmp:
-            frames, has_audio = _reencode(facts, tmp, muxer, skip, overlap, crf, preset)
+            frames, has_audio = _reencode(facts, steps, tmp, muxer, skip, overlap, crf, preset)
     fps = facts[0].fps
     return StitchResult(
         path=out,
@@ -392,6 +419,7 @@ def _copy(
 
 def _reencode(
     facts: list[VideoFacts],
+    transforms: Sequence[FrameTransform | None],
     tmp: Path,
     muxer: str,
     skip: int,
@@ -400,7 +428,8 @@ def _reencode(
     preset: str,
 ) -> tuple[int, bool]:
     """Decodes every segment frame by frame; drops the first `skip` frames of each after
-    the first; cross-fades the last `overlap` of each with the first of the next."""
+    the first; transforms the others (`transforms[k]`, if not None); cross-fades the last
+    `overlap` of each with the first of the next."""
     spec = _audio_spec(facts)
     last = len(facts) - 1
     tail: deque[VideoFrame] = deque()  # the last `overlap` frames of the previous segment
@@ -415,9 +444,12 @@ def _reencode(
                 sound = _open_sound(f, spec)
                 fade_start = encoder.frames  # output index of this segment's first fade frame
                 decoded = 0
+                transform = transforms[k]
                 with closing(_decode(f.path)) as frames:
                     for i, frame in enumerate(frames):
                         decoded += 1
+                        if transform is not None and i >= head:
+                            frame = _transform(frame, transform, i)
                         if i < head:
                             sound.read(_span(i, spec, f.fps))
                         elif i < head + fade_in:
@@ -470,6 +502,19 @@ def _decode(path: Path) -> Generator[VideoFrame, None, None]:
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
             yield frame if frame.format.name == "yuv420p" else frame.reformat(format="yuv420p")
+
+
+def _transform(frame: VideoFrame, transform: FrameTransform, i: int) -> VideoFrame:
+    """`transform` applied to `frame` in RGB24; back as yuv420p with the same colour
+    matrix and range (the encoder sets pts)."""
+    rgb = frame.to_ndarray(format="rgb24").astype(np.uint8, copy=False)
+    new = transform(rgb, i)
+    if new.dtype != np.uint8 or new.shape != rgb.shape:
+        raise ValueError(f"a transform returned {new.dtype} {new.shape}, not uint8 {rgb.shape}")
+    out = VideoFrame.from_ndarray(np.ascontiguousarray(new), format="rgb24")
+    return out.reformat(
+        format="yuv420p", dst_colorspace=frame.colorspace, dst_color_range=frame.color_range
+    )
 
 
 def _blend(a: VideoFrame, b: VideoFrame, w: float) -> VideoFrame:

@@ -1,0 +1,374 @@
+"""Job graphs: a parent job made of child jobs (the segments or legs of a long video).
+
+A parent runs nothing itself. Its children are plain jobs in the same store, run by the
+same runner, each after the jobs in its `depends_on` succeeded (`JobStore.claim_next`).
+The coordinator here keeps the parent's record in step with its children:
+
+- status: queued until a child starts; running while any child runs or waits; failed
+  (or canceled) when a child failed (or was canceled), and then the children still
+  queued or running are canceled; when every child succeeded, the parent's composer
+  joins their outputs (stitching) and the parent succeeds. An interactive parent waits
+  in `awaiting_input` instead, until the client adds a part or finalizes it;
+- progress: the children's progress summed (each child counts 100 units);
+- cancel cascades to the children; retry queues the failed and canceled children again
+  and keeps the ones that succeeded.
+
+Everything is level-triggered: `reconcile(parent)` reads the children from the store
+and does what their states call for, so it is safe to repeat, and a restart simply
+reconciles every open parent (a composition cut short by the restart runs again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from model_service.errors import ComposeFailed, PartFailed, ServiceError, WrongJobState
+from model_service.jobs.record import Job
+from model_service.jobs.status import TRANSITIONS, JobStatus
+from model_service.jobs.store import JobStore
+from model_service.logs import get_logger
+from model_service.runner import JobRunner, reset_for_retry
+from model_service.settings import Settings
+from model_service.storage import OutputStore
+
+log = get_logger("model_service.graph")
+
+UNITS_PER_CHILD = 100  # parent progress: each child counts this many steps
+
+
+class Composer(Protocol):
+    """What one kind of parent does with its children's outputs. Both methods run in a
+    worker thread and raise `ServiceError` (or ValueError/OSError) on failure."""
+
+    def after_part(
+        self, parent: Job, child: Job, output_dir: Path, outputs: list[str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        """After a child ran, before it is recorded as succeeded: more output files (in
+        `output_dir`) and facts for the child's `info`."""
+
+    def compose(
+        self, parent: Job, children: list[Job], output_dir: Path
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Once every child succeeded: the parent's outputs (in `output_dir`) and info."""
+
+
+class JobGraphs:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        runner: JobRunner,
+        composers: Mapping[str, Composer],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._runner = runner
+        self._composers = composers
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._composing: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        runner.graphs = self
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """After the runner recovered its jobs: bring every open parent up to date."""
+        for parent in self._store.open_parents():
+            await self.reconcile(parent.id)
+
+    async def stop(self) -> None:
+        tasks = [*self._composing.values(), *self._tasks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- what the API calls ------------------------------------------------------------
+
+    def submit(self, parent: Job, children: list[Job]) -> tuple[Job, bool]:
+        parent, created = self._store.create_graph(parent, children)
+        if created:
+            self._runner.changed(parent)
+            self._runner.wake()
+        return parent, created
+
+    def add_children(self, parent_id: str, children: list[Job], plan: dict[str, Any]) -> Job:
+        """New children of an open parent (an interactive video's next segment)."""
+
+        def change(parent: Job) -> None:
+            parent.children = [*parent.children, *(child.id for child in children)]
+            parent.plan = plan
+
+        parent = self._store.add_children(parent_id, children, change)
+        self._runner.wake()
+        self._spawn(self.reconcile(parent_id))
+        return parent
+
+    def remove_last_child(self, parent_id: str) -> Job:
+        parent = self._store.get(parent_id)
+        last = parent.children[-1]
+
+        def change(record: Job) -> None:
+            record.children = record.children[:-1]
+
+        parent = self._store.remove_child(parent_id, last, change)
+        shutil.rmtree(self._settings.job_dir(last), ignore_errors=True)
+        self._spawn(self.reconcile(parent_id))
+        return parent
+
+    def update_plan(self, parent_id: str, plan: dict[str, Any]) -> Job:
+        parent = self._store.update(parent_id, lambda job: setattr(job, "plan", plan))
+        self._spawn(self.reconcile(parent_id))
+        return parent
+
+    async def cancel(self, parent_id: str) -> Job:
+        """Cancels the parent and every child not finished (idempotent)."""
+        parent = self._store.get(parent_id)
+        if parent.status.is_terminal:
+            return parent
+        async with self._lock(parent_id):
+            task = self._composing.pop(parent_id, None)
+            if task is not None:
+                task.cancel()
+            self._store.update(parent_id, _mark_cancel_requested)
+            for child in self._store.children(parent_id):
+                if not child.status.is_terminal:
+                    await self._runner.cancel(child.id)
+            return self._move(self._store.get(parent_id), JobStatus.CANCELED, _finish_now)
+
+    async def retry(self, parent_id: str) -> Job:
+        """Queues the failed and canceled children again (and the composition, if that
+        failed); children that succeeded are kept."""
+        parent = self._store.get(parent_id)
+        if parent.status not in (JobStatus.FAILED, JobStatus.CANCELED):
+            raise WrongJobState(
+                f"job {parent_id} is {parent.status}; only a failed or canceled job can be retried",
+                job_id=parent_id,
+                status=parent.status.value,
+            )
+        async with self._lock(parent_id):
+            for child in self._store.children(parent_id):
+                if child.status in (JobStatus.FAILED, JobStatus.CANCELED):
+                    child = self._store.transition(child.id, JobStatus.QUEUED, reset_for_retry)
+                    self._runner.changed(child)
+            parent = self._move(parent, JobStatus.QUEUED, _reset_parent)
+        self._runner.wake()
+        await self.reconcile(parent_id)
+        return self._store.get(parent_id)
+
+    # --- what the runner calls ---------------------------------------------------------
+
+    def child_changed(self, child: Job, kind: str) -> None:
+        if child.parent_id is None:
+            return
+        if kind == "progress":
+            self._publish_progress(child)
+        else:
+            self._spawn(self.reconcile(child.parent_id))
+
+    async def after_run(
+        self, child: Job, output_dir: Path, outputs: list[str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        parent = self._store.find(child.parent_id or "")
+        composer = None if parent is None else self._composers.get(parent.kind)
+        if parent is None or composer is None:
+            return [], {}
+        try:
+            return await asyncio.to_thread(composer.after_part, parent, child, output_dir, outputs)
+        except ServiceError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise ComposeFailed(
+                f"preparing this part for the next one failed: {exc}; retry the long video",
+            ) from exc
+
+    # --- the reconciliation ------------------------------------------------------------
+
+    async def reconcile(self, parent_id: str) -> None:
+        async with self._lock(parent_id):
+            parent = self._store.find(parent_id)
+            if parent is None or parent.status.is_terminal:
+                return
+            children = self._store.children(parent_id)
+            broken = next(
+                (c for c in children if c.status in (JobStatus.FAILED, JobStatus.CANCELED)),
+                None,
+            )
+            if broken is not None:
+                await self._stop_after(parent, children, broken)
+                return
+            step, total = _progress(children)
+
+            def progress(job: Job) -> None:
+                job.progress_step, job.progress_total = step, total
+
+            statuses = {child.status for child in children}
+            if children and statuses == {JobStatus.SUCCEEDED}:
+                if parent.plan.get("interactive") and not parent.plan.get("finalize"):
+                    self._move(parent, JobStatus.AWAITING_INPUT, progress)
+                else:
+                    self._move(parent, JobStatus.RUNNING, progress)
+                    self._start_composing(parent_id)
+            elif not children:
+                self._move(parent, JobStatus.AWAITING_INPUT, progress)
+            elif statuses & {JobStatus.RUNNING, JobStatus.SUCCEEDED}:
+                self._move(parent, JobStatus.RUNNING, progress)
+            else:
+                self._move(parent, JobStatus.QUEUED, progress)
+
+    async def _stop_after(self, parent: Job, children: list[Job], broken: Job) -> None:
+        """A child failed or was canceled: so is the parent; the other children stop."""
+        for child in children:
+            if not child.status.is_terminal:
+                await self._runner.cancel(child.id)
+        index = parent.children.index(broken.id) if broken.id in parent.children else -1
+        what = f"part {index} ({broken.id})"
+        if broken.status is JobStatus.CANCELED:
+            self._move(parent, JobStatus.CANCELED, _finish_now)
+            return
+        cause = broken.error or {}
+        error = PartFailed(
+            f"{what} failed: {cause.get('message', 'no reason recorded')}. The parts that "
+            "succeeded are kept; fix the cause, then POST /v1/jobs/{id}/retry to run the "
+            "failed ones again".replace("{id}", parent.id),
+            part=index,
+            part_job_id=broken.id,
+            part_error=cause,
+        )
+        self._move(parent, JobStatus.FAILED, _fail_with(error.to_dict()))
+
+    def _start_composing(self, parent_id: str) -> None:
+        if parent_id in self._composing:
+            return
+        task = asyncio.get_running_loop().create_task(self._compose(parent_id))
+        self._composing[parent_id] = task
+        task.add_done_callback(lambda _: self._composing.pop(parent_id, None))
+
+    async def _compose(self, parent_id: str) -> None:
+        parent = self._store.get(parent_id)
+        children = self._store.children(parent_id)
+        output_dir = self._settings.job_dir(parent_id) / "outputs"
+        started = time.monotonic()
+        try:
+            composer = self._composers[parent.kind]
+            output_dir.mkdir(parents=True, exist_ok=True)
+            outputs, info = await asyncio.to_thread(composer.compose, parent, children, output_dir)
+            stored = []
+            store = OutputStore.for_job(self._settings, parent.storage)
+            if store is not None:
+                stored = await store.upload(parent, [output_dir / name for name in outputs])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure ends the parent with a reason
+            log.error("composing a long video failed", job_id=parent_id, exc_info=exc)
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else ComposeFailed(
+                    f"joining the parts failed: {exc}; retry with POST /v1/jobs/"
+                    f"{parent_id}/retry (the parts are kept), or report this with the "
+                    "service logs"
+                )
+            )
+            async with self._lock(parent_id):
+                if self._store.get(parent_id).status is JobStatus.RUNNING:
+                    self._move(
+                        self._store.get(parent_id), JobStatus.FAILED, _fail_with(error.to_dict())
+                    )
+            return
+        info["compose_s"] = round(time.monotonic() - started, 3)
+
+        def succeed(job: Job) -> None:
+            job.finished_at = time.time()
+            job.outputs = outputs
+            job.stored_outputs = {obj.name: asdict(obj) for obj in stored}
+            job.info = {**job.info, **info}
+            job.progress_step = job.progress_total = max(job.progress_total, 1)
+
+        async with self._lock(parent_id):
+            current = self._store.get(parent_id)
+            if current.status is JobStatus.RUNNING:  # not canceled meanwhile
+                self._move(current, JobStatus.SUCCEEDED, succeed)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _move(self, parent: Job, target: JobStatus, change: Any = None) -> Job:
+        """The parent to `target` (through `running` where the state machine needs it),
+        or only `change` saved when it is there already. Listeners hear of it."""
+        if parent.status is target:
+            if change is None:
+                return parent
+            updated = self._store.update(parent.id, change, durable=False)
+            if (updated.progress_step, updated.progress_total) != (
+                parent.progress_step,
+                parent.progress_total,
+            ):
+                self._runner.changed(updated, "progress")
+            return updated
+        if (
+            target not in TRANSITIONS[parent.status]
+            and JobStatus.RUNNING in TRANSITIONS[parent.status]
+        ):
+            parent = self._store.transition(parent.id, JobStatus.RUNNING)
+            self._runner.changed(parent)
+        parent = self._store.transition(parent.id, target, change)
+        self._runner.changed(parent)
+        log.info("long video status", job_id=parent.id, status=target.value)
+        return parent
+
+    def _publish_progress(self, child: Job) -> None:
+        parent = self._store.find(child.parent_id or "")
+        if parent is None or parent.status.is_terminal:
+            return
+        children = [child if c.id == child.id else c for c in self._store.children(parent.id)]
+        step, total = _progress(children)
+        self._runner.changed(replace(parent, progress_step=step, progress_total=total), "progress")
+
+    def _lock(self, parent_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(parent_id, asyncio.Lock())
+
+    def _spawn(self, work: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _progress(children: list[Job]) -> tuple[int, int]:
+    done = 0.0
+    for child in children:
+        if child.status is JobStatus.SUCCEEDED:
+            done += 1
+        elif child.status is JobStatus.RUNNING and child.progress_total:
+            done += min(1.0, child.progress_step / child.progress_total)
+    return round(done * UNITS_PER_CHILD), len(children) * UNITS_PER_CHILD
+
+
+def _finish_now(job: Job) -> None:
+    job.finished_at = time.time()
+
+
+def _mark_cancel_requested(job: Job) -> None:
+    job.cancel_requested = True
+
+
+def _fail_with(error: dict[str, Any]) -> Any:
+    def change(job: Job) -> None:
+        job.finished_at = time.time()
+        job.error = error
+
+    return change
+
+
+def _reset_parent(job: Job) -> None:
+    job.error = None
+    job.cancel_requested = False
+    job.finished_at = None
+    job.outputs, job.stored_outputs, job.outputs_expired = [], {}, False

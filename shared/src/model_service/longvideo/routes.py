@@ -1,0 +1,171 @@
+"""`/v1/chains` and `/v1/travels`: long videos. Each is a job (`GET /v1/jobs/{id}`,
+`/events`, `/cancel`, `/retry` work on it) whose parts are jobs too."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from model_service.api.jobs import JobId, prefer_wait, wait_until_terminal
+from model_service.api.state import ServiceState
+from model_service.errors import WrongJobState
+from model_service.jobs.record import Job
+from model_service.jobs.status import JobStatus
+from model_service.jobs.view import JobView, job_view
+from model_service.longvideo.requests import (
+    chain_request_model,
+    segments_added_model,
+    travel_request_model,
+)
+from model_service.longvideo.submit import LongVideoSubmitter
+
+Prefer = Annotated[str | None, Header(description="`wait=N`: wait up to N s (max 90)")]
+
+
+def build_router(state: ServiceState) -> APIRouter:
+    spec = state.spec.long_video
+    graphs = state.graphs
+    assert spec is not None
+    assert graphs is not None
+    submitter = LongVideoSubmitter(spec, state.settings, state.submitter, graphs)
+    model = state.spec.input_model
+    chain_body = chain_request_model(spec, model)
+    travel_body = travel_request_model(spec, model)
+    added_body = segments_added_model(spec, model)
+    router = APIRouter(tags=["long videos"])
+
+    async def respond(
+        request: Request, job: Job, created: bool, prefer: str | None
+    ) -> JSONResponse:
+        wait = prefer_wait(prefer)
+        headers = {"location": f"/v1/jobs/{job.id}"}
+        if wait:
+            job = await wait_until_terminal(state, job, wait)
+            headers["preference-applied"] = f"wait={wait}"
+        view = job_view(job, state.base_url(request), state.children(job))
+        status_code = 200 if job.status.is_settled or not created else 202
+        return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+    def dump(body: BaseModel) -> dict[str, Any]:
+        return body.model_dump(mode="json", exclude_unset=False)
+
+    def chain_of(job_id: str) -> Job:
+        job = state.store.get(job_id)
+        if job.kind != "chain":
+            raise WrongJobState(f"job {job_id} is not a chain", job_id=job_id)
+        return job
+
+    @router.post("/v1/chains", status_code=202, response_model=JobView, summary="Create a chain")
+    async def create_chain(
+        request: Request,
+        body: chain_body,  # type: ignore[valid-type]
+        prefer: Prefer = None,
+    ) -> JSONResponse:
+        job, created = await submitter.chain(dump(body), None, state.base_url(request))
+        return await respond(request, job, created, prefer)
+
+    @router.put(
+        "/v1/chains/{job_id}",
+        status_code=202,
+        response_model=JobView,
+        summary="Create a chain with your own id (repeating it is safe)",
+    )
+    async def put_chain(
+        request: Request,
+        job_id: JobId,
+        body: chain_body,  # type: ignore[valid-type]
+        prefer: Prefer = None,
+    ) -> JSONResponse:
+        job, created = await submitter.chain(dump(body), job_id, state.base_url(request))
+        return await respond(request, job, created, prefer)
+
+    @router.post(
+        "/v1/chains/{job_id}/segments",
+        response_model=JobView,
+        summary="Interactive chain: add the next segment(s)",
+    )
+    async def add_segments(request: Request, job_id: JobId, body: added_body) -> JobView:  # type: ignore[valid-type]
+        segments = [s.model_dump(mode="json") for s in body.segments]  # type: ignore[attr-defined]
+        job = submitter.add_segments(job_id, segments, state.store.get)
+        return job_view(job, state.base_url(request), state.children(job))
+
+    @router.delete(
+        "/v1/chains/{job_id}/segments/last",
+        response_model=JobView,
+        summary="Interactive chain: delete the last segment (to redo it)",
+    )
+    async def delete_last(request: Request, job_id: JobId) -> JobView:
+        job = chain_of(job_id)
+        if job.status is not JobStatus.AWAITING_INPUT or not job.children:
+            raise WrongJobState(
+                f"chain {job_id} is {job.status} with {len(job.children)} segment(s); the "
+                "last segment can be deleted only while the chain awaits input",
+                job_id=job_id,
+            )
+        job = graphs.remove_last_child(job_id)
+        return job_view(job, state.base_url(request), state.children(job))
+
+    @router.post(
+        "/v1/chains/{job_id}/finalize",
+        response_model=JobView,
+        summary="Interactive chain: stitch the segments into the final video",
+    )
+    async def finalize(request: Request, job_id: JobId) -> JobView:
+        job = chain_of(job_id)
+        if job.status.is_terminal or not job.children:
+            raise WrongJobState(
+                f"chain {job_id} is {job.status} with {len(job.children)} segment(s); only an "
+                "open chain with segments can be finalized",
+                job_id=job_id,
+            )
+        job = graphs.update_plan(job_id, {**job.plan, "finalize": True})
+        return job_view(job, state.base_url(request), state.children(job))
+
+    @router.post(
+        "/v1/chains/{job_id}/reopen",
+        response_model=JobView,
+        summary="Interactive chain: reopen a finished chain to add segments",
+    )
+    async def reopen(request: Request, job_id: JobId) -> JobView:
+        job = chain_of(job_id)
+        if job.status is not JobStatus.SUCCEEDED or not job.plan.get("interactive"):
+            raise WrongJobState(
+                f"chain {job_id} is {job.status}; only a finished interactive chain can be "
+                "reopened",
+                job_id=job_id,
+            )
+
+        def reopen_plan(record: Job) -> None:
+            record.plan = {**record.plan, "finalize": False}
+            record.finished_at = None
+
+        job = state.store.transition(job_id, JobStatus.AWAITING_INPUT, reopen_plan)
+        state.runner.changed(job)
+        return job_view(job, state.base_url(request), state.children(job))
+
+    @router.post("/v1/travels", status_code=202, response_model=JobView, summary="Create a travel")
+    async def create_travel(
+        request: Request,
+        body: travel_body,  # type: ignore[valid-type]
+        prefer: Prefer = None,
+    ) -> JSONResponse:
+        job, created = await submitter.travel(dump(body), None, state.base_url(request))
+        return await respond(request, job, created, prefer)
+
+    @router.put(
+        "/v1/travels/{job_id}",
+        status_code=202,
+        response_model=JobView,
+        summary="Create a travel with your own id (repeating it is safe)",
+    )
+    async def put_travel(
+        request: Request,
+        job_id: JobId,
+        body: travel_body,  # type: ignore[valid-type]
+        prefer: Prefer = None,
+    ) -> JSONResponse:
+        job, created = await submitter.travel(dump(body), job_id, state.base_url(request))
+        return await respond(request, job, created, prefer)
+
+    return router

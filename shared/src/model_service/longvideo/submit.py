@@ -1,0 +1,300 @@
+"""Turning a long-video request into a parent job and its parts (child jobs).
+
+Every part is a job of the service itself, checked by the service's input model like
+any other, so a bad segment is a 422 naming it before anything is stored.
+
+- chain: segment k starts from the last frame of segment k-1 (`inputs_from`: the file
+  `next_start.png` that segment k-1 leaves, its lossless last frame, colour-corrected),
+  so it depends on it. Segment k's seed is its own, or the request's seed + k.
+- travel: legs do not depend on each other (they may run at once); leg i starts at image
+  i and, on first-last-frame services, ends at image i+1.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from typing import Any
+
+from model_service.errors import InvalidInput, WrongJobState
+from model_service.jobs.graph import JobGraphs
+from model_service.jobs.record import Job
+from model_service.jobs.status import JobStatus
+from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
+from model_service.settings import Settings
+from model_service.submit import JobSubmitter, new_job_id
+
+NEXT_START = "next_start.png"  # a chain segment's last frame, as the next one's start
+WANT_LAST_FRAME = "_last_frame"  # see model_service.comfy.engine
+
+
+class LongVideoSubmitter:
+    def __init__(
+        self,
+        spec: LongVideoSpec,
+        settings: Settings,
+        submitter: JobSubmitter,
+        graphs: JobGraphs,
+    ) -> None:
+        self._spec = spec
+        self._settings = settings
+        self._submitter = submitter
+        self._graphs = graphs
+
+    # --- chains ------------------------------------------------------------------------
+
+    async def chain(
+        self, body: dict[str, Any], job_id: str | None, base_url: str
+    ) -> tuple[Job, bool]:
+        request = {
+            k: body[k]
+            for k in ("input", "segments", "interactive", "colour_correction", "colour_strength")
+        }
+        options = self._submitter.check_options(
+            {"chain": request},
+            job_id,
+            body.get("webhook"),
+            body.get("webhook_events"),
+            body.get("storage"),
+        )
+        if options.existing is not None:
+            return options.existing, False
+        image_field = self._spec.image_field
+        base = dict(body["input"])
+        start_ref = base.get(image_field)
+        if not start_ref:
+            raise InvalidInput(
+                f"input.{image_field}: a chain starts from an image; give one",
+                field=f"input.{image_field}",
+            )
+        if self._spec.end_image_field and base.get(self._spec.end_image_field):
+            raise InvalidInput(
+                f"input.{self._spec.end_image_field}: a chain's segments are image-to-video; "
+                "use POST /v1/travels to go from image to image",
+                field=f"input.{self._spec.end_image_field}",
+            )
+        base_seed = base.get("seed")
+        if base_seed is None:
+            base_seed = secrets.randbelow(2**32)
+        base["seed"] = base_seed
+        parent_id = job_id or new_job_id()
+        segments = body["segments"]
+        # every segment checked before any file is fetched
+        for index, segment in enumerate(segments):
+            self._segment_values(base, segment, index, f"segments[{index}]", "(start image)")
+        start_path = self._settings.job_dir(parent_id) / "inputs" / f"{image_field}.png"
+        try:
+            await self._submitter.materialize(
+                start_ref, "image", f"input.{image_field}", start_path
+            )
+            plan = {
+                "interactive": bool(body["interactive"]),
+                "finalize": False,
+                "colour_correction": bool(body["colour_correction"]),
+                "colour_strength": float(body["colour_strength"]),
+                "base": {**base, image_field: None},
+                "start_image": str(start_path.resolve()),
+                "next_index": 0,
+            }
+            parent = Job(
+                id=parent_id,
+                status=JobStatus.QUEUED,
+                kind="chain",
+                input=_public(body),
+                prepared_input={image_field: plan["start_image"]},
+                seed=base_seed,
+                request_hash=options.request_hash,
+                webhook=body.get("webhook"),
+                webhook_events=options.events,
+                base_url=base_url,
+                storage=options.storage,
+                plan=plan,
+            )
+            children = self._new_segments(parent, None, segments)
+            parent.children = [child.id for child in children]
+            plan["next_index"] = len(children)  # child ids stay unique after deletions
+            return self._graphs.submit(parent, children)
+        except BaseException:
+            shutil.rmtree(self._settings.job_dir(parent_id), ignore_errors=True)
+            raise
+
+    def add_segments(self, parent_id: str, segments: list[dict[str, Any]], store_get: Any) -> Job:
+        parent: Job = store_get(parent_id)
+        if parent.kind != "chain" or not parent.plan.get("interactive"):
+            raise WrongJobState(
+                f"job {parent_id} is not an interactive chain; segments can be added only to "
+                'one created with "interactive": true',
+                job_id=parent_id,
+            )
+        if parent.status.is_terminal:
+            hint = "reopen it first" if parent.status is JobStatus.SUCCEEDED else "retry it first"
+            raise WrongJobState(f"chain {parent_id} is {parent.status}; {hint}", job_id=parent_id)
+        if len(parent.children) + len(segments) > MAX_PARTS:
+            raise InvalidInput(f"a chain holds at most {MAX_PARTS} segments", field="segments")
+        previous = parent.children[-1] if parent.children else None
+        children = self._new_segments(parent, previous, segments)
+        plan = {
+            **parent.plan,
+            "finalize": False,
+            "next_index": parent.plan["next_index"] + len(children),
+        }
+        return self._graphs.add_children(parent_id, children, plan)
+
+    def _new_segments(
+        self, parent: Job, previous: str | None, segments: list[dict[str, Any]]
+    ) -> list[Job]:
+        """Child jobs for `segments`, each after the one before (`previous`: the chain's
+        last segment so far, or None: the first starts from the chain's start image)."""
+        image_field = self._spec.image_field
+        base = parent.plan["base"]
+        children = []
+        first = parent.plan["next_index"]
+        for offset, segment in enumerate(segments):
+            index = first + offset
+            where = f"segments[{offset}]"
+            source = "(start image)" if previous is None else f"(last frame of {previous})"
+            values = self._segment_values(base, segment, index, where, source)
+            child_id = f"{parent.id}.{index}"
+            prepared = {**values, WANT_LAST_FRAME: True}
+            inputs_from: dict[str, str] = {}
+            if previous is None:
+                prepared[image_field] = parent.plan["start_image"]
+            else:
+                inputs_from[image_field] = f"{previous}/{NEXT_START}"
+            children.append(
+                Job(
+                    id=child_id,
+                    status=JobStatus.QUEUED,
+                    input=values,
+                    prepared_input=prepared,
+                    seed=values.get("seed"),
+                    request_hash=f"part of {parent.id}",
+                    base_url=parent.base_url,
+                    parent_id=parent.id,
+                    depends_on=[] if previous is None else [previous],
+                    inputs_from=inputs_from,
+                    plan={"index": index},
+                )
+            )
+            previous = child_id
+        return children
+
+    def _segment_values(
+        self, base: dict[str, Any], segment: dict[str, Any], index: int, where: str, source: str
+    ) -> dict[str, Any]:
+        own = {k: v for k, v in segment.items() if v is not None}
+        values = {**base, **own, self._spec.image_field: source}
+        if "seed" not in own:
+            values["seed"] = (int(base["seed"]) + index) % 2**32
+        return self._submitter.validate(values, prefix=where)
+
+    # --- travel ------------------------------------------------------------------------
+
+    async def travel(
+        self, body: dict[str, Any], job_id: str | None, base_url: str
+    ) -> tuple[Job, bool]:
+        request = {k: body[k] for k in ("input", "images", "prompts", "overlap")}
+        options = self._submitter.check_options(
+            {"travel": request},
+            job_id,
+            body.get("webhook"),
+            body.get("webhook_events"),
+            body.get("storage"),
+        )
+        if options.existing is not None:
+            return options.existing, False
+        start_field, end_field = self._spec.image_field, self._spec.end_image_field
+        images: list[str] = body["images"]
+        legs = len(images) - 1 if end_field else len(images)
+        prompts = body.get("prompts")
+        if prompts is not None and len(prompts) != legs:
+            raise InvalidInput(
+                f"prompts: {len(prompts)} given for {legs} legs ({len(images)} images); give "
+                "one per leg, or none to use input.prompt for every leg",
+                field="prompts",
+            )
+        base = {**body["input"], start_field: None}
+        if end_field:
+            base[end_field] = None
+        base_seed = base.get("seed")
+        if base_seed is None:
+            base_seed = secrets.randbelow(2**32)
+        overlap = int(body["overlap"])
+        leg_values = []
+        for leg in range(legs):
+            values = {**base, start_field: f"(image {leg})", "seed": (base_seed + leg) % 2**32}
+            if end_field:
+                values[end_field] = f"(image {leg + 1})"
+            if prompts is not None:
+                values["prompt"] = prompts[leg]
+            checked = self._submitter.validate(values, prefix=f"legs[{leg}]")
+            frames = int(checked[self._spec.frames_field])
+            if legs > 1 and 2 * overlap > frames:
+                raise InvalidInput(
+                    f"overlap: {overlap} frames at each end of a leg of {frames} frames; use "
+                    f"at most {frames // 2}",
+                    field="overlap",
+                )
+            leg_values.append(checked)
+        parent_id = job_id or new_job_id()
+        inputs = self._settings.job_dir(parent_id) / "inputs"
+        try:
+            paths = []
+            for index, ref in enumerate(images):
+                path = inputs / f"image_{index}.png"
+                await self._submitter.materialize(ref, "image", f"images[{index}]", path)
+                paths.append(str(path.resolve()))
+            parent = Job(
+                id=parent_id,
+                status=JobStatus.QUEUED,
+                kind="travel",
+                input=_public(body),
+                prepared_input={"images": paths},
+                seed=base_seed,
+                request_hash=options.request_hash,
+                webhook=body.get("webhook"),
+                webhook_events=options.events,
+                base_url=base_url,
+                storage=options.storage,
+                plan={"overlap": overlap},
+            )
+            children = []
+            for leg, values in enumerate(leg_values):
+                prepared = {**values, start_field: paths[leg]}
+                if end_field:
+                    prepared[end_field] = paths[leg + 1]
+                children.append(
+                    Job(
+                        id=f"{parent_id}.{leg}",
+                        status=JobStatus.QUEUED,
+                        input=values,
+                        prepared_input=prepared,
+                        seed=values.get("seed"),
+                        request_hash=f"part of {parent_id}",
+                        base_url=base_url,
+                        parent_id=parent_id,
+                        plan={"index": leg},
+                    )
+                )
+            parent.children = [child.id for child in children]
+            return self._graphs.submit(parent, children)
+        except BaseException:
+            shutil.rmtree(self._settings.job_dir(parent_id), ignore_errors=True)
+            raise
+
+
+def _public(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as shown on the job: long data URIs shortened."""
+
+    def short(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("data:") and len(value) > 120:
+            return f"{value[:60]}...({len(value)} chars)"
+        if isinstance(value, list):
+            return [short(v) for v in value]
+        if isinstance(value, dict):
+            return {k: short(v) for k, v in value.items()}
+        return value
+
+    return {
+        k: short(v) for k, v in body.items() if k not in ("webhook", "webhook_events", "storage")
+    }
