@@ -12,6 +12,10 @@ h264 yuv420p crf 19 + AAC mono 44.1 kHz, made here with PyAV) are stitched:
    `--crf`/`--preset`, frame by frame): frames per second, against `ffmpeg -f concat
    ... -c:v libx264` at the same crf and preset (a plain re-encode of all frames, no
    dropping: the cost floor). Ratio: our fps / ffmpeg's fps.
+3. Colour-corrected chain (what a chain job does with `colour_correction`): each
+   segment's correction fitted (`fit_segment`, the per-segment step of a chain), then the
+   re-encode with each segment's correction applied frame by frame. Ratio: its fps /
+   the plain re-encode's fps of step 2.
 
 The ffmpeg baselines are skipped (and said so) when `ffmpeg` is not on PATH.
 
@@ -38,6 +42,7 @@ import av
 import numpy as np
 
 from model_service.video import probe, stitch_chain
+from model_service.video.colour import colour_stats, fit_segment
 
 REPO = Path(__file__).resolve().parent.parent
 AUDIO_RATE = 44100
@@ -139,6 +144,34 @@ def bench_reencode(
     return report
 
 
+def bench_colour(
+    segments: list[Path], root: Path, crf: int, preset: str, plain_fps: float
+) -> dict[str, Any]:
+    def frames(path: Path) -> list[np.ndarray]:
+        with av.open(str(path)) as container:
+            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+    reference = colour_stats(frames(segments[0])[0])
+    fit_s: list[float] = []
+    transforms = []
+    for path in segments:
+        started = time.perf_counter()
+        fit = fit_segment(iter(frames(path)), reference)  # decode + statistics, as a job does
+        fit_s.append(time.perf_counter() - started)
+        transforms.append(fit.apply)
+    result = stitch_chain(
+        segments, root / "colour.mp4", crf=crf, preset=preset, transforms=transforms
+    )
+    fps = result.frames / result.seconds
+    return {
+        "fit_median_s": round(statistics.median(fit_s), 3),
+        "frames": result.frames,
+        "ours_s": round(result.seconds, 3),
+        "ours_fps": round(fps, 2),
+        "ratio_to_plain_reencode": round(fps / plain_fps, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segments", type=int, default=10)
@@ -191,6 +224,13 @@ def main() -> None:
                 f"{reencode['ffmpeg_s']} s = {reencode['ffmpeg_fps']} frames/s\n"
                 f"   ratio (our fps / ffmpeg's): {reencode['ratio']}"
             )
+        colour = bench_colour(segments, root, args.crf, args.preset, reencode["ours_fps"])
+        print(
+            f"\n3. Colour-corrected chain: fit per segment (decode + statistics) "
+            f"{colour['fit_median_s']} s median; re-encode with the corrections: "
+            f"{colour['frames']} frames in {colour['ours_s']} s = {colour['ours_fps']} frames/s"
+            f"\n   ratio (its fps / the plain re-encode's): {colour['ratio_to_plain_reencode']}"
+        )
         results = {
             "segments": args.segments,
             "frames_per_segment": args.frames,
@@ -199,6 +239,7 @@ def main() -> None:
             "ffmpeg": has_ffmpeg,
             "copy": copy,
             "reencode": reencode,
+            "colour": colour,
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)

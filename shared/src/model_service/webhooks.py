@@ -29,7 +29,7 @@ from model_service.settings import Settings
 log = get_logger("model_service.webhooks")
 
 # Events a caller can subscribe to with `webhook_events`; default: the terminal ones.
-WEBHOOK_EVENTS = ("running", "succeeded", "failed", "canceled")
+WEBHOOK_EVENTS = ("running", "awaiting_input", "succeeded", "failed", "canceled")
 DEFAULT_WEBHOOK_EVENTS = ("succeeded", "failed", "canceled")
 
 

@@ -23,6 +23,7 @@ from model_service.jobs.status import JobStatus
 from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
 from model_service.settings import Settings
 from model_service.submit import JobSubmitter, new_job_id
+from model_service.webhooks import DEFAULT_WEBHOOK_EVENTS
 
 NEXT_START = "next_start.png"  # a chain segment's last frame, as the next one's start
 WANT_LAST_FRAME = "_last_frame"  # see model_service.comfy.engine
@@ -50,12 +51,11 @@ class LongVideoSubmitter:
             k: body[k]
             for k in ("input", "segments", "interactive", "colour_correction", "colour_strength")
         }
+        events = body.get("webhook_events")
+        if events is None and body["interactive"]:  # it waits for the client: say so
+            events = [*DEFAULT_WEBHOOK_EVENTS, JobStatus.AWAITING_INPUT.value]
         options = self._submitter.check_options(
-            {"chain": request},
-            job_id,
-            body.get("webhook"),
-            body.get("webhook_events"),
-            body.get("storage"),
+            {"chain": request}, job_id, body.get("webhook"), events, body.get("storage")
         )
         if options.existing is not None:
             return options.existing, False
