@@ -48,10 +48,11 @@ class WebhookDispatcher:
         """Store a delivery for `job` if it asked for `event`."""
         if job.webhook is None or event not in job.webhook_events:
             return
+        children = self._store.children(job.id) if job.is_parent else None  # a long video's parts
         body = {
             "type": f"job.{event}",
             "timestamp": datetime.now(tz=UTC).isoformat(),
-            "data": job_view(job, job.base_url).model_dump(mode="json"),
+            "data": job_view(job, job.base_url, children).model_dump(mode="json"),
         }
         delivery = Delivery(
             id=f"msg_{uuid.uuid4().hex}",
