@@ -8,7 +8,7 @@ PROFILE ?= full
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: setup demo test serve bench lint docs clean
+.PHONY: setup demo test serve bench lint docs clean redis
 
 setup: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): requirements-test.txt shared/pyproject.toml qwen-image-edit-nunchaku/p
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup lint
+test: setup lint redis
 	$(PY) -m pytest
+
+# a real redis-server for the fleet tests (Debian's package, unpacked under build/redis)
+redis: build/redis/redis-server
+
+build/redis/redis-server: scripts/redis_server.sh
+	scripts/redis_server.sh
 
 serve: setup
 	PROFILE=$(PROFILE) $(if $(PORT),PORT=$(PORT)) $(VENV)/bin/model-service serve $(SERVICE)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -156,3 +158,74 @@ def tiny_comfy_service(
     if os.environ.get("COMFYUI_TEST_PYTHON"):
         settings["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
     return ServiceProcess("model_service.cli", root / "data", env=settings, args=["serve", service])
+
+
+REDIS_SERVER = Path(__file__).resolve().parents[3] / "build" / "redis" / "redis-server"
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port (the one `make redis` provides, or the
+    one on PATH), its data in `root`; `restart()` keeps the data (append-only file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def binary() -> str | None:
+        if REDIS_SERVER.is_file():
+            return str(REDIS_SERVER)
+        return shutil.which("redis-server")
+
+    def start(self) -> RedisServer:
+        binary = self.binary()
+        if binary is None:
+            raise RuntimeError("no redis-server: run `make redis` (scripts/redis_server.sh)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(  # noqa: S603
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.root),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=(self.root / "redis.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
