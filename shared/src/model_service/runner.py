@@ -149,14 +149,14 @@ class JobRunner:
         job = self._store.get(job_id)
         if job.status is JobStatus.QUEUED:
             try:
-                job = self._store.transition(job_id, JobStatus.CANCELED, _finish_now)
+                job = self._store.transition(job_id, JobStatus.CANCELED, finish_now)
             except ServiceError:  # raced with the runner starting it
                 return await self.cancel(job_id)
             self._metrics.job_ended(job, was_running=False)
             self._changed(job, "status")
             return job
         if job.status is JobStatus.RUNNING and not job.cancel_requested:
-            job = self._store.update(job_id, _mark_cancel_requested)
+            job = self._store.update(job_id, mark_cancel_requested)
             if self._running_job == job_id:
                 self.engine.cancel(job_id)
             asyncio.get_running_loop().call_later(
@@ -277,11 +277,11 @@ class JobRunner:
         current = self._store.get(job_id)
         change: Callable[[Job], None]
         if failure is None and (current.cancel_requested or (done is not None and done.canceled)):
-            status, change = JobStatus.CANCELED, _finish_now
+            status, change = JobStatus.CANCELED, finish_now
         elif failure is not None:
             status, change = JobStatus.FAILED, _fail_with(failure, outputs)
         elif done is not None and done.error is not None:
-            status, change = JobStatus.FAILED, _fail_with_dict(done.error)
+            status, change = JobStatus.FAILED, fail_with_dict(done.error)
         else:
             assert done is not None
             status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info, stored)
@@ -381,7 +381,7 @@ def _with_progress(
     return both
 
 
-def _finish_now(job: Job) -> None:
+def finish_now(job: Job) -> None:
     job.finished_at = time.time()
 
 
@@ -400,15 +400,15 @@ def _give_back_attempt(job: Job) -> None:
     job.started_at = None
 
 
-def _mark_cancel_requested(job: Job) -> None:
+def mark_cancel_requested(job: Job) -> None:
     job.cancel_requested = True
 
 
 def _fail_with(error: ServiceError, outputs: list[str] | None = None) -> Callable[[Job], None]:
-    return _fail_with_dict(error.to_dict(), outputs)
+    return fail_with_dict(error.to_dict(), outputs)
 
 
-def _fail_with_dict(
+def fail_with_dict(
     error: dict[str, Any], outputs: list[str] | None = None
 ) -> Callable[[Job], None]:
     def change(job: Job) -> None:

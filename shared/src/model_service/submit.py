@@ -200,7 +200,7 @@ class JobSubmitter:
                 target = inputs_dir / f"{name}_{index}.{_SUFFIX[kind]}"
                 await self.materialize(ref, kind, field, target)
                 paths.append(str(target.resolve()))
-            shown = [_shorten(ref) for ref in refs]
+            shown = [shorten_ref(ref) for ref in refs]
             public[name] = shown if isinstance(value, list) else shown[0]
             prepared[name] = paths if isinstance(value, list) else paths[0]
         return public, prepared
@@ -247,7 +247,7 @@ class JobSubmitter:
 _SUFFIX: dict[MediaKind, str] = {"image": "png", "audio": "wav", "video": "mp4"}
 
 
-def _shorten(ref: str) -> str:
+def shorten_ref(ref: str) -> str:
     if ref.startswith("data:") and len(ref) > 120:
         return f"{ref[:60]}...({len(ref)} chars)"
     return ref

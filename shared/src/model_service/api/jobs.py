@@ -85,21 +85,24 @@ async def wait_until_terminal(state: ServiceState, job: Job, seconds: float) -> 
     return job
 
 
+async def job_response(
+    state: ServiceState, request: Request, job: Job, created: bool, prefer: str | None
+) -> JSONResponse:
+    """A created (or repeated) job as the answer: 202, or 200 once settled within
+    `Prefer: wait`, or for a repeat; `location` names the job."""
+    wait = prefer_wait(prefer)
+    headers = {"location": f"/v1/jobs/{job.id}"}
+    if wait:
+        job = await wait_until_terminal(state, job, wait)
+        headers["preference-applied"] = f"wait={wait}"
+    status_code = 200 if job.status.is_settled or not created else 202
+    view = job_view(job, state.base_url(request), state.children(job))
+    return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
 def build_router(state: ServiceState) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     request_model = job_request_model(state.spec.input_model)
-
-    async def respond(
-        request: Request, job: Job, created: bool, prefer: str | None
-    ) -> JSONResponse:
-        wait = prefer_wait(prefer)
-        headers = {"location": f"/v1/jobs/{job.id}"}
-        if wait:
-            job = await wait_until_terminal(state, job, wait)
-            headers["preference-applied"] = f"wait={wait}"
-        status_code = 200 if job.status.is_settled or not created else 202
-        view = job_view(job, state.base_url(request), state.children(job))
-        return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
 
     async def submit(request: Request, body: BaseModel, job_id: str | None) -> tuple[Job, bool]:
         payload: Any = body.model_dump(mode="json")
@@ -131,7 +134,7 @@ def build_router(state: ServiceState) -> APIRouter:
         ] = None,
     ) -> JSONResponse:
         job, created = await submit(request, body, None)
-        return await respond(request, job, created, prefer)
+        return await job_response(state, request, job, created, prefer)
 
     @router.put(
         "/{job_id}",
@@ -147,7 +150,7 @@ def build_router(state: ServiceState) -> APIRouter:
         prefer: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
         job, created = await submit(request, body, job_id)
-        return await respond(request, job, created, prefer)
+        return await job_response(state, request, job, created, prefer)
 
     @router.get("/{job_id}", response_model=JobView, summary="Get a job")
     async def get_job(request: Request, job_id: JobId) -> JobView:

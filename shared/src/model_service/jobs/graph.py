@@ -34,7 +34,13 @@ from model_service.jobs.record import Job
 from model_service.jobs.status import TRANSITIONS, JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
-from model_service.runner import JobRunner, reset_for_retry
+from model_service.runner import (
+    JobRunner,
+    fail_with_dict,
+    finish_now,
+    mark_cancel_requested,
+    reset_for_retry,
+)
 from model_service.settings import Settings
 from model_service.storage import OutputStore
 
@@ -138,11 +144,11 @@ class JobGraphs:
             task = self._composing.pop(parent_id, None)
             if task is not None:
                 task.cancel()
-            self._store.update(parent_id, _mark_cancel_requested)
+            self._store.update(parent_id, mark_cancel_requested)
             for child in self._store.children(parent_id):
                 if not child.status.is_terminal:
                     await self._runner.cancel(child.id)
-            return self._move(self._store.get(parent_id), JobStatus.CANCELED, _finish_now)
+            return self._move(self._store.get(parent_id), JobStatus.CANCELED, finish_now)
 
     async def retry(self, parent_id: str) -> Job:
         """Queues the failed and canceled children again (and the composition, if that
@@ -232,7 +238,7 @@ class JobGraphs:
         index = parent.children.index(broken.id) if broken.id in parent.children else -1
         what = f"part {index} ({broken.id})"
         if broken.status is JobStatus.CANCELED:
-            self._move(parent, JobStatus.CANCELED, _finish_now)
+            self._move(parent, JobStatus.CANCELED, finish_now)
             return
         cause = broken.error or {}
         error = PartFailed(
@@ -243,7 +249,7 @@ class JobGraphs:
             part_job_id=broken.id,
             part_error=cause,
         )
-        self._move(parent, JobStatus.FAILED, _fail_with(error.to_dict()))
+        self._move(parent, JobStatus.FAILED, fail_with_dict(error.to_dict()))
 
     def _start_composing(self, parent_id: str) -> None:
         if parent_id in self._composing:
@@ -281,7 +287,9 @@ class JobGraphs:
             async with self._lock(parent_id):
                 if self._store.get(parent_id).status is JobStatus.RUNNING:
                     self._move(
-                        self._store.get(parent_id), JobStatus.FAILED, _fail_with(error.to_dict())
+                        self._store.get(parent_id),
+                        JobStatus.FAILED,
+                        fail_with_dict(error.to_dict()),
                     )
             return
         info["compose_s"] = round(time.monotonic() - started, 3)
@@ -349,22 +357,6 @@ def _progress(children: list[Job]) -> tuple[int, int]:
         elif child.status is JobStatus.RUNNING and child.progress_total:
             done += min(1.0, child.progress_step / child.progress_total)
     return round(done * UNITS_PER_CHILD), len(children) * UNITS_PER_CHILD
-
-
-def _finish_now(job: Job) -> None:
-    job.finished_at = time.time()
-
-
-def _mark_cancel_requested(job: Job) -> None:
-    job.cancel_requested = True
-
-
-def _fail_with(error: dict[str, Any]) -> Any:
-    def change(job: Job) -> None:
-        job.finished_at = time.time()
-        job.error = error
-
-    return change
 
 
 def _reset_parent(job: Job) -> None:

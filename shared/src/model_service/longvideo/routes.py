@@ -1,13 +1,14 @@
 """`/v1/chains` and `/v1/travels`: long videos. Each is a job (`GET /v1/jobs/{id}`,
 `/events`, `/cancel`, `/retry` work on it) whose parts are jobs too."""
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from model_service.api.jobs import JobId, prefer_wait, wait_until_terminal
+from model_service.api.jobs import JobId, job_response
 from model_service.api.state import ServiceState
 from model_service.errors import WrongJobState
 from model_service.jobs.record import Job
@@ -21,6 +22,7 @@ from model_service.longvideo.requests import (
 from model_service.longvideo.submit import LongVideoSubmitter
 
 Prefer = Annotated[str | None, Header(description="`wait=N`: wait up to N s (max 90)")]
+Submit = Callable[[dict[str, Any], str | None, str], Awaitable[tuple[Job, bool]]]
 
 
 def build_router(state: ServiceState) -> APIRouter:
@@ -35,20 +37,8 @@ def build_router(state: ServiceState) -> APIRouter:
     added_body = segments_added_model(spec, model)
     router = APIRouter(tags=["long videos"])
 
-    async def respond(
-        request: Request, job: Job, created: bool, prefer: str | None
-    ) -> JSONResponse:
-        wait = prefer_wait(prefer)
-        headers = {"location": f"/v1/jobs/{job.id}"}
-        if wait:
-            job = await wait_until_terminal(state, job, wait)
-            headers["preference-applied"] = f"wait={wait}"
-        view = job_view(job, state.base_url(request), state.children(job))
-        status_code = 200 if job.status.is_settled or not created else 202
-        return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
-
     def dump(body: BaseModel) -> dict[str, Any]:
-        return body.model_dump(mode="json", exclude_unset=False)
+        return body.model_dump(mode="json")
 
     def chain_of(job_id: str) -> Job:
         job = state.store.get(job_id)
@@ -56,29 +46,33 @@ def build_router(state: ServiceState) -> APIRouter:
             raise WrongJobState(f"job {job_id} is not a chain", job_id=job_id)
         return job
 
-    @router.post("/v1/chains", status_code=202, response_model=JobView, summary="Create a chain")
-    async def create_chain(
-        request: Request,
-        body: chain_body,  # type: ignore[valid-type]
-        prefer: Prefer = None,
-    ) -> JSONResponse:
-        job, created = await submitter.chain(dump(body), None, state.base_url(request))
-        return await respond(request, job, created, prefer)
+    def create_routes(noun: str, body_model: type[BaseModel], submit: Submit) -> None:
+        """POST /v1/{noun}s and PUT /v1/{noun}s/{id} (your own id; repeating it is safe)."""
 
-    @router.put(
-        "/v1/chains/{job_id}",
-        status_code=202,
-        response_model=JobView,
-        summary="Create a chain with your own id (repeating it is safe)",
-    )
-    async def put_chain(
-        request: Request,
-        job_id: JobId,
-        body: chain_body,  # type: ignore[valid-type]
-        prefer: Prefer = None,
-    ) -> JSONResponse:
-        job, created = await submitter.chain(dump(body), job_id, state.base_url(request))
-        return await respond(request, job, created, prefer)
+        @router.post(
+            f"/v1/{noun}s", status_code=202, response_model=JobView, summary=f"Create a {noun}"
+        )
+        async def create(request: Request, body: body_model, prefer: Prefer = None) -> JSONResponse:  # type: ignore[valid-type]
+            job, created = await submit(dump(body), None, state.base_url(request))
+            return await job_response(state, request, job, created, prefer)
+
+        @router.put(
+            f"/v1/{noun}s/{{job_id}}",
+            status_code=202,
+            response_model=JobView,
+            summary=f"Create a {noun} with your own id (repeating it is safe)",
+        )
+        async def put(
+            request: Request,
+            job_id: JobId,
+            body: body_model,  # type: ignore[valid-type]
+            prefer: Prefer = None,
+        ) -> JSONResponse:
+            job, created = await submit(dump(body), job_id, state.base_url(request))
+            return await job_response(state, request, job, created, prefer)
+
+    create_routes("chain", chain_body, submitter.chain)
+    create_routes("travel", travel_body, submitter.travel)
 
     @router.post(
         "/v1/chains/{job_id}/segments",
@@ -87,7 +81,7 @@ def build_router(state: ServiceState) -> APIRouter:
     )
     async def add_segments(request: Request, job_id: JobId, body: added_body) -> JobView:  # type: ignore[valid-type]
         segments = [s.model_dump(mode="json") for s in body.segments]  # type: ignore[attr-defined]
-        job = submitter.add_segments(job_id, segments, state.store.get)
+        job = submitter.add_segments(state.store.get(job_id), segments)
         return job_view(job, state.base_url(request), state.children(job))
 
     @router.delete(
@@ -143,29 +137,5 @@ def build_router(state: ServiceState) -> APIRouter:
         job = state.store.transition(job_id, JobStatus.AWAITING_INPUT, reopen_plan)
         state.runner.changed(job)
         return job_view(job, state.base_url(request), state.children(job))
-
-    @router.post("/v1/travels", status_code=202, response_model=JobView, summary="Create a travel")
-    async def create_travel(
-        request: Request,
-        body: travel_body,  # type: ignore[valid-type]
-        prefer: Prefer = None,
-    ) -> JSONResponse:
-        job, created = await submitter.travel(dump(body), None, state.base_url(request))
-        return await respond(request, job, created, prefer)
-
-    @router.put(
-        "/v1/travels/{job_id}",
-        status_code=202,
-        response_model=JobView,
-        summary="Create a travel with your own id (repeating it is safe)",
-    )
-    async def put_travel(
-        request: Request,
-        job_id: JobId,
-        body: travel_body,  # type: ignore[valid-type]
-        prefer: Prefer = None,
-    ) -> JSONResponse:
-        job, created = await submitter.travel(dump(body), job_id, state.base_url(request))
-        return await respond(request, job, created, prefer)
 
     return router

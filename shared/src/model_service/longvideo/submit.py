@@ -22,7 +22,7 @@ from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
 from model_service.settings import Settings
-from model_service.submit import JobSubmitter, new_job_id
+from model_service.submit import JobSubmitter, new_job_id, shorten_ref
 from model_service.webhooks import DEFAULT_WEBHOOK_EVENTS
 
 NEXT_START = "next_start.png"  # a chain segment's last frame, as the next one's start
@@ -73,10 +73,7 @@ class LongVideoSubmitter:
                 "use POST /v1/travels to go from image to image",
                 field=f"input.{self._spec.end_image_field}",
             )
-        base_seed = base.get("seed")
-        if base_seed is None:
-            base_seed = secrets.randbelow(2**32)
-        base["seed"] = base_seed
+        base_seed = base["seed"] = _seed(base)
         parent_id = job_id or new_job_id()
         segments = body["segments"]
         # every segment checked before any file is fetched
@@ -118,8 +115,8 @@ class LongVideoSubmitter:
             shutil.rmtree(self._settings.job_dir(parent_id), ignore_errors=True)
             raise
 
-    def add_segments(self, parent_id: str, segments: list[dict[str, Any]], store_get: Any) -> Job:
-        parent: Job = store_get(parent_id)
+    def add_segments(self, parent: Job, segments: list[dict[str, Any]]) -> Job:
+        parent_id = parent.id
         if parent.kind != "chain" or not parent.plan.get("interactive"):
             raise WrongJobState(
                 f"job {parent_id} is not an interactive chain; segments can be added only to "
@@ -216,9 +213,7 @@ class LongVideoSubmitter:
         base = {**body["input"], start_field: None}
         if end_field:
             base[end_field] = None
-        base_seed = base.get("seed")
-        if base_seed is None:
-            base_seed = secrets.randbelow(2**32)
+        base_seed = _seed(base)
         overlap = int(body["overlap"])
         leg_values = []
         for leg in range(legs):
@@ -283,18 +278,20 @@ class LongVideoSubmitter:
             raise
 
 
-def _public(body: dict[str, Any]) -> dict[str, Any]:
-    """The request as shown on the job: long data URIs shortened."""
+def _public(value: Any) -> Any:
+    """The request as shown on the job: long data URIs shortened, webhook options left
+    out (the job shows them elsewhere)."""
+    if isinstance(value, str):
+        return shorten_ref(value)
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, dict):
+        hidden = ("webhook", "webhook_events", "storage")
+        return {k: _public(v) for k, v in value.items() if k not in hidden}
+    return value
 
-    def short(value: Any) -> Any:
-        if isinstance(value, str) and value.startswith("data:") and len(value) > 120:
-            return f"{value[:60]}...({len(value)} chars)"
-        if isinstance(value, list):
-            return [short(v) for v in value]
-        if isinstance(value, dict):
-            return {k: short(v) for k, v in value.items()}
-        return value
 
-    return {
-        k: short(v) for k, v in body.items() if k not in ("webhook", "webhook_events", "storage")
-    }
+def _seed(values: dict[str, Any]) -> int:
+    """The request's seed, or a random one (each part then gets seed + its index)."""
+    seed = values.get("seed")
+    return int(seed) if seed is not None else secrets.randbelow(2**32)
