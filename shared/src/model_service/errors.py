@@ -127,6 +127,20 @@ class NotReady(ServiceError):
     status_code = 503
 
 
+class QueueFull(ServiceError):
+    """The model's queue holds MAX_QUEUED_JOBS jobs; `retry_after_s` says when to try."""
+
+    code = "queue_full"
+    status_code = 429
+
+
+class StoreUnavailable(ServiceError):
+    """The shared job store (Redis, QUEUE_URL) cannot be reached; nothing was changed."""
+
+    code = "store_unavailable"
+    status_code = 503
+
+
 class ProvisionError(ServiceError):
     """Model weights could not be put in place; the message says what to do."""
 
@@ -171,6 +185,13 @@ class Interrupted(JobFailure):
     """The service died while the job ran, too many times to try again."""
 
     code = "interrupted"
+
+
+class Poison(JobFailure):
+    """The job was started QUEUE_MAX_ATTEMPTS times and each time its worker died (a
+    fleet on Redis): it is not tried again."""
+
+    code = "poison"
 
 
 class SetupFailed(JobFailure):

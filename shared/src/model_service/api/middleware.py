@@ -44,7 +44,9 @@ def error_response(error: ServiceError, headers: dict[str, str] | None = None) -
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+        retry_after = exc.details.get("retry_after_s")  # 429 queue_full, 503 store_unavailable
+        headers = {"retry-after": str(max(1, int(retry_after)))} if retry_after else None
+        return error_response(exc, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
