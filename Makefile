@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/comfy.py
 	$(PY) bench/stitch.py
+	$(PY) bench/fleet.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -90,7 +90,7 @@ def test_a_dead_workers_job_is_taken_over(redis: RedisServer) -> None:
         await queue.enqueue("j")
         await asyncio.to_thread(die_holding_a_job, redis.url)
         requeued, poisoned = await sweep_until(queue)
-        assert (requeued, poisoned) == (["j"], [])
+        assert (requeued, poisoned) == ({"j": 1}, [])
         lease = await queue.take(5)
         assert lease is not None
         assert (lease.job_id, lease.attempt) == ("j", 2)
@@ -104,9 +104,9 @@ def test_a_job_that_keeps_killing_workers_is_poisoned(redis: RedisServer) -> Non
     async def scenario(queue: FleetQueue) -> None:
         await queue.enqueue("p")
         await asyncio.to_thread(die_holding_a_job, redis.url)
-        assert await sweep_until(queue) == (["p"], [])
+        assert await sweep_until(queue) == ({"p": 1}, [])
         await asyncio.to_thread(die_holding_a_job, redis.url)
-        assert await sweep_until(queue) == ([], ["p"])
+        assert await sweep_until(queue) == ({}, ["p"])
         assert await queue.status("p") == "aborted"
         assert await queue.attempts("p") == 2
         assert await queue.take(0.2) is None
@@ -123,7 +123,7 @@ def test_a_beating_worker_keeps_its_job(redis: RedisServer) -> None:
             await asyncio.sleep(0.25)
             assert await queue.beat(lease) is True
             result = await queue.sweep(lock_s=1)
-            assert result.requeued == result.poisoned == []
+            assert (result.requeued, result.poisoned) == ({}, [])
         await queue.complete(lease)
         assert await queue.status("live") == "complete"
 

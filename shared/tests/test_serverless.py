@@ -31,7 +31,7 @@ from fixture_service.images import data_uri, png_bytes
 from model_service import serverless
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import SqliteJobStore
 from model_service.jobs.view import Output
 from model_service.serverless import ProgressReporter, job_id_for, result_outputs
 from model_service.testing import free_port
@@ -64,7 +64,7 @@ def test_progress_is_throttled_and_leaves_the_last_step_to_the_result() -> None:
 
 
 def test_job_id_is_runpods_and_a_retry_of_a_failed_job_runs_again(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
 
     def add(job_id: str, status: JobStatus) -> None:
         store.create(

@@ -10,7 +10,7 @@ import pytest
 from model_service.errors import IdempotencyConflict, InvalidTransition, NotFound
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import SqliteJobStore
 from model_service.retention import sweep
 from model_service.settings import Settings
 
@@ -20,16 +20,16 @@ def new_job(job_id: str, request_hash: str = "h") -> Job:
 
 
 def test_store_is_wal_and_survives_reopen(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     store.create(new_job("a"))
     store.close()
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert JobStore(tmp_path / "jobs.sqlite3").get("a").seed == 7
+    assert SqliteJobStore(tmp_path / "jobs.sqlite3").get("a").seed == 7
 
 
 def test_create_is_idempotent_by_id_and_hash(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     assert store.create(new_job("a"))[1] is True
     assert store.create(new_job("a"))[1] is False
     with pytest.raises(IdempotencyConflict):
@@ -39,7 +39,7 @@ def test_create_is_idempotent_by_id_and_hash(tmp_path: Path) -> None:
 
 
 def test_state_machine_refuses_illegal_moves(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     store.create(new_job("a"))
     with pytest.raises(InvalidTransition):
         store.transition("a", JobStatus.SUCCEEDED)  # queued jobs must run first
@@ -66,7 +66,7 @@ def part(job_id: str, parent: str, depends_on: list[str] | None = None) -> Job:
 
 
 def test_graph_claims_follow_dependencies_and_skip_parents(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     parent = new_job("p")
     parent.kind = "chain"
     children = [part("p.0", "p"), part("p.1", "p", ["p.0"]), part("p.2", "p", ["p.1"])]
@@ -99,7 +99,7 @@ def test_graph_claims_follow_dependencies_and_skip_parents(tmp_path: Path) -> No
 
 
 def test_graph_children_added_and_removed_atomically(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     parent = new_job("p")
     parent.kind, parent.children = "chain", ["p.0"]
     store.create_graph(parent, [part("p.0", "p")])
@@ -128,7 +128,7 @@ def test_store_of_the_first_release_opens_and_gains_graph_columns(tmp_path: Path
             "INSERT INTO jobs (id, status, created_at, data) VALUES (?, ?, ?, ?)",
             ("old", "queued", 1.0, json.dumps(old)),
         )
-    store = JobStore(path)
+    store = SqliteJobStore(path)
     job = store.claim_next()
     assert job is not None
     assert job.id == "old"
@@ -136,7 +136,7 @@ def test_store_of_the_first_release_opens_and_gains_graph_columns(tmp_path: Path
 
 
 def test_claim_is_fifo(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
     for job_id in ["first", "second", "third"]:
         store.create(new_job(job_id))
     claimed = [store.claim_next() for _ in range(4)]
@@ -145,7 +145,7 @@ def test_claim_is_fifo(tmp_path: Path) -> None:
 
 def test_retention_deletes_old_job_files_only(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, output_retention_hours=1)
-    store = JobStore(settings.db_path)
+    store = SqliteJobStore(settings.db_path)
     for job_id in ["old", "new"]:
         store.create(new_job(job_id))
         store.claim_next()

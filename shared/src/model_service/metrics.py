@@ -27,7 +27,12 @@ class _GpuMemory(Collector):
 
 
 class Metrics:
-    def __init__(self, service: str, queue_depth: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        service: str,
+        queue_depth: Callable[[], float],
+        oldest_queued_s: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.registry = CollectorRegistry()
         labels = {"service": service}
         self.jobs = Counter(
@@ -40,6 +45,19 @@ class Metrics:
             "jobs_queued", "Jobs waiting for the worker", registry=self.registry
         )
         self.queue_depth.set_function(queue_depth)
+        self.oldest_queued = Gauge(
+            "jobs_queued_oldest_seconds",
+            "How long the oldest job ready to start has waited (the fleet's, with QUEUE_URL)",
+            registry=self.registry,
+        )
+        self.oldest_queued.set_function(oldest_queued_s)
+        self.reclaims = Counter(
+            "fleet_reclaims_total",
+            "Jobs this pod's sweep took back from pods that stopped beating: queued again, "
+            "or failed as poison",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.running = Gauge("jobs_running", "Jobs running now", registry=self.registry)
         self.queue_wait = Histogram(
             "job_queue_wait_seconds",

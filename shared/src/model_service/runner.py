@@ -8,6 +8,8 @@ engine died under it fails with the engine's crash code (`worker_crashed`,
 On start-up, jobs the store still shows as running (the service was killed) are queued
 again until they have been started `job_max_attempts` times; then they fail with
 `interrupted`. Jobs are idempotent by id, so running one again is safe.
+Where jobs come from is the `JobSource`: the embedded store, or a fleet's queue on Redis
+(then a dead pod's job is taken back by heartbeat, not on start-up).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from model_service.errors import (
     JobTimeout,
     ServiceError,
     StorageFailed,
+    StoreUnavailable,
     WorkerCrashed,
     WrongJobState,
 )
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
+from model_service.jobs.source import Claim, JobSource
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
@@ -60,6 +64,7 @@ class JobRunner:
         bus: EventBus,
         metrics: Metrics,
         webhooks: WebhookDispatcher,
+        source: JobSource,
     ) -> None:
         self._settings = settings
         self.engine = engine
@@ -67,19 +72,25 @@ class JobRunner:
         self._bus = bus
         self._metrics = metrics
         self._webhooks = webhooks
+        self.source = source
         self._bug: str | None = None  # set when the loop itself died
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running_job: str | None = None
+        self._current: Claim | None = None
+        self._canceling: str | None = None
+        self.mean_run_s = 10.0  # recent run time (moving average): the 429's Retry-After
         # why no job can run here until an operator acts (no GPU, setup failed), once known
         self.blocked: str | None = None
         self._blocked_event = asyncio.Event()
         self.graphs: JobGraphs | None = None  # set by the graph coordinator (long videos)
+        source.bind(self)
 
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        self.recover()
+        if self.source.recovers_on_start:
+            self.recover()
+        await self.source.start()
         await self.engine.start()
         self._task = asyncio.create_task(self._loop(), name="job-runner")
         self._task.add_done_callback(self._loop_ended)
@@ -94,12 +105,18 @@ class JobRunner:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        interrupted = self._store.running()
-        # a running job runs again after the restart: do not wait for it
+        current = self._current
+        interrupted = self.source.interrupted(current)
+        # a running job runs again after the restart (or on another pod): do not wait for it
         await self.engine.stop(abandon_running=bool(interrupted))
         for job in interrupted:  # a clean stop (SIGTERM) is not the job's fault
-            self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
+            with contextlib.suppress(ServiceError):
+                self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
             log.warning("service stopping: running job queued again", job_id=job.id)
+        if current is not None and not current.lost:
+            with contextlib.suppress(Exception):  # else the fleet's sweep takes it back
+                await self.source.give_back(current)
+        await self.source.stop()
 
     def recover(self) -> None:
         """Requeue or fail the jobs that were running when the service last died."""
@@ -125,7 +142,7 @@ class JobRunner:
         return self.blocked or "the engine cannot run jobs"
 
     def wake(self) -> None:
-        self._wake.set()
+        self.source.wake()
 
     @property
     def readiness(self) -> tuple[bool, str]:
@@ -157,12 +174,20 @@ class JobRunner:
             return job
         if job.status is JobStatus.RUNNING and not job.cancel_requested:
             job = self._store.update(job_id, mark_cancel_requested)
-            if self._running_job == job_id:
-                self.engine.cancel(job_id)
-            asyncio.get_running_loop().call_later(
-                self._settings.cancel_grace_s, self._kill_if_still_running, job_id
-            )
+            self._bus.publish(JobEvent(job.id, "status", job))  # a fleet: the pod running it
+            self.cancel_here(job_id)
         return job
+
+    def cancel_here(self, job_id: str) -> None:
+        """Stop `job_id` if this process runs it: at its next step, or by force after
+        `cancel_grace_s`."""
+        if self._running_job != job_id or self._canceling == job_id:
+            return
+        self._canceling = job_id
+        self.engine.cancel(job_id)
+        asyncio.get_running_loop().call_later(
+            self._settings.cancel_grace_s, self._kill_if_still_running, job_id
+        )
 
     def retry(self, job_id: str) -> Job:
         """A failed or canceled job queued again, as it was submitted (same id, input and
@@ -193,24 +218,27 @@ class JobRunner:
                 self._blocked_event.set()
                 await asyncio.Event().wait()
                 return
-            self._wake.clear()
-            job = self._store.claim_next()
-            if job is None:
-                await self._wake.wait()
+            claim = await self.source.take()
+            if claim is None:
                 continue
-            with structlog.contextvars.bound_contextvars(job_id=job.id):
-                await self._execute(job)
+            self._current = claim
+            try:
+                with structlog.contextvars.bound_contextvars(job_id=claim.job.id):
+                    await self._execute(claim)
+            finally:
+                self._current = None
 
-    async def _execute(self, job: Job) -> None:
+    async def _execute(self, claim: Claim) -> None:
+        job = claim.job
         self._running_job = job.id
         self._metrics.job_started(job)
         self._changed(job, "status")
         output_dir = self._settings.job_dir(job.id) / "outputs"
         try:
-            inputs = self._inputs_of(job)
+            inputs = await self._inputs_of(job)
         except InputMissing as exc:
-            self._finish(job.id, None, exc, [], (0, 0), [])
             self._running_job = None
+            await self._record_end(claim, None, exc, [], (0, 0), [])
             return
         run = RunJob(job.id, inputs, str(output_dir), job.seed or 0)
         started = job.started_at or time.time()
@@ -220,7 +248,8 @@ class JobRunner:
         done: JobDone | None = None
         failure: ServiceError | None = None
         try:
-            done = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
+            async with self.source.hold(claim, lambda: recorder.latest):
+                done = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
         except TimeoutError:
             failure = JobTimeout(
                 f"the job ran longer than JOB_TIMEOUT_S={self._settings.job_timeout_s:g} s "
@@ -233,6 +262,7 @@ class JobRunner:
             failure = exc
         finally:
             self._running_job = None
+            self._canceling = None
             recorder.close()
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
         if outputs and done is not None and job.parent_id and self.graphs is not None:
@@ -252,7 +282,30 @@ class JobRunner:
                 stored = await store.upload(job, [output_dir / name for name in outputs])
             except StorageFailed as exc:
                 failure = exc
-        self._finish(job.id, done, failure, outputs, recorder.latest, stored)
+        await self._record_end(claim, done, failure, outputs, recorder.latest, stored)
+
+    async def _record_end(
+        self,
+        claim: Claim,
+        done: JobDone | None,
+        failure: ServiceError | None,
+        outputs: list[str],
+        progress: tuple[int, int],
+        stored: list[StoredObject],
+    ) -> None:
+        """Record how the job ended, then acknowledge it to the source (never the other
+        way round). A shared store that cannot be reached is tried again until it can."""
+        if claim.lost:
+            log.warning("the fleet gave this job to another pod meanwhile; its end here is dropped")
+            return
+        while True:
+            try:
+                self._finish(claim.job.id, done, failure, outputs, progress, stored)
+                break
+            except StoreUnavailable as exc:
+                log.warning("cannot record the end of the job yet; trying again", error=exc.message)
+                await asyncio.sleep(1.0)
+        await self.source.ended(claim)
 
     async def _await_or_kill(self, future: asyncio.Future[JobDone]) -> JobDone | None:
         try:
@@ -285,11 +338,13 @@ class JobRunner:
         else:
             assert done is not None
             status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info, stored)
-        # not fsynced: after a power loss the job runs again (see JobStore._tx)
+        # not fsynced: after a power loss the job runs again (see SqliteJobStore._tx)
         job = self._store.transition(
             job_id, status, _with_progress(change, progress), durable=False
         )
         self._metrics.job_ended(job, was_running=True)
+        if job.status is JobStatus.SUCCEEDED and job.started_at and job.finished_at:
+            self.mean_run_s = 0.8 * self.mean_run_s + 0.2 * (job.finished_at - job.started_at)
         self._changed(job, "status")
         log.info(
             "job finished",
@@ -298,9 +353,9 @@ class JobRunner:
             run_s=round((job.finished_at or 0) - (job.started_at or 0), 3),
         )
 
-    def _inputs_of(self, job: Job) -> dict[str, Any]:
+    async def _inputs_of(self, job: Job) -> dict[str, Any]:
         """The job's input, with the files it takes from other jobs' outputs filled in."""
-        inputs = dict(job.prepared_input)
+        inputs = await self.source.local_inputs(job)
         for field_name, source in job.inputs_from.items():
             source_id, _, name = source.partition("/")
             path = self._settings.job_dir(source_id) / "outputs" / name
@@ -320,7 +375,10 @@ class JobRunner:
     def _changed(self, job: Job, kind: str) -> None:
         self._bus.publish(JobEvent(job.id, kind, job))
         if kind == "status" and job.status is not JobStatus.QUEUED:
-            self._webhooks.enqueue(job, job.status.value)
+            try:
+                self._webhooks.enqueue(job, job.status.value)
+            except StoreUnavailable as exc:  # the job's change is recorded; this is not
+                log.error("webhook delivery not stored", job_id=job.id, error=exc.message)
         if job.parent_id is not None and self.graphs is not None:
             self.graphs.child_changed(job, kind)
 

@@ -105,7 +105,8 @@ class Settings(BaseSettings):
         2,
         ge=1,
         description="A job that was running when the service died is run again until it "
-        "has been started this many times; then it fails with code `interrupted`.",
+        "has been started this many times; then it fails with code `interrupted` (in a "
+        "fleet: `poison`, the pods that ran it died).",
     )
     cancel_grace_s: float = Field(
         10.0,
@@ -157,6 +158,33 @@ class Settings(BaseSettings):
         le=7 * 24 * 3600,
         description="Presigned GET URLs valid this long; 0: plain object URLs (public "
         "buckets, or clients with their own credentials).",
+    )
+    queue_url: str | None = Field(
+        None,
+        description="`redis://host:6379/0`: this process is one pod of a fleet; job records, "
+        "events and the model's queue live in this Redis (saq), shared by every pod of the "
+        "same service. Unset: the embedded SQLite store, as one machine.",
+    )
+    queue_heartbeat_s: float = Field(
+        30.0,
+        ge=1,
+        description="A fleet pod beats for its running job this often (a third of it); a "
+        "job whose pod stopped beating for this long is taken over by another pod.",
+    )
+    pod_url: str | None = Field(
+        None,
+        description="URL at which other pods and clients reach this pod (fleets): output "
+        "links of the jobs it ran point here. Default: RunPod's proxy URL of the pod "
+        "(RUNPOD_POD_ID), else http://<this host's address>:PORT.",
+    )
+    runpod_pod_id: str | None = Field(
+        None, description="Set by RunPod on its pods; gives the default POD_URL."
+    )
+    max_queued_jobs: int = Field(
+        0,
+        ge=0,
+        description="Most jobs waiting in the model's queue (the whole fleet's with "
+        "QUEUE_URL); beyond it a new job gets 429 `queue_full` with Retry-After. 0: no limit.",
     )
     webhook_secret: str | None = Field(
         None,

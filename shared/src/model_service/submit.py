@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from model_service import media
 from model_service.audio import prepare_audio
-from model_service.errors import IdempotencyConflict, InvalidInput, UploadNotFound
+from model_service.errors import IdempotencyConflict, InvalidInput, QueueFull, UploadNotFound
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
@@ -109,6 +109,7 @@ class JobSubmitter:
         inputs_dir = self._settings.job_dir(job_id) / "inputs"
         try:
             public, prepared = await self._resolve_media(values, inputs_dir)
+            await self._runner.source.share_inputs(job_id, inputs_dir)
         except BaseException:
             shutil.rmtree(inputs_dir, ignore_errors=True)
             raise
@@ -127,7 +128,7 @@ class JobSubmitter:
         job, created = self._store.create(job)
         if created:
             self._runner.changed(job)
-            self._runner.wake()
+            await self._runner.source.submitted(job)
         return job, created
 
     def check_options(
@@ -161,6 +162,7 @@ class JobSubmitter:
                     job_id=job_id,
                 )
             return RequestOptions(events, storage, request_hash, existing)
+        self.check_queue_length()
         if webhook is not None:
             self._http.check_url(webhook, field="webhook")
         if storage is not None and not (storage.get("bucket") or self._settings.s3_bucket):
@@ -170,6 +172,22 @@ class JobSubmitter:
                 field="storage.bucket",
             )
         return RequestOptions(events, storage, request_hash, None)
+
+    def check_queue_length(self) -> None:
+        """429 `queue_full` when MAX_QUEUED_JOBS jobs wait already."""
+        limit = self._settings.max_queued_jobs
+        if not limit:
+            return
+        queued = self._store.count(JobStatus.QUEUED)
+        if queued >= limit:
+            wait_s = min(600, max(1, round(self._runner.mean_run_s)))
+            raise QueueFull(
+                f"{queued} jobs are waiting (MAX_QUEUED_JOBS={limit}); submit again after "
+                f"Retry-After ({wait_s} s), or add pods",
+                queued=queued,
+                limit=limit,
+                retry_after_s=wait_s,
+            )
 
     def validate(self, raw_input: Any, prefix: str = "input") -> dict[str, Any]:
         """The input checked by the service's model and rules, as JSON values."""
@@ -229,14 +247,14 @@ class JobSubmitter:
         if "://" in ref:
             return (await self._http.get(ref, field=field)).data
         if ref.startswith(UPLOAD_PREFIX) and self._store.get_upload(ref) is not None:
-            try:
-                return await asyncio.to_thread((self._settings.uploads_dir / ref).read_bytes)
-            except FileNotFoundError:
+            uploaded = await self._runner.source.read_upload(ref)
+            if uploaded is None:
                 raise UploadNotFound(
                     f"{field}: upload {ref} has expired (OUTPUT_RETENTION_HOURS); upload the "
                     "file again",
                     field=field,
-                ) from None
+                )
+            return uploaded
         raise UploadNotFound(
             f"{field}: {ref[:80]!r} is not an https URL, a data URI or a known upload id; "
             "send the file to POST /v1/uploads first and use the id it returns",

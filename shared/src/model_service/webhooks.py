@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from standardwebhooks.webhooks import Webhook
 
-from model_service.errors import ServiceError
+from model_service.errors import ServiceError, StoreUnavailable
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
 from model_service.jobs.store import Delivery, JobStore
@@ -68,10 +68,14 @@ class WebhookDispatcher:
     async def run(self) -> None:
         """Send due deliveries until canceled."""
         while True:
-            for delivery in self._store.due_deliveries(time.time()):
-                await self._attempt(delivery)
-            due = self._store.next_delivery_due()
-            delay = 60.0 if due is None else max(0.0, due - time.time())
+            try:
+                for delivery in self._store.due_deliveries(time.time()):
+                    await self._attempt(delivery)
+                due = self._store.next_delivery_due()
+                delay = 60.0 if due is None else max(0.0, due - time.time())
+            except StoreUnavailable as exc:  # a fleet's Redis is down: try again soon
+                log.warning("webhook deliveries not readable", error=exc.message)
+                delay = 2.0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 60.0))

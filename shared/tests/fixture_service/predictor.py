@@ -10,6 +10,15 @@ from PIL import Image, ImageOps
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
 
 
+def _log_run(event: str, job_id: str) -> None:
+    """ECHO_RUN_LOG: one line per start and end of a run, shared by every process (fleet
+    tests count how often each job ran)."""
+    path = os.environ.get("ECHO_RUN_LOG")
+    if path:
+        with open(path, "a") as log:  # one short append: atomic between processes
+            log.write(f"{event} {job_id} {os.getpid()}\n")
+
+
 class OutOfMemoryError(RuntimeError):
     """Named like torch.cuda.OutOfMemoryError, which the worker recognises by name."""
 
@@ -24,6 +33,7 @@ class EchoPredictor:
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
         behaviour = inputs["behaviour"]
+        _log_run("start", ctx.job_id)
         for step in range(1, inputs["steps"] + 1):
             if step == 1:
                 self._misbehave(behaviour)
@@ -35,12 +45,15 @@ class EchoPredictor:
             image = Image.new("RGB", (8, 8), (ctx.seed % 256, 0, 0))
         image.save(ctx.output_dir / "out.png")
         (ctx.output_dir / "text.txt").write_text(inputs["text"])
+        _log_run("end", ctx.job_id)
         return PredictResult(outputs=["out.png", "text.txt"], info={"seed_seen": ctx.seed})
 
     @staticmethod
     def _misbehave(behaviour: str) -> None:
         if behaviour == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        if behaviour == "kill_pod":  # the whole service dies (the OOM killer, a node loss)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         if behaviour == "exit":
             os._exit(3)
         if behaviour == "hang":  # never reports progress: only a kill stops it

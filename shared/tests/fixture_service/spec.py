@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from model_service.media_refs import ImageRef
 from model_service.service import ServiceSpec
 
-Behaviour = Literal["ok", "crash", "hang", "error", "oom", "cuda_error", "exit"]
+Behaviour = Literal["ok", "crash", "hang", "error", "oom", "cuda_error", "exit", "kill_pod"]
 
 
 class EchoInput(BaseModel):

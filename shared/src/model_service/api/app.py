@@ -1,8 +1,10 @@
 """Builds the FastAPI app of one service from its spec and the settings."""
 
 import asyncio
+import math
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI
@@ -12,11 +14,13 @@ from model_service.api import jobs, probes, uploads
 from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
 from model_service.engine import Engine, WorkerEngine
+from model_service.errors import StoreUnavailable
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
 from model_service.jobs.graph import Composer, JobGraphs
+from model_service.jobs.source import JobSource, LocalSource
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import JobStore, SqliteJobStore
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 from model_service.predictor import WorkerConfig
@@ -31,14 +35,30 @@ log = get_logger("model_service.app")
 
 def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(settings.db_path)
-    metrics = Metrics(spec.name, lambda: float(store.count(JobStatus.QUEUED)))
+    store: JobStore
+    bus: EventBus
+    if settings.queue_url:  # one pod of a fleet: records, events and queue on Redis
+        from model_service.fleet.events import RedisEventBus
+        from model_service.fleet.source import fleet_model
+        from model_service.jobs.redis_store import RedisJobStore
+
+        model = fleet_model(spec.name, settings)
+        namespace = f"ms:{model}"
+        store = RedisJobStore(settings.queue_url, namespace)
+        bus = RedisEventBus(settings.queue_url, namespace)
+    else:
+        store = SqliteJobStore(settings.db_path)
+        bus = EventBus()
+    metrics = Metrics(
+        spec.name,
+        lambda: _or_nan(lambda: store.count(JobStatus.QUEUED)),
+        lambda: _or_nan(lambda: _oldest_queued_s(store)),
+    )
     http = SafeHttpClient(
         allow_networks=settings.fetch_allow_networks,
         max_bytes=settings.max_fetch_bytes,
         timeout_s=settings.fetch_timeout_s,
     )
-    bus = EventBus()
     webhooks = WebhookDispatcher(settings, store, http, metrics)
     blocker = None
     runs_model_here = spec.comfy is None or not settings.comfyui_url  # else ComfyUI's host
@@ -62,7 +82,26 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     else:
         assert spec.predictor is not None
         engine = WorkerEngine(spec.predictor, worker_config, metrics, blocker)
-    runner = JobRunner(settings, engine, store, bus, metrics, webhooks)
+    source: JobSource
+    pod_url = None
+    if settings.queue_url:
+        from model_service.fleet.files import SharedFiles
+        from model_service.fleet.queue import FleetQueue
+        from model_service.fleet.source import FleetSource, own_url
+
+        pod_url = own_url(settings, spec.default_port)
+        queue = FleetQueue(
+            settings.queue_url,
+            model,
+            heartbeat_s=settings.queue_heartbeat_s,
+            max_attempts=settings.job_max_attempts,
+        )
+        ttl_s = int(settings.output_retention_hours * 3600)
+        files = SharedFiles(settings.queue_url, namespace, ttl_s)
+        source = FleetSource(settings, store, bus, metrics, queue, files, pod_url)
+    else:
+        source = LocalSource(settings, store)
+    runner = JobRunner(settings, engine, store, bus, metrics, webhooks, source)
     submitter = JobSubmitter(
         settings, spec.input_model, store, http, runner, check_input=spec.check_input
     )
@@ -76,20 +115,37 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         }
         graphs = JobGraphs(settings, store, runner, composers)
     return ServiceState(
-        spec, settings, store, bus, metrics, http, webhooks, runner, submitter, graphs
+        spec, settings, store, bus, metrics, http, webhooks, runner, submitter, graphs, pod_url
     )
+
+
+def _or_nan(read: Callable[[], float]) -> float:
+    """A gauge's value, or NaN while the shared store is unreachable."""
+    try:
+        return float(read())
+    except StoreUnavailable:
+        return math.nan
+
+
+def _oldest_queued_s(store: JobStore) -> float:
+    oldest = store.runnable(limit=1)
+    return max(0.0, time.time() - oldest[0].created_at) if oldest else 0.0
 
 
 @asynccontextmanager
 async def running(state: ServiceState) -> AsyncIterator[None]:
     """The service's lifetime on the current event loop: runner, webhooks, retention
     (the HTTP app's lifespan, and the serverless worker's)."""
+    await state.bus.start()
     await state.runner.start()
     if state.graphs is not None:
         await state.graphs.start()
     background = [
         asyncio.create_task(state.webhooks.run(), name="webhooks"),
-        asyncio.create_task(retention.run_forever(state.settings, state.store), name="retention"),
+        asyncio.create_task(
+            retention.run_forever(state.settings, state.store, state.pod_url or ""),
+            name="retention",
+        ),
     ]
     _ok, reason = state.runner.readiness
     log.info(
@@ -109,6 +165,7 @@ async def running(state: ServiceState) -> AsyncIterator[None]:
         if state.graphs is not None:
             await state.graphs.stop()
         await state.runner.stop()
+        await state.bus.stop()
         await state.http.aclose()
         state.store.close()
 

@@ -9,7 +9,7 @@ from stat import S_ISREG
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, create_model
 
@@ -23,6 +23,9 @@ from model_service.webhooks import WEBHOOK_EVENTS
 
 SMALL_OUTPUT_BYTES = 4 << 20  # outputs up to this size are sent from memory
 MAX_WAIT_S = 90  # RunPod's proxy cuts requests at 100 s
+# events can be missed (a fleet's Redis pub/sub is fire-and-forget): waits and streams
+# read the record again at least this often
+RECHECK_S = 5.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
@@ -79,9 +82,10 @@ async def wait_until_terminal(state: ServiceState, job: Job, seconds: float) -> 
             if remaining <= 0:
                 break
             try:
-                job = (await asyncio.wait_for(events.get(), remaining)).job
+                async with asyncio.timeout(min(remaining, RECHECK_S)):
+                    job = (await events.get()).job
             except TimeoutError:
-                break
+                job = state.store.get(job.id)
     return job
 
 
@@ -205,7 +209,15 @@ def build_router(state: ServiceState) -> APIRouter:
             job = state.store.get(job_id)
             yield _sse("status", job, base, state.children(job))
             while not job.status.is_terminal:
-                event = await events.get()
+                try:
+                    async with asyncio.timeout(RECHECK_S):
+                        event = await events.get()
+                except TimeoutError:
+                    latest = state.store.get(job_id)
+                    if latest.status is not job.status:
+                        job = latest
+                        yield _sse("status", job, base, state.children(job))
+                    continue
                 job = event.job
                 yield _sse(event.kind, job, base, state.children(job))
 
@@ -218,6 +230,10 @@ def build_router(state: ServiceState) -> APIRouter:
         request: Request, job_id: JobId, name: Annotated[str, Path(max_length=255)]
     ) -> Response:
         job = state.store.get(job_id)
+        if state.pod_url and job.held_by and job.held_by != state.pod_url:
+            # a fleet: another pod ran the job and holds its files
+            target = f"{job.held_by.rstrip('/')}{request.url.path}"
+            return RedirectResponse(target, status_code=307)
         if name not in job.outputs or job.outputs_expired:
             raise NotFound(
                 f"job {job_id} has no output {name!r}"

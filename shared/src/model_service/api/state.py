@@ -31,6 +31,7 @@ class ServiceState:
     runner: JobRunner
     submitter: JobSubmitter
     graphs: JobGraphs | None = None  # services with long videos
+    pod_url: str | None = None  # a fleet: this pod's own URL (outputs of its jobs)
 
     def base_url(self, request: Request) -> str:
         return self.settings.public_url or str(request.base_url)

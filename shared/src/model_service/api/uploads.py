@@ -54,6 +54,7 @@ def build_router(state: ServiceState) -> APIRouter:
             size=size,
             created_at=time.time(),
         )
+        await state.runner.source.save_upload(upload_id, target)
         state.store.add_upload(record)
         return UploadView(
             id=record.id, filename=record.filename, content_type=record.content_type, size=size

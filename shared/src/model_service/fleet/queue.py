@@ -50,7 +50,7 @@ class Lease:
 
 @dataclass(frozen=True)
 class SweepResult:
-    requeued: list[str]  # taken back from dead workers, queued again
+    requeued: dict[str, int]  # taken back from dead workers, queued again: the attempt lost
     poisoned: list[str]  # started max_attempts times without finishing
 
 
@@ -116,27 +116,46 @@ class FleetQueue:
     async def complete(self, lease: Lease, result: dict[str, Any] | None = None) -> None:
         await self._queue.finish(lease.queued_job, Status.COMPLETE, result=result)
 
+    async def give_back(self, lease: Lease, reason: str) -> None:
+        """Queue the job again without counting this attempt (a clean stop of the pod)."""
+        job = lease.queued_job
+        job.attempts = max(0, job.attempts - 1)
+        await self._queue.retry(job, error=reason)
+
     async def fail(self, lease: Lease, error: str) -> None:
         """Ends the job for good (its failure is the job's, not the worker's)."""
         await self._queue.finish(lease.queued_job, Status.FAILED, error=error)
 
     async def sweep(self, lock_s: int = 1) -> SweepResult:
         """Take back the jobs of dead workers (no heartbeat for `heartbeat_s`)."""
+        # the attempts of the running jobs before the sweep: once queued again, another
+        # worker may take a job (and count its attempt) before we read it
+        running = await self._queue.info(jobs=True, limit=max(1, await self._queue.count("active")))
+        attempts = {job["key"]: job["attempts"] for job in running["jobs"]}
         swept = await self._queue.sweep(lock=lock_s, abort=0.2)
-        requeued, poisoned = [], []
+        requeued: dict[str, int] = {}
+        poisoned: list[str] = []
         for queue_id in swept:
             key = queue_id.removeprefix(self._queue.job_id(""))  # "saq:job:<queue>:"
             job = await self._queue.job(key)
             if job is not None and job.status is Status.ABORTED:
                 poisoned.append(key)
             else:
-                requeued.append(key)
+                requeued[key] = attempts.get(key, 0)
         await self._queue.schedule()  # retries with a delay become due
         return SweepResult(requeued, poisoned)
 
     async def status(self, job_id: str) -> str | None:
         job = await self._queue.job(job_id)
         return None if job is None else str(job.status.value)
+
+    async def statuses(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Each job's queue status (queued, active, complete, ...; None: not in the queue)."""
+        jobs = await self._queue.jobs(job_ids) if job_ids else []
+        return {
+            job_id: None if job is None else str(job.status.value)
+            for job_id, job in zip(job_ids, jobs, strict=True)
+        }
 
     async def attempts(self, job_id: str) -> int:
         job = await self._queue.job(job_id)

@@ -14,6 +14,12 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
 
+    async def start(self) -> None:
+        """Nothing to start in one process (a fleet's bus subscribes to Redis)."""
+
+    async def stop(self) -> None:
+        pass
+
     def publish(self, event: JobEvent) -> None:
         for queue in self._subscribers.get(event.job_id, ()):
             queue.put_nowait(event)

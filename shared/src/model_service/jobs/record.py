@@ -42,6 +42,7 @@ class Job:
     # input field -> "<job id>/<output name>": a file another job makes, found at run time
     inputs_from: dict[str, str] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)  # a parent's options; a child's role
+    held_by: str = ""  # a fleet: URL of the pod that ran the job and holds its files
 
     @property
     def is_parent(self) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from model_service.errors import IdempotencyConflict, InvalidTransition, NotFound
 from model_service.jobs.record import Job
@@ -62,6 +62,17 @@ CREATE TABLE IF NOT EXISTS uploads (
 """
 
 
+# Queued non-parent jobs whose dependencies all succeeded, oldest first (`claim_next`
+# takes the first; `runnable` lists them)
+_RUNNABLE = (
+    "SELECT data FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
+    " SELECT 1 FROM job_deps AS d JOIN jobs AS dep ON dep.id = d.depends_on"
+    " WHERE d.job_id = j.id AND dep.status != ?"
+    ") ORDER BY seq LIMIT ?"
+)
+_RUNNABLE_PARAMS = (JobStatus.QUEUED.value, JobStatus.SUCCEEDED.value)
+
+
 @dataclass(frozen=True)
 class Page:
     jobs: list[Job]
@@ -87,7 +98,48 @@ class Upload:
     created_at: float
 
 
-class JobStore:
+class JobStore(Protocol):
+    """What the service needs of a job store: `SqliteJobStore` (one machine) or
+    `model_service.jobs.redis_store.RedisJobStore` (a fleet, QUEUE_URL). Every method is
+    one atomic change; `change` callbacks may run more than once (on a fresh copy)."""
+
+    def close(self) -> None: ...
+    def create(self, job: Job) -> tuple[Job, bool]: ...
+    def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]: ...
+    def add_children(
+        self, parent_id: str, children: list[Job], change: Callable[[Job], None]
+    ) -> Job: ...
+    def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job: ...
+    def children(self, parent_id: str) -> list[Job]: ...
+    def open_parents(self) -> list[Job]: ...
+    def find(self, job_id: str) -> Job | None: ...
+    def get(self, job_id: str) -> Job: ...
+    def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page: ...
+    def count(self, status: JobStatus) -> int: ...
+    def update(self, job_id: str, change: Callable[[Job], None], durable: bool = True) -> Job: ...
+    def transition(
+        self,
+        job_id: str,
+        target: JobStatus,
+        change: Callable[[Job], None] | None = None,
+        durable: bool = True,
+    ) -> Job: ...
+    def claim_next(self) -> Job | None: ...
+    def runnable(self, limit: int = 1000) -> list[Job]: ...
+    def running(self) -> list[Job]: ...
+    def finished_before(self, cutoff: float) -> list[Job]: ...
+    def add_delivery(self, delivery: Delivery, due_at: float) -> None: ...
+    def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]: ...
+    def next_delivery_due(self) -> float | None: ...
+    def record_attempt(
+        self, delivery_id: str, *, state: str, next_attempt_at: float, error: str | None
+    ) -> None: ...
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]: ...
+    def add_upload(self, upload: Upload) -> None: ...
+    def get_upload(self, upload_id: str) -> Upload | None: ...
+
+
+class SqliteJobStore:
     """Thread-safe; each method is one short transaction."""
 
     def __init__(self, path: Path) -> None:
@@ -294,13 +346,7 @@ class JobStore:
         """Oldest queued job whose dependencies all succeeded, moved to running (attempt
         counted), or None. Not synced: after a power loss the job is simply queued again."""
         with self._tx(durable=False) as db:
-            row = db.execute(
-                "SELECT data FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
-                " SELECT 1 FROM job_deps AS d JOIN jobs AS dep ON dep.id = d.depends_on"
-                " WHERE d.job_id = j.id AND dep.status != ?"
-                ") ORDER BY seq LIMIT 1",
-                (JobStatus.QUEUED.value, JobStatus.SUCCEEDED.value),
-            ).fetchone()
+            row = db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, 1)).fetchone()
             if row is None:
                 return None
             job = Job.from_row(json.loads(row["data"]))
@@ -310,6 +356,13 @@ class JobStore:
             job.progress_step = 0
             self._save(db, job)
             return job
+
+    def runnable(self, limit: int = 1000) -> list[Job]:
+        """Queued non-parent jobs whose dependencies all succeeded, oldest first: what
+        `claim_next` would take, in order."""
+        with self._lock:
+            rows = self._db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, limit)).fetchall()
+        return [Job.from_row(json.loads(row["data"])) for row in rows]
 
     def running(self) -> list[Job]:
         """Jobs the runner is running (parents are not run by the runner)."""

@@ -96,7 +96,10 @@ def _time(value: float | None) -> datetime | None:
 
 def _outputs(job: Job, job_url: str) -> list[Output]:
     """Every output; once retention deleted the local files, only those in object storage,
-    whose `url` is then the object's own."""
+    whose `url` is then the object's own. In a fleet, the pod that holds the files serves
+    them (`held_by`)."""
+    if job.held_by:
+        job_url = f"{job.held_by.rstrip('/')}/v1/jobs/{job.id}"
     if not job.outputs_expired:
         return [_output(name, job_url, job.stored_outputs.get(name, {})) for name in job.outputs]
     return [
@@ -128,7 +131,7 @@ def _part(child: Job, index: int, base: str) -> PartView:
         progress=1.0 if done else round(child.progress_step / total, 4) if total else 0.0,
         seed=child.seed,
         video=(
-            f"{base}/v1/jobs/{child.id}/outputs/{video}"
+            f"{(child.held_by or base).rstrip('/')}/v1/jobs/{child.id}/outputs/{video}"
             if video and done and not child.outputs_expired
             else None
         ),

@@ -1,0 +1,77 @@
+"""Job events across a fleet: the in-process bus, plus Redis pub/sub between pods.
+
+A change is delivered to this pod's listeners at once and published on the service's
+channel; every other pod hands what it receives to its own listeners (server-sent
+events and `Prefer: wait` on any pod). Pub/sub is fire-and-forget: a listener that
+misses an event (Redis restarting) reads the record again (`api.jobs.RECHECK_S`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+
+import redis
+import redis.asyncio as aioredis
+
+from model_service.jobs.events import EventBus
+from model_service.jobs.record import Job, JobEvent
+from model_service.logs import get_logger
+
+log = get_logger("model_service.fleet.events")
+
+
+class RedisEventBus(EventBus):
+    def __init__(self, url: str, namespace: str) -> None:
+        super().__init__()
+        self._url = url
+        self._channel = f"{namespace}:events"
+        self._origin = uuid.uuid4().hex  # this pod: its own messages come back to it
+        self._publisher = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()  # subscribed (tests wait for it)
+
+    def publish(self, event: JobEvent) -> None:
+        super().publish(event)
+        message = {"origin": self._origin, "kind": event.kind, "job": event.job.to_row()}
+        try:
+            self._publisher.publish(self._channel, json.dumps(message))
+        except redis.RedisError as exc:
+            log.warning("job event not sent to other pods", job_id=event.job_id, error=str(exc))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="fleet-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._publisher.close()
+
+    async def _listen(self) -> None:
+        while True:
+            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    self.connected.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._deliver(message["data"])
+            except (redis.RedisError, OSError) as exc:
+                self.connected.clear()
+                log.warning("fleet events: Redis lost; subscribing again", error=str(exc))
+                await asyncio.sleep(1.0)
+            finally:
+                await client.aclose()
+
+    def _deliver(self, raw: bytes) -> None:
+        message = json.loads(raw)
+        if message["origin"] == self._origin:
+            return
+        job_id = message["job"]["id"]
+        if job_id in self._subscribers:  # decoded only when someone here listens
+            super().publish(JobEvent(job_id, message["kind"], Job.from_row(message["job"])))

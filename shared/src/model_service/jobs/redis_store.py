@@ -1,0 +1,584 @@
+"""The job store on Redis: what every pod of a fleet shares when QUEUE_URL is redis://.
+
+Same interface (`JobStore`) and semantics as `SqliteJobStore` (`jobs/store.py`), for many
+processes at once. Keys, all under the namespace `N` given by the caller (`ms:<service>`):
+
+    N:seq                   counter: each job gets the next number ("seq": order, cursor)
+    N:job:<id>              hash: data (the job as JSON), status, seq, parent, is_parent
+                            (parent and is_parent as inserted, like SQLite's columns)
+    N:jobs                  sorted set of every job id by seq (`page` with no filter)
+    N:status:<status>       sorted set of the job ids in that status by seq (parents too)
+    N:work:<status>         the same without parents (`count`, `running`, `claim_next`)
+    N:open_parents          sorted set of the parents that are not finished, by seq
+    N:children:<id>         sorted set of the jobs whose parent is <id>, by seq
+    N:deps:<id>             set of the jobs <id> waits for; N:waiters:<id> the reverse
+    N:delivery:<id>         a webhook delivery as JSON
+    N:deliveries:due        sorted set of pending delivery ids by next attempt time
+    N:deliveries:job:<id>   list of a job's delivery ids in the order they were added
+    N:upload:<id>           an upload's record as JSON
+
+Atomicity: every change is one MULTI/EXEC under WATCH of the keys it read (retried on a
+conflict, so a `change` callback may run more than once, each time on a freshly read
+job); the record and its indexes change in the same transaction. Which queued job is
+runnable is found by a read-only Lua script (one consistent look at the queue and the
+dependencies; it names keys itself, so this is for a single Redis, not Redis Cluster);
+the claim then re-checks it under WATCH. Reads that take ids from an index and then the
+records (`page`, `children`, `running`, ...) are two steps: a job removed in between is
+left out, one changed in between is returned as it is now.
+
+Durability: an acknowledged write is as durable as the Redis server's appendonly/fsync
+configuration makes it (`appendfsync always` for no loss; `everysec` may lose the last
+second on a power loss). `durable=False` is accepted and changes nothing here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ParamSpec, TypeVar, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.retry import Retry
+
+from model_service.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    NotFound,
+    StoreUnavailable,
+)
+from model_service.jobs.record import Job
+from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
+from model_service.jobs.store import Delivery, Page, Upload
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
+
+# The queued non-parent jobs whose dependencies all succeeded (a dependency that is not
+# stored does not hold a job back, as in SQLite), oldest first: their JSON, at most
+# ARGV[2]. KEYS[1] is N:work:queued, ARGV[1] the prefix "N:".
+_RUNNABLE = """
+local prefix, limit = ARGV[1], tonumber(ARGV[2])
+local found, offset = {}, 0
+while #found < limit do
+  local ids = redis.call('ZRANGE', KEYS[1], offset, offset + 99)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local ready = true
+    for _, dep in ipairs(redis.call('SMEMBERS', prefix .. 'deps:' .. id)) do
+      local status = redis.call('HGET', prefix .. 'job:' .. dep, 'status')
+      if status and status ~= 'succeeded' then
+        ready = false
+        break
+      end
+    end
+    if ready then
+      found[#found + 1] = redis.call('HGET', prefix .. 'job:' .. id, 'data')
+      if #found >= limit then break end
+    end
+  end
+  offset = offset + 100
+end
+return found
+"""
+
+
+def _guard(method: Callable[P, T]) -> Callable[P, T]:
+    """Redis unreachable (refused, dropped, timed out) -> StoreUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise StoreUnavailable(
+                f"the job store (Redis at QUEUE_URL) cannot be reached: {exc}. Check that "
+                "Redis is up and QUEUE_URL points at it; try again in a few seconds",
+                retry_after_s=5,
+            ) from exc
+
+    return guarded
+
+
+@dataclass
+class _Stored:
+    """A job as read, with the index fields its record holds."""
+
+    job: Job
+    status: str
+    seq: int
+    parent: str
+    is_parent: bool
+
+
+class RedisJobStore:
+    """Thread-safe and multi-process-safe; each method is one atomic step."""
+
+    DELIVERY_LEASE_S = 120.0
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self._prefix = f"{namespace}:"
+        self._redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=5,
+            health_check_interval=30,
+            # one immediate reconnect after a dropped connection; none after a timeout
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        )
+        self._runnable_script = self._redis.register_script(_RUNNABLE)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    def _atomic(self, keys: list[str], body: Callable[[Pipeline], T]) -> T:
+        """Run `body` with `keys` watched; what it queued after `pipe.multi()` is applied
+        if nothing it watched changed, else it runs again."""
+        while True:
+            with self._redis.pipeline() as pipe:
+                try:
+                    pipe.watch(*keys)  # type: ignore[no-untyped-call]
+                    result = body(pipe)
+                    if pipe.explicit_transaction:
+                        pipe.execute()
+                except redis.WatchError:
+                    continue
+                return result
+
+    # --- jobs -----------------------------------------------------------------
+
+    @_guard
+    def create(self, job: Job) -> tuple[Job, bool]:
+        """Insert a new job. If the id exists with the same request, return it and
+        False (idempotent repeat); with a different request, raise a conflict."""
+        return self.create_graph(job, [])
+
+    @_guard
+    def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]:
+        """A parent and its children (with their `depends_on`) in one transaction;
+        idempotent by the parent's id and request hash, like `create`."""
+
+        def body(pipe: Pipeline) -> tuple[Job, bool]:
+            existing = self._load(pipe, parent.id)
+            if existing is not None:
+                if existing.job.request_hash != parent.request_hash:
+                    raise IdempotencyConflict(
+                        f"job {parent.id} exists with a different request", job_id=parent.id
+                    )
+                return existing.job, False
+            self._check_new(pipe, children)
+            first_seq = self._reserve_seqs(1 + len(children))
+            pipe.multi()
+            self._insert(pipe, [parent, *children], first_seq)
+            return parent, True
+
+        keys = [self._key("job", job.id) for job in [parent, *children]]
+        return self._atomic(keys, body)
+
+    @_guard
+    def add_children(
+        self, parent_id: str, children: list[Job], change: Callable[[Job], None]
+    ) -> Job:
+        """New children of an existing parent, and `change` to the parent, atomically."""
+
+        def body(pipe: Pipeline) -> Job:
+            stored = self._require(pipe, parent_id)
+            self._check_new(pipe, children)
+            change(stored.job)
+            first_seq = self._reserve_seqs(len(children))
+            pipe.multi()
+            self._save(pipe, stored)
+            self._insert(pipe, children, first_seq)
+            return stored.job
+
+        keys = [self._key("job", job_id) for job_id in [parent_id, *(c.id for c in children)]]
+        return self._atomic(keys, body)
+
+    @_guard
+    def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job:
+        """Delete a child job (its record and dependencies) and apply `change` to the
+        parent."""
+        deps_key, waiters_key = self._key("deps", child_id), self._key("waiters", child_id)
+
+        def body(pipe: Pipeline) -> Job:
+            stored = self._require(pipe, parent_id)
+            child = self._load(pipe, child_id)
+            deps = cast("set[str]", pipe.smembers(deps_key))
+            waiters = cast("set[str]", pipe.smembers(waiters_key))
+            change(stored.job)
+            pipe.multi()
+            self._save(pipe, stored)
+            if child is not None and child.parent == parent_id:
+                pipe.delete(self._key("job", child_id))
+                pipe.zrem(self._key("jobs"), child_id)
+                pipe.zrem(self._key("status", child.status), child_id)
+                pipe.zrem(self._key("work", child.status), child_id)
+                pipe.zrem(self._key("open_parents"), child_id)
+                pipe.zrem(self._key("children", parent_id), child_id)
+            for dep in deps:
+                pipe.srem(self._key("waiters", dep), child_id)
+            for waiter in waiters:
+                pipe.srem(self._key("deps", waiter), child_id)
+            pipe.delete(deps_key, waiters_key)
+            return stored.job
+
+        keys = [self._key("job", parent_id), self._key("job", child_id), deps_key, waiters_key]
+        return self._atomic(keys, body)
+
+    @_guard
+    def children(self, parent_id: str) -> list[Job]:
+        """A parent's children in the order they were created."""
+        return self._jobs(self._zrange(self._key("children", parent_id)))
+
+    @_guard
+    def open_parents(self) -> list[Job]:
+        """Parents that are not finished (their children may need the coordinator)."""
+        return self._jobs(self._zrange(self._key("open_parents")))
+
+    @_guard
+    def find(self, job_id: str) -> Job | None:
+        data = cast("str | None", self._redis.hget(self._key("job", job_id), "data"))
+        return None if data is None else Job.from_row(json.loads(data))
+
+    def get(self, job_id: str) -> Job:
+        job = self.find(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}", job_id=job_id)
+        return job
+
+    @_guard
+    def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page:
+        """Newest first. `cursor` is the `next_cursor` of the previous page."""
+        key = self._key("jobs") if status is None else self._key("status", status.value)
+        rows = cast(
+            "list[tuple[str, float]]",
+            self._redis.zrevrangebyscore(
+                key,
+                "+inf" if cursor is None else f"({cursor}",
+                "-inf",
+                start=0,
+                num=limit + 1,
+                withscores=True,
+            ),
+        )
+        jobs = self._jobs([job_id for job_id, _ in rows[:limit]])
+        next_cursor = int(rows[limit - 1][1]) if len(rows) > limit else None
+        return Page(jobs, next_cursor)
+
+    @_guard
+    def count(self, status: JobStatus) -> int:
+        return int(cast("int", self._redis.zcard(self._key("work", status.value))))
+
+    @_guard
+    def update(self, job_id: str, change: Callable[[Job], None], durable: bool = True) -> Job:
+        """Apply `change` to the stored job and save it (a status it sets is indexed)."""
+
+        def body(pipe: Pipeline) -> Job:
+            stored = self._require(pipe, job_id)
+            change(stored.job)
+            pipe.multi()
+            self._save(pipe, stored)
+            return stored.job
+
+        return self._atomic([self._key("job", job_id)], body)
+
+    @_guard
+    def transition(
+        self,
+        job_id: str,
+        target: JobStatus,
+        change: Callable[[Job], None] | None = None,
+        durable: bool = True,
+    ) -> Job:
+        """Move a job to `target` if the state machine allows it from its status now."""
+
+        def body(pipe: Pipeline) -> Job:
+            stored = self._require(pipe, job_id)
+            job = stored.job
+            if target not in TRANSITIONS[job.status]:
+                raise InvalidTransition(
+                    f"job {job_id} cannot go from {job.status} to {target}", job_id=job_id
+                )
+            job.status = target
+            if change is not None:
+                change(job)
+            pipe.multi()
+            self._save(pipe, stored)
+            return job
+
+        return self._atomic([self._key("job", job_id)], body)
+
+    @_guard
+    def runnable(self, limit: int = 1000) -> list[Job]:
+        """Queued non-parent jobs whose dependencies all succeeded, oldest first: what
+        `claim_next` would take, in order."""
+        found = self._runnable_script(
+            keys=[self._key("work", "queued")], args=[self._prefix, limit]
+        )
+        return [Job.from_row(json.loads(data)) for data in cast("list[str]", found)]
+
+    @_guard
+    def claim_next(self) -> Job | None:
+        """Oldest queued job whose dependencies all succeeded, moved to running (attempt
+        counted), or None. Two processes never claim the same job."""
+        while True:
+            found = self.runnable(1)
+            if not found:
+                return None
+            claimed = self._claim(found[0].id)
+            if claimed is not None:
+                return claimed
+            # taken or changed by another process since the look: look again
+
+    def _claim(self, job_id: str) -> Job | None:
+        deps_key = self._key("deps", job_id)
+
+        def body(pipe: Pipeline) -> Job | None:
+            deps = cast("set[str]", pipe.smembers(deps_key))
+            if deps:
+                pipe.watch(*(self._key("job", dep) for dep in deps))  # type: ignore[no-untyped-call]
+            stored = self._load(pipe, job_id)
+            if stored is None or stored.is_parent or stored.status != JobStatus.QUEUED.value:
+                return None
+            for dep in deps:
+                status = cast("str | None", pipe.hget(self._key("job", dep), "status"))
+                if status is not None and status != JobStatus.SUCCEEDED.value:
+                    return None
+            job = stored.job
+            job.status = JobStatus.RUNNING
+            job.started_at = time.time()
+            job.attempts += 1
+            job.progress_step = 0
+            pipe.multi()
+            self._save(pipe, stored)
+            return job
+
+        return self._atomic([self._key("job", job_id), deps_key], body)
+
+    @_guard
+    def running(self) -> list[Job]:
+        """Jobs the runner is running (parents are not run by the runner)."""
+        return self._jobs(self._zrange(self._key("work", JobStatus.RUNNING.value)))
+
+    @_guard
+    def finished_before(self, cutoff: float) -> list[Job]:
+        """Terminal jobs with outputs still on disk that finished before `cutoff`."""
+        with self._redis.pipeline() as pipe:
+            for status in sorted(_TERMINAL_VALUES):  # as SQLite's (status, seq) index
+                pipe.zrange(self._key("status", status), 0, -1)
+            jobs = self._jobs([job_id for ids in pipe.execute() for job_id in ids])
+        return [
+            job
+            for job in jobs
+            if job.finished_at is not None and job.finished_at < cutoff and not job.outputs_expired
+        ]
+
+    # --- job records ------------------------------------------------------------
+
+    def _load(self, pipe: Pipeline, job_id: str) -> _Stored | None:
+        data, status, seq, parent, is_parent = cast(
+            "list[str | None]",
+            pipe.hmget(self._key("job", job_id), ["data", "status", "seq", "parent", "is_parent"]),
+        )
+        if data is None:
+            return None
+        return _Stored(
+            Job.from_row(json.loads(data)),
+            str(status),
+            int(seq or 0),
+            parent or "",
+            is_parent == "1",
+        )
+
+    def _require(self, pipe: Pipeline, job_id: str) -> _Stored:
+        stored = self._load(pipe, job_id)
+        if stored is None:
+            raise NotFound(f"no job with id {job_id!r}", job_id=job_id)
+        return stored
+
+    def _check_new(self, pipe: Pipeline, jobs: list[Job]) -> None:
+        """New jobs' ids must be free (SQLite refuses them by its unique id)."""
+        ids = [job.id for job in jobs]
+        taken = [job_id for job_id in ids if cast("int", pipe.exists(self._key("job", job_id)))]
+        if taken or len(set(ids)) != len(ids):
+            job_id = taken[0] if taken else ids[0]
+            raise IdempotencyConflict(f"job {job_id} exists already", job_id=job_id)
+
+    def _reserve_seqs(self, count: int) -> int:
+        """The first of `count` new sequence numbers (one left unused by a transaction
+        that is retried is only a gap)."""
+        last = int(cast("int", self._redis.incrby(self._key("seq"), count)))
+        return last - count + 1
+
+    def _insert(self, pipe: Pipeline, jobs: list[Job], first_seq: int) -> None:
+        """Queue the writes of new jobs and their index entries (after `pipe.multi()`)."""
+        for seq, job in enumerate(jobs, start=first_seq):
+            status = job.status.value
+            pipe.hset(
+                self._key("job", job.id),
+                mapping={
+                    "data": json.dumps(job.to_row()),
+                    "status": status,
+                    "seq": seq,
+                    "parent": job.parent_id or "",
+                    "is_parent": int(job.is_parent),
+                },
+            )
+            pipe.zadd(self._key("jobs"), {job.id: seq})
+            pipe.zadd(self._key("status", status), {job.id: seq})
+            if not job.is_parent:
+                pipe.zadd(self._key("work", status), {job.id: seq})
+            elif status not in _TERMINAL_VALUES:
+                pipe.zadd(self._key("open_parents"), {job.id: seq})
+            if job.parent_id:
+                pipe.zadd(self._key("children", job.parent_id), {job.id: seq})
+            for dep in job.depends_on:
+                pipe.sadd(self._key("deps", job.id), dep)
+                pipe.sadd(self._key("waiters", dep), job.id)
+
+    def _save(self, pipe: Pipeline, stored: _Stored) -> None:
+        """Queue the write of a changed job and its move between status indexes."""
+        job, old, new = stored.job, stored.status, stored.job.status.value
+        pipe.hset(
+            self._key("job", job.id), mapping={"data": json.dumps(job.to_row()), "status": new}
+        )
+        if old == new:
+            return
+        pipe.zrem(self._key("status", old), job.id)
+        pipe.zadd(self._key("status", new), {job.id: stored.seq})
+        if not stored.is_parent:
+            pipe.zrem(self._key("work", old), job.id)
+            pipe.zadd(self._key("work", new), {job.id: stored.seq})
+        elif new in _TERMINAL_VALUES:
+            pipe.zrem(self._key("open_parents"), job.id)
+        else:
+            pipe.zadd(self._key("open_parents"), {job.id: stored.seq})
+
+    def _zrange(self, key: str) -> list[str]:
+        return cast("list[str]", self._redis.zrange(key, 0, -1))
+
+    def _jobs(self, job_ids: list[str]) -> list[Job]:
+        """The jobs by id, in that order (one removed meanwhile is left out)."""
+        if not job_ids:
+            return []
+        with self._redis.pipeline() as pipe:
+            for job_id in job_ids:
+                pipe.hget(self._key("job", job_id), "data")
+            rows = pipe.execute()
+        return [Job.from_row(json.loads(data)) for data in rows if data is not None]
+
+    # --- webhook deliveries ------------------------------------------------------
+
+    @_guard
+    def add_delivery(self, delivery: Delivery, due_at: float) -> None:
+        """Store a pending delivery due at `due_at`; a repeated id changes nothing."""
+        key = self._key("delivery", delivery.id)
+
+        def body(pipe: Pipeline) -> None:
+            if pipe.exists(key):
+                return
+            record = {**asdict(delivery), "attempts": 0, "state": "pending", "last_error": None}
+            pipe.multi()
+            pipe.set(key, json.dumps(record))
+            pipe.zadd(self._key("deliveries", "due"), {delivery.id: due_at})
+            pipe.rpush(self._key("deliveries", "job", delivery.job_id), delivery.id)
+
+        self._atomic([key], body)
+
+    @_guard
+    def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]:
+        """Pending deliveries due by `now`, earliest first, CLAIMED for the caller: every
+        pod sends webhooks, so the ones returned are pushed `DELIVERY_LEASE_S` past `now`
+        in the same transaction, and another pod does not get them meanwhile. The caller
+        then calls `record_attempt`, which sets their real state and next time; an
+        attempt never recorded (the pod died) is due again when the lease ends."""
+        due_key = self._key("deliveries", "due")
+
+        def body(pipe: Pipeline) -> list[Delivery]:
+            ids = cast("list[str]", pipe.zrangebyscore(due_key, "-inf", now, start=0, num=limit))
+            if not ids:
+                return []
+            records = cast("list[str | None]", pipe.mget([self._key("delivery", i) for i in ids]))
+            pipe.multi()
+            pipe.zadd(due_key, dict.fromkeys(ids, now + self.DELIVERY_LEASE_S), xx=True)
+            return [_delivery(json.loads(record)) for record in records if record is not None]
+
+        return self._atomic([due_key], body)
+
+    @_guard
+    def next_delivery_due(self) -> float | None:
+        first = cast(
+            "list[tuple[str, float]]",
+            self._redis.zrange(self._key("deliveries", "due"), 0, 0, withscores=True),
+        )
+        return float(first[0][1]) if first else None
+
+    @_guard
+    def record_attempt(
+        self, delivery_id: str, *, state: str, next_attempt_at: float, error: str | None
+    ) -> None:
+        """`state`: pending (retry at next_attempt_at), delivered or failed (gave up)."""
+        key, due_key = self._key("delivery", delivery_id), self._key("deliveries", "due")
+
+        def body(pipe: Pipeline) -> None:
+            data = cast("str | None", pipe.get(key))
+            if data is None:
+                return
+            record = json.loads(data)
+            record.update(attempts=record["attempts"] + 1, state=state, last_error=error)
+            pipe.multi()
+            pipe.set(key, json.dumps(record))
+            if state == "pending":
+                pipe.zadd(due_key, {delivery_id: next_attempt_at})
+            else:
+                pipe.zrem(due_key, delivery_id)
+
+        self._atomic([key], body)
+
+    @_guard
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        ids = cast("list[str]", self._redis.lrange(self._key("deliveries", "job", job_id), 0, -1))
+        if not ids:
+            return []
+        records = cast(
+            "list[str | None]", self._redis.mget([self._key("delivery", i) for i in ids])
+        )
+        fields = ("id", "event_type", "attempts", "state", "last_error")
+        return [
+            {name: record[name] for name in fields}
+            for record in (json.loads(data) for data in records if data is not None)
+        ]
+
+    # --- uploads -------------------------------------------------------------------
+
+    @_guard
+    def add_upload(self, upload: Upload) -> None:
+        """Store an upload's record; an id that exists is refused (as SQLite does)."""
+        if not self._redis.set(self._key("upload", upload.id), json.dumps(asdict(upload)), nx=True):
+            raise IdempotencyConflict(f"upload {upload.id} exists already", upload_id=upload.id)
+
+    @_guard
+    def get_upload(self, upload_id: str) -> Upload | None:
+        data = cast("str | None", self._redis.get(self._key("upload", upload_id)))
+        return None if data is None else Upload(**json.loads(data))
+
+
+def _delivery(record: dict[str, Any]) -> Delivery:
+    return Delivery(
+        id=record["id"],
+        job_id=record["job_id"],
+        url=record["url"],
+        event_type=record["event_type"],
+        payload=record["payload"],
+        attempts=record["attempts"],
+    )

@@ -1,0 +1,134 @@
+"""Where the runner gets its next job: the embedded store (one machine) or a fleet's
+queue on Redis (`model_service.fleet.source`). The runner does the same with either:
+take a claim, hold it while the job runs, record the end, then tell the source."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from model_service.jobs.record import Job
+from model_service.jobs.store import JobStore
+from model_service.settings import Settings
+
+if TYPE_CHECKING:
+    from model_service.runner import JobRunner
+
+
+@dataclass
+class Claim:
+    """A job this process runs now (moved to `running` in the store)."""
+
+    job: Job
+    lease: Any = None  # a fleet's queue lease (model_service.fleet.queue.Lease)
+    lost: bool = False  # a fleet took it back meanwhile: the end is not ours to record
+
+
+class JobSource(Protocol):
+    # whether the runner requeues, on start, the jobs the store shows as running (one
+    # machine: they were ours); a fleet takes back a dead pod's jobs by heartbeat instead
+    recovers_on_start: bool
+
+    def bind(self, runner: JobRunner) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def wake(self) -> None:
+        """There may be new work (a job submitted, retried, its dependencies met)."""
+
+    async def share_inputs(self, job_id: str, inputs_dir: Path) -> None:
+        """Before a job is stored: make its input files reachable by whoever runs it."""
+
+    async def submitted(self, job: Job) -> None:
+        """A new job is stored."""
+
+    async def take(self) -> Claim | None:
+        """The next job to run, or None after waiting a while."""
+
+    def hold(
+        self, claim: Claim, progress: Callable[[], tuple[int, int]]
+    ) -> AbstractAsyncContextManager[None]:
+        """While the job runs (a fleet: the heartbeat, and cancels from other pods)."""
+
+    async def local_inputs(self, job: Job) -> dict[str, Any]:
+        """The job's prepared input, its files on this machine."""
+
+    async def ended(self, claim: Claim) -> None:
+        """The job's end is recorded in the store: acknowledge it."""
+
+    async def give_back(self, claim: Claim) -> None:
+        """The process stops while `claim` runs: the job runs again elsewhere or later."""
+
+    def interrupted(self, current: Claim | None) -> list[Job]:
+        """The running jobs this process leaves behind when it stops."""
+
+    async def save_upload(self, upload_id: str, path: Path) -> None: ...
+    async def read_upload(self, upload_id: str) -> bytes | None: ...
+
+
+class LocalSource:
+    """The embedded SQLite store: this process is the only runner."""
+
+    recovers_on_start = True
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self._settings = settings
+        self._store = store
+        self._wake = asyncio.Event()
+
+    def bind(self, runner: JobRunner) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def share_inputs(self, job_id: str, inputs_dir: Path) -> None:
+        pass  # on this machine already
+
+    async def submitted(self, job: Job) -> None:
+        self.wake()
+
+    async def take(self) -> Claim | None:
+        self._wake.clear()
+        job = self._store.claim_next()
+        if job is None:
+            await self._wake.wait()
+            return None
+        return Claim(job)
+
+    @asynccontextmanager
+    async def hold(
+        self, claim: Claim, progress: Callable[[], tuple[int, int]]
+    ) -> AsyncIterator[None]:
+        yield
+
+    async def local_inputs(self, job: Job) -> dict[str, Any]:
+        return dict(job.prepared_input)
+
+    async def ended(self, claim: Claim) -> None:
+        pass
+
+    async def give_back(self, claim: Claim) -> None:
+        pass  # the store shows it running: `interrupted` requeues it
+
+    def interrupted(self, current: Claim | None) -> list[Job]:
+        return self._store.running()
+
+    async def save_upload(self, upload_id: str, path: Path) -> None:
+        pass
+
+    async def read_upload(self, upload_id: str) -> bytes | None:
+        path = self._settings.uploads_dir / upload_id
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None

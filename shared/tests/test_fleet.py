@@ -1,0 +1,280 @@
+"""A fleet: several echo-service processes (pods) on one real redis-server (QUEUE_URL)."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from fixture_service.images import data_uri, png_bytes
+from model_service.testing import RedisServer, ServiceProcess
+
+pytestmark = pytest.mark.skipif(
+    RedisServer.binary() is None, reason="no redis-server: run `make redis`"
+)
+
+TESTS_DIR = Path(__file__).parent
+StartPods = Callable[..., list[ServiceProcess]]
+
+
+class Fleet:
+    def __init__(self, root: Path, redis: RedisServer) -> None:
+        self.root = root
+        self.redis = redis
+        self.run_log = root / "runs.log"
+        self.pods: list[ServiceProcess] = []
+
+    def start(self, count: int, env: dict[str, str] | None = None) -> list[ServiceProcess]:
+        started = []
+        for _ in range(count):
+            index = len(self.pods)
+            pod = ServiceProcess(
+                "fixture_service.serve",
+                self.root / f"pod{index}",
+                env={
+                    "QUEUE_URL": self.redis.url,
+                    "QUEUE_HEARTBEAT_S": "1",
+                    "JOB_TIMEOUT_S": "120",
+                    "CANCEL_GRACE_S": "2",
+                    "ECHO_RUN_LOG": str(self.run_log),
+                    **(env or {}),
+                },
+                pythonpath=[str(TESTS_DIR)],
+            )
+            pod.env["POD_URL"] = pod.url
+            self.pods.append(pod)
+            started.append(pod)
+        for pod in started:
+            pod.start(wait_ready=False)
+        for pod in started:
+            pod.wait_for("/ready", 120)
+        return started
+
+    def runs(self) -> dict[str, collections.Counter[str]]:
+        """job id -> how often it started and ended, from the run log."""
+        counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        if self.run_log.exists():
+            for line in self.run_log.read_text().splitlines():
+                event, job_id, _pid = line.split()
+                counts[job_id][event] += 1
+        return counts
+
+    def pod_at(self, url: str) -> ServiceProcess:
+        return next(pod for pod in self.pods if pod.url == url)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with RedisServer(tmp_path / "redis") as redis:
+        fleet = Fleet(tmp_path, redis)
+        try:
+            yield fleet
+        finally:
+            for pod in fleet.pods:
+                pod.stop()
+
+
+def submit(pod: ServiceProcess, **fields: Any) -> dict[str, Any]:
+    response = httpx.post(f"{pod.url}/v1/jobs", json={"input": fields}, timeout=30)
+    assert response.status_code == 202, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def get_job(pods: list[ServiceProcess], job_id: str) -> dict[str, Any] | None:
+    """The job as the first pod that answers sees it (pods and Redis may be down)."""
+    for pod in pods:
+        if pod.proc is None:
+            continue
+        try:
+            response = httpx.get(f"{pod.url}/v1/jobs/{job_id}", timeout=5)
+        except httpx.TransportError:
+            continue
+        if response.status_code == 200:
+            body: dict[str, Any] = response.json()
+            return body
+    return None
+
+
+def wait_all(
+    pods: list[ServiceProcess], job_ids: list[str], statuses: set[str], timeout: float = 120
+) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    done: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        for job_id in job_ids:
+            if job_id not in done:
+                job = get_job(pods, job_id)
+                if job is not None and job["status"] in statuses:
+                    done[job_id] = job
+        if len(done) == len(job_ids):
+            return done
+        time.sleep(0.2)
+    missing = {job_id: get_job(pods, job_id) for job_id in job_ids if job_id not in done}
+    raise TimeoutError(f"{len(missing)} jobs not in {statuses}: {list(missing.items())[:3]}")
+
+
+@pytest.mark.parametrize("pod_count", [2, 4])
+def test_pods_share_one_queue_and_run_each_job_once(fleet: Fleet, pod_count: int) -> None:
+    pods = fleet.start(pod_count)
+    job_ids = []
+    with httpx.Client(timeout=30) as client:
+        for index in range(200):
+            pod = pods[index % pod_count]  # any pod takes requests
+            response = client.post(
+                f"{pod.url}/v1/jobs", json={"input": {"text": str(index), "steps": 1}}
+            )
+            assert response.status_code == 202, response.text
+            job_ids.append(response.json()["id"])
+    jobs = wait_all(pods, job_ids, {"succeeded", "failed"}, timeout=240)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert all(job["attempts"] == 1 for job in jobs.values())
+    runs = fleet.runs()
+    assert sorted(runs) == sorted(job_ids)
+    assert all(count == {"start": 1, "end": 1} for count in runs.values())
+    # every pod worked, and each job's output is served by the pod that ran it
+    hosts = collections.Counter(job["outputs"][0]["url"].split("/v1/")[0] for job in jobs.values())
+    assert set(hosts) == {pod.url for pod in pods}
+    text = httpx.get(jobs[job_ids[7]]["outputs"][1]["url"], timeout=10)
+    assert text.text == "7"
+
+
+def test_job_of_a_killed_pod_finishes_on_another(fleet: Fleet) -> None:
+    pods = fleet.start(2)
+    job = submit(pods[0], steps=30, step_s=0.1)
+    deadline = time.monotonic() + 30
+    while (
+        fleet.runs()[job["id"]]["start"] < 1
+        or (get_job(pods, job["id"]) or {}).get("progress", {}).get("step", 0) < 3
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    holder = fleet.pod_at(_holder(fleet, job["id"]))
+    holder.kill9()
+    survivor = next(pod for pod in pods if pod is not holder)
+    done = wait_all([survivor], [job["id"]], {"succeeded", "failed"}, timeout=60)[job["id"]]
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert done["outputs"][0]["url"].startswith(survivor.url)
+    assert fleet.runs()[job["id"]] == {"start": 2, "end": 1}
+    metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
+    assert 'fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
+
+
+def _holder(fleet: Fleet, job_id: str) -> str:
+    """URL of the pod running `job_id` (from the run log's worker pid)."""
+    for line in fleet.run_log.read_text().splitlines():
+        event, logged_id, pid = line.split()
+        if event == "start" and logged_id == job_id:
+            for pod in fleet.pods:
+                if int(pid) in pod.worker_pids():
+                    return pod.url
+    raise AssertionError(f"no pod runs {job_id}")
+
+
+def test_redis_restart_mid_run_loses_nothing(fleet: Fleet) -> None:
+    pods = fleet.start(2)
+    job_ids = [submit(pods[i % 2], text=str(i), steps=2, step_s=0.05)["id"] for i in range(40)]
+    deadline = time.monotonic() + 60
+    while sum(count["end"] for count in fleet.runs().values()) < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    fleet.redis.restart()
+    jobs = wait_all(pods, job_ids, {"succeeded", "failed"}, timeout=180)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    runs = fleet.runs()
+    assert all(runs[job_id]["end"] == 1 for job_id in job_ids), runs
+
+
+def test_a_job_that_kills_its_pods_fails_as_poison(fleet: Fleet) -> None:
+    pods = fleet.start(3, env={"JOB_MAX_ATTEMPTS": "2"})
+    job = submit(pods[0], behaviour="kill_pod")
+    deadline = time.monotonic() + 90
+    final = None
+    while time.monotonic() < deadline:
+        for pod in pods:  # killed pods are seen as dead processes
+            if pod.proc is not None and pod.proc.poll() is not None:
+                pod.proc = None
+        final = get_job(pods, job["id"])
+        if final is not None and final["status"] == "failed":
+            break
+        time.sleep(0.2)
+    assert final is not None
+    assert final["status"] == "failed", final
+    assert final["error"]["code"] == "poison"
+    assert final["attempts"] == 2
+    assert "died 2 times" in final["error"]["message"]
+    assert sum(pod.proc is None for pod in pods) == 2  # two pods died, one marked it
+
+
+def test_any_pod_serves_events_outputs_uploads_and_cancel(fleet: Fleet) -> None:
+    first, second = fleet.start(2)
+    long_job = submit(first, steps=400, step_s=0.05)
+    deadline = time.monotonic() + 30
+    while (get_job([first], long_job["id"]) or {}).get("status") != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    busy = fleet.pod_at(_holder(fleet, long_job["id"]))
+    idle = second if busy is first else first
+    # a file uploaded to the idle pod, used by a job submitted to the busy one: the job
+    # runs on the idle pod (the busy one's worker is taken)
+    image = png_bytes((8, 8), (10, 200, 30))
+    upload = httpx.post(
+        f"{idle.url}/v1/uploads", files={"file": ("in.png", image, "image/png")}, timeout=10
+    )
+    assert upload.status_code == 201, upload.text
+    job = submit(busy, image=upload.json()["id"], text="up")
+    done = wait_all([busy], [job["id"]], {"succeeded", "failed"}, timeout=60)[job["id"]]
+    assert done["status"] == "succeeded", done
+    assert done["outputs"][0]["url"] == f"{idle.url}/v1/jobs/{job['id']}/outputs/out.png"
+    redirect = httpx.get(f"{busy.url}/v1/jobs/{job['id']}/outputs/out.png", timeout=10)
+    assert redirect.status_code == 307
+    assert redirect.headers["location"] == done["outputs"][0]["url"]
+    pixel = Image.open(io.BytesIO(httpx.get(redirect.headers["location"]).content)).getpixel((0, 0))
+    assert pixel == (245, 55, 225)  # inverted on the idle pod
+    # a data-URI input submitted to the idle pod runs there too, from the shared copy
+    inline = submit(idle, image=data_uri(png_bytes((4, 4), (0, 0, 0))))
+    assert wait_all([idle], [inline["id"]], {"succeeded"}, timeout=60)
+
+    # the long job's events, streamed by the pod that does not run it, and its cancel
+    events: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("GET", f"{idle.url}/v1/jobs/{long_job['id']}/events", timeout=30) as sse:
+        kind = None
+        for line in sse.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind is not None:
+                events.append((kind, json.loads(line.split(":", 1)[1])))
+                progress = [e for k, e in events if k == "progress"]
+                if len(progress) == 3:
+                    cancel = httpx.post(f"{idle.url}/v1/jobs/{long_job['id']}/cancel")
+                    assert cancel.status_code == 200, cancel.text
+    assert len([kind for kind, _ in events if kind == "progress"]) >= 3
+    assert events[-1][0] == "status"
+    assert events[-1][1]["status"] == "canceled"
+    assert fleet.runs()[long_job["id"]] == {"start": 1}
+
+
+def test_full_queue_answers_429_with_retry_after(fleet: Fleet) -> None:
+    (pod,) = fleet.start(1, env={"MAX_QUEUED_JOBS": "2"})
+    running = submit(pod, steps=400, step_s=0.05)
+    wait_all([pod], [running["id"]], {"running"}, timeout=30)
+    queued = [submit(pod, steps=1)["id"] for _ in range(2)]
+    refused = httpx.post(f"{pod.url}/v1/jobs", json={"input": {"steps": 1}}, timeout=10)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert int(refused.headers["retry-after"]) >= 1
+    for job_id in [*queued, running["id"]]:  # the waiting ones first: none starts
+        httpx.post(f"{pod.url}/v1/jobs/{job_id}/cancel", timeout=10)
+    wait_all([pod], [running["id"], *queued], {"canceled"}, timeout=30)
+    assert httpx.post(f"{pod.url}/v1/jobs", json={"input": {"steps": 1}}).status_code == 202
+    metrics = httpx.get(f"{pod.url}/metrics", timeout=5).text
+    assert "jobs_queued_oldest_seconds" in metrics
