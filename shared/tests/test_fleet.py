@@ -278,3 +278,17 @@ def test_full_queue_answers_429_with_retry_after(fleet: Fleet) -> None:
     assert httpx.post(f"{pod.url}/v1/jobs", json={"input": {"steps": 1}}).status_code == 202
     metrics = httpx.get(f"{pod.url}/metrics", timeout=5).text
     assert "jobs_queued_oldest_seconds" in metrics
+
+
+def test_redis_down_answers_503_and_recovers(fleet: Fleet) -> None:
+    (pod,) = fleet.start(1)
+    fleet.redis.stop()
+    refused = httpx.post(f"{pod.url}/v1/jobs", json={"input": {"steps": 1}}, timeout=30)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "store_unavailable"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "QUEUE_URL" in refused.json()["error"]["message"]
+    assert httpx.get(f"{pod.url}/health", timeout=10).status_code == 200
+    fleet.redis.start()
+    job = submit(pod, steps=1)
+    assert wait_all([pod], [job["id"]], {"succeeded"}, timeout=60)
