@@ -24,7 +24,7 @@ from fastwan.service import MANIFEST
 from model_service.comfy.standin import StandinProcess
 from model_service.comfy.standin_nodes import index_block, index_level
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, wait_status
+from model_service.testing import RedisServer, ServiceProcess, wait_status
 from model_service.video.colour import colour_stats, drift
 
 REPO = Path(__file__).resolve().parents[2]
@@ -337,3 +337,30 @@ def test_restart_in_the_middle_of_a_chain_loses_nothing(
             assert len(frames_of(client, video_url(chain))) == 3 * FRAMES - 2
     finally:
         process.stop()
+
+
+@pytest.mark.skipif(RedisServer.binary() is None, reason="no redis-server: run `make redis`")
+def test_in_a_fleet_plain_jobs_run_and_long_videos_are_refused(
+    standin: StandinProcess, tmp_path: Path
+) -> None:
+    """With QUEUE_URL the ComfyUI engine runs jobs from the Redis queue; long videos are
+    refused with a clear 501 until their parts can share files across pods."""
+    standin.configure(reset=True)
+    with RedisServer(tmp_path / "redis") as redis:
+        process = fastwan(standin, tmp_path / "data")
+        process.env.update({"QUEUE_URL": redis.url, "POD_URL": process.url})
+        process.start(timeout=60)
+        try:
+            with process.client() as client:
+                refused = client.post("/v1/chains", json=chain_body([{"prompt": "a"}]))
+                assert refused.status_code == 501
+                assert refused.json()["error"]["code"] == "not_in_fleet"
+                job = client.post(
+                    "/v1/jobs", json={"input": {**BASE, "start_image": data_uri(gradient())}}
+                ).json()
+                done = finished(client, job["id"])
+                assert done["status"] == "succeeded", done
+                assert done["outputs"][0]["url"].startswith(process.url)
+                assert len(frames_of(client, video_url(done))) == FRAMES
+        finally:
+            process.stop()
