@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 
 import redis
@@ -31,14 +32,18 @@ class RedisEventBus(EventBus):
         self._origin = uuid.uuid4().hex  # this pod: its own messages come back to it
         self._publisher = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         self._task: asyncio.Task[None] | None = None
+        self._quiet_until = 0.0  # after a failed publish: the event loop must not wait on it
         self.connected = asyncio.Event()  # subscribed (tests wait for it)
 
     def publish(self, event: JobEvent) -> None:
         super().publish(event)
+        if time.monotonic() < self._quiet_until:
+            return
         message = {"origin": self._origin, "kind": event.kind, "job": event.job.to_row()}
         try:
             self._publisher.publish(self._channel, json.dumps(message))
         except redis.RedisError as exc:
+            self._quiet_until = time.monotonic() + 1.0
             log.warning("job event not sent to other pods", job_id=event.job_id, error=str(exc))
 
     async def start(self) -> None:
