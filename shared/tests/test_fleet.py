@@ -292,3 +292,21 @@ def test_redis_down_answers_503_and_recovers(fleet: Fleet) -> None:
     fleet.redis.start()
     job = submit(pod, steps=1)
     assert wait_all([pod], [job["id"]], {"succeeded"}, timeout=60)
+
+
+def test_a_stopping_pod_hands_its_job_back_without_counting_it(fleet: Fleet) -> None:
+    pods = fleet.start(2)
+    job = submit(pods[0], steps=30, step_s=0.1)
+    deadline = time.monotonic() + 30
+    while fleet.runs()[job["id"]]["start"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    holder = fleet.pod_at(_holder(fleet, job["id"]))
+    holder.stop()  # SIGTERM: a deploy or a scale-down
+    survivor = next(pod for pod in pods if pod is not holder)
+    done = wait_all([survivor], [job["id"]], {"succeeded", "failed"}, timeout=60)[job["id"]]
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1  # the stopped pod's attempt is not counted
+    assert done["outputs"][0]["url"].startswith(survivor.url)
+    metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
+    assert 'fleet_reclaims_total{outcome="requeued"}' not in metrics  # handed back, not swept

@@ -101,11 +101,11 @@ class JobRunner:
             log.error("job runner crashed", exc_info=task.exception())
 
     async def stop(self) -> None:
+        current = self._current  # before the loop's end clears it
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        current = self._current
         interrupted = self.source.interrupted(current)
         # a running job runs again after the restart (or on another pod): do not wait for it
         await self.engine.stop(abandon_running=bool(interrupted))
