@@ -28,6 +28,7 @@ from model_service.engine import Engine
 from model_service.errors import (
     InputMissing,
     Interrupted,
+    InvalidTransition,
     JobTimeout,
     ServiceError,
     StorageFailed,
@@ -298,13 +299,20 @@ class JobRunner:
         if claim.lost:
             log.warning("the fleet gave this job to another pod meanwhile; its end here is dropped")
             return
+        retried = False
         while True:
             try:
                 self._finish(claim.job.id, done, failure, outputs, progress, stored)
                 break
             except StoreUnavailable as exc:
                 log.warning("cannot record the end of the job yet; trying again", error=exc.message)
+                retried = True
                 await asyncio.sleep(1.0)
+            except InvalidTransition:
+                # a write whose reply was lost with the connection did land: recorded
+                if retried and self._store.get(claim.job.id).status.is_terminal:
+                    break
+                raise
         await self.source.ended(claim)
 
     async def _await_or_kill(self, future: asyncio.Future[JobDone]) -> JobDone | None:
