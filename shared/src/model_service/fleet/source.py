@@ -32,6 +32,7 @@ from model_service.fleet.files import SharedFiles
 from model_service.fleet.queue import FleetQueue, Lease
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job
+from model_service.jobs.redis_store import unreachable
 from model_service.jobs.source import Claim
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
@@ -60,14 +61,6 @@ def own_url(settings: Settings, default_port: int) -> str:
     if settings.runpod_pod_id:
         return f"https://{settings.runpod_pod_id}-{port}.proxy.runpod.net"
     return f"http://{socket.gethostbyname(socket.gethostname())}:{port}"
-
-
-def unavailable(exc: Exception) -> StoreUnavailable:
-    return StoreUnavailable(
-        f"the fleet's Redis (QUEUE_URL) cannot be reached ({exc}); nothing was changed. "
-        "Try again shortly; if it lasts, check the Redis server",
-        retry_after_s=5,
-    )
 
 
 class _NotRunnable(Exception):
@@ -132,7 +125,7 @@ class FleetSource:
         try:
             await self._files.put_inputs(job_id, inputs_dir)
         except _REDIS_ERRORS as exc:
-            raise unavailable(exc) from exc
+            raise unreachable(exc) from exc
 
     async def submitted(self, job: Job) -> None:
         if job.is_parent or job.depends_on:
@@ -147,13 +140,13 @@ class FleetSource:
         try:
             await self._files.save_upload(upload_id, path)
         except _REDIS_ERRORS as exc:
-            raise unavailable(exc) from exc
+            raise unreachable(exc) from exc
 
     async def read_upload(self, upload_id: str) -> bytes | None:
         try:
             return await self._files.read_upload(upload_id)
         except _REDIS_ERRORS as exc:
-            raise unavailable(exc) from exc
+            raise unreachable(exc) from exc
 
     # --- running -----------------------------------------------------------------------
 

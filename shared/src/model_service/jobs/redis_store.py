@@ -89,6 +89,15 @@ return found
 """
 
 
+def unreachable(exc: Exception) -> StoreUnavailable:
+    """The error for a Redis (QUEUE_URL) that cannot be reached."""
+    return StoreUnavailable(
+        f"the job store (Redis at QUEUE_URL) cannot be reached: {exc}. Check that "
+        "Redis is up and QUEUE_URL points at it; try again in a few seconds",
+        retry_after_s=5,
+    )
+
+
 def _guard(method: Callable[P, T]) -> Callable[P, T]:
     """Redis unreachable (refused, dropped, timed out) -> StoreUnavailable."""
 
@@ -97,11 +106,7 @@ def _guard(method: Callable[P, T]) -> Callable[P, T]:
         try:
             return method(*args, **kwargs)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise StoreUnavailable(
-                f"the job store (Redis at QUEUE_URL) cannot be reached: {exc}. Check that "
-                "Redis is up and QUEUE_URL points at it; try again in a few seconds",
-                retry_after_s=5,
-            ) from exc
+            raise unreachable(exc) from exc
 
     return guarded
 
