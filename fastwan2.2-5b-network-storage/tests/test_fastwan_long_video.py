@@ -339,28 +339,84 @@ def test_restart_in_the_middle_of_a_chain_loses_nothing(
         process.stop()
 
 
+def pod_of(url: str, pods: list[ServiceProcess]) -> ServiceProcess:
+    return next(pod for pod in pods if url.startswith(pod.url + "/"))
+
+
 @pytest.mark.skipif(RedisServer.binary() is None, reason="no redis-server: run `make redis`")
-def test_in_a_fleet_plain_jobs_run_and_long_videos_are_refused(
-    standin: StandinProcess, tmp_path: Path
-) -> None:
-    """With QUEUE_URL the ComfyUI engine runs jobs from the Redis queue; long videos are
-    refused with a clear 501 until their parts can share files across pods."""
-    standin.configure(reset=True)
-    with RedisServer(tmp_path / "redis") as redis:
-        process = fastwan(standin, tmp_path / "data")
-        process.env.update({"QUEUE_URL": redis.url, "POD_URL": process.url})
-        process.start(timeout=60)
+def test_in_a_fleet_long_videos_run_across_pods(standin: StandinProcess, tmp_path: Path) -> None:
+    """Two FastWan pods (each with its own ComfyUI) on one Redis: a travel's legs run on
+    both at once and are stitched once; a chain goes on after the pod that made its first
+    segment stops: the next segment starts from that segment's last frame and the stitch
+    uses its video, both kept by the fleet."""
+    with (
+        StandinProcess(tmp_path / "comfy-b", OBJECT_INFO, models=MODELS) as standin_b,
+        RedisServer(tmp_path / "redis") as redis,
+    ):
+        pods = []
+        for name, backend in (("a", standin), ("b", standin_b)):
+            backend.configure(reset=True, slow_nodes={"Wan22ImageToVideoLatent": 1.0})
+            pod = fastwan(backend, tmp_path / name)
+            pod.env.update({"QUEUE_URL": redis.url, "POD_URL": pod.url, "QUEUE_HEARTBEAT_S": "3"})
+            pods.append(pod.start(timeout=60))
+        a, b = pods
         try:
-            with process.client() as client:
-                refused = client.post("/v1/chains", json=chain_body([{"prompt": "a"}]))
-                assert refused.status_code == 501
-                assert refused.json()["error"]["code"] == "not_in_fleet"
-                job = client.post(
-                    "/v1/jobs", json={"input": {**BASE, "start_image": data_uri(gradient())}}
-                ).json()
-                done = finished(client, job["id"])
-                assert done["status"] == "succeeded", done
-                assert done["outputs"][0]["url"].startswith(process.url)
-                assert len(frames_of(client, video_url(done))) == FRAMES
+            with a.client() as on_a, b.client() as on_b:
+                plain = on_a.post("/v1/jobs", json={"input": {**BASE, "seed": 1}}).json()
+                assert finished(on_b, plain["id"])["status"] == "succeeded"
+
+                colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+                body = {
+                    "input": {**BASE, "seed": 3},
+                    "images": [data_uri(solid(c)) for c in colours],
+                    "overlap": 2,
+                }
+                response = on_a.post("/v1/travels", json=body)
+                assert response.status_code == 202, response.text
+                travel = finished(on_b, response.json()["id"], 120)
+                assert travel["status"] == "succeeded", travel
+                legs = {pod_of(part["video"], pods).url for part in travel["parts"]}
+                assert legs == {a.url, b.url}  # both pods ran legs
+                frames = frames_of(on_b, video_url(travel))
+                assert len(frames) == 4 * FRAMES - 3 * 2
+                centre = frames[-1][SIZE // 2 :, SIZE // 2 :].reshape(-1, 3).mean(axis=0)
+                assert np.allclose(centre, colours[-1], atol=6)
+                composed = [
+                    "long video composed" in line and travel["id"] in line
+                    for pod in pods
+                    for line in pod.log().splitlines()
+                ]
+                assert sum(composed) == 1, "the travel was stitched once, on one pod"
+
+                for backend in (standin, standin_b):
+                    backend.configure(drift=0.12)
+                chain_id = on_b.post(
+                    "/v1/chains", json=chain_body([{}, {}, {}], colour_correction=True)
+                ).json()["id"]
+                first = finished(on_a, f"{chain_id}.0")
+                assert first["status"] == "succeeded", first
+                maker = pod_of(first["outputs"][0]["url"], pods)
+                other = b if maker is a else a
+                maker.stop()  # its files live on in the fleet's store
+                with other.client() as client:
+                    chain = finished(client, chain_id, 120)
+                    assert chain["status"] == "succeeded", chain
+                    later = [pod_of(part["video"], pods) for part in chain["parts"][1:]]
+                    assert later == [other, other]
+                    assert pod_of(video_url(chain), pods) is other
+                    frames = frames_of(client, video_url(chain))
+                    assert len(frames) == 3 * FRAMES - 2
+                    # each segment's index codes rise (colour-corrected: not exact levels)
+                    codes = [code_of(frame) for frame in frames[1:]]
+                    for segment in range(3):
+                        own = codes[segment * (FRAMES - 1) : (segment + 1) * (FRAMES - 1)]
+                        assert own == sorted(own), codes
+                        assert own[-1] - own[0] > 20, codes
+                    start = np.asarray(gradient(), dtype=np.float64)  # (corrected a little)
+                    assert np.abs(frames[0].astype(np.float64) - start).mean() < 8
+                    for part in chain["parts"]:
+                        fit = client.get(f"/v1/jobs/{part['id']}").json()["info"]
+                        assert fit["colour_drift"]["after"] < fit["colour_drift"]["before"]
         finally:
-            process.stop()
+            for pod in pods:
+                pod.stop()

@@ -1,6 +1,7 @@
 """The SQLite job store and the state machine, on real files."""
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -158,3 +159,40 @@ def test_retention_deletes_old_job_files_only(tmp_path: Path) -> None:
     assert settings.job_dir("new").exists()
     assert store.get("old").outputs_expired is True
     assert sweep(settings, store) == 0
+
+
+def test_fleet_retention_also_deletes_copies_of_other_pods_jobs(tmp_path: Path) -> None:
+    """A fleet pod keeps input files of jobs it took the requests of, and part files it
+    fetched: deleted once old and finished; the other pods' records are left alone."""
+    settings = Settings(data_dir=tmp_path, output_retention_hours=1)
+    store = SqliteJobStore(settings.db_path)
+    here, there = "http://pod-a:8189", "http://pod-b:8189"
+    old = time.time() - 7200
+    for job_id, holder, finished in [
+        ("mine", here, True),
+        ("theirs", there, True),
+        ("theirs-new", there, True),
+        ("theirs-running", there, False),
+    ]:
+        store.create(new_job(job_id))
+        store.claim_next()
+        store.update(job_id, lambda job, h=holder: setattr(job, "held_by", h))
+        if finished:
+            store.transition(job_id, JobStatus.SUCCEEDED)
+            store.update(job_id, lambda job: setattr(job, "finished_at", old))
+        (settings.job_dir(job_id) / "inputs").mkdir(parents=True)
+        (settings.job_dir(job_id) / "inputs" / "image.png").write_text("x")
+        if job_id != "theirs-new":
+            for folder in (settings.job_dir(job_id), settings.job_dir(job_id) / "inputs"):
+                os.utime(folder, (old, old))
+    (settings.job_dir("gone") / "outputs").mkdir(parents=True)  # a record deleted since
+    for folder in (settings.job_dir("gone"), settings.job_dir("gone") / "outputs"):
+        os.utime(folder, (old, old))
+
+    assert sweep(settings, store, held_by=here) == 1  # its own job, as before
+    assert store.get("mine").outputs_expired is True
+    assert not settings.job_dir("theirs").exists()
+    assert not settings.job_dir("gone").exists()
+    assert settings.job_dir("theirs-new").exists()  # touched lately
+    assert settings.job_dir("theirs-running").exists()  # not finished
+    assert store.get("theirs").outputs_expired is False  # its own pod deletes its files

@@ -141,13 +141,6 @@ class StoreUnavailable(ServiceError):
     status_code = 503
 
 
-class NotInFleet(ServiceError):
-    """A feature that does not run on a fleet (QUEUE_URL) yet."""
-
-    code = "not_in_fleet"
-    status_code = 501
-
-
 class ProvisionError(ServiceError):
     """Model weights could not be put in place; the message says what to do."""
 

@@ -3,6 +3,7 @@
 import asyncio
 import shutil
 import time
+from pathlib import Path
 
 from model_service.errors import StoreUnavailable
 from model_service.jobs.record import Job
@@ -27,6 +28,8 @@ def sweep(settings: Settings, store: JobStore, held_by: str = "", now: float | N
             record.outputs_expired = True
 
         store.update(job.id, mark)
+    if held_by:
+        _copies(settings, store, held_by, cutoff)
     if settings.uploads_dir.is_dir():
         for path in settings.uploads_dir.iterdir():
             if path.stat().st_mtime < cutoff:
@@ -34,6 +37,27 @@ def sweep(settings: Settings, store: JobStore, held_by: str = "", now: float | N
     if expired:
         log.info("retention deleted job files", jobs=len(expired))
     return len(expired)
+
+
+def _copies(settings: Settings, store: JobStore, held_by: str, cutoff: float) -> None:
+    """A fleet pod also has files of jobs other pods ran: the inputs of the jobs it took
+    the requests of, and the parts' files it fetched for a long video. Deleted once the
+    job is finished (or its record gone) and the folder untouched since `cutoff`."""
+    jobs_dir = settings.job_dir("-").parent
+    if not jobs_dir.is_dir():
+        return
+    for folder in jobs_dir.iterdir():
+        if not folder.is_dir() or _last_change(folder) >= cutoff:
+            continue
+        job = store.find(folder.name)
+        if job is None or (job.held_by != held_by and job.status.is_terminal):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _last_change(folder: Path) -> float:
+    """The newest change to the folder or its sub-folders (files are written once)."""
+    folders = [folder, *(path for path in folder.iterdir() if path.is_dir())]
+    return max(path.stat().st_mtime for path in folders)
 
 
 async def run_forever(

@@ -268,9 +268,11 @@ class JobRunner:
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
         if outputs and done is not None and job.parent_id and self.graphs is not None:
             try:  # a part of a long video: e.g. its colour-corrected last frame
-                added, info = await self.graphs.after_run(job, output_dir, outputs)
+                added, info = await self.graphs.after_run(job, inputs, output_dir, outputs)
                 outputs += added
                 done.info.update(info)
+                # a fleet: the other parts (and the stitch) may run on other pods
+                await self.source.share_outputs(job, output_dir, outputs)
             except ServiceError as exc:
                 failure, outputs = exc, []
         stored: list[StoredObject] = []
@@ -366,14 +368,14 @@ class JobRunner:
         inputs = await self.source.local_inputs(job)
         for field_name, source in job.inputs_from.items():
             source_id, _, name = source.partition("/")
-            path = self._settings.job_dir(source_id) / "outputs" / name
-            if not path.is_file():
+            if await self.source.local_outputs(source_id, [name]):
                 raise InputMissing(
-                    f"input.{field_name}: output {name!r} of job {source_id} is not on this "
-                    "machine (deleted by retention, or made elsewhere); retry the long video",
+                    f"input.{field_name}: output {name!r} of job {source_id} is gone "
+                    "(deleted by retention); retry the long video",
                     field=f"input.{field_name}",
                     source_job=source_id,
                 )
+            path = self._settings.job_dir(source_id) / "outputs" / name
             inputs[field_name] = str(path.resolve())
         return inputs
 

@@ -223,6 +223,10 @@ class JobSubmitter:
             prepared[name] = paths if isinstance(value, list) else paths[0]
         return public, prepared
 
+    async def share_inputs(self, job_id: str, inputs_dir: Path) -> None:
+        """A fleet: the files under `inputs_dir` reachable from the pod that runs the job."""
+        await self._runner.source.share_inputs(job_id, inputs_dir)
+
     async def materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> None:
         """The file behind `ref`, fetched, checked and written to `target`."""
         data = await self.read_reference(ref, field)

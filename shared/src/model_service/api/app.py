@@ -97,7 +97,7 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
             max_attempts=settings.job_max_attempts,
         )
         ttl_s = int(settings.output_retention_hours * 3600)
-        files = SharedFiles(settings.queue_url, namespace, ttl_s)
+        files = SharedFiles(settings.queue_url, namespace, ttl_s, settings.job_dir)
         source = FleetSource(settings, store, bus, metrics, queue, files, pod_url)
     else:
         source = LocalSource(settings, store)
@@ -113,7 +113,21 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
             "chain": ChainComposer(settings, spec.long_video.image_field),
             "travel": TravelComposer(settings),
         }
-        graphs = JobGraphs(settings, store, runner, composers)
+        compositions = None
+        if settings.queue_url:
+            from model_service.fleet.compose import FleetCompositions
+            from model_service.fleet.queue import FleetQueue
+
+            compose_queue = FleetQueue(
+                settings.queue_url,
+                f"{model}:compose",
+                heartbeat_s=settings.queue_heartbeat_s,
+                max_attempts=settings.job_max_attempts,
+            )
+            compositions = FleetCompositions(compose_queue, metrics, settings.queue_heartbeat_s)
+        graphs = JobGraphs(
+            settings, store, runner, composers, held_by=pod_url or "", compositions=compositions
+        )
     return ServiceState(
         spec, settings, store, bus, metrics, http, webhooks, runner, submitter, graphs, pod_url
     )

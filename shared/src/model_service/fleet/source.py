@@ -231,17 +231,35 @@ class FleetSource:
                     log.warning("heartbeat failed; trying again", error=str(exc))
 
     async def local_inputs(self, job: Job) -> dict[str, Any]:
-        inputs_dir = self._settings.job_dir(job.id) / "inputs"
         while True:
             try:
-                return await self._files.local_inputs(job, inputs_dir)
+                return await self._files.local_inputs(job)
             except _REDIS_ERRORS as exc:
                 log.warning("cannot fetch the job's input files yet", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def share_outputs(self, job: Job, output_dir: Path, names: list[str]) -> None:
+        while True:  # before the part is recorded as succeeded: its end waits for this
+            try:
+                await self._files.put_outputs(job.id, output_dir, names)
+                return
+            except _REDIS_ERRORS as exc:
+                log.warning("cannot share the part's outputs yet", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def local_outputs(self, job_id: str, names: list[str]) -> list[str]:
+        while True:
+            try:
+                return await self._files.local_outputs(job_id, names)
+            except _REDIS_ERRORS as exc:
+                log.warning("cannot fetch another job's outputs yet", error=str(exc))
                 await asyncio.sleep(1.0)
 
     async def ended(self, claim: Claim) -> None:
         if not claim.lost:
             await self._acknowledge(claim.lease)
+        if claim.job.parent_id:
+            self.wake()  # the long video's next part may be runnable now: enqueue it
 
     async def _acknowledge(self, lease: Lease) -> None:
         for _ in range(5):

@@ -16,6 +16,13 @@ The coordinator here keeps the parent's record in step with its children:
 Everything is level-triggered: `reconcile(parent)` reads the children from the store
 and does what their states call for, so it is safe to repeat, and a restart simply
 reconciles every open parent (a composition cut short by the restart runs again).
+
+In a fleet (QUEUE_URL) the parts run on any pod: their files travel through the job
+source (`share_outputs`, `local_inputs`, `local_outputs`); every pod reconciles (a write
+that lost a race with another pod's is simply reconciled again, and every pod's sweep
+reconciles the open parents, so a pod that died mid-way leaves nothing stuck); and the
+composition is queued (`Compositions`: model_service.fleet.compose) so that exactly one
+pod runs it, and another takes it over if that pod dies.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from model_service.errors import ComposeFailed, PartFailed, ServiceError, WrongJobState
+from model_service.errors import (
+    ComposeFailed,
+    InputMissing,
+    InvalidTransition,
+    PartFailed,
+    ServiceError,
+    WrongJobState,
+)
 from model_service.jobs.record import Job
 from model_service.jobs.status import TRANSITIONS, JobStatus
 from model_service.jobs.store import JobStore
@@ -57,12 +71,24 @@ class Composer(Protocol):
         self, parent: Job, child: Job, output_dir: Path, outputs: list[str]
     ) -> tuple[list[str], dict[str, Any]]:
         """After a child ran, before it is recorded as succeeded: more output files (in
-        `output_dir`) and facts for the child's `info`."""
+        `output_dir`) and facts for the child's `info`. The `prepared_input` of both
+        jobs holds the paths of their files on this machine."""
 
     def compose(
         self, parent: Job, children: list[Job], output_dir: Path
     ) -> tuple[list[str], dict[str, Any]]:
-        """Once every child succeeded: the parent's outputs (in `output_dir`) and info."""
+        """Once every child succeeded: the parent's outputs (in `output_dir`) and info.
+        The children's outputs are on this machine, in their usual folders."""
+
+
+class Compositions(Protocol):
+    """Runs compositions elsewhere than in this process's own task (a fleet's queue)."""
+
+    def bind(self, graphs: JobGraphs) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def request(self, parent_id: str) -> None:
+        """Every child succeeded: compose once, on some pod (repeating it is harmless)."""
 
 
 class JobGraphs:
@@ -72,24 +98,38 @@ class JobGraphs:
         store: JobStore,
         runner: JobRunner,
         composers: Mapping[str, Composer],
+        *,
+        held_by: str = "",
+        compositions: Compositions | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._runner = runner
         self._composers = composers
+        self._held_by = held_by  # a fleet: this pod's URL, where its compositions are
+        self._compositions = compositions
         self._locks: dict[str, asyncio.Lock] = {}
         self._composing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         runner.graphs = self
+        if compositions is not None:
+            compositions.bind(self)
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """After the runner recovered its jobs: bring every open parent up to date."""
+        await self.reconcile_open()
+        if self._compositions is not None:
+            await self._compositions.start()
+
+    async def reconcile_open(self) -> None:
         for parent in self._store.open_parents():
             await self.reconcile(parent.id)
 
     async def stop(self) -> None:
+        if self._compositions is not None:
+            await self._compositions.stop()
         tasks = [*self._composing.values(), *self._tasks]
         for task in tasks:
             task.cancel()
@@ -181,12 +221,15 @@ class JobGraphs:
             self._spawn(self.reconcile(child.parent_id))
 
     async def after_run(
-        self, child: Job, output_dir: Path, outputs: list[str]
+        self, child: Job, inputs: dict[str, Any], output_dir: Path, outputs: list[str]
     ) -> tuple[list[str], dict[str, Any]]:
+        """`inputs`: the child's input as it ran (its files' paths on this machine)."""
         parent = self._store.find(child.parent_id or "")
         composer = None if parent is None else self._composers.get(parent.kind)
         if parent is None or composer is None:
             return [], {}
+        parent = replace(parent, prepared_input=await self._runner.source.local_inputs(parent))
+        child = replace(child, prepared_input=inputs)
         try:
             return await asyncio.to_thread(composer.after_part, parent, child, output_dir, outputs)
         except ServiceError:
@@ -199,6 +242,15 @@ class JobGraphs:
     # --- the reconciliation ------------------------------------------------------------
 
     async def reconcile(self, parent_id: str) -> None:
+        for _ in range(5):
+            try:
+                await self._reconcile(parent_id)
+                return
+            except InvalidTransition:  # another pod moved the parent meanwhile: again
+                continue
+        log.warning("long video not reconciled: its record keeps changing", job_id=parent_id)
+
+    async def _reconcile(self, parent_id: str) -> None:
         async with self._lock(parent_id):
             parent = self._store.find(parent_id)
             if parent is None or parent.status.is_terminal:
@@ -212,9 +264,11 @@ class JobGraphs:
                 await self._stop_after(parent, children, broken)
                 return
             step, total = _progress(children)
+            progress: Any = None  # saved only when it changed (every pod reconciles)
+            if (step, total) != (parent.progress_step, parent.progress_total):
 
-            def progress(job: Job) -> None:
-                job.progress_step, job.progress_total = step, total
+                def progress(job: Job) -> None:
+                    job.progress_step, job.progress_total = step, total
 
             statuses = {child.status for child in children}
             if children and statuses == {JobStatus.SUCCEEDED}:
@@ -252,19 +306,27 @@ class JobGraphs:
         self._move(parent, JobStatus.FAILED, fail_with_dict(error.to_dict()))
 
     def _start_composing(self, parent_id: str) -> None:
+        if self._compositions is not None:
+            self._compositions.request(parent_id)
+            return
         if parent_id in self._composing:
             return
-        task = asyncio.get_running_loop().create_task(self._compose(parent_id))
+        task = asyncio.get_running_loop().create_task(self.compose(parent_id))
         self._composing[parent_id] = task
         task.add_done_callback(lambda _: self._composing.pop(parent_id, None))
 
-    async def _compose(self, parent_id: str) -> None:
+    async def compose(self, parent_id: str) -> None:
+        """Joins the children's outputs into the parent's, and records how that went
+        (nothing is done unless the parent is running, its children all done)."""
         parent = self._store.get(parent_id)
+        if parent.status is not JobStatus.RUNNING:
+            return  # finished meanwhile (a fleet: composed already, or canceled)
         children = self._store.children(parent_id)
         output_dir = self._settings.job_dir(parent_id) / "outputs"
         started = time.monotonic()
         try:
             composer = self._composers[parent.kind]
+            await self._local_outputs(children)
             output_dir.mkdir(parents=True, exist_ok=True)
             outputs, info = await asyncio.to_thread(composer.compose, parent, children, output_dir)
             stored = []
@@ -284,18 +346,14 @@ class JobGraphs:
                     "service logs"
                 )
             )
-            async with self._lock(parent_id):
-                if self._store.get(parent_id).status is JobStatus.RUNNING:
-                    self._move(
-                        self._store.get(parent_id),
-                        JobStatus.FAILED,
-                        fail_with_dict(error.to_dict()),
-                    )
+            await self.fail_composition(parent_id, error)
             return
         info["compose_s"] = round(time.monotonic() - started, 3)
+        log.info("long video composed", job_id=parent_id, **info)
 
         def succeed(job: Job) -> None:
             job.finished_at = time.time()
+            job.held_by = self._held_by
             job.outputs = outputs
             job.stored_outputs = {obj.name: asdict(obj) for obj in stored}
             job.info = {**job.info, **info}
@@ -304,7 +362,26 @@ class JobGraphs:
         async with self._lock(parent_id):
             current = self._store.get(parent_id)
             if current.status is JobStatus.RUNNING:  # not canceled meanwhile
-                self._move(current, JobStatus.SUCCEEDED, succeed)
+                with contextlib.suppress(InvalidTransition):  # a fleet: ended elsewhere
+                    self._move(current, JobStatus.SUCCEEDED, succeed)
+
+    async def fail_composition(self, parent_id: str, error: ServiceError) -> None:
+        async with self._lock(parent_id):
+            current = self._store.get(parent_id)
+            if current.status is JobStatus.RUNNING:
+                with contextlib.suppress(InvalidTransition):  # ended elsewhere meanwhile
+                    self._move(current, JobStatus.FAILED, fail_with_dict(error.to_dict()))
+
+    async def _local_outputs(self, children: list[Job]) -> None:
+        """Every child's outputs on this machine (a fleet: fetched from the pods' store)."""
+        for index, child in enumerate(children):
+            missing = await self._runner.source.local_outputs(child.id, child.outputs)
+            if missing:
+                raise InputMissing(
+                    f"part {index} ({child.id}): its outputs {missing} are gone (deleted by "
+                    "retention); run the long video again",
+                    source_job=child.id,
+                )
 
     # --- helpers -----------------------------------------------------------------------
 

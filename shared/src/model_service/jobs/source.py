@@ -56,6 +56,14 @@ class JobSource(Protocol):
     async def local_inputs(self, job: Job) -> dict[str, Any]:
         """The job's prepared input, its files on this machine."""
 
+    async def share_outputs(self, job: Job, output_dir: Path, names: list[str]) -> None:
+        """Before a long video's part is recorded as succeeded: make the outputs the other
+        parts use reachable by whoever runs them."""
+
+    async def local_outputs(self, job_id: str, names: list[str]) -> list[str]:
+        """Puts `names` of `job_id`'s outputs in its outputs folder on this machine;
+        returns those that cannot be found."""
+
     async def ended(self, claim: Claim) -> None:
         """The job's end is recorded in the store: acknowledge it."""
 
@@ -113,6 +121,13 @@ class LocalSource:
 
     async def local_inputs(self, job: Job) -> dict[str, Any]:
         return dict(job.prepared_input)
+
+    async def share_outputs(self, job: Job, output_dir: Path, names: list[str]) -> None:
+        pass  # on this machine already
+
+    async def local_outputs(self, job_id: str, names: list[str]) -> list[str]:
+        output_dir = self._settings.job_dir(job_id) / "outputs"
+        return [name for name in names if not (output_dir / name).is_file()]
 
     async def ended(self, claim: Claim) -> None:
         pass

@@ -52,8 +52,8 @@ class ChainComposer:
             last = _last_decoded(video)
             info["handoff"] = "last frame decoded from the mp4 (lossy)"
         if parent.plan.get("colour_correction"):
-            reference = colour_stats(_rgb(Path(parent.plan["start_image"])))
-            start = colour_stats(_rgb(self._start_image(parent, child)))
+            reference = colour_stats(_rgb(Path(parent.prepared_input[self._image_field])))
+            start = colour_stats(_rgb(Path(child.prepared_input[self._image_field])))
             fit = fit_segment(
                 _frames(video),
                 reference,
@@ -87,13 +87,6 @@ class ChainComposer:
             transforms=transforms if any(transforms) else None,
         )
         return [VIDEO], _facts(result, len(children))
-
-    def _start_image(self, parent: Job, child: Job) -> Path:
-        source = child.inputs_from.get(self._image_field)
-        if source is None:
-            return Path(child.prepared_input[self._image_field])
-        job_id, _, name = source.partition("/")
-        return self._settings.job_dir(job_id) / "outputs" / name
 
     def _output(self, child: Job, name: str) -> Path:
         return self._settings.job_dir(child.id) / "outputs" / name

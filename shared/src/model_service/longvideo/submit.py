@@ -16,7 +16,7 @@ import secrets
 import shutil
 from typing import Any
 
-from model_service.errors import InvalidInput, NotInFleet, WrongJobState
+from model_service.errors import InvalidInput, WrongJobState
 from model_service.jobs.graph import JobGraphs
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
@@ -42,19 +42,11 @@ class LongVideoSubmitter:
         self._submitter = submitter
         self._graphs = graphs
 
-    def _refuse_in_fleet(self) -> None:
-        if self._settings.queue_url:
-            raise NotInFleet(
-                "long videos do not run on a fleet (QUEUE_URL) yet: their parts need each "
-                "other's files on one machine. Submit them to a pod started without QUEUE_URL"
-            )
-
     # --- chains ------------------------------------------------------------------------
 
     async def chain(
         self, body: dict[str, Any], job_id: str | None, base_url: str
     ) -> tuple[Job, bool]:
-        self._refuse_in_fleet()
         request = {
             k: body[k]
             for k in ("input", "segments", "interactive", "colour_correction", "colour_strength")
@@ -92,6 +84,7 @@ class LongVideoSubmitter:
             await self._submitter.materialize(
                 start_ref, "image", f"input.{image_field}", start_path
             )
+            await self._submitter.share_inputs(parent_id, start_path.parent)
             plan = {
                 "interactive": bool(body["interactive"]),
                 "finalize": False,
@@ -198,7 +191,6 @@ class LongVideoSubmitter:
     async def travel(
         self, body: dict[str, Any], job_id: str | None, base_url: str
     ) -> tuple[Job, bool]:
-        self._refuse_in_fleet()
         request = {k: body[k] for k in ("input", "images", "prompts", "overlap")}
         options = self._submitter.check_options(
             {"travel": request},
@@ -248,6 +240,7 @@ class LongVideoSubmitter:
                 path = inputs / f"image_{index}.png"
                 await self._submitter.materialize(ref, "image", f"images[{index}]", path)
                 paths.append(str(path.resolve()))
+            await self._submitter.share_inputs(parent_id, inputs)
             parent = Job(
                 id=parent_id,
                 status=JobStatus.QUEUED,
