@@ -388,6 +388,28 @@ def test_in_a_fleet_long_videos_run_across_pods(standin: StandinProcess, tmp_pat
                 ]
                 assert sum(composed) == 1, "the travel was stitched once, on one pod"
 
+                # interactive: made on one pod, grown and finalized through the other
+                job_id = on_a.post("/v1/chains", json=chain_body([{}], interactive=True)).json()[
+                    "id"
+                ]
+                wait_status(on_b, job_id, {"awaiting_input"})
+                added = on_b.post(f"/v1/chains/{job_id}/segments", json={"segments": [{}]})
+                assert added.status_code == 200, added.text
+                wait_status(on_a, job_id, {"awaiting_input"})
+                assert on_b.post(f"/v1/chains/{job_id}/finalize").status_code == 200
+                grown = finished(on_a, job_id)
+                assert grown["status"] == "succeeded", grown
+                assert len(frames_of(on_a, video_url(grown))) == 2 * FRAMES - 1
+
+                # a cancel sent to one pod stops every part, wherever it runs
+                job_id = on_a.post("/v1/chains", json=chain_body([{}, {}, {}])).json()["id"]
+                running = wait_status(on_b, f"{job_id}.0", {"running"})
+                assert running["status"] == "running"
+                assert on_b.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+                assert finished(on_a, job_id)["status"] == "canceled"
+                parts = [finished(on_a, f"{job_id}.{index}") for index in range(3)]
+                assert [part["status"] for part in parts] == ["canceled"] * 3
+
                 for backend in (standin, standin_b):
                     backend.configure(drift=0.12)
                 chain_id = on_b.post(

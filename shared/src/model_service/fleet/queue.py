@@ -37,6 +37,8 @@ from saq.utils import now
 
 FUNCTION = "run"  # saq names the work; our runner runs every job the same way
 SWEPT = "swept"  # saq's error on a job taken back from a dead worker
+# how long saq keeps a finished job's queue entry (the job's record is ours, in the store)
+FINISHED_TTL_S = 24 * 3600
 
 
 @dataclass
@@ -86,7 +88,7 @@ class FleetQueue:
             heartbeat=int(self._heartbeat_s) or 1,
             retries=self._max_attempts,
             retry_delay=self._retry_delay_s,
-            ttl=0,
+            ttl=FINISHED_TTL_S,
         )
         return queued is not None
 
