@@ -371,7 +371,7 @@ class JobRunner:
             if await self.source.local_outputs(source_id, [name]):
                 raise InputMissing(
                     f"input.{field_name}: output {name!r} of job {source_id} is gone "
-                    "(deleted by retention); retry the long video",
+                    "(deleted by retention); submit the long video again",
                     field=f"input.{field_name}",
                     source_job=source_id,
                 )

@@ -379,7 +379,7 @@ class JobGraphs:
             if missing:
                 raise InputMissing(
                     f"part {index} ({child.id}): its outputs {missing} are gone (deleted by "
-                    "retention); run the long video again",
+                    "retention); submit the long video again",
                     source_job=child.id,
                 )
 
