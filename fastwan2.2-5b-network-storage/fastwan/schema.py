@@ -30,10 +30,14 @@ class FastWanInput(BaseModel):
         None, description="Landscape or portrait 720p; or give width and height instead."
     )
     width: int | None = Field(
-        None, ge=64, le=1280, multiple_of=32, description="Multiple of 32 (default 1280)."
+        None,
+        ge=64,
+        le=1280,
+        multiple_of=32,
+        description="Default 1280; width x height at most 1280x720 pixels.",
     )
     height: int | None = Field(
-        None, ge=64, le=1280, multiple_of=32, description="Multiple of 32 (default 704)."
+        None, ge=64, le=1280, multiple_of=32, description="Default 704 (see width)."
     )
     num_frames: int = Field(
         121, ge=5, le=MAX_FRAMES, description="Frames, 4n+1 (121 = 5 s at 24 fps)."

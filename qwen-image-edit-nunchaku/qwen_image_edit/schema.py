@@ -48,7 +48,9 @@ class QwenEditInput(BaseModel):
     height: int | None = Field(
         None, ge=64, le=2048, multiple_of=16, description="Output height (see width)."
     )
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="File format of the images."
+    )
 
     @model_validator(mode="after")
     def _one_image_source(self) -> QwenEditInput:

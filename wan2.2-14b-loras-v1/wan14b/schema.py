@@ -68,10 +68,14 @@ class Wan14bInput(BaseModel):
         None, description="832x480, 480x832, 1280x720 or 720x1280; or give width and height."
     )
     width: int | None = Field(
-        None, ge=64, le=1280, multiple_of=16, description="Multiple of 16 (default 832)."
+        None,
+        ge=64,
+        le=1280,
+        multiple_of=16,
+        description="Default 832; width x height at most 1280x720 pixels.",
     )
     height: int | None = Field(
-        None, ge=64, le=1280, multiple_of=16, description="Multiple of 16 (default 480)."
+        None, ge=64, le=1280, multiple_of=16, description="Default 480 (see width)."
     )
     num_frames: int = Field(
         81, ge=5, le=MAX_FRAMES, description="Frames, 4n+1 (81 = 5 s at 16 fps)."
