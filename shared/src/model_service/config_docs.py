@@ -58,13 +58,13 @@ def input_table(model: type[BaseModel]) -> str:
 
 def _main_branch(field: dict[str, Any]) -> dict[str, Any]:
     """The non-null branch of an optional field."""
-    branches = [b for b in field.get("anyOf", []) if b.get("type") != "null"]
+    branches: list[dict[str, Any]] = [b for b in field.get("anyOf", []) if b.get("type") != "null"]
     return branches[0] if len(branches) == 1 else field
 
 
 def _type(branch: dict[str, Any], schema: dict[str, Any]) -> str:
     if "$ref" in branch:
-        return "object: " + branch["$ref"].rsplit("/", 1)[-1]
+        return "object: " + str(branch["$ref"]).rsplit("/", 1)[-1]
     if "enum" in branch:
         return "one of " + ", ".join(f"`{value}`" for value in branch["enum"])
     if "const" in branch:
