@@ -8,11 +8,12 @@ PROFILE ?= full
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: setup demo test serve bench lint docs clean redis
+.PHONY: setup demo test serve bench lint docs clean redis chromium
 
 setup: $(STAMP)
 
-$(STAMP): requirements-test.txt shared/pyproject.toml qwen-image-edit-nunchaku/pyproject.toml \
+$(STAMP): requirements-test.txt shared/pyproject.toml shared/client/pyproject.toml \
+		qwen-image-edit-nunchaku/pyproject.toml \
 		fastwan2.2-5b-network-storage/pyproject.toml wan2.2-14b-loras-v1/pyproject.toml \
 		infinite-talk-v1/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +24,13 @@ $(STAMP): requirements-test.txt shared/pyproject.toml qwen-image-edit-nunchaku/p
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup lint redis
+test: setup lint redis chromium
 	$(PY) -m pytest
+
+# Debian's chromium for the web console's browser tests (installed only when missing: root
+# or sudo); Playwright drives it, its own browser download is never used
+chromium:
+	scripts/chromium.sh
 
 # a real redis-server for the fleet tests (Debian's package, unpacked under build/redis)
 redis: build/redis/redis-server

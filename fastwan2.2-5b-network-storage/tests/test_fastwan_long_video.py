@@ -24,7 +24,13 @@ from fastwan.service import MANIFEST
 from model_service.comfy.standin import StandinProcess
 from model_service.comfy.standin_nodes import index_block, index_level
 from model_service.provision import Manifest
-from model_service.testing import RedisServer, ServiceProcess, wait_status
+from model_service.testing import (
+    RedisServer,
+    ServiceProcess,
+    browser_missing,
+    chromium,
+    wait_status,
+)
 from model_service.video.colour import colour_stats, drift
 
 REPO = Path(__file__).resolve().parents[2]
@@ -442,3 +448,48 @@ def test_in_a_fleet_long_videos_run_across_pods(standin: StandinProcess, tmp_pat
         finally:
             for pod in pods:
                 pod.stop()
+
+
+def test_console_builds_an_interactive_chain(
+    service: ServiceProcess, client: httpx.Client, tmp_path: Path
+) -> None:
+    """The web console in a real headless Chromium, on the real chain routes: start image
+    uploaded from the form, a chain made segment by segment, finalized, the video shown."""
+    missing = browser_missing()
+    if missing:
+        pytest.skip(missing)
+    gradient().save(tmp_path / "start.png")
+    with chromium() as browser:
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(service.url + "/")
+        page.get_by_test_id("field-prompt").fill("a boat")
+        page.get_by_test_id("field-start_image").set_input_files(tmp_path / "start.png")
+        for name, value in (("width", SIZE), ("height", SIZE), ("num_frames", FRAMES), ("fps", 8)):
+            page.get_by_test_id(f"field-{name}").fill(str(value))
+        page.get_by_test_id("mode-chain").check()
+        page.get_by_test_id("submit").click()
+        page.wait_for_selector("[data-testid=job][data-status=awaiting_input]")
+        chain_id = page.get_by_test_id("job-id").inner_text()
+
+        page.get_by_test_id("segment-prompt").fill("the boat sails away")
+        page.get_by_test_id("add-segment").click()
+        chain = client.get(f"/v1/jobs/{chain_id}").json()
+        deadline = time.monotonic() + 60
+        while not (chain["status"] == "awaiting_input" and len(chain["parts"]) == 2):
+            assert time.monotonic() < deadline, chain
+            time.sleep(0.2)
+            chain = client.get(f"/v1/jobs/{chain_id}").json()
+        page.get_by_test_id("finalize").click()
+        page.wait_for_selector("[data-testid=job][data-status=succeeded]")
+        page.locator("[data-testid=result] video").wait_for()
+        assert errors == []
+
+    chain = finished(client, chain_id)
+    assert chain["status"] == "succeeded", chain
+    assert chain["input"]["input"]["prompt"] == "a boat"
+    second = client.get(f"/v1/jobs/{chain['parts'][1]['id']}").json()
+    assert second["input"]["prompt"] == "the boat sails away"
+    assert len(frames_of(client, video_url(chain))) == 2 * FRAMES - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -10,13 +11,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from model_service.provision.manifest import ModelFile
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 
 def free_port() -> int:
@@ -229,3 +233,41 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Browser tests of the web console: Debian's chromium (`make chromium`) driven by Playwright
+# for Python (requirements-test.txt); Playwright's own browser download is never used.
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # tests run as root in containers
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here (they skip), or None."""
+    if not CHROMIUM.is_file():
+        return f"no {CHROMIUM}: run `make chromium` (or set CHROMIUM_PATH)"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed: pip install -r requirements-test.txt"
+    return None
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """A headless Chromium (the system's) under Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

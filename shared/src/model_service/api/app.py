@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI
 
 from model_service import gpu, retention
-from model_service.api import jobs, probes, uploads
+from model_service.api import console, jobs, probes, uploads
 from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
 from model_service.engine import Engine, WorkerEngine
@@ -210,6 +210,7 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
     app.include_router(probes.build_router(state))
     app.include_router(jobs.build_router(state))
     app.include_router(uploads.build_router(state))
+    app.include_router(console.build_router())  # the web console, GET /
     if state.graphs is not None:
         from model_service.longvideo import routes as long_video_routes
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_service.api.console import is_console_path
 from model_service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unauthorized
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
@@ -122,7 +123,8 @@ class ObserveMiddleware:
 
     def _refusal(self, request: Request) -> Response | None:
         path = request.url.path
-        if self.keys and path not in OPEN_PATHS and not _authorized(request, self.keys):
+        public = path in OPEN_PATHS or is_console_path(path)  # the page asks for the key
+        if self.keys and not public and not _authorized(request, self.keys):
             return error_response(
                 Unauthorized(
                     "missing or wrong API key; send `Authorization: Bearer <key>` with one "

@@ -1,0 +1,273 @@
+"""The asyncio clients: `AsyncClient` and `AsyncRunpodClient` (the same methods as the
+blocking ones, awaited)."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from model_service_client import _core
+from model_service_client._core import (
+    BearerAuth,
+    Job,
+    JobEvent,
+    JobPage,
+    ProgressCallback,
+    ServiceError,
+    Waiter,
+)
+
+
+class _AsyncBase:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, fleet: bool) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=base_url, auth=BearerAuth(api_key, base_url, fleet), timeout=timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = await self._http.request(method, url, **kwargs)
+        if response.is_error:
+            raise ServiceError.from_response(response)
+        return response
+
+    async def download(
+        self, job: Job | str, dest_dir: str | os.PathLike[str]
+    ) -> builtins.list[Path]:
+        """Writes each output of `job` (or of the job with this id) to `dest_dir`; returns
+        the files. Follows redirects (a fleet pod sends you to the pod that holds them)."""
+        if isinstance(job, str):
+            job = await self.get(job)
+        dest = Path(dest_dir)
+        paths = []
+        for output in job.outputs:
+            target = _core.output_target(dest, output.name)
+            if output.data is not None:
+                await asyncio.to_thread(_core.write_file, target, output.data)
+            elif output.url is not None:
+                await self._fetch(output.url, target)
+            else:
+                continue
+            paths.append(target)
+        return paths
+
+    async def get(self, job_id: str) -> Job:
+        raise NotImplementedError
+
+    async def _fetch(self, url: str, target: Path) -> None:
+        for _ in range(_core.MAX_REDIRECTS + 1):
+            async with self._http.stream("GET", url) as response:
+                next_url = _core.redirect_url(response)
+                if next_url is not None:
+                    url = next_url
+                    continue
+                if response.is_error:
+                    await response.aread()
+                    raise ServiceError.from_response(response)
+                part = _core.part_path(target)
+                try:
+                    with _core.open_part(target) as out:
+                        async for chunk in response.aiter_bytes():
+                            out.write(chunk)
+                except BaseException:
+                    part.unlink(missing_ok=True)
+                    raise
+                part.replace(target)
+                return
+        raise ServiceError(None, "too_many_redirects", f"more than {_core.MAX_REDIRECTS}: {url}")
+
+
+class AsyncClient(_AsyncBase):
+    """`Client`, for asyncio: the `/v1/jobs` API of a model service."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = _core.DEFAULT_TIMEOUT_S,
+    ) -> None:
+        url = _core.service_url(base_url)
+        super().__init__(url, _core.env_key(api_key, _core.KEY_ENV), timeout, fleet=True)
+
+    async def submit(
+        self,
+        input: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        wait_s: float = 0,
+    ) -> Job:
+        """Creates a job (`job_id`: your own id, PUT: repeating it is safe). `wait_s`
+        (at most 90): the answer waits that long for the job to finish."""
+        method, path, body, headers = _core.submit_request(input, job_id, webhook, wait_s)
+        response = await self._request(
+            method, path, json=body, headers=headers, timeout=self.timeout + wait_s
+        )
+        return Job.from_json(response.json())
+
+    async def get(self, job_id: str) -> Job:
+        return Job.from_json((await self._request("GET", _core.job_path(job_id))).json())
+
+    async def list(
+        self, status: str | None = None, limit: int = 50, cursor: int | None = None
+    ) -> JobPage:
+        """Jobs, newest first (`status`: only those)."""
+        params = _core.list_params(status, limit, cursor)
+        response = await self._request("GET", "/v1/jobs", params=params)
+        return _core.page_from_json(response.json())
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancels the job (a running one stops at its next step: `cancel_requested`)."""
+        response = await self._request("POST", _core.job_path(job_id, "/cancel"))
+        return Job.from_json(response.json())
+
+    async def retry(self, job_id: str) -> Job:
+        """Queues a failed or canceled job again (same id, input and seed)."""
+        response = await self._request("POST", _core.job_path(job_id, "/retry"))
+        return Job.from_json(response.json())
+
+    async def upload(
+        self, file: str | os.PathLike[str] | bytes, filename: str | None = None
+    ) -> str:
+        """Uploads a file (a path, or bytes); returns its id, usable as an input value."""
+        name, content, content_type = _core.upload_file(file, filename)
+        try:
+            files = {"file": (name, content, content_type)}
+            response = await self._request("POST", "/v1/uploads", files=files)
+            return str(response.json()["id"])
+        finally:
+            if not isinstance(content, bytes):
+                content.close()
+
+    def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's server-sent events (`status`, `progress`), until it is done."""
+        return self._events(job_id, httpx.Timeout(self.timeout, read=_core.STREAM_READ_S))
+
+    async def _events(self, job_id: str, timeout: httpx.Timeout) -> AsyncGenerator[JobEvent, None]:
+        path = _core.job_path(job_id, "/events")
+        async with aconnect_sse(self._http, "GET", path, timeout=timeout) as source:
+            if source.response.is_error:
+                await source.response.aread()
+                raise ServiceError.from_response(source.response)
+            async for event in source.aiter_sse():
+                if event.data:
+                    yield JobEvent(event.event, Job.from_json(event.json()))
+
+    async def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        *,
+        raise_on_failure: bool = False,
+        poll_s: float = 1.0,
+    ) -> Job:
+        """As `Client.wait`: the job once it is done (or awaits input)."""
+        waiter = Waiter(job_id, on_progress, timeout, raise_on_failure, poll_s)
+        while True:
+            try:
+                events = self._events(job_id, waiter.stream_timeout(self.timeout))
+                try:
+                    async for event in events:
+                        if waiter.seen(event.job):
+                            return event.job
+                finally:
+                    await events.aclose()
+                job = await self.get(job_id)  # the stream ended early
+                if waiter.seen(job):
+                    return job
+            except httpx.TransportError as exc:
+                waiter.unreachable(exc)
+            await asyncio.sleep(waiter.pause())
+
+
+class AsyncRunpodClient(_AsyncBase):
+    """`RunpodClient`, for asyncio: a RunPod serverless endpoint running a model service."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str | None = None,
+        timeout: float = _core.DEFAULT_TIMEOUT_S,
+    ) -> None:
+        url = _core.runpod_url(endpoint)
+        super().__init__(url, _core.env_key(api_key, _core.RUNPOD_KEY_ENV), timeout, fleet=False)
+        self._status_method = "GET"  # RunPod's; the dev server answers POST only
+
+    async def submit(
+        self, input: dict[str, Any], *, webhook: str | None = None, wait_s: float = 0
+    ) -> Job:
+        """`/run`; with `wait_s`, `/runsync` waiting up to that long (1 to 300 s)."""
+        body: dict[str, Any] = {"input": input}
+        if webhook is not None:
+            body["webhook"] = webhook
+        if wait_s <= 0:
+            return Job.from_runpod((await self._request("POST", "/run", json=body)).json())
+        wait_ms = min(max(1000, round(wait_s * 1000)), 300_000)
+        response = await self._request(
+            "POST",
+            "/runsync",
+            json=body,
+            params={"wait": wait_ms},
+            timeout=self.timeout + wait_ms / 1000,
+        )
+        return Job.from_runpod(response.json())
+
+    async def get(self, job_id: str) -> Job:
+        path = f"/status/{quote(job_id, safe='')}"
+        response = await self._http.request(self._status_method, path)
+        if response.status_code == 405 and self._status_method == "GET":
+            self._status_method = "POST"
+            response = await self._http.request("POST", path)
+        if response.is_error:
+            raise ServiceError.from_response(response)
+        return Job.from_runpod(response.json())
+
+    async def cancel(self, job_id: str) -> Job:
+        response = await self._request("POST", f"/cancel/{quote(job_id, safe='')}")
+        return Job.from_runpod(response.json())
+
+    async def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        *,
+        raise_on_failure: bool = False,
+        poll_s: float = 1.0,
+    ) -> Job:
+        """Polls `/status` until the job is done; as `Client.wait`."""
+        waiter = Waiter(job_id, on_progress, timeout, raise_on_failure, poll_s)
+        while True:
+            try:
+                job = await self.get(job_id)
+            except httpx.TransportError as exc:
+                waiter.unreachable(exc)
+            else:
+                if waiter.seen(job):
+                    return job
+            await asyncio.sleep(waiter.pause())

@@ -1,0 +1,271 @@
+"""The blocking clients: `Client` (the service's `/v1/jobs` API) and `RunpodClient`."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import time
+from collections.abc import Generator, Iterator
+from contextlib import closing
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+from httpx_sse import connect_sse
+
+from model_service_client import _core
+from model_service_client._core import (
+    BearerAuth,
+    Job,
+    JobEvent,
+    JobPage,
+    ProgressCallback,
+    ServiceError,
+    Waiter,
+)
+
+
+class _Base:
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, fleet: bool) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self._http = httpx.Client(
+            base_url=base_url, auth=BearerAuth(api_key, base_url, fleet), timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, url, **kwargs)
+        if response.is_error:
+            raise ServiceError.from_response(response)
+        return response
+
+    def download(self, job: Job | str, dest_dir: str | os.PathLike[str]) -> builtins.list[Path]:
+        """Writes each output of `job` (or of the job with this id) to `dest_dir`; returns
+        the files. Follows redirects (a fleet pod sends you to the pod that holds them)."""
+        if isinstance(job, str):
+            job = self.get(job)
+        dest = Path(dest_dir)
+        paths = []
+        for output in job.outputs:
+            target = _core.output_target(dest, output.name)
+            if output.data is not None:
+                _core.write_file(target, output.data)
+            elif output.url is not None:
+                self._fetch(output.url, target)
+            else:
+                continue
+            paths.append(target)
+        return paths
+
+    def get(self, job_id: str) -> Job:
+        raise NotImplementedError
+
+    def _fetch(self, url: str, target: Path) -> None:
+        for _ in range(_core.MAX_REDIRECTS + 1):
+            with self._http.stream("GET", url) as response:
+                next_url = _core.redirect_url(response)
+                if next_url is not None:
+                    url = next_url
+                    continue
+                if response.is_error:
+                    response.read()
+                    raise ServiceError.from_response(response)
+                part = _core.part_path(target)
+                try:
+                    with _core.open_part(target) as out:
+                        for chunk in response.iter_bytes():
+                            out.write(chunk)
+                except BaseException:
+                    part.unlink(missing_ok=True)
+                    raise
+                part.replace(target)
+                return
+        raise ServiceError(None, "too_many_redirects", f"more than {_core.MAX_REDIRECTS}: {url}")
+
+
+class Client(_Base):
+    """The `/v1/jobs` API of a model service. `base_url` and `api_key` default to
+    MODEL_SERVICE_URL and MODEL_SERVICE_API_KEY. Every error answer raises
+    `ServiceError`; network failures raise httpx's `TransportError`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = _core.DEFAULT_TIMEOUT_S,
+    ) -> None:
+        url = _core.service_url(base_url)
+        super().__init__(url, _core.env_key(api_key, _core.KEY_ENV), timeout, fleet=True)
+
+    def submit(
+        self,
+        input: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        wait_s: float = 0,
+    ) -> Job:
+        """Creates a job (`job_id`: your own id, PUT: repeating it is safe). `wait_s`
+        (at most 90): the answer waits that long for the job to finish."""
+        method, path, body, headers = _core.submit_request(input, job_id, webhook, wait_s)
+        response = self._request(
+            method, path, json=body, headers=headers, timeout=self.timeout + wait_s
+        )
+        return Job.from_json(response.json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.from_json(self._request("GET", _core.job_path(job_id)).json())
+
+    def list(
+        self, status: str | None = None, limit: int = 50, cursor: int | None = None
+    ) -> JobPage:
+        """Jobs, newest first (`status`: only those)."""
+        params = _core.list_params(status, limit, cursor)
+        return _core.page_from_json(self._request("GET", "/v1/jobs", params=params).json())
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancels the job (a running one stops at its next step: `cancel_requested`)."""
+        return Job.from_json(self._request("POST", _core.job_path(job_id, "/cancel")).json())
+
+    def retry(self, job_id: str) -> Job:
+        """Queues a failed or canceled job again (same id, input and seed)."""
+        return Job.from_json(self._request("POST", _core.job_path(job_id, "/retry")).json())
+
+    def upload(self, file: str | os.PathLike[str] | bytes, filename: str | None = None) -> str:
+        """Uploads a file (a path, or bytes); returns its id, usable as an input value."""
+        name, content, content_type = _core.upload_file(file, filename)
+        try:
+            files = {"file": (name, content, content_type)}
+            return str(self._request("POST", "/v1/uploads", files=files).json()["id"])
+        finally:
+            if not isinstance(content, bytes):
+                content.close()
+
+    def events(self, job_id: str) -> Iterator[JobEvent]:
+        """The job's server-sent events (`status`, `progress`), until it is done."""
+        return self._events(job_id, httpx.Timeout(self.timeout, read=_core.STREAM_READ_S))
+
+    def _events(self, job_id: str, timeout: httpx.Timeout) -> Generator[JobEvent, None, None]:
+        path = _core.job_path(job_id, "/events")
+        with connect_sse(self._http, "GET", path, timeout=timeout) as source:
+            if source.response.is_error:
+                source.response.read()
+                raise ServiceError.from_response(source.response)
+            for event in source.iter_sse():
+                if event.data:
+                    yield JobEvent(event.event, Job.from_json(event.json()))
+
+    def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        *,
+        raise_on_failure: bool = False,
+        poll_s: float = 1.0,
+    ) -> Job:
+        """The job once it is done (or awaits input), following its events and polling
+        when the stream drops. `on_progress(job)` is called on each event. Raises
+        `TimeoutError` after `timeout` s, and `JobFailed` for a failed job if
+        `raise_on_failure`."""
+        waiter = Waiter(job_id, on_progress, timeout, raise_on_failure, poll_s)
+        while True:
+            try:
+                events = self._events(job_id, waiter.stream_timeout(self.timeout))
+                with closing(events):
+                    for event in events:
+                        if waiter.seen(event.job):
+                            return event.job
+                job = self.get(job_id)  # the stream ended early
+                if waiter.seen(job):
+                    return job
+            except httpx.TransportError as exc:
+                waiter.unreachable(exc)
+            time.sleep(waiter.pause())
+
+
+class RunpodClient(_Base):
+    """A RunPod serverless endpoint running a model service (MODE=serverless): `/run`,
+    `/runsync`, `/status`, `/cancel`. `endpoint`: its id, or a full URL (the SDK's local
+    dev server, `--rp_serve_api`, which has no `/cancel` and runs a job during its first
+    `/status` request: give it a `timeout` longer than the job). `api_key` defaults to
+    RUNPOD_API_KEY."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str | None = None,
+        timeout: float = _core.DEFAULT_TIMEOUT_S,
+    ) -> None:
+        url = _core.runpod_url(endpoint)
+        super().__init__(url, _core.env_key(api_key, _core.RUNPOD_KEY_ENV), timeout, fleet=False)
+        self._status_method = "GET"  # RunPod's; the dev server answers POST only
+
+    def submit(
+        self, input: dict[str, Any], *, webhook: str | None = None, wait_s: float = 0
+    ) -> Job:
+        """`/run`; with `wait_s`, `/runsync` waiting up to that long (1 to 300 s)."""
+        body: dict[str, Any] = {"input": input}
+        if webhook is not None:
+            body["webhook"] = webhook
+        if wait_s <= 0:
+            return Job.from_runpod(self._request("POST", "/run", json=body).json())
+        wait_ms = min(max(1000, round(wait_s * 1000)), 300_000)
+        response = self._request(
+            "POST",
+            "/runsync",
+            json=body,
+            params={"wait": wait_ms},
+            timeout=self.timeout + wait_ms / 1000,
+        )
+        return Job.from_runpod(response.json())
+
+    def get(self, job_id: str) -> Job:
+        path = f"/status/{quote(job_id, safe='')}"
+        response = self._http.request(self._status_method, path)
+        if response.status_code == 405 and self._status_method == "GET":
+            self._status_method = "POST"
+            response = self._http.request("POST", path)
+        if response.is_error:
+            raise ServiceError.from_response(response)
+        return Job.from_runpod(response.json())
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_runpod(self._request("POST", f"/cancel/{quote(job_id, safe='')}").json())
+
+    def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        *,
+        raise_on_failure: bool = False,
+        poll_s: float = 1.0,
+    ) -> Job:
+        """Polls `/status` until the job is done; as `Client.wait`."""
+        waiter = Waiter(job_id, on_progress, timeout, raise_on_failure, poll_s)
+        while True:
+            try:
+                job = self.get(job_id)
+            except httpx.TransportError as exc:
+                waiter.unreachable(exc)
+            else:
+                if waiter.seen(job):
+                    return job
+            time.sleep(waiter.pause())

@@ -1,0 +1,238 @@
+"""`msc`: a model service's job API from the command line.
+
+JSON goes to stdout, progress bars and errors to stderr. An error prints the API's code and
+message on one line and exits 1; so does a job that failed or was canceled (`--wait`,
+`wait`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from model_service_client._core import KEY_ENV, URL_ENV, Job, ServiceError
+from model_service_client._sync import Client
+
+app = typer.Typer(
+    name="msc",
+    help="Submit, follow and download a model service's jobs (its /v1/jobs API).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class _Options:
+    url: str | None
+    key: str | None
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", envvar=URL_ENV, help="The service, e.g. http://127.0.0.1:8000"),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", envvar=KEY_ENV, help="API key (one of the service's API_KEYS)"),
+    ] = None,
+) -> None:
+    ctx.obj = _Options(url, key)
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    input: Annotated[str, typer.Argument(help="The job's input: a JSON object")] = "{}",
+    file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="KEY=PATH: upload PATH and put its upload id in the input under KEY "
+            "(KEY[]=PATH: appended to a list). Repeatable.",
+        ),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job, with a progress bar")] = (
+        False
+    ),
+    job_id: Annotated[
+        str | None, typer.Option("--id", help="Your own job id (repeating it is safe)")
+    ] = None,
+) -> None:
+    """Create a job; print it as JSON."""
+    try:
+        data = json.loads(input)
+    except ValueError as exc:
+        _fail(f"the input is not JSON: {exc}")
+    if not isinstance(data, dict):
+        _fail("the input must be a JSON object")
+    files = [_file_option(option) for option in file or []]
+    with _client(ctx) as client:
+        for key, path in files:
+            upload_id = client.upload(path)
+            if key.endswith("[]"):
+                values = data.setdefault(key[:-2], [])
+                if not isinstance(values, list):
+                    _fail(f"--file {key}=...: input {key[:-2]!r} is not a list")
+                values.append(upload_id)
+            else:
+                data[key] = upload_id
+        job = client.submit(data, job_id=job_id)
+        if wait:
+            job = _follow(client, job.id)
+    _print_job(job)
+
+
+@app.command()
+def wait(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id")]) -> None:
+    """Follow a job with a progress bar until it is done; print it as JSON."""
+    with _client(ctx) as client:
+        job = _follow(client, job_id)
+    _print_job(job)
+
+
+@app.command()
+def get(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id")]) -> None:
+    """Print a job as JSON."""
+    with _client(ctx) as client:
+        job = client.get(job_id)
+    out.print_json(data=job.raw)
+
+
+@app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option("--status", help="Only jobs in this status")] = (
+        None
+    ),
+    limit: Annotated[int, typer.Option("--limit", help="At most this many (1 to 200)")] = 50,
+    cursor: Annotated[
+        int | None, typer.Option("--cursor", help="The next page (printed below a page)")
+    ] = None,
+) -> None:
+    """List jobs, newest first, as a table."""
+    with _client(ctx) as client:
+        page = client.list(status=status, limit=limit, cursor=cursor)
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("done", justify="right", no_wrap=True)
+    table.add_column("queued (UTC)", no_wrap=True)
+    table.add_column("error", overflow="fold", min_width=5)
+    for job in page.jobs:
+        queued = str(job.raw.get("timings", {}).get("queued_at", ""))[5:19].replace("T", " ")
+        error = (job.error or {}).get("code", "")
+        table.add_row(job.id, job.status, f"{job.progress:.0%}", queued, str(error))
+    out.print(table)
+    if page.next_cursor is not None:
+        out.print(f"more: --cursor {page.next_cursor}", highlight=False)
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id")]) -> None:
+    """Cancel a job (a running one stops at its next step)."""
+    with _client(ctx) as client:
+        job = client.cancel(job_id)
+    requested = " (cancel requested)" if job.raw.get("cancel_requested") and not job.done else ""
+    out.print(f"{job.id}: {job.status}{requested}", highlight=False, markup=False)
+
+
+@app.command()
+def retry(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id")]) -> None:
+    """Run a failed or canceled job again."""
+    with _client(ctx) as client:
+        job = client.retry(job_id)
+    out.print(f"{job.id}: {job.status}", highlight=False, markup=False)
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The job's id")],
+    dest: Annotated[Path, typer.Option("--out", "-o", help="Folder to write to")] = Path("."),
+) -> None:
+    """Download a job's outputs; print the files written."""
+    with _client(ctx) as client:
+        job = client.get(job_id)
+        if not job.outputs:
+            _fail(f"job {job.id} is {job.status} and has no outputs")
+        paths = client.download(job, dest)
+    for path in paths:
+        out.print(str(path), highlight=False, markup=False)
+
+
+@contextmanager
+def _client(ctx: typer.Context) -> Iterator[Client]:
+    """A client from the global options; API and network errors end the command."""
+    options: _Options = ctx.obj
+    try:
+        client = Client(options.url, options.key)
+    except ValueError as exc:
+        _fail(f"{exc} (or give --url)")
+    try:
+        with client:
+            yield client
+    except ServiceError as exc:
+        status = f" (HTTP {exc.status_code})" if exc.status_code else ""
+        _fail(f"{exc.code}{status}: {exc.message}")
+    except httpx.TransportError as exc:
+        _fail(f"cannot reach {client.base_url}: {str(exc) or type(exc).__name__}")
+    except OSError as exc:
+        _fail(str(exc))
+
+
+def _follow(client: Client, job_id: str) -> Job:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(job_id, total=1.0)
+
+        def show(job: Job) -> None:
+            bar.update(task, completed=job.progress, description=f"{job.id} {job.status}")
+
+        return client.wait(job_id, on_progress=show)
+
+
+def _print_job(job: Job) -> None:
+    """The job as JSON; a failed or canceled job then ends the command with exit 1."""
+    out.print_json(data=job.raw)
+    if job.status == "failed":
+        error: dict[str, Any] = job.error or {}
+        _fail(f"job {job.id} failed: {error.get('code')}: {error.get('message')}")
+    if job.status == "canceled":
+        _fail(f"job {job.id} was canceled")
+
+
+def _file_option(option: str) -> tuple[str, Path]:
+    key, sep, path = option.partition("=")
+    if not sep or not key or key == "[]" or not path:
+        _fail(f"--file wants KEY=PATH, not {option!r}")
+    if not Path(path).is_file():
+        _fail(f"--file {key}: no such file: {path}")
+    return key, Path(path)
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"error: {message}", highlight=False, markup=False)
+    raise typer.Exit(1)

@@ -1,0 +1,307 @@
+"""The web console: served without a key, built from GET /v1/service's description of
+the input; driven in a real headless Chromium against the echo service."""
+
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+import pytest
+from pydantic import BaseModel, Field
+
+from model_service.api.console import CONSOLE_DIR, CONSOLE_FILES, describe_input
+from model_service.longvideo.spec import LongVideoSpec
+from model_service.media_refs import AudioRef, ImageRef
+from model_service.service import ServiceSpec
+from model_service.testing import ServiceProcess, browser_missing, chromium
+
+KEY = "console-key"
+
+
+def test_console_is_public_and_the_service_describes_its_input(start_service) -> None:
+    service = start_service(env={"API_KEYS": KEY})
+    with httpx.Client(base_url=service.url) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert 'src="console/console.js"' in page.text
+        for name, kind in [("console.js", "text/javascript"), ("console.css", "text/css")]:
+            response = client.get(f"/console/{name}")
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith(kind)
+            assert response.content == (CONSOLE_DIR / name).read_bytes()
+        assert client.get("/console/index.html").status_code == 404, "only the listed files"
+        assert client.get("/console/%2e%2e%2fapi%2fapp.py").status_code == 404
+        for path in ("/v1/service", "/v1/jobs", "/docs"):
+            assert client.get(path).status_code == 401, path
+        info = client.get("/v1/service", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert (info["name"], info["title"], info["ready"]) == ("echo", "Echo (test fixture)", True)
+    assert info["media"] == {"image": "image"}
+    assert info["long_video"] is None
+    schema = info["input_schema"]
+    assert schema["title"] == "EchoInput"
+    assert schema["properties"]["steps"] == {
+        "default": 2,
+        "maximum": 1000,
+        "minimum": 1,
+        "title": "Steps",
+        "type": "integer",
+    }
+    assert "ok" in schema["properties"]["behaviour"]["enum"]
+
+
+def test_every_console_file_is_served_and_in_the_package() -> None:
+    names = {path.name for path in CONSOLE_DIR.iterdir()}
+    assert names == {"index.html", *CONSOLE_FILES}
+    pyproject = Path(__file__).parents[1] / "pyproject.toml"
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    for name in names:
+        assert any(fnmatch(f"console/{name}", glob) for glob in globs["model_service"]), name
+
+
+class Lora(BaseModel):
+    source: str = Field(..., description="Where the LoRA is.")
+    strength: float = 1.0
+
+
+class VideoInput(BaseModel):
+    prompt: str
+    start_image: ImageRef | None = None
+    end_image: ImageRef | None = None
+    voice: AudioRef | None = None
+    references: list[ImageRef] = Field(default_factory=list)
+    num_frames: int = 81
+    loras: list[Lora] = Field(default_factory=list)
+    mode: Literal["a", "b"] = "a"
+
+
+VIDEO_SPEC = ServiceSpec(
+    name="video",
+    title="Video",
+    version="1",
+    description="",
+    default_port=1,
+    input_model=VideoInput,
+    predictor="x:Y",
+    min_vram_gb=0,
+    long_video=LongVideoSpec(image_field="start_image", end_image_field="end_image"),
+)
+
+
+def test_the_description_names_file_fields_lists_and_long_videos() -> None:
+    described = describe_input(VIDEO_SPEC)
+    assert described.media == {
+        "start_image": "image",
+        "end_image": "image",
+        "voice": "audio",
+        "references": "image",
+    }
+    assert described.long_video is not None
+    assert described.long_video.model_dump() == {
+        "chains": True,
+        "travels": True,
+        "image_field": "start_image",
+        "end_image_field": "end_image",
+        "frames_field": "num_frames",
+        "segment_fields": ["prompt", "num_frames", "loras"],  # those the input has
+    }
+    loras = described.input_schema["properties"]["loras"]
+    assert loras["items"] == {"$ref": "#/$defs/Lora"}
+    assert described.input_schema["$defs"]["Lora"]["required"] == ["source"]
+    echo_like = ServiceSpec(**{**VIDEO_SPEC.__dict__, "long_video": None})
+    assert describe_input(echo_like).long_video is None
+
+
+# --- in a real browser ------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator["Browser"]:
+    missing = browser_missing()
+    if missing:
+        pytest.skip(missing)
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def page(browser: "Browser") -> Iterator["Page"]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert errors == [], "uncaught errors in the page's script"
+
+
+def enter_key(page: "Page", service: ServiceProcess) -> None:
+    page.goto(service.url + "/")
+    page.get_by_test_id("api-key").fill(KEY)
+    page.get_by_test_id("key-save").click()
+    page.wait_for_selector("[data-testid=field-text]")
+
+
+def test_key_form_failed_job_cancel_and_retry_in_the_browser(start_service, page) -> None:
+    service = start_service(env={"API_KEYS": KEY})
+    page.goto(service.url + "/")
+    assert page.get_by_test_id("key-box").is_visible(), "the service answered 401"
+    page.get_by_test_id("api-key").fill("wrong")
+    page.get_by_test_id("key-save").click()
+    page.wait_for_selector("#key-note:has-text('refused')")
+    enter_key(page, service)
+    assert page.title() == "Echo (test fixture) · console"
+    assert not page.get_by_test_id("key-box").is_visible()
+    # the form follows the schema: enum -> select, integer -> number with its bounds
+    steps = page.get_by_test_id("field-steps")
+    assert (steps.get_attribute("type"), steps.get_attribute("min")) == ("number", "1")
+    assert steps.input_value() == "2"
+    assert page.get_by_test_id("field-behaviour").evaluate("e => e.tagName") == "SELECT"
+    assert page.get_by_test_id("field-image").get_attribute("accept") == "image/*"
+    assert not page.locator("#mode").is_visible(), "no long videos"
+
+    # a job that fails: its error code and message
+    page.get_by_test_id("field-behaviour").select_option(label="error")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job][data-status=failed]")
+    error = page.get_by_test_id("job-error")
+    assert error.get_by_test_id("error-code").inner_text() == "model_error"
+    assert error.get_by_test_id("error-message").inner_text()
+    failed_id = page.get_by_test_id("job-id").inner_text()
+    page.wait_for_selector(f"tr[data-job-id='{failed_id}'][data-status=failed]")
+
+    # a long job, canceled while it runs, then retried from the history
+    page.get_by_test_id("field-behaviour").select_option(label="ok")
+    page.get_by_test_id("field-steps").fill("200")
+    page.get_by_test_id("field-step_s").fill("0.05")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job][data-status=running]")
+    page.wait_for_function(
+        "document.querySelector('#job-progress').value > 0"
+    )  # live progress over the event stream
+    assert page.get_by_test_id("job").get_attribute("data-watch") == "events"
+    page.get_by_test_id("job").get_by_test_id("cancel").click()
+    page.wait_for_selector("[data-testid=job][data-status=canceled]")
+    job_id = page.get_by_test_id("job-id").inner_text()
+    page.wait_for_selector(f"tr[data-job-id='{job_id}'][data-status=canceled]")
+    page.locator(f"tr[data-job-id='{job_id}']").get_by_test_id("retry").click()
+    page.wait_for_selector(f"[data-testid=job][data-status=running] >> text={job_id}")
+    page.get_by_test_id("job").get_by_test_id("cancel").click()
+    page.wait_for_selector("[data-testid=job][data-status=canceled]")
+
+    # clicking a row shows that job
+    page.locator(f"tr[data-job-id='{failed_id}']").click()
+    page.wait_for_selector(f"[data-testid=job-id]:text-is('{failed_id}')")
+    assert page.get_by_test_id("job").get_attribute("data-status") == "failed"
+
+
+def test_polling_when_the_event_stream_fails(start_service, page) -> None:
+    service = start_service()  # no API_KEYS: no key box
+    page.route(re.compile(r".*/events$"), lambda route: route.abort())
+    page.goto(service.url + "/")
+    page.wait_for_selector("[data-testid=field-text]")
+    assert not page.get_by_test_id("key-box").is_visible()
+    page.get_by_test_id("field-steps").fill("10")
+    page.get_by_test_id("field-step_s").fill("0.2")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job][data-watch=polling]")
+    page.wait_for_selector("[data-testid=job][data-status=succeeded]", timeout=30_000)
+    assert page.get_by_test_id("job-progress-text").inner_text().startswith("step 10 / 10")
+    image = page.get_by_test_id("result").locator("img")
+    image.wait_for()
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=image.element_handle()
+    )
+
+
+def test_long_video_chain_controls(start_service, page) -> None:
+    """The chain UI against the echo service with the long-video routes mocked in the page
+    (the echo service has none; the real routes are tested with the video services)."""
+    service = start_service()
+    seen: list[tuple[str, Any]] = []
+    chain: dict[str, Any] = {"status": "awaiting_input", "parts": 1}
+
+    def job() -> dict[str, Any]:
+        part = {"status": "succeeded", "progress": 1.0, "seed": 1, "video": None, "error": None}
+        parts = [{**part, "id": f"p{i}", "index": i} for i in range(chain["parts"])]
+        return {**chain["record"], "kind": "chain", "status": chain["status"], "parts": parts}
+
+    def service_info(route) -> None:
+        info = route.fetch().json()
+        info["long_video"] = {
+            "chains": True,
+            "travels": True,
+            "image_field": "image",
+            "end_image_field": None,
+            "frames_field": "steps",
+            "segment_fields": ["prompt"],
+        }
+        route.fulfill(json=info)
+
+    def create_chain(route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        seen.append(("create", body))
+        # a real job record as the template (its id, timings, links)
+        chain["record"] = httpx.post(service.url + "/v1/jobs", json={"input": {}}).json()
+        route.fulfill(status=202, json=job())
+
+    def events(route) -> None:  # one event, then the stream ends: the page polls
+        route.fulfill(
+            status=200,
+            headers={"content-type": "text/event-stream"},
+            body=f": ping\n\nevent: status\ndata: {json.dumps(job())}\n\n",
+        )
+
+    def get_job(route) -> None:
+        if route.request.url.endswith("/" + chain["record"]["id"]):
+            route.fulfill(json=job())
+        else:
+            route.fallback()
+
+    def segments(route) -> None:
+        seen.append(("segments", json.loads(route.request.post_data or "{}")))
+        chain["parts"] = 2
+        route.fulfill(json=job())
+
+    def finalize(route) -> None:
+        seen.append(("finalize", None))
+        chain["status"] = "succeeded"
+        route.fulfill(json=job())
+
+    page.route("**/v1/service", service_info)
+    page.route("**/v1/chains", create_chain)
+    page.route(re.compile(r".*/v1/jobs/[^/?]+$"), get_job)
+    page.route(re.compile(r".*/v1/jobs/[^/]+/events$"), events)
+    page.route("**/v1/chains/*/segments", segments)
+    page.route("**/v1/chains/*/finalize", finalize)
+    page.goto(service.url + "/")
+    page.wait_for_selector("[data-testid=field-text]")
+    page.get_by_test_id("mode-chain").check()
+    page.get_by_test_id("field-text").fill("a cat")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=chain-controls]:visible")
+    assert seen[0] == (
+        "create",
+        {
+            "input": {"text": "a cat", "steps": 2, "step_s": 0, "behaviour": "ok"},
+            "segments": [{}],
+            "interactive": True,
+        },
+    )
+    page.get_by_test_id("segment-prompt").fill("the cat jumps")
+    page.get_by_test_id("add-segment").click()
+    page.wait_for_selector("[data-testid=job-parts] li >> nth=1")
+    assert seen[1] == ("segments", {"segments": [{"prompt": "the cat jumps"}]})
+    assert page.get_by_test_id("segment-prompt").input_value() == ""
+    page.get_by_test_id("finalize").click()
+    page.wait_for_selector("[data-testid=job][data-status=succeeded]")
+    assert seen[2] == ("finalize", None)
+    assert not page.get_by_test_id("chain-controls").is_visible()
