@@ -2,9 +2,11 @@
 measured in the same run.
 
 1. Wrapper overhead: one FastWan job through our API (`POST /v1/jobs` with
-   `Prefer: wait=60`, then `GET` of the mp4), against the same graph sent to the same
-   ComfyUI directly (websocket with a client id, `POST /prompt`, wait for `executing`
-   with `node: null`, `GET /history/{id}`, `GET /view` of the mp4). The two sides
+   `Prefer: wait=60`, then `GET` of the mp4), and a weight-free workflow (EmptyImage ->
+   ImageInvert -> SaveImage) sent as a custom workflow (ALLOW_CUSTOM_WORKFLOWS), each
+   against the same graph sent to the same ComfyUI directly (websocket with a client
+   id, `POST /prompt`, wait for `executing` with `node: null`, `GET /history/{id}`,
+   `GET /view` of the output). The two sides
    alternate run by run, each with its own seed, so ComfyUI's cache never answers for
    the sampler. Backends: the stand-in ComfyUI (always; its model nodes are fakes, so
    the run is almost all protocol), and, with `COMFYUI_TEST_DIR` (+ `COMFYUI_TEST_PYTHON`),
@@ -108,10 +110,9 @@ async def direct_run(session: aiohttp.ClientSession, url: str, graph: dict[str, 
     return elapsed
 
 
-async def api_run(session: aiohttp.ClientSession, url: str, seed: int) -> float:
-    """What a client of our API does: one request that waits, then fetch the mp4."""
+async def api_run(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> float:
+    """What a client of our API does: one request that waits, then fetch the output."""
     started = time.perf_counter()
-    body = {"input": {**JOB_INPUT, "seed": seed}}
     async with session.post(url + "/v1/jobs", json=body, headers={"Prefer": "wait=60"}) as r:
         job = await r.json()
     if job.get("status") != "succeeded":
@@ -122,32 +123,59 @@ async def api_run(session: aiohttp.ClientSession, url: str, seed: int) -> float:
     return time.perf_counter() - started
 
 
+def fastwan_pair(i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Our typed FastWan job, and the graph it becomes, each with its own seed."""
+    seed = 1000 + i
+    values = {
+        **JOB_INPUT,
+        "seed": seed,
+        "negative_prompt": "",
+        "steps": 3,
+        "cfg": 1.0,
+        "shift": 5.0,
+        "fps": 24,
+        "start_image": None,
+    }
+    return {"input": {**JOB_INPUT, "seed": seed}}, TI2V.build(values, tag=f"direct{i}")
+
+
+def weight_free_pair(i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same weight-free graph as a custom workflow and sent directly (its own colour
+    each run: never served from ComfyUI's cache)."""
+
+    def graph(prefix: str) -> dict[str, Any]:
+        empty = {"width": 64, "height": 64, "batch_size": 1, "color": 1000 + i}
+        return {
+            "1": {"class_type": "EmptyImage", "inputs": empty},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["2", 0], "filename_prefix": prefix},
+            },
+        }
+
+    return {"input": {"workflow": graph("bench")}}, graph(f"direct{i}")
+
+
 async def overhead(
-    service: ServiceProcess, comfy_url: str, warmup: int, repeats: int
+    service: ServiceProcess,
+    comfy_url: str,
+    warmup: int,
+    repeats: int,
+    pair: Any = fastwan_pair,
 ) -> dict[str, Any]:
     ours: list[float] = []
     theirs: list[float] = []
     async with aiohttp.ClientSession() as session:  # the same client library for both
         for i in range(warmup + repeats):
-            seed = 1000 + i
-            values = {
-                **JOB_INPUT,
-                "seed": seed,
-                "negative_prompt": "",
-                "steps": 3,
-                "cfg": 1.0,
-                "shift": 5.0,
-                "fps": 24,
-                "start_image": None,
-            }
-            graph = TI2V.build(values, tag=f"direct{i}")
+            body, graph = pair(i)
             first_ours = i % 2 == 0
             if first_ours:
-                a = await api_run(session, service.url, seed)
+                a = await api_run(session, service.url, body)
                 b = await direct_run(session, comfy_url, graph)
             else:
                 b = await direct_run(session, comfy_url, graph)
-                a = await api_run(session, service.url, seed)
+                a = await api_run(session, service.url, body)
             if i >= warmup:
                 ours.append(a)
                 theirs.append(b)
@@ -167,13 +195,13 @@ async def overhead(
     }
 
 
-def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> dict[str, Any] | None:
-    env: dict[str, str] = {"CANCEL_GRACE_S": "5"}
+def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    env: dict[str, str] = {"CANCEL_GRACE_S": "5", "ALLOW_CUSTOM_WORKFLOWS": "1"}
     standin: StandinProcess | None = None
     if kind == "standin":
         if not OBJECT_INFO.is_file():
             print(f"skipped: the stand-in needs {OBJECT_INFO}")
-            return None
+            return []
         models = {f.folder: [f.name] for f in Manifest.load(MANIFEST).files}
         standin = StandinProcess(root / "standin", OBJECT_INFO, models=models).start()
         env["COMFYUI_URL"] = comfy_url = standin.url
@@ -193,7 +221,13 @@ def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> dict[str, A
     )
     try:
         service.start(timeout=300)
-        result = asyncio.run(overhead(service, comfy_url, args.warmup, args.repeats))
+        results = []
+        for name, pair in (
+            ("FastWan 64x64x9 job", fastwan_pair),
+            ("weight-free custom workflow", weight_free_pair),
+        ):
+            result = asyncio.run(overhead(service, comfy_url, args.warmup, args.repeats, pair))
+            results.append({**result, "backend": kind, "job": name})
     except Exception:
         print(f"service log tail:\n{service.log()[-3000:]}", file=sys.stderr)
         raise
@@ -201,8 +235,7 @@ def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> dict[str, A
         service.stop()
         if standin is not None:
             standin.stop()
-    result["backend"] = kind
-    return result
+    return results
 
 
 # --- 2. downloader throughput --------------------------------------------------------------
@@ -299,22 +332,20 @@ def main() -> None:
     try:
         kinds = ["standin"] + (["real"] if os.environ.get("COMFYUI_TEST_DIR") else [])
         for kind in kinds:
-            result = run_overhead(kind, root, args)
-            if result is None:
-                continue
-            results["overhead"].append(result)
-            print(
-                f"\n1. ComfyUI wrapper overhead ({kind}, {result['runs']} runs each, "
-                "alternating; FastWan 64x64x9 job incl. fetching the mp4)\n"
-                f"   direct ComfyUI: median {result['direct_median_ms']} ms, p90 "
-                f"{result['direct_p90_ms']} ms, max {result['direct_max_ms']} ms\n"
-                f"   through our API: median {result['api_median_ms']} ms, p90 "
-                f"{result['api_p90_ms']} ms, max {result['api_max_ms']} ms\n"
-                f"   added: {result['added_median_ms']} ms at the median (paired "
-                f"{result['added_paired_median_ms']} ms), {result['added_p90_ms']} ms at p90; "
-                f"ratio {result['ratio']}  (anchor: comfyui-api adds ~{GOAL_MS} ms, "
-                f"{STALL_MS:g} ms stalls)"
-            )
+            for result in run_overhead(kind, root, args):
+                results["overhead"].append(result)
+                print(
+                    f"\n1. ComfyUI wrapper overhead ({kind}, {result['runs']} runs each, "
+                    f"alternating; {result['job']} incl. fetching its output)\n"
+                    f"   direct ComfyUI: median {result['direct_median_ms']} ms, p90 "
+                    f"{result['direct_p90_ms']} ms, max {result['direct_max_ms']} ms\n"
+                    f"   through our API: median {result['api_median_ms']} ms, p90 "
+                    f"{result['api_p90_ms']} ms, max {result['api_max_ms']} ms\n"
+                    f"   added: {result['added_median_ms']} ms at the median (paired "
+                    f"{result['added_paired_median_ms']} ms), {result['added_p90_ms']} ms at p90; "
+                    f"ratio {result['ratio']}  (anchor: comfyui-api adds ~{GOAL_MS} ms, "
+                    f"{STALL_MS:g} ms stalls)"
+                )
         if kinds == ["standin"]:
             print("   (set COMFYUI_TEST_DIR to also measure a real ComfyUI in the tiny profile)")
         download = run_download(root, args.files, args.size_mb)

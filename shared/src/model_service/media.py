@@ -107,3 +107,24 @@ def encode_image(
     else:
         image.save(out, format="WEBP", quality=quality)
     return out.getvalue()
+
+
+def video_suffix(data: bytes, *, field: str) -> str:
+    """Checks that `data` is a video with at least one decodable frame; returns the file
+    suffix of its container (`.mp4`, `.webm`, `.mkv`, `.mov`, ...)."""
+    import av  # only for video inputs (custom ComfyUI workflows)
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise InvalidInput(f"{field}: the file has no video stream", field=field)
+            next(container.decode(video=0))
+            names = container.format.name.split(",")
+    except (av.FFmpegError, StopIteration, UnicodeDecodeError) as exc:
+        raise InvalidInput(
+            f"{field}: not a readable video ({exc}); send an mp4, webm or mov", field=field
+        ) from None
+    for name, suffix in (("mp4", ".mp4"), ("mov", ".mov"), ("webm", ".webm"), ("matroska", ".mkv")):
+        if name in names:
+            return suffix
+    return f".{names[0]}"

@@ -186,6 +186,22 @@ class Settings(BaseSettings):
         description="Most jobs waiting in the model's queue (the whole fleet's with "
         "QUEUE_URL); beyond it a new job gets 429 `queue_full` with Retry-After. 0: no limit.",
     )
+    allow_custom_workflows: bool = Field(
+        False,
+        description="ComfyUI services: jobs may bring their own API-format workflow "
+        "(`input.workflow`). A workflow can run any node installed in ComfyUI: turn it on only "
+        "for clients you trust (README: custom workflows).",
+    )
+    custom_workflow_nodes_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="With ALLOW_CUSTOM_WORKFLOWS: the only node classes a workflow may use "
+        "(comma-separated). Empty: every installed class not denied.",
+    )
+    custom_workflow_nodes_deny: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="With ALLOW_CUSTOM_WORKFLOWS: node classes a workflow may not use "
+        "(comma-separated).",
+    )
     webhook_secret: str | None = Field(
         None,
         description="Standard Webhooks signing secret (`whsec_...`); when unset, webhooks "
@@ -197,7 +213,9 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed per webhook attempt.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator(
+        "api_keys", "custom_workflow_nodes_allow", "custom_workflow_nodes_deny", mode="before"
+    )
     @classmethod
     def _keys(cls, value: object) -> object:
         return _split_csv(value)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from model_service import media
 from model_service.audio import prepare_audio
+from model_service.comfy.custom import CustomWorkflows, is_custom, off_error
 from model_service.errors import IdempotencyConflict, InvalidInput, QueueFull, UploadNotFound
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
@@ -69,8 +70,11 @@ class JobSubmitter:
         http: SafeHttpClient,
         runner: JobRunner,
         check_input: Callable[[Any, Settings], None] | None = None,
+        custom: CustomWorkflows | None = None,
     ) -> None:
         self._settings = settings
+        self._custom = custom  # a ComfyUI service with ALLOW_CUSTOM_WORKFLOWS
+        self.takes_workflows = custom is not None
         self._model = input_model
         self._check = check_input or (lambda data, settings: None)
         self._media = media_fields(input_model)
@@ -95,20 +99,32 @@ class JobSubmitter:
         if options.existing is not None:
             return options.existing, False
         events, storage, request_hash = options.events, options.storage, options.request_hash
-        try:
-            validated = self._model.model_validate(raw_input)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        self._check(validated, self._settings)
+        custom, kinds = None, {}
+        if is_custom(raw_input):  # the job brings its own ComfyUI workflow
+            if self._custom is None:
+                raise off_error()
+            custom = self._custom.parse(raw_input)
+            kinds = await self._custom.check(custom)
+            values = custom.model_dump(mode="json")
+            seed = None
+        else:
+            try:
+                validated = self._model.model_validate(raw_input)
+            except ValidationError as exc:
+                raise validation_error(exc) from None
+            self._check(validated, self._settings)
+            values = validated.model_dump(mode="json")
+            seed = values.get("seed")
+            if self._has_seed and seed is None:
+                seed = secrets.randbelow(2**32)
+                values["seed"] = seed
         job_id = job_id or new_job_id()
-        values = validated.model_dump(mode="json")
-        seed = values.get("seed")
-        if self._has_seed and seed is None:
-            seed = secrets.randbelow(2**32)
-            values["seed"] = seed
         inputs_dir = self._settings.job_dir(job_id) / "inputs"
         try:
-            public, prepared = await self._resolve_media(values, inputs_dir)
+            if custom is not None:
+                public, prepared = await self._resolve_files(values, kinds, inputs_dir)
+            else:
+                public, prepared = await self._resolve_media(values, inputs_dir)
             await self._runner.source.share_inputs(job_id, inputs_dir)
         except BaseException:
             shutil.rmtree(inputs_dir, ignore_errors=True)
@@ -203,6 +219,22 @@ class JobSubmitter:
             raise
         return validated.model_dump(mode="json")
 
+    async def _resolve_files(
+        self, values: dict[str, Any], kinds: dict[str, MediaKind], inputs_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A custom workflow's files, fetched and checked by the kind of their loader."""
+        paths = {}
+        for name, ref in values["files"].items():
+            field = f"input.files.{name}"
+            target = inputs_dir / f"file_{name}"
+            written = await self.materialize(ref, kinds[name], field, target)
+            paths[name] = str(written.resolve())
+        public = {
+            **values,
+            "files": {name: shorten_ref(ref) for name, ref in values["files"].items()},
+        }
+        return public, {**values, "files": paths}
+
     async def _resolve_media(
         self, values: dict[str, Any], inputs_dir: Path
     ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -227,21 +259,27 @@ class JobSubmitter:
         """A fleet: the files under `inputs_dir` reachable from the pod that runs the job."""
         await self._runner.source.share_inputs(job_id, inputs_dir)
 
-    async def materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> None:
-        """The file behind `ref`, fetched, checked and written to `target`."""
+    async def materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> Path:
+        """The file behind `ref`, fetched, checked and written to `target` (a video: with
+        its container's suffix); returns where it was written."""
         data = await self.read_reference(ref, field)
         if kind == "audio":  # checked (decodes, not silent, within MAX_AUDIO_S), as a wav
             await asyncio.to_thread(
                 prepare_audio, data, target, field=field, max_duration_s=self._settings.max_audio_s
             )
-            return
-        if kind != "image":
-            raise InvalidInput(f"{field}: {kind} inputs are not supported yet", field=field)
+            return target
+        if kind == "video":  # kept as sent, once a frame decodes
+            suffix = await asyncio.to_thread(media.video_suffix, data, field=field)
+            target = target.with_suffix(suffix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(target.write_bytes, data)
+            return target
         image = await asyncio.to_thread(
             media.decode_image, data, field=field, max_pixels=self._settings.max_image_pixels
         )
         target.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(image.save, target, format="PNG")
+        return target
 
     async def read_reference(self, ref: str, field: str) -> bytes:
         """The bytes behind a URL, data URI or upload id."""

@@ -102,8 +102,14 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     else:
         source = LocalSource(settings, store)
     runner = JobRunner(settings, engine, store, bus, metrics, webhooks, source)
+    custom = None
+    if spec.comfy is not None and settings.allow_custom_workflows:
+        from model_service.comfy.custom import CustomWorkflows
+
+        assert isinstance(engine, ComfyEngine)
+        custom = CustomWorkflows(settings, engine.object_info)
     submitter = JobSubmitter(
-        settings, spec.input_model, store, http, runner, check_input=spec.check_input
+        settings, spec.input_model, store, http, runner, check_input=spec.check_input, custom=custom
     )
     graphs = None
     if spec.long_video is not None:

@@ -11,9 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, SkipValidation, create_model
 
 from model_service.api.state import ServiceState
+from model_service.comfy.custom import CustomWorkflowInput
 from model_service.errors import NotFound
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
@@ -37,11 +38,19 @@ class JobList(BaseModel):
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
 
 
-def job_request_model(input_model: type[BaseModel]) -> type[BaseModel]:
-    """The request body, typed with this service's input (shown in /docs)."""
+def job_request_model(input_model: type[BaseModel], custom: bool = False) -> type[BaseModel]:
+    """The request body, typed with this service's input (shown in /docs). With custom
+    workflows on, `input` may be a workflow too: both are shown, and the submitter checks
+    which it is (so that a typed input's errors name its own fields only)."""
+    input_type: Any = input_model
+    description = "The service's typed input."
+    if custom:
+        either: Any = input_model | CustomWorkflowInput
+        input_type = Annotated[either, SkipValidation()]  # type: ignore[type-arg]
+        description += " Or your own ComfyUI workflow: {workflow, files} (README)."
     model: type[BaseModel] = create_model(
         "JobRequest",
-        input=(input_model, Field(description="The service's typed input.")),
+        input=(input_type, Field(description=description)),
         webhook=(
             str | None,
             Field(None, max_length=2048, description="https URL called on job events."),
@@ -106,12 +115,13 @@ async def job_response(
 
 def build_router(state: ServiceState) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-    request_model = job_request_model(state.spec.input_model)
+    request_model = job_request_model(state.spec.input_model, state.submitter.takes_workflows)
 
     async def submit(request: Request, body: BaseModel, job_id: str | None) -> tuple[Job, bool]:
-        payload: Any = body.model_dump(mode="json")
+        payload: Any = body.model_dump(mode="json", exclude={"input"})
+        raw = getattr(body, "input")  # noqa: B009 - a field of the generated model
         return await state.submitter.submit(
-            payload["input"],
+            raw.model_dump(mode="json") if isinstance(raw, BaseModel) else raw,
             job_id=job_id,
             webhook=payload.get("webhook"),
             webhook_events=payload.get("webhook_events"),

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service.api.console import is_console_path
+from model_service.comfy.custom import off_error
 from model_service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unauthorized
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
@@ -24,6 +25,7 @@ from model_service.metrics import Metrics
 log = get_logger("model_service.http")
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+_WORKFLOW_LOC = ("body", "input", "workflow")
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -51,6 +53,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(tuple(err.get("loc", ()))[:3] == _WORKFLOW_LOC for err in exc.errors()):
+            return error_response(off_error())  # a custom workflow, on a service without
         problems = [
             {"field": _field_name(err.get("loc", ())), "message": err.get("msg")}
             for err in exc.errors()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
+from model_service.comfy.custom import FILE_INPUTS
 from model_service.comfy.errors import ComfyCrashed, ComfyCudaError, ComfyInterrupted
 from model_service.comfy.supervisor import ComfyState, ComfySupervisor
 from model_service.comfy.workflow import (
@@ -40,7 +42,7 @@ from model_service.comfy.workflow import (
     add_last_frame,
     sampler_steps,
 )
-from model_service.errors import ProvisionError, ServiceError
+from model_service.errors import NotReady, ProvisionError, ServiceError
 from model_service.fetch import SafeHttpClient
 from model_service.logs import get_logger
 from model_service.loras import LoraCache, parse_lora_source
@@ -60,6 +62,7 @@ _BLOCKED_RECHECK_S = 5.0  # while a model file is missing: soon ready once it is
 # an input key set by the long-video coordinator (never by a caller: input models forbid
 # extra keys): also save the video's last frame as `last_frame.png`
 WANT_LAST_FRAME = "_last_frame"
+CUSTOM_WORKFLOW = "workflow"  # a job that brings its own graph (model_service.comfy.custom)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class ComfyEngine:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._info: dict[str, Any] = {}
+        self._object_info: dict[str, Any] | None = None  # cached since the last (re)start
         self._running: _Running | None = None
 
     # --- what the service reads ------------------------------------------------------
@@ -257,6 +261,19 @@ class ComfyEngine:
     def _download_progress(self, file: Any, done: int, total: int) -> None:
         self._stage = f"downloading models: {file.relpath} {done / 1e9:.2f} of {total / 1e9:.2f} GB"
 
+    async def object_info(self) -> dict[str, Any]:
+        """The running ComfyUI's node classes (cached until it restarts)."""
+        if self._object_info is None or self._checked_run != self._supervisor.restarts:
+            try:
+                self._object_info = await self._client.object_info()
+            except ServiceError as exc:
+                raise NotReady(
+                    f"ComfyUI cannot be asked about its nodes yet ({exc.message}); "
+                    "retry when GET /ready answers 200",
+                    retry_after_s=10,
+                ) from exc
+        return self._object_info
+
     async def _check_workflows(self, runs: int) -> None:
         try:
             object_info = await self._client.object_info()
@@ -264,6 +281,7 @@ class ComfyEngine:
         except ServiceError as exc:
             log.warning("cannot read ComfyUI's object_info", error=exc.message)
             return
+        self._object_info = object_info
         problems = [
             problem
             for workflow in self._spec.workflows.values()
@@ -333,6 +351,8 @@ class ComfyEngine:
     async def _run(
         self, job: RunJob, running: _Running, on_progress: Callable[[JobProgress], None]
     ) -> JobDone:
+        if CUSTOM_WORKFLOW in job.inputs:
+            return await self._run_custom(job, running, on_progress)
         name = self._spec.choose(job.inputs)
         workflow = self._spec.workflows[name]
         values = {**job.inputs, "seed": job.seed}
@@ -356,6 +376,25 @@ class ComfyEngine:
         if derived:  # what the job's files asked for (frames, windows, ...), on the job
             done.info["derived"] = derived
         return done
+
+    async def _run_custom(
+        self, job: RunJob, running: _Running, on_progress: Callable[[JobProgress], None]
+    ) -> JobDone:
+        """A job's own workflow: its files uploaded and named in the graph, the output
+        nodes' prefixes made unique (no cached result, no shared names), every output
+        kept (`node<id>_<n>`)."""
+        graph = copy.deepcopy(job.inputs[CUSTOM_WORKFLOW])
+        uploaded = {}
+        for name, path in (job.inputs.get("files") or {}).items():
+            uploaded[name] = await self._upload(Path(path), f"{running.tag}_{Path(name).stem}")
+        for node in graph.values():
+            inputs = node.setdefault("inputs", {})
+            for input_name, value in inputs.items():
+                if (node["class_type"], input_name) in FILE_INPUTS and value in uploaded:
+                    inputs[input_name] = uploaded[value]
+            if isinstance(inputs.get("filename_prefix"), str):
+                inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{running.tag}"
+        return await self._queue_and_collect(job, running, on_progress, {}, "custom", graph)
 
     async def _take_loras(self, values: dict[str, Any], held: contextlib.AsyncExitStack) -> None:
         """Fetch (or find in the cache) the job's LoRAs, held until the job ends; each

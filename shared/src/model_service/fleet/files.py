@@ -133,17 +133,20 @@ def _owner(value: Any, owners: list[str]) -> str | None:
     return path.parent.parent.name
 
 
-def _input_files(prepared: dict[str, Any], owners: list[str]) -> list[tuple[str, str]]:
-    found = []
-    for value in prepared.values():
-        for item in value if isinstance(value, list) else [value]:
-            owner = _owner(item, owners)
-            if owner is not None:
-                found.append((owner, Path(item).name))
-    return found
+def _input_files(value: Any, owners: list[str]) -> list[tuple[str, str]]:
+    """(owner, file name) of each input file path in `value` (a prepared input: values,
+    lists of them, and dicts: a custom workflow's `files`)."""
+    if isinstance(value, dict):
+        return [found for item in value.values() for found in _input_files(item, owners)]
+    if isinstance(value, list):
+        return [found for item in value for found in _input_files(item, owners)]
+    owner = _owner(value, owners)
+    return [] if owner is None else [(owner, Path(value).name)]
 
 
 def _relocate(value: Any, owners: list[str], job_dir: Callable[[str], Path]) -> Any:
+    if isinstance(value, dict):
+        return {key: _relocate(item, owners, job_dir) for key, item in value.items()}
     if isinstance(value, list):
         return [_relocate(item, owners, job_dir) for item in value]
     owner = _owner(value, owners)
