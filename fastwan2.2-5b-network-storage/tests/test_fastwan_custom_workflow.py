@@ -258,3 +258,36 @@ def test_off_unless_enabled(tmp_path: Path) -> None:
                 assert "ALLOW_CUSTOM_WORKFLOWS=1" in error["message"]
         finally:
             process.stop()
+
+
+def test_timeout_and_crash_in_a_custom_workflow(tmp_path: Path) -> None:
+    """JOB_TIMEOUT_S, then ComfyUI dying under the graph: the typed jobs' codes."""
+    knobs = {"slow_nodes": {"EmptyImage": 20.0}, "crash_nodes": ["ImageInvert"]}
+    with StandinProcess(tmp_path / "comfy", OBJECT_INFO, models=MODELS, knobs=knobs) as standin:
+        process = ServiceProcess(
+            "model_service.cli",
+            tmp_path / "data",
+            env={
+                "COMFYUI_URL": standin.url,
+                "JOB_TIMEOUT_S": "2",
+                "CANCEL_GRACE_S": "2",
+                **OPEN,
+            },
+            args=["serve", "fastwan2.2-5b-packed"],
+        )
+        process.start(timeout=60)
+        try:
+            with process.client() as client:
+                slow = {"1": video_graph("codec")["1"], "2": invert_graph()["3"]}
+                slow["2"]["inputs"]["images"] = ["1", 0]
+                job = run(client, {"workflow": slow})
+                assert job["status"] == "failed"
+                assert job["error"]["code"] == "timeout"
+
+                upload = client.post("/v1/uploads", files={"file": ("p.png", png(photo()))})
+                body = {"workflow": invert_graph(), "files": {"photo.png": upload.json()["id"]}}
+                job = run(client, body)
+                assert job["status"] == "failed"
+                assert job["error"]["code"] == "backend_crashed", job["error"]
+        finally:
+            process.stop()
