@@ -291,3 +291,73 @@ def test_timeout_and_crash_in_a_custom_workflow(tmp_path: Path) -> None:
                 assert job["error"]["code"] == "backend_crashed", job["error"]
         finally:
             process.stop()
+
+
+def mp4(frames: int = 5) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for index in range(frames):
+            image = np.full((64, 64, 3), (30 * index, 120, 200), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_a_video_file_goes_through_a_video_loader(
+    client: httpx.Client, service: ServiceProcess
+) -> None:
+    upload = client.post("/v1/uploads", files={"file": ("clip.mp4", mp4(), "video/mp4")})
+    assert upload.status_code == 201, upload.text
+    save = {"video": ["1", 0], "filename_prefix": "again", "format": "mp4"}
+    save[codec_key(service)] = "h264"
+    graph = {
+        "1": {"class_type": "LoadVideo", "inputs": {"file": "clip.mp4"}},
+        "2": {"class_type": "SaveVideo", "inputs": save},
+    }
+    job = run(client, {"workflow": graph, "files": {"clip.mp4": upload.json()["id"]}})
+    assert job["status"] == "succeeded", job["error"]
+    assert [output["name"] for output in job["outputs"]] == ["node2.mp4"]
+
+    not_a_video = client.post("/v1/uploads", files={"file": ("x.mp4", b"not a video")})
+    bad = {"workflow": graph, "files": {"clip.mp4": not_a_video.json()["id"]}}
+    response = client.post("/v1/jobs", json={"input": bad})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "input.files.clip.mp4"
+
+
+def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    import wave
+
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return buffer.getvalue()
+
+
+def test_an_audio_file_goes_through_an_audio_loader(
+    client: httpx.Client, service: ServiceProcess
+) -> None:
+    upload = client.post("/v1/uploads", files={"file": ("tone.wav", wav(), "audio/wav")})
+    graph = {
+        "1": {"class_type": "LoadAudio", "inputs": {"audio": "tone.wav"}},
+        "2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "tone"}},
+    }
+    job = run(client, {"workflow": graph, "files": {"tone.wav": upload.json()["id"]}})
+    assert job["status"] == "succeeded", job["error"]
+    [output] = job["outputs"]
+    assert output["name"].startswith("node2")
+    if getattr(service, "standin", None) is not None:
+        return  # the stand-in's SaveAudio is a fake: only a real ComfyUI writes the audio
+    data = client.get(output["url"]).content
+    with av.open(io.BytesIO(data)) as container:
+        seconds = sum(frame.samples for frame in container.decode(audio=0)) / 16000
+    assert abs(seconds - 1.0) < 0.1
