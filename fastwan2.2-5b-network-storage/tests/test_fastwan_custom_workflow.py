@@ -361,3 +361,13 @@ def test_an_audio_file_goes_through_an_audio_loader(
     with av.open(io.BytesIO(data)) as container:
         seconds = sum(frame.samples for frame in container.decode(audio=0)) / 16000
     assert abs(seconds - 1.0) < 0.1
+
+
+def test_a_graph_not_in_api_format_is_refused(client: httpx.Client) -> None:
+    response = client.post("/v1/jobs", json={"input": {"workflow": {"1": {"inputs": {}}}}})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "input.workflow.1.class_type"
+    bad_name = {"workflow": invert_graph(), "files": {"../etc/passwd": "upl_x"}}
+    response = client.post("/v1/jobs", json={"input": bad_name})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"].startswith("input.files")

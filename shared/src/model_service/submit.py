@@ -22,7 +22,12 @@ from pydantic import BaseModel, ValidationError
 
 from model_service import media
 from model_service.audio import prepare_audio
-from model_service.comfy.custom import CustomWorkflows, is_custom, off_error
+from model_service.comfy.custom import (
+    CustomWorkflowInput,
+    CustomWorkflows,
+    is_custom,
+    off_error,
+)
 from model_service.errors import IdempotencyConflict, InvalidInput, QueueFull, UploadNotFound
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
@@ -103,7 +108,10 @@ class JobSubmitter:
         if is_custom(raw_input):  # the job brings its own ComfyUI workflow
             if self._custom is None:
                 raise off_error()
-            custom = self._custom.parse(raw_input)
+            try:
+                custom = CustomWorkflowInput.model_validate(raw_input)
+            except ValidationError as exc:
+                raise validation_error(exc) from None
             kinds = await self._custom.check(custom)
             values = custom.model_dump(mode="json")
             seed = None

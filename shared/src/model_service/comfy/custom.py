@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from model_service.comfy.workflow import combo_choices, is_link, node_order
 from model_service.errors import InvalidInput
@@ -84,14 +84,6 @@ class CustomWorkflows:
         self._allow = set(settings.custom_workflow_nodes_allow)
         self._deny = set(settings.custom_workflow_nodes_deny)
         self._object_info = object_info
-
-    def parse(self, raw_input: Any) -> CustomWorkflowInput:
-        try:
-            return CustomWorkflowInput.model_validate(raw_input)
-        except ValidationError as exc:
-            from model_service.submit import validation_error
-
-            raise validation_error(exc) from None
 
     async def check(self, request: CustomWorkflowInput) -> dict[str, MediaKind]:
         """Raises InvalidInput naming the first problem (all of them in `problems`);
