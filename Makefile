@@ -46,6 +46,7 @@ bench: setup
 	$(PY) bench/comfy.py
 	$(PY) bench/stitch.py
 	$(PY) bench/fleet.py
+	$(PY) bench/gap.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

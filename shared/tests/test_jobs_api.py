@@ -238,6 +238,22 @@ def test_metrics_count_jobs_by_status_and_code(start_service) -> None:
         assert "jobs_queued 0.0" in text
 
 
+def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(start_service) -> None:
+    service = start_service()
+    with service.client() as client:
+        jobs = [submit(client, steps=2, step_s=0.1) for _ in range(3)]  # queued at once
+        for job in jobs:
+            wait_status(client, job["id"], {"succeeded"})
+        text = client.get("/metrics").text
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith(("engine_busy_seconds_total", "job_gap_seconds_count"))
+    }
+    assert samples["engine_busy_seconds_total"] >= 3 * 0.2  # three jobs of 2 x 0.1 s
+    assert samples["job_gap_seconds_count"] == 2  # the second and third waited
+
+
 def test_logs_are_json_with_request_and_job_ids(start_service) -> None:
     service = start_service()
     with service.client() as client:

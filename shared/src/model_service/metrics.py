@@ -77,6 +77,18 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.engine_busy = Counter(
+            "engine_busy_seconds_total",
+            "Seconds the engine (GPU) spent running jobs; rate() of it is the busy ratio",
+            registry=self.registry,
+        )
+        self.job_gap = Histogram(
+            "job_gap_seconds",
+            "Idle time of the engine between one job's end and the next one's start, when "
+            "the next job was already waiting",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.worker_restarts = Counter(
             "worker_restarts_total",
             "Worker processes started again after dying",

@@ -80,6 +80,7 @@ class JobRunner:
         self._current: Claim | None = None
         self._canceling: str | None = None
         self.mean_run_s = 10.0  # recent run time (moving average): the 429's Retry-After
+        self._engine_idle_since: float | None = None  # the last job's end (the gap metric)
         # why no job can run here until an operator acts (no GPU, setup failed), once known
         self.blocked: str | None = None
         self._blocked_event = asyncio.Event()
@@ -245,6 +246,9 @@ class JobRunner:
         started = job.started_at or time.time()
         remaining = max(0.1, started + self._settings.job_timeout_s - time.time())
         recorder = self._progress_recorder(job)
+        run_started = time.time()
+        if self._engine_idle_since is not None and job.created_at <= self._engine_idle_since:
+            self._metrics.job_gap.observe(max(0.0, run_started - self._engine_idle_since))
         future = asyncio.ensure_future(self.engine.run(run, recorder))
         done: JobDone | None = None
         failure: ServiceError | None = None
@@ -265,6 +269,8 @@ class JobRunner:
             self._running_job = None
             self._canceling = None
             recorder.close()
+            self._engine_idle_since = time.time()
+            self._metrics.engine_busy.inc(max(0.0, self._engine_idle_since - run_started))
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
         if outputs and done is not None and job.parent_id and self.graphs is not None:
             try:  # a part of a long video: e.g. its colour-corrected last frame

@@ -608,5 +608,10 @@ def _execution_times(result: RunResult) -> dict[str, Any]:
     }
     start, end = stamps.get("execution_start"), stamps.get("execution_success")
     if isinstance(start, int | float) and isinstance(end, int | float):
-        return {"comfy_execution_s": round((end - start) / 1000, 3)}
+        return {
+            "comfy_execution_s": round((end - start) / 1000, 3),
+            # ComfyUI's clock (epoch ms): the gap between back-to-back jobs (bench/gap.py)
+            "comfy_started_ms": start,
+            "comfy_ended_ms": end,
+        }
     return {}
