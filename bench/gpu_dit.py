@@ -100,6 +100,9 @@ def timed(device: str, passes: int, warmup: int, step: Any) -> list[float]:
     return times
 
 
+COMPILE = False  # --compile: torch.compile each model (its first passes compile it)
+
+
 def build(cls: Any, config: dict[str, Any], device: str, dtype: torch.dtype) -> tuple[Any, float]:
     started = time.perf_counter()
     previous = torch.get_default_dtype()
@@ -109,6 +112,8 @@ def build(cls: Any, config: dict[str, Any], device: str, dtype: torch.dtype) -> 
             model = cls(**config).eval()
     finally:
         torch.set_default_dtype(previous)
+    if COMPILE:
+        model = torch.compile(model)
     sync(device)
     return model, time.perf_counter() - started
 
@@ -227,7 +232,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=["qwen", "wan", "wan14b"], default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     results = []
@@ -244,6 +252,7 @@ def main() -> None:
             result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             result["device"] = torch.cuda.get_device_name()
         result["torch"] = torch.__version__
+        result["compiled"] = COMPILE
         results.append(result)
         print(json.dumps(result), flush=True)
         del measure
