@@ -225,12 +225,67 @@ def wan_pass(
     }
 
 
+WAN22_VAE = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+}
+WAN21_VAE = {"base_dim": 96, "z_dim": 16}
+VAE_TINY = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1]}
+
+
+def vae(device: str, dtype: torch.dtype, tiny: bool, passes: int, warmup: int) -> dict[str, Any]:
+    """The VAE decode after denoising: Wan2.2's (FastWan) on 121 frames of 1280x704, and
+    Wan2.1's (Wan2.2-A14B, InfiniteTalk) on 81 frames at 480p and 720p."""
+
+    cases = {
+        "wan2.2 vae, 121 f 1280x704": (WAN22_VAE, (48, 31, 44, 80)),
+        "wan2.1 vae, 81 f 832x480": (WAN21_VAE, (16, 21, 60, 104)),
+        "wan2.1 vae, 81 f 1280x720": (WAN21_VAE, (16, 21, 90, 160)),
+    }
+    results: dict[str, Any] = {"model": "Wan VAE decode (AutoencoderKLWan)"}
+    for name, (config, shape) in cases.items():
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        results[name] = _decode(
+            device, dtype, VAE_TINY if tiny else config, shape, tiny, passes, warmup
+        )
+    return results
+
+
+def _decode(
+    device: str,
+    dtype: torch.dtype,
+    config: dict[str, Any],
+    shape: tuple[int, int, int, int],
+    tiny: bool,
+    passes: int,
+    warmup: int,
+) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan
+
+    model, _ = build(AutoencoderKLWan, config, device, dtype)
+    z = config["z_dim"] if tiny else shape[0]
+    latent = torch.randn(1, z, *((2, 4, 4) if tiny else shape[1:]), device=device, dtype=dtype)
+    times = timed(device, passes, warmup, lambda: model.decode(latent, return_dict=False))
+    result: dict[str, Any] = {"decode_s": round(sum(times) / len(times), 3), "passes": len(times)}
+    if device == "cuda":
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", choices=["qwen", "wan", "wan14b"], default=None)
+    parser.add_argument("--only", choices=["qwen", "wan", "wan14b", "vae"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = parser.parse_args()
@@ -241,7 +296,7 @@ def main() -> None:
     results = []
     if device == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for name, measure in (("qwen", qwen), ("wan", wan), ("wan14b", wan14b)):
+    for name, measure in (("qwen", qwen), ("wan", wan), ("wan14b", wan14b), ("vae", vae)):
         if args.only not in (None, name):
             continue
         if device == "cuda":
