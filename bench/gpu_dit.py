@@ -259,6 +259,45 @@ def vae(device: str, dtype: torch.dtype, tiny: bool, passes: int, warmup: int) -
     return results
 
 
+UMT5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "d_kv": 64,
+    "vocab_size": 256384,
+    "feed_forward_proj": "gated-gelu",
+}
+UMT5_TINY = {
+    **UMT5_XXL,
+    "d_model": 32,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "d_kv": 16,
+    "vocab_size": 1000,
+}
+
+
+def text(device: str, dtype: torch.dtype, tiny: bool, passes: int, warmup: int) -> dict[str, Any]:
+    """The Wan services' text encoder: UMT5-XXL's encoder on a 512-token prompt (twice a
+    job when cfg > 1: prompt and negative prompt)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(**(UMT5_TINY if tiny else UMT5_XXL))
+    model, build_s = build(UMT5EncoderModel, {"config": config}, device, dtype)
+    ids = torch.randint(0, config.vocab_size, (1, 512), device=device)
+    times = timed(device, passes, warmup, lambda: model(input_ids=ids))
+    return {
+        "model": "UMT5-XXL encoder (UMT5EncoderModel)",
+        "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+        "text_tokens": 512,
+        "build_s": round(build_s, 1),
+        "pass_s": round(sum(times) / len(times), 4),
+        "passes": len(times),
+    }
+
+
 def _decode(
     device: str,
     dtype: torch.dtype,
@@ -285,7 +324,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU")
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", choices=["qwen", "wan", "wan14b", "vae"], default=None)
+    parser.add_argument("--only", choices=["qwen", "wan", "wan14b", "vae", "text"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = parser.parse_args()
@@ -296,7 +335,8 @@ def main() -> None:
     results = []
     if device == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for name, measure in (("qwen", qwen), ("wan", wan), ("wan14b", wan14b), ("vae", vae)):
+    measures = (("qwen", qwen), ("wan", wan), ("wan14b", wan14b), ("vae", vae), ("text", text))
+    for name, measure in measures:
         if args.only not in (None, name):
             continue
         if device == "cuda":
