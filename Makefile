@@ -8,7 +8,7 @@ PROFILE ?= full
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: setup demo test serve bench lint docs clean redis chromium
+.PHONY: setup demo test serve bench bench-gpu lint docs clean redis chromium
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ bench: setup
 	$(PY) bench/stitch.py
 	$(PY) bench/fleet.py
 	$(PY) bench/gap.py
+
+# On a GPU machine (torch with CUDA and diffusers installed; no venv needed): the services'
+# transformers, VAE decodes and text encoder at full size on random weights (bench/README)
+bench-gpu:
+	python3 bench/gpu_dit.py --out build/bench-gpu.json
+	python3 bench/gpu_dit.py --only wan --compile --out build/bench-gpu-compiled.json
 
 lint: setup
 	$(VENV)/bin/ruff check .
