@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -352,8 +353,9 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         del measure
     if args.out:
-        with open(args.out, "w") as out:
-            json.dump(results, out, indent=2)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
