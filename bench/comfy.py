@@ -44,7 +44,7 @@ import httpx
 from fastwan.service import MANIFEST, TI2V
 from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest, ModelFile, UrlSource, provision
-from model_service.testing import ServiceProcess, free_port
+from model_service.testing import ServiceProcess, free_port, tiny_comfy_service
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
@@ -205,20 +205,12 @@ def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> list[dict[s
         models = {f.folder: [f.name] for f in Manifest.load(MANIFEST).files}
         standin = StandinProcess(root / "standin", OBJECT_INFO, models=models).start()
         env["COMFYUI_URL"] = comfy_url = standin.url
+        service = ServiceProcess(
+            "model_service.cli", root / "data-standin", env=env, args=["serve", SERVICE]
+        )
     else:
-        port = free_port()
-        comfy_url = f"http://127.0.0.1:{port}"
-        env |= {
-            "PROFILE": "tiny",
-            "COMFYUI_DIR": os.environ["COMFYUI_TEST_DIR"],
-            "COMFYUI_PORT": str(port),
-            "MODELS_DIR": str(root / "models"),
-        }
-        if os.environ.get("COMFYUI_TEST_PYTHON"):
-            env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
-    service = ServiceProcess(
-        "model_service.cli", root / f"data-{kind}", env=env, args=["serve", SERVICE]
-    )
+        service = tiny_comfy_service(root, SERVICE, os.environ["COMFYUI_TEST_DIR"], env)
+        comfy_url = f"http://127.0.0.1:{service.env['COMFYUI_PORT']}"
     try:
         service.start(timeout=300)
         results = []

@@ -30,7 +30,7 @@ import httpx
 from fastwan.service import MANIFEST
 from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, free_port
+from model_service.testing import ServiceProcess, tiny_comfy_service
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
@@ -99,18 +99,11 @@ def run(kind: str, root: Path, jobs: int, size: int) -> dict[str, Any] | None:
         models = {f.folder: [f.name] for f in Manifest.load(MANIFEST).files}
         standin = StandinProcess(root / "standin", OBJECT_INFO, models=models).start()
         env["COMFYUI_URL"] = standin.url
+        service = ServiceProcess(
+            "model_service.cli", root / "data-standin", env=env, args=["serve", SERVICE]
+        )
     else:
-        env |= {
-            "PROFILE": "tiny",
-            "COMFYUI_DIR": os.environ["COMFYUI_TEST_DIR"],
-            "COMFYUI_PORT": str(free_port()),
-            "MODELS_DIR": str(root / "models"),
-        }
-        if os.environ.get("COMFYUI_TEST_PYTHON"):
-            env["COMFYUI_PYTHON"] = os.environ["COMFYUI_TEST_PYTHON"]
-    service = ServiceProcess(
-        "model_service.cli", root / f"data-{kind}", env=env, args=["serve", SERVICE]
-    )
+        service = tiny_comfy_service(root, SERVICE, os.environ["COMFYUI_TEST_DIR"], env)
     try:
         service.start(timeout=300)
         return {"backend": kind, **measure(service, jobs, size)}

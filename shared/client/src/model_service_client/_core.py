@@ -324,6 +324,20 @@ def submit_request(
     return "PUT", job_path(job_id), body, headers
 
 
+def runpod_submit_request(
+    input: dict[str, Any], webhook: str | None, wait_s: float, timeout: float
+) -> tuple[str, dict[str, Any], dict[str, int], float]:
+    """path, JSON body, query and read timeout of a RunPod submission: `/run`, or with
+    `wait_s` `/runsync` waiting up to that long (1 to 300 s)."""
+    body: dict[str, Any] = {"input": input}
+    if webhook is not None:
+        body["webhook"] = webhook
+    if wait_s <= 0:
+        return "/run", body, {}, timeout
+    wait_ms = min(max(1000, round(wait_s * 1000)), 300_000)
+    return "/runsync", body, {"wait": wait_ms}, timeout + wait_ms / 1000
+
+
 def list_params(status: str | None, limit: int, cursor: int | None) -> dict[str, str | int]:
     params: dict[str, str | int] = {"limit": limit}
     if status is not None:

@@ -221,19 +221,10 @@ class RunpodClient(_Base):
         self, input: dict[str, Any], *, webhook: str | None = None, wait_s: float = 0
     ) -> Job:
         """`/run`; with `wait_s`, `/runsync` waiting up to that long (1 to 300 s)."""
-        body: dict[str, Any] = {"input": input}
-        if webhook is not None:
-            body["webhook"] = webhook
-        if wait_s <= 0:
-            return Job.from_runpod(self._request("POST", "/run", json=body).json())
-        wait_ms = min(max(1000, round(wait_s * 1000)), 300_000)
-        response = self._request(
-            "POST",
-            "/runsync",
-            json=body,
-            params={"wait": wait_ms},
-            timeout=self.timeout + wait_ms / 1000,
+        path, body, params, timeout = _core.runpod_submit_request(
+            input, webhook, wait_s, self.timeout
         )
+        response = self._request("POST", path, json=body, params=params, timeout=timeout)
         return Job.from_runpod(response.json())
 
     def get(self, job_id: str) -> Job:

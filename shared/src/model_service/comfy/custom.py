@@ -160,7 +160,7 @@ def graph_problems(
                 continue
             if (class_type, input_name) in FILE_INPUTS and value in files:
                 continue  # uploaded when the job runs
-            choices = _choices(declared.get(input_name))
+            choices = combo_choices(declared.get(input_name))
             if (class_type, input_name) in FILE_INPUTS and value not in choices:
                 problem(
                     node_id,
@@ -191,8 +191,3 @@ def graph_problems(
             }
         )
     return problems
-
-
-def _choices(spec: Any) -> list[Any]:
-    """A combo input's choices (a dynamic combo's options are {key, inputs})."""
-    return [c["key"] if isinstance(c, dict) and "key" in c else c for c in combo_choices(spec)]

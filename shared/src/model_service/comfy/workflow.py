@@ -310,10 +310,13 @@ def _declared_inputs(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def combo_choices(spec: Any) -> list[Any]:
-    """The choices of a combo input, old style (`[[...], {}]`) or new (`["COMBO", {options}]`)."""
+    """The choices of a combo input, old style (`[[...], {}]`) or new (`["COMBO", {options}]`);
+    a dynamic combo's options (`{key, inputs}`) by their key."""
     if not isinstance(spec, list) or not spec:
         return []
     if isinstance(spec[0], list):
         return list(spec[0])
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    return list(options.get("options") or [])
+    return [
+        o["key"] if isinstance(o, dict) and "key" in o else o for o in options.get("options") or []
+    ]

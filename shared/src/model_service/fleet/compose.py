@@ -116,13 +116,8 @@ class FleetCompositions:
                 await self._queue.give_back(lease, str(exc))
             await asyncio.sleep(1.0)
             return
-        for _ in range(5):
-            try:
-                await self._queue.complete(lease)
-                return
-            except _REDIS_ERRORS as exc:
-                log.warning("cannot acknowledge the composition yet", error=str(exc))
-                await asyncio.sleep(1.0)
+        if not await self._queue.complete_soon(lease):  # the sweep gives it again: a no-op
+            log.error("composition recorded but not acknowledged", job_id=lease.job_id)
 
     async def _beat(self, lease: Lease) -> bool:
         try:

@@ -24,12 +24,14 @@ dequeued but not yet marked active (marked at once in `take`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from redis import RedisError
 from saq import Queue
 from saq.job import Job as QueueJob
 from saq.job import Status
@@ -117,6 +119,18 @@ class FleetQueue:
 
     async def complete(self, lease: Lease, result: dict[str, Any] | None = None) -> None:
         await self._queue.finish(lease.queued_job, Status.COMPLETE, result=result)
+
+    async def complete_soon(self, lease: Lease, tries: int = 5, pause_s: float = 1.0) -> bool:
+        """`complete`, tried again while Redis cannot be reached; False when it never
+        could (the sweep then queues the job again, and whoever takes it finds it done)."""
+        for attempt in range(tries):
+            try:
+                await self.complete(lease)
+                return True
+            except (RedisError, OSError):
+                if attempt + 1 < tries:
+                    await asyncio.sleep(pause_s)
+        return False
 
     async def give_back(self, lease: Lease, reason: str) -> None:
         """Queue the job again without counting this attempt (a clean stop of the pod)."""

@@ -262,16 +262,10 @@ class FleetSource:
             self.wake()  # the long video's next part may be runnable now: enqueue it
 
     async def _acknowledge(self, lease: Lease) -> None:
-        for _ in range(5):
-            try:
-                await self._queue.complete(lease)
-                return
-            except _REDIS_ERRORS as exc:
-                log.warning("cannot acknowledge the job yet", job_id=lease.job_id, error=str(exc))
-                await asyncio.sleep(1.0)
-        # recorded but not acknowledged: the sweep queues it again, and whoever takes it
-        # finds it finished and drops it
-        log.error("job end recorded but not acknowledged", job_id=lease.job_id)
+        if not await self._queue.complete_soon(lease):
+            # recorded but not acknowledged: the sweep queues it again, and whoever takes
+            # it finds it finished and drops it
+            log.error("job end recorded but not acknowledged", job_id=lease.job_id)
 
     async def give_back(self, claim: Claim) -> None:
         await self._queue.give_back(claim.lease, "the pod stopped")
