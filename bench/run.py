@@ -40,6 +40,7 @@ import httpx
 from PIL import Image
 
 from model_service import media
+from model_service.predictor import predict_now
 from model_service.testing import ServiceProcess
 from qwen_image_edit.manifest import get_variant
 from qwen_image_edit.schema import QwenEditInput
@@ -160,7 +161,7 @@ class Direct:
         ctx = DirectContext(f"direct-{self.calls}", output_dir, int(inputs["seed"]))
         started = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
-        result = self.predictor.predict(inputs, ctx)
+        result = predict_now(self.predictor, inputs, ctx)
         elapsed = time.perf_counter() - started
         assert result.outputs == ["output_0.png"], result.outputs
         return elapsed

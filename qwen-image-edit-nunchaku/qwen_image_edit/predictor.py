@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from .pipeline_loader import LoadedPipeline, load_pipeline
 TINY_STEPS = 2  # default steps in the tiny profile (its outputs are noise anyway)
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
+DECODED_IMAGES = "decoded_images"  # the inputs' key for `prepare`'s opened images
 
 
 class QwenImageEditPredictor:
@@ -50,9 +52,17 @@ class QwenImageEditPredictor:
             }
         )
 
+    def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Open and decode the input images (CPU work, while the previous job runs)."""
+        images = _open_images(_image_paths(inputs), self._require_loaded().variant)
+        return inputs | {DECODED_IMAGES: images}
+
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
+        """The edit on the GPU; the images are encoded and written by `finish`."""
         loaded = self._require_loaded()
-        images = _open_images(_image_paths(inputs), loaded.variant)
+        if DECODED_IMAGES not in inputs:  # called without `prepare`
+            inputs = self.prepare(inputs)
+        images = inputs[DECODED_IMAGES]
         steps = int(inputs.get("steps") or self._default_steps(loaded))
         ctx.check_canceled()
         kwargs = _call_kwargs(inputs, images, loaded, steps, ctx)
@@ -64,9 +74,13 @@ class QwenImageEditPredictor:
                 "the GPU ran out of memory during the edit; try fewer input images, a "
                 "smaller width/height, or fewer images per request (num_images)"
             ) from exc
-        names = _save(outputs, ctx.output_dir, inputs.get("output_format") or "png")
+        output_format = inputs.get("output_format") or "png"
         width, height = outputs[0].size
-        return PredictResult(outputs=names, info={"width": width, "height": height, "steps": steps})
+        return PredictResult(
+            outputs=_output_names(len(outputs), output_format),
+            info={"width": width, "height": height, "steps": steps},
+            finish=partial(_save, outputs, ctx.output_dir, output_format),
+        )
 
     def _require_loaded(self) -> LoadedPipeline:
         if self._loaded is None:
@@ -127,13 +141,14 @@ def _call_kwargs(
     }
 
 
-def _save(images: list[Image.Image], output_dir: Path, output_format: str) -> list[str]:
-    pil_format, ext = _PIL_FORMATS[output_format]
+def _output_names(count: int, output_format: str) -> list[str]:
+    _, ext = _PIL_FORMATS[output_format]
+    return [f"output_{i}.{ext}" for i in range(count)]
+
+
+def _save(images: list[Image.Image], output_dir: Path, output_format: str) -> None:
+    pil_format, _ = _PIL_FORMATS[output_format]
     options: dict[str, Any] = {} if pil_format == "PNG" else {"quality": _LOSSY_QUALITY}
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, image in enumerate(images):
-        name = f"output_{i}.{ext}"
+    for image, name in zip(images, _output_names(len(images), output_format), strict=True):
         image.save(Path(output_dir) / name, format=pil_format, **options)
-        names.append(name)
-    return names

@@ -19,10 +19,10 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from model_service.errors import InvalidInput, JobCanceled, SetupFailed
-from model_service.predictor import WorkerConfig
+from model_service.predictor import WorkerConfig, predict_now
 from qwen_image_edit import manifest, pipeline_loader, tiny_model
 from qwen_image_edit.pipeline_loader import choose_offload, load_pipeline
-from qwen_image_edit.predictor import QwenImageEditPredictor
+from qwen_image_edit.predictor import DECODED_IMAGES, QwenImageEditPredictor
 from qwen_image_edit.tiny_model import MARKER_FILE, MARKER_KEY, TINY_SUBDIR, ensure_tiny_pipeline
 
 
@@ -120,7 +120,7 @@ def test_setup_defaults_to_edit_2509(models_dir: Path) -> None:
 
 def test_edit_one_image(edit: QwenImageEditPredictor, images: list[str], tmp_path: Path) -> None:
     ctx = FakeContext(tmp_path)
-    result = edit.predict(_inputs(images[:1], num_images=2), ctx)
+    result = predict_now(edit, _inputs(images[:1], num_images=2), ctx)
     assert result.outputs == ["output_0.png", "output_1.png"]
     assert result.info == {"width": 64, "height": 48, "steps": 2}
     assert ctx.calls == [(1, 2), (2, 2)]
@@ -133,7 +133,7 @@ def test_edit_2509_two_images(
     plus: QwenImageEditPredictor, images: list[str], tmp_path: Path
 ) -> None:
     ctx = FakeContext(tmp_path)
-    result = plus.predict(_inputs(images, width=80, height=64, output_format="jpeg"), ctx)
+    result = predict_now(plus, _inputs(images, width=80, height=64, output_format="jpeg"), ctx)
     assert result.outputs == ["output_0.jpg"]
     assert ctx.calls == [(1, 2), (2, 2)]
     with Image.open(tmp_path / "output_0.jpg") as image:
@@ -141,16 +141,30 @@ def test_edit_2509_two_images(
 
 
 def test_webp_output(edit: QwenImageEditPredictor, images: list[str], tmp_path: Path) -> None:
-    result = edit.predict(_inputs(images[:1], output_format="webp"), FakeContext(tmp_path))
+    result = predict_now(edit, _inputs(images[:1], output_format="webp"), FakeContext(tmp_path))
     with Image.open(tmp_path / result.outputs[0]) as image:
         assert (result.outputs[0], image.format, image.size) == ("output_0.webp", "WEBP", (64, 48))
+
+
+def test_prepare_decodes_and_finish_writes(
+    edit: QwenImageEditPredictor, images: list[str], tmp_path: Path
+) -> None:
+    prepared = edit.prepare(_inputs(images[:1]))
+    assert [image.size for image in prepared[DECODED_IMAGES]] == [(96, 80)]
+    result = edit.predict(prepared, FakeContext(tmp_path))
+    assert (result.outputs, result.info["width"]) == (["output_0.png"], 64)
+    assert not list(tmp_path.iterdir()), "predict writes nothing: finish does"
+    assert result.finish is not None
+    result.finish()
+    with Image.open(tmp_path / "output_0.png") as image:
+        assert image.size == (64, 48)
 
 
 def test_same_seed_same_bytes(
     plus: QwenImageEditPredictor, images: list[str], tmp_path: Path
 ) -> None:
     def run(name: str, seed: int) -> bytes:
-        plus.predict(_inputs(images), FakeContext(tmp_path / name, seed=seed))
+        predict_now(plus, _inputs(images), FakeContext(tmp_path / name, seed=seed))
         return (tmp_path / name / "output_0.png").read_bytes()
 
     first = run("a", 5)
@@ -163,7 +177,7 @@ def test_cancel_stops_the_run(
 ) -> None:
     ctx = FakeContext(tmp_path, cancel_at=1)
     with pytest.raises(JobCanceled):
-        edit.predict(_inputs(images[:1], steps=5), ctx)
+        predict_now(edit, _inputs(images[:1], steps=5), ctx)
     assert ctx.calls == [(1, 5)]
     assert not list(tmp_path.iterdir())
 
@@ -172,7 +186,7 @@ def test_edit_refuses_two_images(
     edit: QwenImageEditPredictor, images: list[str], tmp_path: Path
 ) -> None:
     with pytest.raises(InvalidInput, match="at most 1"):
-        edit.predict(_inputs(images), FakeContext(tmp_path))
+        predict_now(edit, _inputs(images), FakeContext(tmp_path))
 
 
 def test_tiny_patch_is_scoped(edit: QwenImageEditPredictor) -> None:

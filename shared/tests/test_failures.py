@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from model_service.testing import ServiceProcess, wait_status
+from model_service.testing import ServiceProcess, wait_started, wait_status
 
 
 def submit(client: httpx.Client, **inputs: object) -> str:
@@ -37,7 +37,7 @@ def test_worker_killed_from_outside_mid_job(start_service) -> None:
     service = start_service()
     with service.client() as client:
         job_id = submit(client, steps=100, step_s=0.1)
-        wait_status(client, job_id, {"running"})
+        wait_started(client, job_id)
         [pid] = service.worker_pids()
         os.kill(pid, signal.SIGKILL)
         job = wait_status(client, job_id, {"failed"})
@@ -126,7 +126,7 @@ def test_kill_9_of_the_service_loses_nothing(start_service, tmp_path) -> None:
     service = start_service()
     with service.client() as client:
         running = submit(client, steps=40, step_s=0.1, text="was running")
-        wait_status(client, running, {"running"})
+        wait_started(client, running)
         queued = [submit(client, text=f"queued {i}") for i in range(3)]
     service.kill9()
     again = start_service(data_dir=service.data_dir)
@@ -143,7 +143,7 @@ def test_a_job_that_keeps_killing_the_service_fails_as_interrupted(start_service
     service = start_service(env={"JOB_MAX_ATTEMPTS": "1"})
     with service.client() as client:
         job_id = submit(client, steps=100, step_s=0.1)
-        wait_status(client, job_id, {"running"})
+        wait_started(client, job_id)
     service.kill9()
     again = start_service(env={"JOB_MAX_ATTEMPTS": "1"}, data_dir=service.data_dir)
     with again.client() as client:
@@ -157,7 +157,7 @@ def test_a_clean_stop_queues_the_running_job_without_using_an_attempt(start_serv
     service = start_service(env={"JOB_MAX_ATTEMPTS": "1"})
     with service.client() as client:
         job_id = submit(client, steps=30, step_s=0.1)
-        wait_status(client, job_id, {"running"})
+        wait_started(client, job_id)
     service.stop()  # SIGTERM, as a rolling deploy or a RunPod scale-down sends
     again = start_service(env={"JOB_MAX_ATTEMPTS": "1"}, data_dir=service.data_dir)
     with again.client() as client:

@@ -80,8 +80,11 @@ def test_list_filters_by_status_and_paginates(start_service) -> None:
         for job_id in ids:
             wait_status(client, job_id, {"succeeded"})
         blocker = submit(client, steps=100, step_s=0.1)["id"]
-        queued = submit(client)["id"]
+        ahead, queued = submit(client)["id"], submit(client)["id"]
         wait_status(client, blocker, {"running"})
+        # JOBS_AHEAD=1: the engine holds the next job, prepared; it has not begun
+        taken = wait_status(client, ahead, {"running"})
+        assert taken["timings"]["started_at"] is None
         assert [j["id"] for j in client.get("/v1/jobs?status=queued").json()["jobs"]] == [queued]
         seen, cursor = [], None
         while True:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import boto3
@@ -15,7 +16,7 @@ from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.settings import Settings
 from model_service.storage import OutputStore, StorageRequest
-from model_service.testing import free_port
+from model_service.testing import free_port, wait_status
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -105,6 +106,23 @@ def test_outputs_are_uploaded_to_the_configured_bucket(start_service, s3, s3_end
             json={"input": {"text": "stored"}, "storage": {"bucket": "outputs-b"}},
         )
         assert other.status_code == 409
+
+
+def test_uploads_run_beside_the_next_job(start_service, s3, s3_endpoint) -> None:
+    """Issue 10: a job's storage upload never delays the next job's start: the next job
+    was waiting in the engine and began on the GPU before the first one's end (recorded
+    after its upload) was written."""
+    service = start_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
+    with service.client() as client:
+        body = {"input": {"text": "stored", "steps": 3, "step_s": 0.05}}
+        first = client.put("/v1/jobs/upload-1", json=body).json()["id"]
+        second = client.put("/v1/jobs/upload-2", json=body).json()["id"]
+        a = wait_status(client, first, {"succeeded"})
+        b = wait_status(client, second, {"succeeded"})
+    assert a["outputs"][0]["storage_url"], a  # uploaded
+    a_finished = datetime.fromisoformat(a["timings"]["finished_at"]).timestamp()
+    assert b["info"]["execution_started_at"] < a_finished, (a, b)
+    assert b["info"]["execution_started_at"] - a["info"]["execution_ended_at"] < 0.05
 
 
 def test_request_overrides_bucket_prefix_and_presign(start_service, s3, s3_endpoint) -> None:

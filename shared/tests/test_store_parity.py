@@ -151,12 +151,10 @@ def test_claim_is_fifo_and_counts_the_attempt(store: Store) -> None:
     for job_id in ["first", "second", "third"]:
         store.create(new_job(job_id))
     store.update("second", set_field("progress_step", 5))
-    before = time.time()
     claimed = store.claim_next()
     assert claimed is not None
     assert (claimed.id, claimed.status, claimed.attempts) == ("first", JobStatus.RUNNING, 1)
-    assert claimed.started_at is not None
-    assert claimed.started_at >= before
+    assert claimed.started_at is None  # set when the engine begins it (it may wait first)
     assert store.get("first") == claimed
     second = store.claim_next()
     assert second is not None

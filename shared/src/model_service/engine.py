@@ -5,6 +5,13 @@
 
 The runner owns the job records; an engine only turns one `RunJob` into one `JobDone`
 and says whether it can take a job now (`readiness`, shown by `/ready`).
+
+Jobs ahead: the runner hands an engine the next job while the current one runs (up to
+1 + JOBS_AHEAD calls of `run` at once); the engine prepares it (inputs decoded or
+uploaded, graph queued) and starts it the moment the current one ends, so the GPU never
+waits for our code. The engine runs one job at a time, in the order given, and says
+when each really starts (`on_started`). A crash fails only the job that had started; the
+ones still waiting come back with `JobDone.not_started` and are queued again.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ log = get_logger("model_service.engine")
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 ProgressSink = Callable[[JobProgress], None]
+StartedSink = Callable[[], None]
 
 
 class Engine(Protocol):
@@ -46,15 +54,19 @@ class Engine(Protocol):
     async def wait_ready(self) -> bool:
         """Until a job can run (True), or never can until an operator acts (False)."""
 
-    async def run(self, job: RunJob, on_progress: ProgressSink) -> JobDone:
-        """Run one job. Raises `WorkerCrashed` (or a subclass) when the engine died under
-        it; every other failure is a `JobDone` with `error`."""
+    async def run(self, job: RunJob, on_progress: ProgressSink, on_started: StartedSink) -> JobDone:
+        """Run one job, after the jobs handed over before it; may be called again while
+        it waits or runs. `on_started` is called once, when the job itself begins.
+        Raises `WorkerCrashed` (or a subclass) when the engine died under it once it
+        had started; a job it lost before it started is `JobDone(not_started=True)`;
+        every other failure is a `JobDone` with `error`."""
 
     def cancel(self, job_id: str) -> None:
-        """Ask the running job to stop at its next step."""
+        """Ask `job_id` to stop at its next step; one not started yet never starts."""
 
-    def kill(self) -> None:
-        """Last resort when a cancel is ignored: stop the running job by force."""
+    def kill(self, job_id: str) -> None:
+        """Last resort when a started job ignores its cancel: stop it by force (the
+        jobs waiting behind it may come back `not_started`)."""
 
 
 class WorkerEngine:
@@ -123,12 +135,12 @@ class WorkerEngine:
                 if self._worker.state is WorkerState.READY:
                     log.info("worker ready", worker_pid=self._worker.pid, info=self._worker.info)
 
-    async def run(self, job: RunJob, on_progress: ProgressSink) -> JobDone:
+    async def run(self, job: RunJob, on_progress: ProgressSink, on_started: StartedSink) -> JobDone:
         worker = self._worker
         if worker is None:
-            raise WorkerCrashed("no worker process is running")
+            return JobDone(job.job_id, not_started=True)
         try:
-            done = await worker.run(job, on_progress)
+            done = await worker.run(job, on_progress, on_started)
         except WorkerCrashed as exc:
             raise WorkerCrashed(
                 f"{exc.message} while running this job; a new worker is starting. Retry "
@@ -137,7 +149,7 @@ class WorkerEngine:
             ) from exc
         if done.fatal:  # a poisoned CUDA context: the process must go
             worker.kill()
-        elif worker.state is not WorkerState.DEAD:
+        elif not done.not_started and worker.state is not WorkerState.DEAD:
             self._crashes_in_a_row = 0
         return done
 
@@ -145,6 +157,8 @@ class WorkerEngine:
         if self._worker is not None:
             self._worker.cancel(job_id)
 
-    def kill(self) -> None:
-        if self._worker is not None:
+    def kill(self, job_id: str) -> None:
+        """Kill the worker process (and so every job in it) if it still holds `job_id`."""
+        if self._worker is not None and self._worker.holds(job_id):
+            log.warning("killing the worker process", job_id=job_id, pid=self._worker.pid)
             self._worker.kill()

@@ -3,10 +3,16 @@
 A predictor is loaded by import path (`package.module:ClassName`) inside a spawned
 child process, so nothing here, nor the module that defines it, is imported by the API
 process. `setup` runs once per worker (load the model); `predict` runs once per job.
+
+The worker runs jobs as a pipeline so that the GPU never waits for CPU work: the next
+job's optional `prepare` (decode the inputs) runs while the current job's `predict` runs,
+and a `PredictResult.finish` (encode and write the outputs) runs once `predict` returned,
+while the next job's `predict` already runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +52,9 @@ class PredictResult:
 
     outputs: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    # writes the outputs named in `outputs`; run by the worker's output thread once the
+    # GPU is free for the next job. None: `predict` wrote them itself.
+    finish: Callable[[], None] | None = None
 
 
 @dataclass
@@ -56,9 +65,31 @@ class SetupResult:
 
 
 class Predictor(Protocol):
+    """`setup` and `predict`, and optionally
+    `prepare(self, inputs: dict[str, Any]) -> dict[str, Any]`: the job's CPU work before
+    the GPU (open and decode the input files), run on another thread while the previous
+    job's `predict` runs; `predict` then gets what it returned. It must not use the GPU;
+    an exception fails the job like one from `predict`. Not declared here, so that a
+    predictor without it still is a `Predictor`: call it through `prepare_inputs`."""
+
     def setup(self, config: WorkerConfig) -> SetupResult:
         """Load the model once. Raise to fail readiness with the exception's message."""
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
         """Run one job. `inputs` is the validated input with media fields replaced by
         local file paths."""
+
+
+def prepare_inputs(predictor: Predictor, inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` through the predictor's optional `prepare` (unchanged without one)."""
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = getattr(predictor, "prepare", None)
+    return inputs if prepare is None else prepare(inputs)
+
+
+def predict_now(predictor: Predictor, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
+    """One job in one call on this thread: `prepare` (if any), `predict`, `finish` (if
+    any). For tests and benches; the worker runs the three as a pipeline."""
+    result = predictor.predict(prepare_inputs(predictor, inputs), ctx)
+    if result.finish is not None:
+        result.finish()
+    return result

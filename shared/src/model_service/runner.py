@@ -5,6 +5,12 @@ job's record: it claims the job, saves progress, enforces the timeout (cancel, t
 `engine.kill()` after `cancel_grace_s`), and records how the job ended. A job whose
 engine died under it fails with the engine's crash code (`worker_crashed`,
 `backend_crashed`).
+The engine holds the running job and up to JOBS_AHEAD more (claimed, `running` in the
+store, prepared by the engine while they wait): the GPU starts the next one the moment
+one ends, and a job's output handling (storage upload, recording, webhooks) runs beside
+the next job. A job's run time and timeout count from when the engine began it; one
+canceled while it waits never starts; one the engine lost before it began (its backend
+died under the job before it) is queued again, its attempt not counted.
 On start-up, jobs the store still shows as running (the service was killed) are queued
 again until they have been started `job_max_attempts` times; then they fail with
 `interrupted`. Jobs are idempotent by id, so running one again is safe.
@@ -18,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +60,7 @@ if TYPE_CHECKING:
 log = get_logger("model_service.runner")
 
 _PROGRESS_SAVE_S = 1.0
+_WAITING_CANCEL_S = 2.0  # a cancel's reply waits this long for a job that never started
 
 
 class JobRunner:
@@ -76,11 +83,13 @@ class JobRunner:
         self.source = source
         self._bug: str | None = None  # set when the loop itself died
         self._task: asyncio.Task[None] | None = None
-        self._running_job: str | None = None
-        self._current: Claim | None = None
-        self._canceling: str | None = None
+        # the engine holds at most the running job and JOBS_AHEAD prepared ones
+        self._slots = asyncio.Semaphore(1 + settings.effective_jobs_ahead)
+        self._claims: dict[str, Claim] = {}  # every job this process holds, by id
+        self._in_engine: dict[str, _InFlight] = {}  # those the engine holds now
+        self._job_tasks: set[asyncio.Task[None]] = set()
         self.mean_run_s = 10.0  # recent run time (moving average): the 429's Retry-After
-        self._engine_idle_since: float | None = None  # the last job's end (the gap metric)
+        self._last_execution_end: float | None = None  # the gap metric
         # why no job can run here until an operator acts (no GPU, setup failed), once known
         self.blocked: str | None = None
         self._blocked_event = asyncio.Event()
@@ -103,27 +112,31 @@ class JobRunner:
             log.error("job runner crashed", exc_info=task.exception())
 
     async def stop(self) -> None:
-        current = self._current  # before the loop's end clears it
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        interrupted = self.source.interrupted(current)
+        claims = list(self._claims.values())  # before the tasks' ends forget them
+        tasks = [task for task in (self._task, *self._job_tasks) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        interrupted = self.source.interrupted(claims)
         # a running job runs again after the restart (or on another pod): do not wait for it
         await self.engine.stop(abandon_running=bool(interrupted))
         for job in interrupted:  # a clean stop (SIGTERM) is not the job's fault
             with contextlib.suppress(ServiceError):
                 self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
             log.warning("service stopping: running job queued again", job_id=job.id)
-        if current is not None and not current.lost:
-            with contextlib.suppress(Exception):  # else the fleet's sweep takes it back
-                await self.source.give_back(current)
+        for claim in claims:
+            if not claim.lost:
+                with contextlib.suppress(Exception):  # else the fleet's sweep takes it back
+                    await self.source.give_back(claim)
         await self.source.stop()
 
     def recover(self) -> None:
         """Requeue or fail the jobs that were running when the service last died."""
         for job in self._store.running():
-            if job.attempts >= self._settings.job_max_attempts:
+            if job.started_at is None:  # taken ahead, never begun: not counted
+                self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
+                log.warning("job taken ahead queued again", job_id=job.id)
+            elif job.attempts >= self._settings.job_max_attempts:
                 error = Interrupted(
                     f"the service stopped while this job ran, {job.attempts} times; it is "
                     "not retried again. Check the service logs (out of memory?), then "
@@ -177,16 +190,26 @@ class JobRunner:
         if job.status is JobStatus.RUNNING and not job.cancel_requested:
             job = self._store.update(job_id, mark_cancel_requested)
             self._bus.publish(JobEvent(job.id, "status", job))  # a fleet: the pod running it
+            flight = self._in_engine.get(job_id)
             self.cancel_here(job_id)
+            if flight is not None and not flight.started:  # taken ahead: it ends at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(flight.recorded.wait(), _WAITING_CANCEL_S)
+                job = self._store.get(job_id)
         return job
 
     def cancel_here(self, job_id: str) -> None:
-        """Stop `job_id` if this process runs it: at its next step, or by force after
-        `cancel_grace_s`."""
-        if self._running_job != job_id or self._canceling == job_id:
+        """Stop `job_id` if this process's engine holds it: at its next step (one that
+        waits never starts), or by force `cancel_grace_s` after it started."""
+        flight = self._in_engine.get(job_id)
+        if flight is None or flight.canceling:
             return
-        self._canceling = job_id
+        flight.canceling = True
         self.engine.cancel(job_id)
+        if flight.started:
+            self._arm_kill(job_id)
+
+    def _arm_kill(self, job_id: str) -> None:
         asyncio.get_running_loop().call_later(
             self._settings.cancel_grace_s, self._kill_if_still_running, job_id
         )
@@ -207,54 +230,74 @@ class JobRunner:
         return job
 
     def _kill_if_still_running(self, job_id: str) -> None:
-        if self._running_job == job_id:
+        flight = self._in_engine.get(job_id)
+        if flight is not None and flight.started:
             log.warning("the job ignored its cancel; stopping it by force", job_id=job_id)
-            self.engine.kill()
+            self.engine.kill(job_id)
 
     # --- the loop ----------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Hands the engine a job whenever it holds fewer than 1 + JOBS_AHEAD: the next
+        job is prepared while the current one runs. Each job goes on in its own task."""
         while True:
-            if not await self.engine.wait_ready():  # jobs stay queued; /ready says why
-                self.blocked = self.engine.readiness[1]
-                self._blocked_event.set()
-                await asyncio.Event().wait()
-                return
-            claim = await self.source.take()
-            if claim is None:
-                continue
-            self._current = claim
+            await self._slots.acquire()
             try:
-                with structlog.contextvars.bound_contextvars(job_id=claim.job.id):
-                    await self._execute(claim)
-            finally:
-                self._current = None
+                if not await self.engine.wait_ready():  # jobs stay queued; /ready says why
+                    self.blocked = self.engine.readiness[1]
+                    self._blocked_event.set()
+                    await asyncio.Event().wait()
+                    return
+                claim = await self.source.take()
+            except BaseException:
+                self._slots.release()
+                raise
+            if claim is None:
+                self._slots.release()
+                continue
+            self._claims[claim.job.id] = claim
+            task = asyncio.create_task(self._execute_claim(claim), name="job")
+            self._job_tasks.add(task)
+            task.add_done_callback(self._job_task_ended)
 
-    async def _execute(self, claim: Claim) -> None:
+    def _job_task_ended(self, task: asyncio.Task[None]) -> None:
+        self._job_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._bug = f"job runner stopped by a bug: {task.exception()!r}; restart"
+            log.error("job runner crashed", exc_info=task.exception())
+
+    async def _execute_claim(self, claim: Claim) -> None:
+        slot = _Slot(self._slots)
+        flight = _InFlight(claim.job.id)
+        try:
+            with structlog.contextvars.bound_contextvars(job_id=claim.job.id):
+                await self._execute(claim, slot, flight)
+        finally:
+            slot.release()
+            self._claims.pop(claim.job.id, None)
+            flight.recorded.set()
+
+    async def _execute(self, claim: Claim, slot: _Slot, flight: _InFlight) -> None:
         job = claim.job
-        self._running_job = job.id
-        self._metrics.job_started(job)
         self._changed(job, "status")
         output_dir = self._settings.job_dir(job.id) / "outputs"
         try:
             inputs = await self._inputs_of(job)
         except InputMissing as exc:
-            self._running_job = None
-            await self._record_end(claim, None, exc, [], (0, 0), [])
+            slot.release()
+            await self._record_end(claim, None, exc, [], (0, 0), [], started=False)
             return
         run = RunJob(job.id, inputs, str(output_dir), job.seed or 0)
-        started = job.started_at or time.time()
-        remaining = max(0.1, started + self._settings.job_timeout_s - time.time())
         recorder = self._progress_recorder(job)
-        run_started = time.time()
-        if self._engine_idle_since is not None and job.created_at <= self._engine_idle_since:
-            self._metrics.job_gap.observe(max(0.0, run_started - self._engine_idle_since))
-        future = asyncio.ensure_future(self.engine.run(run, recorder))
+        self._in_engine[job.id] = flight
+        future = asyncio.ensure_future(
+            self.engine.run(run, recorder, lambda: self._engine_started(flight))
+        )
         done: JobDone | None = None
         failure: ServiceError | None = None
         try:
             async with self.source.hold(claim, lambda: recorder.latest):
-                done = await asyncio.wait_for(asyncio.shield(future), timeout=remaining)
+                done = await self._until_done(future, flight)
         except TimeoutError:
             failure = JobTimeout(
                 f"the job ran longer than JOB_TIMEOUT_S={self._settings.job_timeout_s:g} s "
@@ -262,15 +305,18 @@ class JobRunner:
                 timeout_s=self._settings.job_timeout_s,
             )
             self.engine.cancel(job.id)
-            done = await self._await_or_kill(future)
+            done = await self._await_or_kill(future, job.id)
         except WorkerCrashed as exc:
             failure = exc
         finally:
-            self._running_job = None
-            self._canceling = None
+            del self._in_engine[job.id]
+            slot.release()  # the engine can take the job after next now
             recorder.close()
-            self._engine_idle_since = time.time()
-            self._metrics.engine_busy.inc(max(0.0, self._engine_idle_since - run_started))
+        if failure is None and done is not None and done.not_started:
+            await self._requeue_not_started(claim, flight)
+            return
+        if done is not None:
+            self._observe_execution(job, done)
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
         if outputs and done is not None and job.parent_id and self.graphs is not None:
             try:  # a part of a long video: e.g. its colour-corrected last frame
@@ -285,13 +331,74 @@ class JobRunner:
         store = OutputStore.for_job(self._settings, job.storage) if outputs else None
         if store is not None:
             # Uploaded before `succeeded` is recorded, so that a client who sees it can use
-            # the URLs. This delays the next job by the upload time (a later step moves
-            # output handling off the critical path).
+            # the URLs; the engine runs the next job meanwhile.
             try:
                 stored = await store.upload(job, [output_dir / name for name in outputs])
             except StorageFailed as exc:
                 failure = exc
-        await self._record_end(claim, done, failure, outputs, recorder.latest, stored)
+        await self._record_end(
+            claim, done, failure, outputs, recorder.latest, stored, started=flight.started
+        )
+
+    async def _until_done(self, future: asyncio.Future[JobDone], flight: _InFlight) -> JobDone:
+        """The engine's result; JOB_TIMEOUT_S counts from the job's real start (a job
+        handed over ahead waits for the one before it first)."""
+        if not flight.started:
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(flight.started_event.wait())
+            either: set[asyncio.Future[Any]] = {future, waiter}
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if future.done():
+                return future.result()
+        return await asyncio.wait_for(asyncio.shield(future), self._settings.job_timeout_s)
+
+    def _engine_started(self, flight: _InFlight) -> None:
+        """The engine began the job: its run time and timeout count from here."""
+        flight.started = True
+        flight.started_event.set()
+        now = time.time()
+
+        def started(job: Job) -> None:
+            job.started_at = now
+
+        try:
+            job = self._store.update(flight.job_id, started, durable=False)
+        except ServiceError as exc:  # the record keeps the claim's time
+            log.warning("cannot record the job's start", error=exc.message)
+        else:
+            self._metrics.job_started(job)
+        if flight.canceling:  # canceled while it waited: it may not see the cancel
+            self._arm_kill(flight.job_id)
+
+    async def _requeue_not_started(self, claim: Claim, flight: _InFlight) -> None:
+        """The engine lost the job before it began (its backend died under the job
+        before it): queued again, the attempt not counted."""
+        if flight.started:
+            self._metrics.running.dec()
+        log.warning("the engine lost this job before it started; queued again")
+        try:
+            job = self._store.transition(claim.job.id, JobStatus.QUEUED, _give_back_attempt)
+        except ServiceError as exc:  # canceled meanwhile, or the store is away: the
+            log.warning("job not queued again", error=exc.message)  # source's sweep has it
+            return
+        self._changed(job, "status")
+        if not claim.lost:
+            await self.source.give_back(claim)
+        self.wake()
+
+    def _observe_execution(self, job: Job, done: JobDone) -> None:
+        """The GPU's busy time, and its idle time before a job that was waiting."""
+        if done.started_at is None or done.ended_at is None:
+            return
+        self._metrics.engine_busy.inc(max(0.0, done.ended_at - done.started_at))
+        last_end = self._last_execution_end
+        if last_end is not None and job.created_at <= last_end:  # it waited for the GPU
+            self._metrics.job_gap.observe(max(0.0, done.started_at - last_end))
+        self._last_execution_end = max(last_end or 0.0, done.ended_at)
+        done.info.setdefault("execution_started_at", round(done.started_at, 4))
+        done.info.setdefault("execution_ended_at", round(done.ended_at, 4))
 
     async def _record_end(
         self,
@@ -301,16 +408,20 @@ class JobRunner:
         outputs: list[str],
         progress: tuple[int, int],
         stored: list[StoredObject],
+        *,
+        started: bool,
     ) -> None:
         """Record how the job ended, then acknowledge it to the source (never the other
-        way round). A shared store that cannot be reached is tried again until it can."""
+        way round). A shared store that cannot be reached is tried again until it can.
+        `started`: the engine began it (else it ended before it ran: canceled while it
+        waited, or its input was gone)."""
         if claim.lost:
             log.warning("the fleet gave this job to another pod meanwhile; its end here is dropped")
             return
         retried = False
         while True:
             try:
-                self._finish(claim.job.id, done, failure, outputs, progress, stored)
+                self._finish(claim.job.id, done, failure, outputs, progress, stored, started)
                 break
             except StoreUnavailable as exc:
                 log.warning("cannot record the end of the job yet; trying again", error=exc.message)
@@ -322,14 +433,15 @@ class JobRunner:
                     break
                 raise
         await self.source.ended(claim)
+        self.wake()  # its end may make others runnable (a long video's next part)
 
-    async def _await_or_kill(self, future: asyncio.Future[JobDone]) -> JobDone | None:
+    async def _await_or_kill(self, future: asyncio.Future[JobDone], job_id: str) -> JobDone | None:
         try:
             return await asyncio.wait_for(
                 asyncio.shield(future), timeout=self._settings.cancel_grace_s
             )
         except (TimeoutError, WorkerCrashed):
-            self.engine.kill()
+            self.engine.kill(job_id)
             with contextlib.suppress(WorkerCrashed):
                 await future
             return None
@@ -342,6 +454,7 @@ class JobRunner:
         outputs: list[str],
         progress: tuple[int, int],
         stored: list[StoredObject],
+        started: bool,
     ) -> None:
         current = self._store.get(job_id)
         change: Callable[[Job], None]
@@ -354,11 +467,16 @@ class JobRunner:
         else:
             assert done is not None
             status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info, stored)
+        began = None if done is None else done.started_at
+
+        def ended(job: Job) -> None:
+            if job.started_at is None and began is not None:  # its start was not heard
+                job.started_at = began
+            _with_progress(change, progress)(job)
+
         # not fsynced: after a power loss the job runs again (see SqliteJobStore._tx)
-        job = self._store.transition(
-            job_id, status, _with_progress(change, progress), durable=False
-        )
-        self._metrics.job_ended(job, was_running=True)
+        job = self._store.transition(job_id, status, ended, durable=False)
+        self._metrics.job_ended(job, was_running=started)
         if job.status is JobStatus.SUCCEEDED and job.started_at and job.finished_at:
             self.mean_run_s = 0.8 * self.mean_run_s + 0.2 * (job.finished_at - job.started_at)
         self._changed(job, "status")
@@ -397,6 +515,29 @@ class JobRunner:
                 log.error("webhook delivery not stored", job_id=job.id, error=exc.message)
         if job.parent_id is not None and self.graphs is not None:
             self.graphs.child_changed(job, kind)
+
+
+@dataclass
+class _InFlight:
+    """A job the engine holds: waiting behind the running one, or running."""
+
+    job_id: str
+    started: bool = False
+    canceling: bool = False
+    started_event: asyncio.Event = field(default_factory=asyncio.Event)
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)  # its end is recorded
+
+
+class _Slot:
+    """One of the engine's places (`JobRunner._slots`), given back exactly once."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 class _ProgressRecorder:

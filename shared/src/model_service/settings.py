@@ -108,6 +108,16 @@ class Settings(BaseSettings):
         "has been started this many times; then it fails with code `interrupted` (in a "
         "fleet: `poison`, the pods that ran it died).",
     )
+    jobs_ahead: int | None = Field(
+        None,
+        ge=0,
+        le=4,
+        description="How many queued jobs the engine takes before the running one ends: "
+        "prepared (inputs fetched, decoded, uploaded to ComfyUI, graph queued) so the GPU "
+        "starts the next one the moment the last one ends. Default: 1; 0 in a fleet "
+        "(QUEUE_URL), where a job taken ahead could wait while another pod is idle: set 1 "
+        "there when the queue is always deep.",
+    )
     cancel_grace_s: float = Field(
         10.0,
         gt=0,
@@ -231,6 +241,13 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def effective_jobs_ahead(self) -> int:
+        """JOBS_AHEAD, or its default: 1 on one machine, 0 in a fleet."""
+        if self.jobs_ahead is not None:
+            return self.jobs_ahead
+        return 0 if self.queue_url else 1
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id

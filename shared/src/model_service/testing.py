@@ -137,6 +137,19 @@ def wait_status(
     raise TimeoutError(f"job {job_id} not in {statuses} after {timeout}s: {job}")
 
 
+def wait_started(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Until the engine has begun the job (`running` alone may be a job taken ahead,
+    waiting behind another)."""
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job.get("status") == "running" and (job.get("timings") or {}).get("started_at"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} not started after {timeout}s: {job}")
+
+
 def place_sparse_models(models_dir: Path, files: Iterable[ModelFile]) -> None:
     """Each manifest file as a sparse file of its real size: "downloaded" for the
     services' start-up checks (sizes only), costing no disk."""

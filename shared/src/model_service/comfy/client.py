@@ -261,6 +261,14 @@ class _Watch:
     succeeded: bool = False
     outputs: dict[str, Any] = field(default_factory=dict)  # from `executed` events
     messages: list[list[Any]] = field(default_factory=list)  # as in the history's status
+    on_start: Callable[[], None] | None = None  # once, when ComfyUI begins the prompt
+    began: bool = False
+
+    def begin(self) -> None:
+        if not self.began:
+            self.began = True
+            if self.on_start is not None:
+                self.on_start()
 
     async def next(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
         try:
@@ -272,6 +280,8 @@ class _Watch:
         """Take one event; True when our prompt has ended."""
         if event in _STATUS_EVENTS:
             self.messages.append([event, data])
+        if event in ("execution_start", "executing", "progress", *TERMINAL_EVENTS):
+            self.begin()  # a missed `execution_start` (socket drop): any later sign counts
         if event == "executed":
             node, output = data.get("node"), data.get("output")
             if node is not None and isinstance(output, dict):
@@ -571,20 +581,32 @@ class ComfyClient:
         prompt_id: str | None = None,
         keep_history: bool = False,
         expect_outputs: Collection[str] | None = None,
+        on_queued: Callable[[], None] | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> RunResult:
         """Queue `graph`, follow it to its end, return its outputs (history deleted after).
 
         `expect_outputs`: the output nodes whose files the caller needs; when the
         websocket reported each of them, `/history` is not read (its entry is still
-        deleted). Without it every output is taken from `/history`."""
+        deleted). Without it every output is taken from `/history`. `on_queued`: called
+        once ComfyUI holds the prompt; `on_start`: once ComfyUI begins it (it may wait
+        behind others first)."""
         expect = None if expect_outputs is None else frozenset(map(str, expect_outputs))
-        watch = _Watch(prompt_id or str(uuid.uuid4()), graph, on_progress, expect_outputs=expect)
+        watch = _Watch(
+            prompt_id or str(uuid.uuid4()),
+            graph,
+            on_progress,
+            expect_outputs=expect,
+            on_start=on_start,
+        )
         self._watches[watch.prompt_id] = watch
         loop = asyncio.get_running_loop()
         started, done = loop.time(), False
         try:
             await self._ensure_ws()
             await self._queue_watched(watch, graph)
+            if on_queued is not None:
+                on_queued()
             entry = await self._follow(watch, started + timeout_s, timeout_s)
             done = True
             return await self._conclude(watch, entry, loop.time() - started, keep_history)
@@ -612,7 +634,7 @@ class ComfyClient:
             if event is None and watch.ended:  # no `executing` null: read history anyway
                 entry = await self._history_with_retry(watch.prompt_id)
             elif event is None or event[0] in (_WS_LOST, _CANCELED):
-                entry = await self._check(watch.prompt_id)
+                entry = await self._check(watch)
             elif await watch.handle(*event):
                 entry = watch.entry_from_events() or await self._history_with_retry(watch.prompt_id)
             else:
@@ -629,11 +651,12 @@ class ComfyClient:
             await asyncio.sleep(self._history_retry_s)
         return None  # the poll in `_follow` takes over
 
-    async def _check(self, prompt_id: str, attempts: int = 3) -> dict[str, Any] | None:
+    async def _check(self, watch: _Watch, attempts: int = 3) -> dict[str, Any] | None:
         """Poll: None while queued or running, the entry when done; raise when it is gone."""
+        prompt_id = watch.prompt_id
         for attempt in range(attempts):
             try:
-                return await self._poll_state(prompt_id)
+                return await self._poll_state(watch)
             except ComfyUnavailable as exc:
                 if attempt == attempts - 1:
                     raise ComfyCrashed(
@@ -644,9 +667,13 @@ class ComfyClient:
                 await asyncio.sleep(0.3)
         return None
 
-    async def _poll_state(self, prompt_id: str) -> dict[str, Any] | None:
+    async def _poll_state(self, watch: _Watch) -> dict[str, Any] | None:
+        prompt_id = watch.prompt_id
         running, pending = _queue_ids(await self.queue())
-        if prompt_id in running or prompt_id in pending:
+        if prompt_id in running:
+            watch.begin()
+            return None
+        if prompt_id in pending:
             return None
         entry = await self.history(
             prompt_id

@@ -12,10 +12,14 @@ Start-up, in the background (each stage shows in `/ready`):
 
 A job: its media inputs are uploaded to ComfyUI (`/upload/image`), the workflow is
 bound to its values, queued with our client id, followed to its end (`ComfyClient.run`),
-and every output is streamed into the job's folder. Cancel interrupts or dequeues only
-our prompt. When ComfyUI dies under a job, the job fails with `backend_crashed` and the
-supervisor starts a new ComfyUI; a CUDA error restarts ComfyUI on purpose (the process
-is poisoned); out-of-memory asks ComfyUI to free its memory.
+and every output is streamed into the job's folder. The runner hands over the next job
+while one runs: it is prepared and queued in ComfyUI's own queue behind the running one
+(prompts queued in the order the jobs came), so ComfyUI starts it the moment the other
+ends. Cancel interrupts or dequeues only our prompt. When ComfyUI dies, the job it was
+running fails with `backend_crashed` and the jobs still waiting come back `not_started`
+(the runner queues them again); the supervisor starts a new ComfyUI. A CUDA error
+restarts ComfyUI on purpose (the process is poisoned); out-of-memory asks ComfyUI to
+free its memory.
 """
 
 from __future__ import annotations
@@ -34,7 +38,12 @@ from typing import Any
 
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
 from model_service.comfy.custom import FILE_INPUTS
-from model_service.comfy.errors import ComfyCrashed, ComfyCudaError, ComfyInterrupted
+from model_service.comfy.errors import (
+    ComfyCrashed,
+    ComfyCudaError,
+    ComfyInterrupted,
+    ComfyUnavailable,
+)
 from model_service.comfy.supervisor import ComfyState, ComfySupervisor
 from model_service.comfy.workflow import (
     LAST_FRAME_STEM,
@@ -58,6 +67,7 @@ _PROVISION_RETRY_S = (10.0, 30.0, 60.0, 300.0)
 LORA_CACHE_FOLDER = "cache"  # under the models' `loras` folder, so ComfyUI lists them
 MAX_LORA_BYTES = 2 * 2**30
 LORA_FETCH_TIMEOUT_S = 1800.0
+_LOST_BACKOFF_S = 1.0
 _BLOCKED_RECHECK_S = 5.0  # while a model file is missing: soon ready once it is there
 # an input key set by the long-video coordinator (never by a caller: input models forbid
 # extra keys): also save the video's last frame as `last_frame.png`
@@ -133,7 +143,8 @@ class ComfyEngine:
         self._task: asyncio.Task[None] | None = None
         self._info: dict[str, Any] = {}
         self._object_info: dict[str, Any] | None = None  # cached since the last (re)start
-        self._running: _Running | None = None
+        self._runs: dict[str, _Running] = {}  # by job id: the running job, those waiting
+        self._last_queued: asyncio.Future[None] | None = None  # the latest job's turn
 
     # --- what the service reads ------------------------------------------------------
 
@@ -181,10 +192,10 @@ class ComfyEngine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        running = self._running
-        if running is not None and abandon_running:  # it runs again after our restart
-            with contextlib.suppress(ServiceError):
-                await asyncio.wait_for(self._client.cancel(running.prompt_id), 5.0)
+        if abandon_running:  # they run again after our restart
+            for running in list(self._runs.values()):
+                with contextlib.suppress(ServiceError, TimeoutError):
+                    await asyncio.wait_for(self._client.cancel(running.prompt_id), 5.0)
         await self._client.close()
         await self._supervisor.stop()
 
@@ -309,8 +320,7 @@ class ComfyEngine:
         return "not in the service's manifest"
 
     def _on_crash(self, reason: str) -> None:
-        running = self._running
-        if running is not None:
+        for running in list(self._runs.values()):
             running.crash = reason
             running.task.cancel()
         self._notify()
@@ -321,12 +331,27 @@ class ComfyEngine:
 
     # --- jobs --------------------------------------------------------------------------
 
-    async def run(self, job: RunJob, on_progress: Callable[[JobProgress], None]) -> JobDone:
+    async def run(
+        self,
+        job: RunJob,
+        on_progress: Callable[[JobProgress], None],
+        on_started: Callable[[], None],
+    ) -> JobDone:
         task = asyncio.current_task()
         assert task is not None
         prompt_id = str(uuid.uuid4())  # ComfyUI wants a UUID; a new one for each attempt
-        running = _Running(job.job_id, f"{job.job_id[:12]}-{prompt_id[:8]}", prompt_id, task)
-        self._running = running
+        # prompts are queued in the order the jobs came: each waits for the one before
+        after, self._last_queued = self._last_queued, asyncio.get_running_loop().create_future()
+        running = _Running(
+            job.job_id,
+            f"{job.job_id[:12]}-{prompt_id[:8]}",
+            prompt_id,
+            task,
+            on_started=on_started,
+            after=after,
+            queued=self._last_queued,
+        )
+        self._runs[job.job_id] = running
         try:
             return await self._run(job, running, on_progress)
         except asyncio.CancelledError:
@@ -334,9 +359,16 @@ class ComfyEngine:
                 raise
             if running.killed:
                 return JobDone(job.job_id, canceled=True)
-            return JobDone(job.job_id, error=_crashed(running.crash or "", running.prompt_id))
+            return self._lost(job, running, running.crash or "")
         except ComfyCrashed as exc:
-            return JobDone(job.job_id, error=_crashed(exc.message, running.prompt_id))
+            return self._lost(job, running, exc.message)
+        except ComfyUnavailable as exc:
+            if running.started:
+                return JobDone(job.job_id, error=exc.to_dict())
+            # ComfyUI went away before this job began: it runs again once ComfyUI is
+            # back (a moment for the supervisor to see it, so it is not taken at once)
+            await asyncio.sleep(_LOST_BACKOFF_S)
+            return self._lost(job, running, exc.message)
         except ComfyInterrupted:
             return JobDone(job.job_id, canceled=True)
         except ComfyCudaError as exc:
@@ -346,7 +378,17 @@ class ComfyEngine:
         except ServiceError as exc:
             return JobDone(job.job_id, error=exc.to_dict())
         finally:
-            self._running = None
+            running.take_turn()  # the next job may queue its prompt (this one failed first)
+            self._runs.pop(job.job_id, None)
+
+    @staticmethod
+    def _lost(job: RunJob, running: _Running, reason: str) -> JobDone:
+        """ComfyUI died or restarted: the job it was running failed; one still waiting
+        was not its cause and runs again."""
+        if running.started:
+            return JobDone(job.job_id, error=_crashed(reason, running.prompt_id))
+        log.warning("ComfyUI restarted before this job began; it is queued again")
+        return JobDone(job.job_id, not_started=True)
 
     async def _run(
         self, job: RunJob, running: _Running, on_progress: Callable[[JobProgress], None]
@@ -421,6 +463,8 @@ class ComfyEngine:
         name: str,
         graph: dict[str, Any],
     ) -> JobDone:
+        if running.after is not None:  # the job before ours queues its prompt first
+            await asyncio.shield(running.after)
         if running.cancel_requested:
             return JobDone(job.job_id, canceled=True)
 
@@ -430,13 +474,18 @@ class ComfyEngine:
         result = await self._client.run(
             graph,
             on_progress=progress,
-            timeout_s=self._settings.job_timeout_s + self._settings.cancel_grace_s,
+            # the wait behind the job before it is bounded by that job's own limit
+            timeout_s=2 * (self._settings.job_timeout_s + self._settings.cancel_grace_s),
             prompt_id=running.prompt_id,
             expect_outputs=[node for node in stems if node in graph] or None,
+            on_queued=running.take_turn,
+            on_start=running.start,
         )
         output_dir = Path(job.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - cheaper than a thread
         names = await self._save_outputs(stems, result, output_dir)
+        times = _execution_times(result)
+        began, ended = times.get("comfy_started_ms"), times.get("comfy_ended_ms")
         return JobDone(
             job.job_id,
             outputs=names,
@@ -444,8 +493,10 @@ class ComfyEngine:
                 "workflow": name,
                 "comfy_prompt_id": result.prompt_id,
                 "comfy_run_s": round(time.monotonic() - started, 3),
-                **_execution_times(result),
+                **times,
             },
+            started_at=None if began is None else began / 1000,
+            ended_at=None if ended is None else ended / 1000,
         )
 
     async def _upload(self, path: Path, stem: str) -> str:
@@ -481,8 +532,8 @@ class ComfyEngine:
         await self._client.download(output, dest)
 
     def cancel(self, job_id: str) -> None:
-        running = self._running
-        if running is None or running.job_id != job_id or running.cancel_requested:
+        running = self._runs.get(job_id)
+        if running is None or running.cancel_requested:
             return
         running.cancel_requested = True
 
@@ -492,11 +543,11 @@ class ComfyEngine:
 
         asyncio.get_running_loop().create_task(cancel_prompt())
 
-    def kill(self) -> None:
+    def kill(self, job_id: str) -> None:
         """The prompt ignored its interrupt (a long node that never checks for one): stop
         waiting for it. ComfyUI itself is not restarted: it drops the prompt at its next
         interrupt check, and a restart would cost every loaded model."""
-        running = self._running
+        running = self._runs.get(job_id)
         if running is not None:
             running.killed = True
             running.task.cancel()
@@ -508,9 +559,22 @@ class _Running:
     tag: str  # unique per attempt: upload names and output prefixes
     prompt_id: str
     task: asyncio.Task[Any]
+    on_started: Callable[[], None]
+    after: asyncio.Future[None] | None  # done once the job before ours is queued (or gone)
+    queued: asyncio.Future[None]  # ours: done once our prompt is queued (or we are gone)
     cancel_requested: bool = False
     killed: bool = False
     crash: str | None = None
+    started: bool = False  # ComfyUI began our prompt
+
+    def take_turn(self) -> None:
+        if not self.queued.done():
+            self.queued.set_result(None)
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.on_started()
 
 
 def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:

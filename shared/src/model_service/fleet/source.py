@@ -179,7 +179,7 @@ class FleetSource:
             if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING) or job.is_parent:
                 raise _NotRunnable
             job.status = JobStatus.RUNNING
-            job.started_at = time.time()
+            job.started_at = None  # set when the engine begins it (it may wait first)
             job.attempts = lease.attempt
             job.progress_step = 0
             job.held_by = self.pod_url
@@ -270,8 +270,8 @@ class FleetSource:
     async def give_back(self, claim: Claim) -> None:
         await self._queue.give_back(claim.lease, "the pod stopped")
 
-    def interrupted(self, current: Claim | None) -> list[Job]:
-        return [current.job] if current is not None and not current.lost else []
+    def interrupted(self, claims: list[Claim]) -> list[Job]:
+        return [claim.job for claim in claims if not claim.lost]
 
     # --- the sweep ---------------------------------------------------------------------
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar, cast
@@ -361,7 +360,7 @@ class RedisJobStore:
                     return None
             job = stored.job
             job.status = JobStatus.RUNNING
-            job.started_at = time.time()
+            job.started_at = None  # set when the engine begins it (it may wait first)
             job.attempts += 1
             job.progress_step = 0
             pipe.multi()

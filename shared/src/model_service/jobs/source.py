@@ -70,8 +70,9 @@ class JobSource(Protocol):
     async def give_back(self, claim: Claim) -> None:
         """The process stops while `claim` runs: the job runs again elsewhere or later."""
 
-    def interrupted(self, current: Claim | None) -> list[Job]:
-        """The running jobs this process leaves behind when it stops."""
+    def interrupted(self, claims: list[Claim]) -> list[Job]:
+        """The running jobs this process leaves behind when it stops (`claims`: those it
+        holds)."""
 
     async def save_upload(self, upload_id: str, path: Path) -> None: ...
     async def read_upload(self, upload_id: str) -> bytes | None: ...
@@ -135,7 +136,7 @@ class LocalSource:
     async def give_back(self, claim: Claim) -> None:
         pass  # the store shows it running: `interrupted` requeues it
 
-    def interrupted(self, current: Claim | None) -> list[Job]:
+    def interrupted(self, claims: list[Claim]) -> list[Job]:
         return self._store.running()
 
     async def save_upload(self, upload_id: str, path: Path) -> None:

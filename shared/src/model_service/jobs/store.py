@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -351,7 +350,7 @@ class SqliteJobStore:
                 return None
             job = Job.from_row(json.loads(row["data"]))
             job.status = JobStatus.RUNNING
-            job.started_at = time.time()
+            job.started_at = None  # set when the engine begins it (it may wait first)
             job.attempts += 1
             job.progress_step = 0
             self._save(db, job)

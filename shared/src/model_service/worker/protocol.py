@@ -40,6 +40,14 @@ class WorkerSetupFailed:
 
 
 @dataclass(frozen=True)
+class JobStarted:
+    """The job's GPU work began (its inputs were prepared while the previous job ran)."""
+
+    job_id: str
+    at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
 class JobProgress:
     job_id: str
     step: int
@@ -54,7 +62,13 @@ class JobDone:
     error: dict[str, Any] | None = None  # {"code", "message", ...} when the job failed
     canceled: bool = False
     fatal: bool = False  # the worker exits after this message (poisoned CUDA context)
+    # the engine lost the job before it began (its backend died or stopped under the job
+    # before it): not the job's fault, so the runner queues it again without counting it
+    not_started: bool = False
+    # when the engine really ran it (epoch seconds): the gap and busy metrics, `job.info`
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 ToWorker = RunJob | CancelJob | Shutdown
-FromWorker = WorkerReady | WorkerSetupFailed | JobProgress | JobDone
+FromWorker = WorkerReady | WorkerSetupFailed | JobStarted | JobProgress | JobDone
