@@ -133,9 +133,10 @@ def run(kind: str, root: Path, jobs: int, size: int, ahead: int, gpu_ms: float) 
     standin = None
     inputs = [{"workflow": graph(i, size)} for i in range(jobs + 1)]
     if kind in ("qwen", "qwen-gpu"):
-        env |= {"PROFILE": "tiny", "MODELS_DIR": str(root / "qwen-models")}
         if kind == "qwen-gpu":
             env |= {"PROFILE": "full", "MODELS_DIR": str(small_qwen_models(root))}
+        else:
+            env |= {"PROFILE": "tiny", "MODELS_DIR": str(root / "qwen-models")}
         inputs = [edit_input(i, size) for i in range(jobs + 1)]
         service = ServiceProcess(
             "model_service.cli",
