@@ -48,11 +48,17 @@ bench: setup
 	$(PY) bench/fleet.py
 	$(PY) bench/gap.py
 
-# On a GPU machine (torch with CUDA and diffusers installed; no venv needed): the services'
-# transformers, VAE decodes and text encoder at full size on random weights (bench/README)
+# On a GPU machine (torch with CUDA, diffusers and the services' packages installed; no venv
+# needed): the transformers, VAE decodes and text encoder at full size on random weights,
+# then the services end to end on full-size random files (COMFYUI_DIR: a ComfyUI checkout;
+# about 90 GB of disk in all, the Qwen folder is removed before the ComfyUI part). bench/README
 bench-gpu:
 	python3 bench/gpu_dit.py --out build/bench-gpu.json
 	python3 bench/gpu_dit.py --only wan --compile --out build/bench-gpu-compiled.json
+	python3 bench/gpu_service.py qwen --out build/bench-gpu-qwen.json
+	rm -rf /tmp/gpu-bench/qwen-models
+	python3 bench/gpu_service.py fastwan --queued 4 --wan14b 480p 480p 720p \
+		--comfyui-dir "$(COMFYUI_DIR)" --out build/bench-gpu-comfy.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

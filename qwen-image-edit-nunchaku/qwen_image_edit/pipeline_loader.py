@@ -3,7 +3,8 @@
 Profile `tiny`: the random-weight folder from `tiny_model`, float32 on CPU.
 Profile `full`: the local copy of the HF repo under MODELS_DIR, bf16, with Nunchaku's
 4-bit transformer where its kernels run (a supported GPU and `import nunchaku`), else
-diffusers' bf16 transformer; CPU offload chosen from the free VRAM. Nothing is ever
+diffusers' bf16 transformer; CPU offload chosen from the free VRAM unless the
+worker option `cpu_offload` (setting CPU_OFFLOAD) names one. Nothing is ever
 downloaded here and nothing is faked: missing files raise `SetupFailed` naming them.
 """
 
@@ -87,13 +88,42 @@ def choose_offload(kind: str, free_gb: float) -> str:
     raise ValueError(f"unknown transformer kind {kind!r}")
 
 
+def resolve_offload(kind: str, free_gb: float, requested: str) -> str:
+    """Offload mode for a kind: `choose_offload` for `auto`, else the operator's choice.
+
+    `requested` is CPU_OFFLOAD: `auto`, `none`, `model` or `sequential` (for Nunchaku
+    kinds `sequential` is its per-block offload). The CPU kind is never offloaded.
+    """
+    if kind == FLOAT32_CPU:
+        return OFFLOAD_NONE
+    if kind not in (BF16, NUNCHAKU_INT4, NUNCHAKU_FP4):
+        raise ValueError(f"unknown transformer kind {kind!r}")
+    if requested == "auto":
+        return choose_offload(kind, free_gb)
+    if requested == "none":
+        return OFFLOAD_NONE
+    if requested == "model":
+        return OFFLOAD_MODEL
+    if requested == "sequential":
+        return OFFLOAD_SEQUENTIAL if kind == BF16 else OFFLOAD_NUNCHAKU_BLOCKS
+    raise ValueError(f"unknown CPU_OFFLOAD {requested!r}; use auto, none, model or sequential")
+
+
+def offload_reason(free_gb: float, requested: str, offload: str) -> str:
+    """The reason's offload part: chosen from the free VRAM, or set by CPU_OFFLOAD."""
+    if requested == "auto":
+        return f"; {free_gb:.1f} GB VRAM free -> {offload}"
+    return f"; CPU_OFFLOAD={requested} -> {offload} ({free_gb:.1f} GB VRAM free)"
+
+
 def load_pipeline(config: WorkerConfig, variant: ModelVariant) -> LoadedPipeline:
     """Load `variant` as `config.profile` says; raises `SetupFailed` with what to do."""
     apply_torchvision_shim()
     if config.profile == "tiny":
         return _load_tiny(Path(config.models_dir), variant)
     if config.profile == "full":
-        return _load_full(Path(config.models_dir), variant)
+        requested = str(config.options.get("cpu_offload", "auto"))
+        return _load_full(Path(config.models_dir), variant, requested)
     raise SetupFailed(f"unknown profile {config.profile!r}; use `full` or `tiny`")
 
 
@@ -148,7 +178,7 @@ def _scaled_dimensions(original: Callable[..., tuple[Any, ...]]) -> Callable[...
 # --- full -------------------------------------------------------------------------
 
 
-def _load_full(models_dir: Path, variant: ModelVariant) -> LoadedPipeline:
+def _load_full(models_dir: Path, variant: ModelVariant, requested: str) -> LoadedPipeline:
     folder = models_dir / variant.local_dirname
     _require(folder / "model_index.json", _base_hint(variant, folder))
     if is_tiny_folder(folder):
@@ -167,9 +197,9 @@ def _load_full(models_dir: Path, variant: ModelVariant) -> LoadedPipeline:
     if kind == BF16:
         _require(folder / "transformer" / "config.json", _base_hint(variant, folder))
     free_gb = torch.cuda.mem_get_info()[0] / 1e9
-    offload = choose_offload(kind, free_gb)
+    offload = resolve_offload(kind, free_gb, requested)
     pipe = _from_pretrained_full(variant, folder, nunchaku_file, offload)
-    reason += f"; {free_gb:.1f} GB VRAM free -> {offload}"
+    reason += offload_reason(free_gb, requested, offload)
     log.info("pipeline loaded", variant=variant.name, kind=kind, offload=offload, reason=reason)
     return LoadedPipeline(pipe, variant, kind, offload, "cuda:0", reason, tiny=False)
 

@@ -22,7 +22,10 @@ def _check_input(data: QwenEditInput, settings: Settings) -> None:
 
 
 def _worker_options(settings: Settings) -> dict[str, Any]:
-    return {"model_variant": get_variant(settings.model_variant).name}
+    return {
+        "model_variant": get_variant(settings.model_variant).name,
+        "cpu_offload": settings.cpu_offload,
+    }
 
 
 SPEC = ServiceSpec(

@@ -185,8 +185,18 @@ def _processor(tokenizer: Any) -> Any:
         patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=side, max_pixels=side
     )
     return Qwen2VLProcessor(  # type: ignore[no-untyped-call]
-        image_processor=image_processor, tokenizer=tokenizer
+        image_processor=image_processor, tokenizer=tokenizer, **_video_processor()
     )
+
+
+def _video_processor() -> dict[str, Any]:
+    """With torchvision, transformers loads the processor's `video_processor` too and
+    fails on a folder without its config: save one (the pipelines never feed videos)."""
+    if not _torchvision_usable():
+        return {}
+    from transformers import Qwen2VLVideoProcessor
+
+    return {"video_processor": Qwen2VLVideoProcessor()}
 
 
 def _text_encoder(tokenizer: Any) -> Any:

@@ -21,7 +21,12 @@ from structlog.testing import capture_logs
 from model_service.errors import InvalidInput, JobCanceled, SetupFailed
 from model_service.predictor import WorkerConfig, predict_now
 from qwen_image_edit import manifest, pipeline_loader, tiny_model
-from qwen_image_edit.pipeline_loader import choose_offload, load_pipeline
+from qwen_image_edit.pipeline_loader import (
+    choose_offload,
+    load_pipeline,
+    offload_reason,
+    resolve_offload,
+)
 from qwen_image_edit.predictor import DECODED_IMAGES, QwenImageEditPredictor
 from qwen_image_edit.tiny_model import MARKER_FILE, MARKER_KEY, TINY_SUBDIR, ensure_tiny_pipeline
 
@@ -217,6 +222,41 @@ def test_tiny_patch_is_scoped(edit: QwenImageEditPredictor) -> None:
 )
 def test_choose_offload(kind: str, free_gb: float, mode: str) -> None:
     assert choose_offload(kind, free_gb) == mode
+
+
+@pytest.mark.parametrize(
+    ("kind", "free_gb", "requested", "mode"),
+    [
+        ("bf16", 79.0, "auto", "none"),
+        ("bf16", 40.0, "auto", "model-cpu-offload"),
+        ("nunchaku-int4", 18.0, "auto", "nunchaku-blocks+sequential"),
+        ("bf16", 10.0, "none", "none"),  # the operator may overrule the free VRAM
+        ("bf16", 79.0, "model", "model-cpu-offload"),
+        ("bf16", 79.0, "sequential", "sequential-cpu-offload"),
+        ("nunchaku-int4", 10.0, "none", "none"),
+        ("nunchaku-fp4", 79.0, "model", "model-cpu-offload"),
+        ("nunchaku-int4", 79.0, "sequential", "nunchaku-blocks+sequential"),
+        ("nunchaku-fp4", 79.0, "sequential", "nunchaku-blocks+sequential"),
+        ("float32-cpu", 0.0, "model", "none"),  # the CPU profile is never offloaded
+        ("float32-cpu", 0.0, "sequential", "none"),
+    ],
+)
+def test_resolve_offload(kind: str, free_gb: float, requested: str, mode: str) -> None:
+    assert resolve_offload(kind, free_gb, requested) == mode
+
+
+@pytest.mark.parametrize(("kind", "requested"), [("bf16", "bogus"), ("fp8", "model")])
+def test_resolve_offload_refuses_unknown_values(kind: str, requested: str) -> None:
+    with pytest.raises(ValueError, match="bogus|fp8"):
+        resolve_offload(kind, 79.0, requested)
+
+
+def test_offload_reason_says_chosen_or_set() -> None:
+    assert offload_reason(79.12, "auto", "none") == "; 79.1 GB VRAM free -> none"
+    assert (
+        offload_reason(79.12, "model", "model-cpu-offload")
+        == "; CPU_OFFLOAD=model -> model-cpu-offload (79.1 GB VRAM free)"
+    )
 
 
 def test_full_profile_names_the_missing_folder(tmp_path: Path) -> None:

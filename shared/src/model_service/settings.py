@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         description="Which of the service's models to load (Qwen: `edit` or `edit-2509`); "
         "default: the service's own default.",
     )
+    cpu_offload: Literal["auto", "none", "model", "sequential"] = Field(
+        "auto",
+        description="Qwen-Image-Edit only: where the model's components live. `auto` "
+        "chooses from the free VRAM at start (bf16: everything on the GPU with >= 62 GB "
+        "free, model offload with >= 24 GB, sequential below; Nunchaku: on the GPU with "
+        ">= 36 GB, model offload above 18 GB, else its per-block offload); `none` keeps "
+        "every component on the GPU; `model` moves one whole component at a time to the "
+        "GPU (diffusers' enable_model_cpu_offload); `sequential` streams layer by layer "
+        "(least VRAM, slowest; with Nunchaku: its per-block offload). The ComfyUI "
+        "services ignore it (ComfyUI manages its own memory).",
+    )
     worker_threads: int | None = Field(
         None,
         ge=1,
