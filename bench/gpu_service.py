@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,18 @@ def _versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "absent"
     return found
+
+
+def write_weights(
+    what: str, folder: Path, need_bytes: int, write: Callable[[str], dict[str, int]]
+) -> dict[str, Any]:
+    """Write model files with `write(fill)` (random where the disk has room); what it did."""
+    fill = fill_for(folder, need_bytes)
+    started = time.perf_counter()
+    sizes = write(fill)
+    seconds = round(time.perf_counter() - started, 1)
+    print(f"{what}: wrote {sum(sizes.values()) / 1e9:.1f} GB ({fill}) in {seconds} s")
+    return {"fill": fill, "bytes": sizes, "write_s": seconds}
 
 
 # --- Qwen-Image-Edit --------------------------------------------------------------------
@@ -220,17 +233,8 @@ def bench_qwen(
     models = root / "qwen-models"
     folder = models / "Qwen-Image-Edit-2509"
     if not (folder / "model_index.json").is_file():
-        fill = fill_for(models, QWEN_BYTES)
-        started = time.perf_counter()
-        sizes = qwen_folder(folder, "edit-2509", fill)
-        result["weights"] = {
-            "fill": fill,
-            "bytes": sizes,
-            "write_s": round(time.perf_counter() - started, 1),
-        }
-        print(
-            f"qwen: wrote {sum(sizes.values()) / 1e9:.1f} GB ({fill}) in "
-            f"{result['weights']['write_s']} s"
+        result["weights"] = write_weights(
+            "qwen", models, QWEN_BYTES, lambda fill: qwen_folder(folder, "edit-2509", fill)
         )
     result["modes"] = []
     for mode in modes:
@@ -297,27 +301,12 @@ def bench_fastwan(
     models = root / "fastwan-models"
     result: dict[str, Any] = {}
     if wan14b and not (models / "vae" / "wan_2.1_vae.safetensors").is_file():
-        fill = fill_for(models, WAN14B_BYTES)
-        started = time.perf_counter()
-        sizes = wan14b_files(models, comfyui_dir, fill)
-        result["wan14b_weights"] = {
-            "fill": fill,
-            "bytes": sizes,
-            "write_s": round(time.perf_counter() - started, 1),
-        }
-        print(f"wan14b: wrote {sum(sizes.values()) / 1e9:.1f} GB ({fill})")
+        result["wan14b_weights"] = write_weights(
+            "wan14b", models, WAN14B_BYTES, lambda fill: wan14b_files(models, comfyui_dir, fill)
+        )
     if not (models / "vae" / "wan2.2_vae.safetensors").is_file():
-        fill = fill_for(models, FASTWAN_BYTES)
-        started = time.perf_counter()
-        sizes = comfy_files(models, comfyui_dir, fill)
-        result["weights"] = {
-            "fill": fill,
-            "bytes": sizes,
-            "write_s": round(time.perf_counter() - started, 1),
-        }
-        print(
-            f"fastwan: wrote {sum(sizes.values()) / 1e9:.1f} GB ({fill}) in "
-            f"{result['weights']['write_s']} s"
+        result["weights"] = write_weights(
+            "fastwan", models, FASTWAN_BYTES, lambda fill: comfy_files(models, comfyui_dir, fill)
         )
     port = free_port()
     memory.rebase()

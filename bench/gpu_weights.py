@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_dit import QWEN
 
 _DTYPES = {
     torch.bfloat16: "BF16",
@@ -125,17 +126,7 @@ def _meta() -> Iterator[None]:
 
 # --- Qwen-Image-Edit ------------------------------------------------------------------
 
-QWEN_TRANSFORMER = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "axes_dims_rope": (16, 56, 56),
-    "guidance_embeds": False,
-}
+QWEN_TRANSFORMER = {**QWEN, "guidance_embeds": False}  # gpu_dit.py's real config
 QWEN25_VL_7B_TEXT = {
     "hidden_size": 3584,
     "intermediate_size": 18944,
