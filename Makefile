@@ -13,6 +13,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 setup: $(STAMP)
 
 $(STAMP): requirements-test.txt shared/pyproject.toml shared/client/pyproject.toml \
+		shared/testing/pyproject.toml \
 		qwen-image-edit-nunchaku/pyproject.toml \
 		fastwan2.2-5b-network-storage/pyproject.toml wan2.2-14b-loras-v1/pyproject.toml \
 		infinite-talk-v1/pyproject.toml
@@ -24,13 +25,15 @@ $(STAMP): requirements-test.txt shared/pyproject.toml shared/client/pyproject.to
 demo: setup
 	$(PY) scripts/demo.py
 
+# --only-machine-skips: a skip for anything but a missing GPU or real ComfyUI fails the run
 test: setup lint redis chromium
-	$(PY) -m pytest
+	$(PY) -m pytest --only-machine-skips
 
-# Debian's chromium for the web console's browser tests (installed only when missing: root
-# or sudo); Playwright drives it, its own browser download is never used
-chromium:
-	scripts/chromium.sh
+# A Chromium for the web console's browser tests, driven by Playwright: Debian's chromium
+# package (installed only when missing: root or sudo); on Ubuntu, Playwright's own Chromium
+# (scripts/chromium.sh says why)
+chromium: setup
+	PY=$(PY) scripts/chromium.sh
 
 # a real redis-server for the fleet tests (Debian's package, unpacked under build/redis)
 redis: build/redis/redis-server

@@ -42,12 +42,11 @@ import aiohttp
 import httpx
 
 from fastwan.service import MANIFEST, TI2V
-from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest, ModelFile, UrlSource, provision
-from model_service.testing import ServiceProcess, free_port, tiny_comfy_service
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.process import ServiceProcess, free_port, tiny_comfy_process
 
 REPO = Path(__file__).resolve().parent.parent
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
 SERVICE = "fastwan2.2-5b-packed"
 JOB_INPUT: dict[str, Any] = {"prompt": "a red fox", "width": 64, "height": 64, "num_frames": 9}
 GOAL_MS = 2.5  # SaladTechnologies/comfyui-api adds about 2.5 ms at the median (2-core CPU)
@@ -199,17 +198,14 @@ def run_overhead(kind: str, root: Path, args: argparse.Namespace) -> list[dict[s
     env: dict[str, str] = {"CANCEL_GRACE_S": "5", "ALLOW_CUSTOM_WORKFLOWS": "1"}
     standin: StandinProcess | None = None
     if kind == "standin":
-        if not OBJECT_INFO.is_file():
-            print(f"skipped: the stand-in needs {OBJECT_INFO}")
-            return []
         models = {f.folder: [f.name] for f in Manifest.load(MANIFEST).files}
-        standin = StandinProcess(root / "standin", OBJECT_INFO, models=models).start()
+        standin = StandinProcess(root / "standin", models=models).start()
         env["COMFYUI_URL"] = comfy_url = standin.url
         service = ServiceProcess(
             "model_service.cli", root / "data-standin", env=env, args=["serve", SERVICE]
         )
     else:
-        service = tiny_comfy_service(root, SERVICE, os.environ["COMFYUI_TEST_DIR"], env)
+        service = tiny_comfy_process(root, SERVICE, os.environ["COMFYUI_TEST_DIR"], env)
         comfy_url = f"http://127.0.0.1:{service.env['COMFYUI_PORT']}"
     try:
         service.start(timeout=300)

@@ -1,6 +1,6 @@
 """Fleet benchmark: the Redis queue (QUEUE_URL) against the embedded SQLite store.
 
-Runs the echo test service (shared/tests/fixture_service) as real processes on loopback
+Runs the echo test service (model_service_testing.echo) as real processes on loopback
 with a real redis-server (`make redis`):
 
 1. Added latency per job: one pod, jobs one after another (`POST` with `Prefer: wait`),
@@ -27,10 +27,9 @@ from typing import Any
 
 import httpx
 
-from model_service.testing import RedisServer, ServiceProcess
+from model_service_testing.process import RedisServer, ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / "shared" / "tests"
 
 
 def start_pods(root: Path, count: int, queue_url: str | None) -> list[ServiceProcess]:
@@ -41,7 +40,9 @@ def start_pods(root: Path, count: int, queue_url: str | None) -> list[ServicePro
         if queue_url:
             env["QUEUE_URL"] = queue_url
         pod = ServiceProcess(
-            "fixture_service.serve", root / f"pod{index}", env=env, pythonpath=[str(TESTS)]
+            "model_service_testing.echo.serve",
+            root / f"pod{index}",
+            env=env,
         )
         pod.env["POD_URL"] = pod.url
         pods.append(pod.start(wait_ready=False))

@@ -39,12 +39,11 @@ import httpx
 from PIL import Image
 
 from fastwan.service import MANIFEST
-from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, tiny_comfy_service
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.process import ServiceProcess, tiny_comfy_process
 
 REPO = Path(__file__).resolve().parent.parent
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
 SERVICE = "fastwan2.2-5b-packed"
 GOAL_GAP_MS = 5.0
 GOAL_OVER_SUM = 1.05
@@ -148,16 +147,14 @@ def run(kind: str, root: Path, jobs: int, size: int, ahead: int, gpu_ms: float) 
         models = {f.folder: [f.name] for f in Manifest.load(MANIFEST).files}
         # the stand-in's nodes take ~1 ms; a GPU's work is simulated by a sleep per job
         knobs = {"slow_nodes": {"ImageInvert": gpu_ms / 1000}}
-        standin = StandinProcess(
-            root / f"standin-{ahead}", OBJECT_INFO, models=models, knobs=knobs
-        ).start()
+        standin = StandinProcess(root / f"standin-{ahead}", models=models, knobs=knobs).start()
         env["COMFYUI_URL"] = standin.url
         service = ServiceProcess(
             "model_service.cli", root / f"data-standin-{ahead}", env=env, args=["serve", SERVICE]
         )
     else:
         (root / f"real-{ahead}").mkdir()
-        service = tiny_comfy_service(
+        service = tiny_comfy_process(
             root / f"real-{ahead}", SERVICE, os.environ["COMFYUI_TEST_DIR"], env
         )
     try:
@@ -200,8 +197,6 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "build" / "bench-gap.json")
     args = parser.parse_args()
-    if not OBJECT_INFO.is_file():
-        raise SystemExit(f"the stand-in needs {OBJECT_INFO}")
     root = Path(tempfile.mkdtemp(prefix="model-service-bench-gap-"))
     print(f"bench: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}")
     results = []

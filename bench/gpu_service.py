@@ -42,7 +42,7 @@ import httpx
 from gap import measure
 from gpu_weights import comfy_files, fill_for, qwen_folder, wan14b_files
 
-from model_service.testing import ServiceProcess, free_port
+from model_service_testing.process import ServiceProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN_BYTES = 58_000_000_000  # transformer 40.9 GB + text encoder 16.6 GB + VAE 0.25 GB

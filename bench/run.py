@@ -41,7 +41,7 @@ from PIL import Image
 
 from model_service import media
 from model_service.predictor import predict_now
-from model_service.testing import ServiceProcess
+from model_service_testing.process import ServiceProcess
 from qwen_image_edit.manifest import get_variant
 from qwen_image_edit.schema import QwenEditInput
 

@@ -5,7 +5,6 @@ batch) on the stand-in ComfyUI, and on a real one when COMFYUI_TEST_DIR is set."
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,13 @@ import pytest
 from PIL import Image
 
 from fastwan.service import MANIFEST
-from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, tiny_comfy_service, wait_status
+from model_service_testing import machine
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.machine import COMFYUI_TEST_DIR
+from model_service_testing.process import ServiceProcess, tiny_comfy_process, wait_status
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(), reason=f"{OBJECT_INFO} is missing (../shared beside the repo)"
-)
 MODELS = {file.folder: [file.name] for file in Manifest.load(MANIFEST).files}
-COMFYUI_TEST_DIR = os.environ.get("COMFYUI_TEST_DIR")
 OPEN = {"ALLOW_CUSTOM_WORKFLOWS": "1", "CUSTOM_WORKFLOW_NODES_DENY": "RepeatImageBatch"}
 Graph = dict[str, Any]
 
@@ -69,13 +64,13 @@ def service(
     root = tmp_path_factory.mktemp(f"custom-{request.param}")
     if request.param == "real":
         if not COMFYUI_TEST_DIR:
-            pytest.skip("set COMFYUI_TEST_DIR (a ComfyUI 0.33+ checkout) to run on a real one")
-        process = tiny_comfy_service(root, "fastwan2.2-5b-packed", COMFYUI_TEST_DIR, env=OPEN)
+            pytest.skip(machine.WHY_NO_REAL_COMFYUI)
+        process = tiny_comfy_process(root, "fastwan2.2-5b-packed", COMFYUI_TEST_DIR, env=OPEN)
         process.start(timeout=240)
         yield process
         process.stop()
         return
-    with StandinProcess(root / "comfy", OBJECT_INFO, models=MODELS) as standin:
+    with StandinProcess(root / "comfy", models=MODELS) as standin:
         process = ServiceProcess(
             "model_service.cli",
             root / "data",
@@ -215,7 +210,9 @@ def test_typed_input_keeps_its_own_errors_beside_workflows(client: httpx.Client)
 def test_cancel_stops_a_custom_workflow(client: httpx.Client, service: ServiceProcess) -> None:
     standin = getattr(service, "standin", None)
     if standin is None:
-        pytest.skip("the stand-in's slow-node knob makes the graph run long enough")
+        machine.skip_on_real_comfyui(
+            "the stand-in's slow-node knob makes the graph run long enough"
+        )
     standin.configure(slow_nodes={"EmptyImage": 5.0})
     graph = video_graph(codec_key(service), frames=5)  # (a graph of its own: not cached)
     job = client.post("/v1/jobs", json={"input": {"workflow": graph}})
@@ -230,7 +227,7 @@ def test_cancel_stops_a_custom_workflow(client: httpx.Client, service: ServicePr
 def test_out_of_memory_in_a_custom_workflow(client: httpx.Client, service: ServiceProcess) -> None:
     standin = getattr(service, "standin", None)
     if standin is None:
-        pytest.skip("the stand-in injects the failure")
+        machine.skip_on_real_comfyui("the stand-in injects the failure")
     standin.configure(
         fail_nodes={"CreateVideo": {"exception_type": "torch.OutOfMemoryError", "message": ""}}
     )
@@ -240,7 +237,7 @@ def test_out_of_memory_in_a_custom_workflow(client: httpx.Client, service: Servi
 
 
 def test_off_unless_enabled(tmp_path: Path) -> None:
-    with StandinProcess(tmp_path / "comfy", OBJECT_INFO, models=MODELS) as standin:
+    with StandinProcess(tmp_path / "comfy", models=MODELS) as standin:
         process = ServiceProcess(
             "model_service.cli",
             tmp_path / "data",
@@ -263,7 +260,7 @@ def test_off_unless_enabled(tmp_path: Path) -> None:
 def test_timeout_and_crash_in_a_custom_workflow(tmp_path: Path) -> None:
     """JOB_TIMEOUT_S, then ComfyUI dying under the graph: the typed jobs' codes."""
     knobs = {"slow_nodes": {"EmptyImage": 20.0}, "crash_nodes": ["ImageInvert"]}
-    with StandinProcess(tmp_path / "comfy", OBJECT_INFO, models=MODELS, knobs=knobs) as standin:
+    with StandinProcess(tmp_path / "comfy", models=MODELS, knobs=knobs) as standin:
         process = ServiceProcess(
             "model_service.cli",
             tmp_path / "data",

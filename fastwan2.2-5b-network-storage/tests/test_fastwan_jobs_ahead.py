@@ -17,13 +17,10 @@ import httpx
 import pytest
 
 from fastwan.service import MANIFEST
-from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, wait_status
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.process import ServiceProcess, wait_status
 
-OBJECT_INFO = (
-    Path(__file__).resolve().parents[2].parent / "shared/reference/comfyui-0.33.0-object_info.json"
-)
 MODELS: dict[str, list[str]] = {}
 for _file in Manifest.load(MANIFEST).files:
     MODELS.setdefault(_file.folder, []).append(_file.name)
@@ -44,7 +41,7 @@ def _service(standin: StandinProcess, data: Path) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    with StandinProcess(tmp_path_factory.mktemp("comfy"), OBJECT_INFO, models=MODELS) as process:
+    with StandinProcess(tmp_path_factory.mktemp("comfy"), models=MODELS) as process:
         yield process
 
 
@@ -125,9 +122,7 @@ def test_canceling_the_waiting_job_removes_only_it(
 
 def test_a_comfyui_crash_fails_its_job_and_runs_the_waiting_one_again(tmp_path: Path) -> None:
     base = tmp_path / "comfy"
-    crashing = StandinProcess(
-        base, OBJECT_INFO, models=MODELS, knobs={"slow_nodes": {"KSampler": 3}}
-    )
+    crashing = StandinProcess(base, models=MODELS, knobs={"slow_nodes": {"KSampler": 3}})
     crashing.start()
     own = _service(crashing, tmp_path / "data")
     restarted: StandinProcess | None = None
@@ -142,7 +137,7 @@ def test_a_comfyui_crash_fails_its_job_and_runs_the_waiting_one_again(tmp_path: 
             assert a["error"]["code"] == "backend_crashed", a
             # the waiting job was not the crash's cause: queued again, its attempt not counted
             _until(lambda: http.get(f"/v1/jobs/{second}").json()["status"] == "queued", 15)
-            restarted = StandinProcess(base, OBJECT_INFO, models=MODELS)
+            restarted = StandinProcess(base, models=MODELS)
             restarted.port, restarted.url = crashing.port, crashing.url
             restarted.args[1] = str(crashing.port)
             restarted.start()

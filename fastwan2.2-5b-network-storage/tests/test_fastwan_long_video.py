@@ -11,7 +11,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import httpx
@@ -21,23 +21,19 @@ import pytest
 from PIL import Image
 
 from fastwan.service import MANIFEST
-from model_service.comfy.standin import StandinProcess
-from model_service.comfy.standin_nodes import index_block, index_level
 from model_service.provision import Manifest
-from model_service.testing import (
+from model_service.video.colour import colour_stats, drift
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.comfy_standin.nodes import index_block, index_level
+from model_service_testing.process import (
     RedisServer,
     ServiceProcess,
-    browser_missing,
-    chromium,
     wait_status,
 )
-from model_service.video.colour import colour_stats, drift
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(), reason=f"{OBJECT_INFO} is missing (../shared beside the repo)"
-)
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
 MODELS = {file.folder: [file.name] for file in Manifest.load(MANIFEST).files}
 SIZE, FRAMES = 64, 9
 BASE = {"prompt": "a boat", "width": SIZE, "height": SIZE, "num_frames": FRAMES, "fps": 8}
@@ -63,7 +59,7 @@ def data_uri(image: Image.Image) -> str:
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    with StandinProcess(tmp_path_factory.mktemp("comfy"), OBJECT_INFO, models=MODELS) as process:
+    with StandinProcess(tmp_path_factory.mktemp("comfy"), models=MODELS) as process:
         yield process
 
 
@@ -349,14 +345,13 @@ def pod_of(url: str, pods: list[ServiceProcess]) -> ServiceProcess:
     return next(pod for pod in pods if url.startswith(pod.url + "/"))
 
 
-@pytest.mark.skipif(RedisServer.binary() is None, reason="no redis-server: run `make redis`")
 def test_in_a_fleet_long_videos_run_across_pods(standin: StandinProcess, tmp_path: Path) -> None:
     """Two FastWan pods (each with its own ComfyUI) on one Redis: a travel's legs run on
     both at once and are stitched once; a chain goes on after the pod that made its first
     segment stops: the next segment starts from that segment's last frame and the stitch
     uses its video, both kept by the fleet."""
     with (
-        StandinProcess(tmp_path / "comfy-b", OBJECT_INFO, models=MODELS) as standin_b,
+        StandinProcess(tmp_path / "comfy-b", models=MODELS) as standin_b,
         RedisServer(tmp_path / "redis") as redis,
     ):
         pods = []
@@ -451,41 +446,37 @@ def test_in_a_fleet_long_videos_run_across_pods(standin: StandinProcess, tmp_pat
 
 
 def test_console_builds_an_interactive_chain(
-    service: ServiceProcess, client: httpx.Client, tmp_path: Path
+    service: ServiceProcess, client: httpx.Client, browser: Browser, tmp_path: Path
 ) -> None:
     """The web console in a real headless Chromium, on the real chain routes: start image
     uploaded from the form, a chain made segment by segment, finalized, the video shown."""
-    missing = browser_missing()
-    if missing:
-        pytest.skip(missing)
     gradient().save(tmp_path / "start.png")
-    with chromium() as browser:
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(service.url + "/")
-        page.get_by_test_id("field-prompt").fill("a boat")
-        page.get_by_test_id("field-start_image").set_input_files(tmp_path / "start.png")
-        for name, value in (("width", SIZE), ("height", SIZE), ("num_frames", FRAMES), ("fps", 8)):
-            page.get_by_test_id(f"field-{name}").fill(str(value))
-        page.get_by_test_id("mode-chain").check()
-        page.get_by_test_id("submit").click()
-        page.wait_for_selector("[data-testid=job][data-status=awaiting_input]")
-        chain_id = page.get_by_test_id("job-id").inner_text()
+    page = browser.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(service.url + "/")
+    page.get_by_test_id("field-prompt").fill("a boat")
+    page.get_by_test_id("field-start_image").set_input_files(tmp_path / "start.png")
+    for name, value in (("width", SIZE), ("height", SIZE), ("num_frames", FRAMES), ("fps", 8)):
+        page.get_by_test_id(f"field-{name}").fill(str(value))
+    page.get_by_test_id("mode-chain").check()
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job][data-status=awaiting_input]")
+    chain_id = page.get_by_test_id("job-id").inner_text()
 
-        page.get_by_test_id("segment-prompt").fill("the boat sails away")
-        page.get_by_test_id("add-segment").click()
+    page.get_by_test_id("segment-prompt").fill("the boat sails away")
+    page.get_by_test_id("add-segment").click()
+    chain = client.get(f"/v1/jobs/{chain_id}").json()
+    deadline = time.monotonic() + 60
+    while not (chain["status"] == "awaiting_input" and len(chain["parts"]) == 2):
+        assert time.monotonic() < deadline, chain
+        time.sleep(0.2)
         chain = client.get(f"/v1/jobs/{chain_id}").json()
-        deadline = time.monotonic() + 60
-        while not (chain["status"] == "awaiting_input" and len(chain["parts"]) == 2):
-            assert time.monotonic() < deadline, chain
-            time.sleep(0.2)
-            chain = client.get(f"/v1/jobs/{chain_id}").json()
-        page.get_by_test_id("finalize").click()
-        page.wait_for_selector("[data-testid=job][data-status=succeeded]")
-        page.locator("[data-testid=result] video").wait_for()
-        assert errors == []
+    page.get_by_test_id("finalize").click()
+    page.wait_for_selector("[data-testid=job][data-status=succeeded]")
+    page.locator("[data-testid=result] video").wait_for()
+    assert errors == []
 
     chain = finished(client, chain_id)
     assert chain["status"] == "succeeded", chain
@@ -493,3 +484,4 @@ def test_console_builds_an_interactive_chain(
     second = client.get(f"/v1/jobs/{chain['parts'][1]['id']}").json()
     assert second["input"]["prompt"] == "the boat sails away"
     assert len(frames_of(client, video_url(chain))) == 2 * FRAMES - 1
+    page.close()

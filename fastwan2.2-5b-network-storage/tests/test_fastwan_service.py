@@ -7,10 +7,8 @@ accepts it (ComfyUI's own validation, from a real /object_info) is checked by th
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -25,49 +23,26 @@ from PIL import Image
 
 from fastwan.schema import FastWanInput
 from fastwan.service import MANIFEST, TI2V
-from model_service.comfy.standin import StandinProcess
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, tiny_comfy_service, wait_status
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.machine import needs_real_comfyui
+from model_service_testing.media import png_data_uri, video_facts, video_frames
+from model_service_testing.process import ServiceProcess, wait_status
+from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(),
-    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
-    "object_info (../shared beside the repository)",
-)
 FILES = Manifest.load(MANIFEST).files
 MODELS = {file.folder: [file.name] for file in FILES}
 SMALL = {"width": 64, "height": 64, "num_frames": 9, "fps": 8}
 
 
-def _png_data_uri(color: tuple[int, int, int] = (200, 30, 30)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (48, 32), color).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+@pytest.fixture(scope="module")
+def standin(comfy_standin: StartStandin) -> StandinProcess:
+    return comfy_standin(models=MODELS)
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    base = tmp_path_factory.mktemp("comfy")
-    with StandinProcess(base, OBJECT_INFO, models=MODELS) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def service(
-    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    data = tmp_path_factory.mktemp("fastwan-data")
-    process = ServiceProcess(
-        "model_service.cli",
-        data,
-        env={"COMFYUI_URL": standin.url, "CANCEL_GRACE_S": "3"},
-        args=["serve", "fastwan2.2-5b-packed"],
-    )
-    process.start(timeout=60)
-    yield process
-    process.stop()
+def service(standin: StandinProcess, comfy_service: StartComfyService) -> ServiceProcess:
+    return comfy_service("fastwan2.2-5b-packed", standin, env={"CANCEL_GRACE_S": "3"})
 
 
 @pytest.fixture
@@ -82,19 +57,6 @@ def _run(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     job: dict[str, Any] = response.json()
     return job
-
-
-def _video_facts(data: bytes) -> dict[str, Any]:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        frames = sum(1 for _ in container.decode(stream))
-        return {
-            "codec": stream.codec_context.name,
-            "width": stream.codec_context.width,
-            "height": stream.codec_context.height,
-            "frames": frames,
-            "fps": float(stream.average_rate or 0),
-        }
 
 
 # --- the graph each input builds (no server needed) ------------------------------------
@@ -157,7 +119,7 @@ def test_text_to_video_job_returns_an_h264_mp4(client: httpx.Client) -> None:
     assert job["seed"] == 11
     video = client.get(job["outputs"][0]["url"])
     assert video.status_code == 200
-    facts = _video_facts(video.content)
+    facts = video_facts(video.content)
     assert facts["codec"] == "h264"
     assert (facts["width"], facts["height"], facts["frames"]) == (64, 64, 9)
     assert facts["fps"] == pytest.approx(8.0)
@@ -166,7 +128,7 @@ def test_text_to_video_job_returns_an_h264_mp4(client: httpx.Client) -> None:
 def test_image_to_video_uploads_the_start_image(
     client: httpx.Client, standin: StandinProcess
 ) -> None:
-    job = _run(client, {"prompt": "a red fox", "start_image": _png_data_uri(), **SMALL})
+    job = _run(client, {"prompt": "a red fox", "start_image": png_data_uri(), **SMALL})
     assert job["status"] == "succeeded", job
     uploaded = list((standin.base_dir / "input" / "jobs").glob("*_start_image.png"))
     assert uploaded, "the start image never reached ComfyUI's input folder"
@@ -262,7 +224,7 @@ def test_legacy_routes(client: httpx.Client) -> None:
     video = client.get(status["download_url"])
     assert video.status_code == 200
     assert f"generated_video_{job_id}.mp4" in video.headers["content-disposition"]
-    assert _video_facts(video.content)["frames"] == 9
+    assert video_facts(video.content)["frames"] == 9
     assert job_id in client.get("/jobs").json()
     assert client.delete(f"/jobs/{job_id}").status_code == 200
     assert client.get(f"/download/{job_id}").status_code == 400
@@ -280,7 +242,7 @@ def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
 ) -> None:
     """A second service on its own stand-in, restarted on the same port after the crash."""
     base = tmp_path / "comfy"
-    crashing = StandinProcess(base, OBJECT_INFO, models=MODELS, knobs={"crash_nodes": ["KSampler"]})
+    crashing = StandinProcess(base, models=MODELS, knobs={"crash_nodes": ["KSampler"]})
     crashing.start()
     data = tmp_path / "data"
     own = ServiceProcess(
@@ -296,7 +258,7 @@ def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
             assert job["status"] == "failed", job
             assert job["error"]["code"] == "backend_crashed", job["error"]
             assert "Retry" in job["error"]["message"] or "retry" in job["error"]["message"]
-            restarted = StandinProcess(base, OBJECT_INFO, models=MODELS)
+            restarted = StandinProcess(base, models=MODELS)
             restarted.port, restarted.url = crashing.port, crashing.url
             restarted.args[1] = str(crashing.port)
             restarted.start()
@@ -313,7 +275,7 @@ def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
 def test_missing_model_keeps_ready_503_naming_the_file(tmp_path: Path) -> None:
     base = tmp_path / "comfy"
     partial = {folder: names for folder, names in MODELS.items() if folder != "vae"}
-    with StandinProcess(base, OBJECT_INFO, models=partial) as comfy:
+    with StandinProcess(base, models=partial) as comfy:
         own = ServiceProcess(
             "model_service.cli",
             tmp_path / "data",
@@ -340,26 +302,10 @@ def test_missing_model_keeps_ready_503_naming_the_file(tmp_path: Path) -> None:
 
 # --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------
 
-COMFYUI_TEST_DIR = os.environ.get("COMFYUI_TEST_DIR")
-needs_real_comfyui = pytest.mark.skipif(
-    not COMFYUI_TEST_DIR,
-    reason="set COMFYUI_TEST_DIR (a ComfyUI 0.33+ checkout; COMFYUI_TEST_PYTHON: its "
-    "interpreter) to run the real workflow on tiny weights",
-)
-
 
 @pytest.fixture(scope="module")
-def tiny_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("fastwan-tiny")
-    process = tiny_comfy_service(root, "fastwan2.2-5b-packed", str(COMFYUI_TEST_DIR))
-    process.start(timeout=240)
-    yield process
-    process.stop()
-
-
-def _frames(data: bytes) -> list[bytes]:
-    with av.open(io.BytesIO(data)) as container:
-        return [frame.to_ndarray(format="rgb24").tobytes() for frame in container.decode(video=0)]
+def tiny_service(tiny_comfy_service: StartComfyService) -> ServiceProcess:
+    return tiny_comfy_service("fastwan2.2-5b-packed")
 
 
 @needs_real_comfyui
@@ -368,12 +314,12 @@ def test_tiny_text_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> N
         job = _run(http, {"prompt": "a red fox", "seed": 1, **SMALL, "num_frames": 17})
         assert job["status"] == "succeeded", job.get("error")
         video = http.get(job["outputs"][0]["url"]).content
-        facts = _video_facts(video)
+        facts = video_facts(video)
         assert facts["codec"] == "h264"
         assert (facts["width"], facts["height"], facts["frames"]) == (64, 64, 17)
         assert facts["fps"] == pytest.approx(8.0)
         other = _run(http, {"prompt": "a red fox", "seed": 2, **SMALL, "num_frames": 17})
-        assert _frames(http.get(other["outputs"][0]["url"]).content) != _frames(video)
+        assert video_frames(http.get(other["outputs"][0]["url"]).content) != video_frames(video)
         ready = http.get("/ready").json()
         assert ready["ready"] is True
     # each video was moved out of the ComfyUI we launched: its output folder does not grow
@@ -384,14 +330,14 @@ def test_tiny_text_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> N
 @needs_real_comfyui
 def test_tiny_image_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> None:
     with tiny_service.client() as http:
-        red = _run(http, {"prompt": "x", "seed": 3, "start_image": _png_data_uri(), **SMALL})
+        red = _run(http, {"prompt": "x", "seed": 3, "start_image": png_data_uri(), **SMALL})
         blue = _run(
             http,
-            {"prompt": "x", "seed": 3, "start_image": _png_data_uri((20, 40, 220)), **SMALL},
+            {"prompt": "x", "seed": 3, "start_image": png_data_uri((20, 40, 220)), **SMALL},
         )
         assert red["status"] == blue["status"] == "succeeded", (red.get("error"), blue.get("error"))
-        red_frames = _frames(http.get(red["outputs"][0]["url"]).content)
-        blue_frames = _frames(http.get(blue["outputs"][0]["url"]).content)
+        red_frames = video_frames(http.get(red["outputs"][0]["url"]).content)
+        blue_frames = video_frames(http.get(blue["outputs"][0]["url"]).content)
         assert len(red_frames) == len(blue_frames) == 9
         assert red_frames != blue_frames  # the start image reaches the model
 
@@ -403,7 +349,7 @@ def test_tiny_chain_on_a_real_comfyui_hands_over_the_lossless_last_frame(
     """The last-frame nodes added for chains (ImageFromBatch -1, SaveImage) run on the real
     ComfyUI; the PNG is the mp4's last frame before encoding, and the chain stitches."""
     body = {
-        "input": {"prompt": "x", "seed": 5, "start_image": _png_data_uri(), **SMALL},
+        "input": {"prompt": "x", "seed": 5, "start_image": png_data_uri(), **SMALL},
         "segments": [{}, {}],
         "colour_correction": True,
     }

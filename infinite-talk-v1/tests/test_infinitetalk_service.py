@@ -14,7 +14,6 @@ import io
 import itertools
 import json
 import math
-import os
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,18 +27,14 @@ from PIL import Image
 
 from infinitetalk.schema import InfiniteTalkInput
 from infinitetalk.service import MANIFEST, TALK, fit, plan
-from model_service.comfy.standin import StandinProcess
 from model_service.comfy.workflow import sampler_steps
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, place_sparse_models, tiny_comfy_service
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.machine import needs_real_comfyui
+from model_service_testing.media import video_frames
+from model_service_testing.process import ServiceProcess, place_sparse_models
+from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(),
-    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
-    "object_info (../shared beside the repository)",
-)
 FILES = Manifest.load(MANIFEST).files
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
@@ -208,31 +203,16 @@ def test_manifest_names_every_model_the_workflow_loads() -> None:
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    base = tmp_path_factory.mktemp("comfy")
-    place_sparse_models(base / "models", FILES)  # "downloaded"
-    with StandinProcess(base, OBJECT_INFO) as process:
-        yield process
+def standin(comfy_standin: StartStandin) -> StandinProcess:
+    process = comfy_standin()
+    place_sparse_models(process.base_dir / "models", FILES)  # "downloaded"
+    return process
 
 
 @pytest.fixture(scope="module")
-def service(
-    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "model_service.cli",
-        tmp_path_factory.mktemp("talk-data"),
-        env={
-            "COMFYUI_URL": standin.url,
-            "MODELS_DIR": str(standin.base_dir / "models"),
-            "MAX_AUDIO_S": "8",
-            "CANCEL_GRACE_S": "3",
-        },
-        args=["serve", "infinite-talk-v1"],
-    )
-    process.start(timeout=60)
-    yield process
-    process.stop()
+def service(standin: StandinProcess, comfy_service: StartComfyService) -> ServiceProcess:
+    env = {"MODELS_DIR": str(standin.base_dir / "models"), "MAX_AUDIO_S": "8"}
+    return comfy_service("infinite-talk-v1", standin, env={**env, "CANCEL_GRACE_S": "3"})
 
 
 @pytest.fixture
@@ -397,26 +377,10 @@ def test_legacy_generate(client: httpx.Client) -> None:
 
 # --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------
 
-COMFYUI_TEST_DIR = os.environ.get("COMFYUI_TEST_DIR")
-needs_real_comfyui = pytest.mark.skipif(
-    not COMFYUI_TEST_DIR,
-    reason="set COMFYUI_TEST_DIR (a ComfyUI 0.33+ checkout; COMFYUI_TEST_PYTHON: its "
-    "interpreter) to run the real workflow on tiny weights",
-)
-
 
 @pytest.fixture(scope="module")
-def tiny_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("talk-tiny")
-    process = tiny_comfy_service(root, "infinite-talk-v1", str(COMFYUI_TEST_DIR))
-    process.start(timeout=240)
-    yield process
-    process.stop()
-
-
-def _frames(data: bytes) -> list[bytes]:
-    with av.open(io.BytesIO(data)) as container:
-        return [f.to_ndarray(format="rgb24").tobytes() for f in container.decode(video=0)]
+def tiny_service(tiny_comfy_service: StartComfyService) -> ServiceProcess:
+    return tiny_comfy_service("infinite-talk-v1")
 
 
 @needs_real_comfyui
@@ -450,7 +414,7 @@ def test_tiny_one_window_and_chained_windows_on_a_real_comfyui(
             assert facts["frames"] == round(25 * seconds), (name, facts)
             assert (facts["video"], facts["fps"], facts["audio"]) == ("h264", 25.0, "aac")
             assert facts["audio_s"] == pytest.approx(seconds, abs=0.1)
-            results[name] = (job, _frames(data))
+            results[name] = (job, video_frames(data))
     assert results["chained"][0]["info"]["derived"]["windows"] == 4  # 17 + 3 x 8 >= 40
     assert results["one"][1] != results["other_audio"][1], "the audio drives the video"
     left = data_uri(_half_mask(left=True), "image/png")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from model_service.testing import ServiceProcess, browser_missing, chromium
+from model_service_testing.process import ServiceProcess
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -60,15 +60,6 @@ def test_console_is_public_and_names_the_image_fields(service: ServiceProcess) -
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 2048, 16)
     assert info["input_schema"]["required"] == ["prompt"]
     assert info["model"]["transformer_kind"] == "float32-cpu", "the existing facts stay"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator["Browser"]:
-    missing = browser_missing()
-    if missing:
-        pytest.skip(missing)
-    with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from PIL import Image
 
 from model_service.errors import InvalidInput
 from model_service.settings import Settings
-from model_service.testing import ServiceProcess, wait_status
+from model_service_testing.process import ServiceProcess, wait_status
 from qwen_image_edit.schema import QwenEditInput
 from qwen_image_edit.service import SPEC
 

@@ -1,6 +1,6 @@
 """Contract tests of our ComfyUI client.
 
-They always run against the stand-in (`model_service.comfy.standin`, a real separate
+They always run against the stand-in (`model_service_testing.comfy_standin`, a real separate
 process on loopback), and also against a real ComfyUI 0.33 when `COMFYUI_TEST_URL` is
 set (weight-free core nodes only). Tests that need the stand-in's fault knobs skip on
 the real server.
@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -31,7 +30,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from fixture_service.reference import OBJECT_INFO, needs_reference
 from model_service.comfy import (
     ComfyClient,
     ComfyCrashed,
@@ -44,11 +42,11 @@ from model_service.comfy import (
     ComfyValidationError,
     OutputFile,
 )
-from model_service.comfy.standin import StandinProcess
 from model_service.errors import InvalidInput, JobCanceled, JobFailure
-from model_service.testing import free_port
+from model_service_testing import machine
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.process import free_port
 
-pytestmark = needs_reference
 MODELS = {"checkpoints": ["tiny-sd.safetensors"]}
 
 Graph = dict[str, Any]
@@ -66,13 +64,9 @@ def backend(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     if request.param == "real":
-        url = os.environ.get("COMFYUI_TEST_URL")
-        if not url:
-            pytest.skip("COMFYUI_TEST_URL is not set")
-        yield Backend("real", url.rstrip("/"), None)
+        yield Backend("real", machine.skip_without_real_comfyui_url(), None)
         return
-    assert OBJECT_INFO.is_file(), f"the stand-in needs {OBJECT_INFO}"
-    process = StandinProcess(tmp_path_factory.mktemp("comfy") / "base", OBJECT_INFO, models=MODELS)
+    process = StandinProcess(tmp_path_factory.mktemp("comfy") / "base", models=MODELS)
     process.start()
     yield Backend("standin", process.url, process)
     process.stop()
@@ -82,7 +76,7 @@ def backend(
 def standin(backend: Backend) -> Iterator[StandinProcess]:
     """The stand-in with default knobs; skips on a real ComfyUI."""
     if backend.standin is None:
-        pytest.skip("stand-in only: needs fault injection")
+        machine.skip_on_real_comfyui("the test needs the stand-in's fault injection")
     backend.standin.configure(reset=True)
     yield backend.standin
     backend.standin.configure(reset=True)
@@ -312,7 +306,7 @@ def test_same_graph_twice_is_served_from_comfyui_cache(backend: Backend) -> None
     first, second = run(scenario, backend.url)
     assert first.cached_nodes == []
     if backend.standin is None and not second.cached_nodes:
-        pytest.skip("this ComfyUI runs without its node cache (--cache-none)")
+        machine.skip_on_real_comfyui("it runs without its node cache (--cache-none)")
     assert sorted(second.cached_nodes) == ["1", "2", "3"]
     assert second.outputs == first.outputs
 
@@ -445,7 +439,7 @@ def test_out_of_memory_unloads_models(standin: StandinProcess) -> None:
 
 
 def test_server_crash_mid_run_is_backend_crashed(tmp_path: Path) -> None:
-    process = StandinProcess(tmp_path / "base", OBJECT_INFO, knobs={"crash_nodes": ["ImageInvert"]})
+    process = StandinProcess(tmp_path / "base", knobs={"crash_nodes": ["ImageInvert"]})
     with process:
         started = time.monotonic()
         with pytest.raises(ComfyCrashed) as caught:
@@ -981,7 +975,7 @@ def test_infinitetalk_graph_runs_its_real_nodes_on_fake_frames(tmp_path: Path) -
             decode: node("VAEDecode", samples=[sampler, 0], vae=["6", 0]),
         }
 
-    process = StandinProcess(tmp_path / "base", OBJECT_INFO, models=models)
+    process = StandinProcess(tmp_path / "base", models=models)
     with process:
         save = {"filename_prefix": "talk/out", "format": "mp4"}
         save[save_video_codec_key(process.url)] = "h264"

@@ -14,18 +14,11 @@ from pathlib import Path
 import pytest
 
 from model_service.comfy.engine import ComfyEngine, ComfyServiceSpec
-from model_service.comfy.standin import StandinProcess
 from model_service.comfy.workflow import Workflow
-from model_service.hub_standin import COMMIT, Server, blob, serve, sha
 from model_service.metrics import Metrics
 from model_service.settings import Settings
-
-OBJECT_INFO = (
-    Path(__file__).resolve().parents[3] / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-)
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(), reason=f"the stand-in needs {OBJECT_INFO}"
-)
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.hub_standin import COMMIT, Server, blob, serve, sha
 
 VAE = "tiny_vae.safetensors"
 UNET = "tiny_unet.safetensors"
@@ -46,7 +39,7 @@ def hub() -> Iterator[Server]:
 @pytest.fixture
 def standin(tmp_path: Path) -> Iterator[StandinProcess]:
     models = {"vae": [VAE], "diffusion_models": [UNET]}
-    with StandinProcess(tmp_path / "comfy", OBJECT_INFO, models=models) as process:
+    with StandinProcess(tmp_path / "comfy", models=models) as process:
         yield process
 
 

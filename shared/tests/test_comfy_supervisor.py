@@ -1,6 +1,6 @@
 """The ComfyUI supervisor, with the stand-in (a real process) playing ComfyUI.
 
-Launched mode runs `python -m model_service.comfy.standin` (or a fake ComfyUI checkout
+Launched mode runs `python -m model_service_testing.comfy_standin` (or a fake ComfyUI checkout
 whose main.py becomes the stand-in) as the child; external mode watches a stand-in
 started beside it. Kills are real signals; orphans are checked with `os.kill(pid, 0)`.
 """
@@ -27,8 +27,6 @@ import structlog
 import yaml
 from structlog.testing import capture_logs
 
-from fixture_service.reference import OBJECT_INFO, needs_reference
-from model_service.comfy.standin import StandinProcess
 from model_service.comfy.supervisor import (
     MODEL_FOLDERS,
     ComfyState,
@@ -40,9 +38,9 @@ from model_service.comfy.supervisor import (
     launch_spec_from_settings,
 )
 from model_service.settings import Settings
-from model_service.testing import free_port
+from model_service_testing.comfy_standin import OBJECT_INFO, StandinProcess
+from model_service_testing.process import free_port
 
-pytestmark = needs_reference
 FAST: dict[str, Any] = {
     "backoff_s": (0.3, 0.6, 1.0),
     "poll_interval_s": 0.05,
@@ -73,13 +71,13 @@ Path("launched.json").write_text(json.dumps(record))
 sys.argv = ["standin", "--listen", args.listen, "--port", args.port,
             "--base-dir", os.path.join(args.temp_directory, "standin"),
             "--object-info", OBJECT_INFO]
-runpy.run_module("model_service.comfy.standin", run_name="__main__", alter_sys=True)
+runpy.run_module("model_service_testing.comfy_standin", run_name="__main__", alter_sys=True)
 """
 
 
 def standin_spec(tmp_path: Path, port: int | None = None) -> LaunchSpec:
     port = port or free_port()
-    argv = [sys.executable, "-m", "model_service.comfy.standin", "--port", str(port)]
+    argv = [sys.executable, "-m", "model_service_testing.comfy_standin", "--port", str(port)]
     argv += ["--base-dir", str(tmp_path / "standin"), "--object-info", str(OBJECT_INFO)]
     return LaunchSpec(argv=tuple(argv), port=port)
 
@@ -500,7 +498,7 @@ def test_comfyui_dies_with_the_service(tmp_path: Path) -> None:
 
 def test_external_url_is_only_watched(tmp_path: Path) -> None:
     crashes: list[str] = []
-    standin = StandinProcess(tmp_path / "external", OBJECT_INFO)  # its port, not started yet
+    standin = StandinProcess(tmp_path / "external")  # its port, not started yet
     supervisor = ComfySupervisor(
         url=standin.url + "/",
         on_crash=crashes.append,

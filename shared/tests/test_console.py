@@ -17,13 +17,13 @@ from model_service.api.console import CONSOLE_DIR, CONSOLE_FILES, describe_input
 from model_service.longvideo.spec import LongVideoSpec
 from model_service.media_refs import AudioRef, ImageRef
 from model_service.service import ServiceSpec
-from model_service.testing import ServiceProcess, browser_missing, chromium
+from model_service_testing.process import ServiceProcess
 
 KEY = "console-key"
 
 
-def test_console_is_public_and_the_service_describes_its_input(start_service) -> None:
-    service = start_service(env={"API_KEYS": KEY})
+def test_console_is_public_and_the_service_describes_its_input(echo_service) -> None:
+    service = echo_service(env={"API_KEYS": KEY})
     with httpx.Client(base_url=service.url) as client:
         page = client.get("/")
         assert page.status_code == 200
@@ -122,15 +122,6 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator["Browser"]:
-    missing = browser_missing()
-    if missing:
-        pytest.skip(missing)
-    with chromium() as launched:
-        yield launched
-
-
 @pytest.fixture
 def page(browser: "Browser") -> Iterator["Page"]:
     context = browser.new_context()
@@ -150,8 +141,8 @@ def enter_key(page: "Page", service: ServiceProcess) -> None:
     page.wait_for_selector("[data-testid=field-text]")
 
 
-def test_key_form_failed_job_cancel_and_retry_in_the_browser(start_service, page) -> None:
-    service = start_service(env={"API_KEYS": KEY})
+def test_key_form_failed_job_cancel_and_retry_in_the_browser(echo_service, page) -> None:
+    service = echo_service(env={"API_KEYS": KEY})
     page.goto(service.url + "/")
     assert page.get_by_test_id("key-box").is_visible(), "the service answered 401"
     page.get_by_test_id("api-key").fill("wrong")
@@ -203,8 +194,8 @@ def test_key_form_failed_job_cancel_and_retry_in_the_browser(start_service, page
     assert page.get_by_test_id("job").get_attribute("data-status") == "failed"
 
 
-def test_polling_when_the_event_stream_fails(start_service, page) -> None:
-    service = start_service()  # no API_KEYS: no key box
+def test_polling_when_the_event_stream_fails(echo_service, page) -> None:
+    service = echo_service()  # no API_KEYS: no key box
     page.route(re.compile(r".*/events$"), lambda route: route.abort())
     page.goto(service.url + "/")
     page.wait_for_selector("[data-testid=field-text]")
@@ -222,10 +213,10 @@ def test_polling_when_the_event_stream_fails(start_service, page) -> None:
     )
 
 
-def test_long_video_chain_controls(start_service, page) -> None:
+def test_long_video_chain_controls(echo_service, page) -> None:
     """The chain UI against the echo service with the long-video routes mocked in the page
     (the echo service has none; the real routes are tested with the video services)."""
-    service = start_service()
+    service = echo_service()
     seen: list[tuple[str, Any]] = []
     chain: dict[str, Any] = {"status": "awaiting_input", "parts": 1}
 

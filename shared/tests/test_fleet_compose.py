@@ -16,11 +16,7 @@ from model_service.errors import ServiceError
 from model_service.fleet.compose import FleetCompositions
 from model_service.fleet.queue import FleetQueue
 from model_service.metrics import Metrics
-from model_service.testing import RedisServer
-
-pytestmark = pytest.mark.skipif(
-    RedisServer.binary() is None, reason="no redis-server: run `make redis`"
-)
+from model_service_testing.process import RedisServer
 
 HEARTBEAT_S = 1.0
 

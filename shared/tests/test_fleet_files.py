@@ -14,11 +14,7 @@ from model_service.errors import InputMissing
 from model_service.fleet.files import SharedFiles
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
-from model_service.testing import RedisServer
-
-pytestmark = pytest.mark.skipif(
-    RedisServer.binary() is None, reason="no redis-server: run `make redis`"
-)
+from model_service_testing.process import RedisServer
 
 
 @pytest.fixture

@@ -13,11 +13,7 @@ from pathlib import Path
 import pytest
 
 from model_service.fleet.queue import FleetQueue
-from model_service.testing import RedisServer
-
-pytestmark = pytest.mark.skipif(
-    RedisServer.binary() is None, reason="no redis-server: run `make redis`"
-)
+from model_service_testing.process import RedisServer
 
 HEARTBEAT_S = 1.0
 

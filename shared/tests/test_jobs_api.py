@@ -7,8 +7,8 @@ import time
 import httpx
 from PIL import Image
 
-from fixture_service.images import data_uri, png_bytes
-from model_service.testing import wait_status
+from model_service_testing.media import data_uri, png_bytes
+from model_service_testing.process import wait_status
 
 
 def submit(client: httpx.Client, **inputs: object) -> dict:
@@ -17,8 +17,8 @@ def submit(client: httpx.Client, **inputs: object) -> dict:
     return response.json()
 
 
-def test_job_lifecycle_outputs_and_range(start_service) -> None:
-    service = start_service()
+def test_job_lifecycle_outputs_and_range(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         job = submit(client, text="hello", image=data_uri(png_bytes(color=(10, 200, 30))))
         assert job["status"] == "queued"
@@ -39,8 +39,8 @@ def test_job_lifecycle_outputs_and_range(start_service) -> None:
         assert client.get(f"/v1/jobs/{job['id']}/outputs/nope.png").status_code == 404
 
 
-def test_prefer_wait_answers_with_the_finished_job(start_service) -> None:
-    service = start_service()
+def test_prefer_wait_answers_with_the_finished_job(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         response = client.post(
             "/v1/jobs", json={"input": {"seed": 7}}, headers={"Prefer": "wait=30"}
@@ -56,8 +56,8 @@ def test_prefer_wait_answers_with_the_finished_job(start_service) -> None:
         assert slow.json()["status"] in {"queued", "running"}
 
 
-def test_put_is_idempotent_and_conflicts_on_a_different_body(start_service) -> None:
-    service = start_service()
+def test_put_is_idempotent_and_conflicts_on_a_different_body(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         first = client.put("/v1/jobs/my-job-1", json={"input": {"text": "a", "seed": 1}})
         assert first.status_code == 202
@@ -73,8 +73,8 @@ def test_put_is_idempotent_and_conflicts_on_a_different_body(start_service) -> N
         assert [job["id"] for job in listed] == ["my-job-1"]
 
 
-def test_list_filters_by_status_and_paginates(start_service) -> None:
-    service = start_service()
+def test_list_filters_by_status_and_paginates(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         ids = [submit(client, text=str(i))["id"] for i in range(5)]
         for job_id in ids:
@@ -101,8 +101,8 @@ def test_list_filters_by_status_and_paginates(start_service) -> None:
         client.post(f"/v1/jobs/{blocker}/cancel")
 
 
-def test_cancel_queued_and_running_jobs(start_service) -> None:
-    service = start_service()
+def test_cancel_queued_and_running_jobs(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         running = submit(client, steps=200, step_s=0.05)["id"]
         queued = submit(client)["id"]
@@ -122,8 +122,8 @@ def test_cancel_queued_and_running_jobs(start_service) -> None:
         assert wait_status(client, after, {"succeeded"})["status"] == "succeeded"
 
 
-def test_server_sent_events_report_status_and_progress(start_service) -> None:
-    service = start_service()
+def test_server_sent_events_report_status_and_progress(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         job_id = submit(client, steps=5, step_s=0.05)["id"]
         events = []
@@ -144,8 +144,8 @@ def test_server_sent_events_report_status_and_progress(start_service) -> None:
         assert client.get("/v1/jobs/nope/events").status_code == 404
 
 
-def test_bad_input_is_a_clear_422_and_nothing_is_stored(start_service) -> None:
-    service = start_service()
+def test_bad_input_is_a_clear_422_and_nothing_is_stored(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         cases = [
             ({"input": {"steps": 0}}, "input.steps"),
@@ -175,8 +175,8 @@ def test_bad_input_is_a_clear_422_and_nothing_is_stored(start_service) -> None:
         assert client.get("/v1/jobs").json()["jobs"] == []
 
 
-def test_uploads_feed_jobs_and_are_size_capped(start_service) -> None:
-    service = start_service(env={"MAX_UPLOAD_BYTES": "50000"})
+def test_uploads_feed_jobs_and_are_size_capped(echo_service) -> None:
+    service = echo_service(env={"MAX_UPLOAD_BYTES": "50000"})
     with service.client() as client:
         uploaded = client.post("/v1/uploads", files={"file": ("../../etc/x.png", png_bytes())})
         assert uploaded.status_code == 201
@@ -200,16 +200,16 @@ def test_uploads_feed_jobs_and_are_size_capped(start_service) -> None:
         assert "input.image" in response.json()["error"]["message"]
 
 
-def test_request_body_is_size_capped(start_service) -> None:
-    service = start_service(env={"MAX_REQUEST_BYTES": "20000"})
+def test_request_body_is_size_capped(echo_service) -> None:
+    service = echo_service(env={"MAX_REQUEST_BYTES": "20000"})
     with service.client() as client:
         response = client.post("/v1/jobs", json={"input": {"image": data_uri(b"x" * 30000)}})
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
 
 
-def test_auth_when_api_keys_are_set(start_service) -> None:
-    service = start_service(env={"API_KEYS": "key-one, key-two"})
+def test_auth_when_api_keys_are_set(echo_service) -> None:
+    service = echo_service(env={"API_KEYS": "key-one, key-two"})
     with httpx.Client(base_url=service.url) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/ready").status_code == 200
@@ -222,14 +222,14 @@ def test_auth_when_api_keys_are_set(start_service) -> None:
         assert ok.status_code == 200
 
 
-def test_no_auth_when_api_keys_are_unset(start_service) -> None:
-    service = start_service()
+def test_no_auth_when_api_keys_are_unset(echo_service) -> None:
+    service = echo_service()
     with httpx.Client(base_url=service.url) as client:
         assert client.get("/v1/jobs").status_code == 200
 
 
-def test_metrics_count_jobs_by_status_and_code(start_service) -> None:
-    service = start_service()
+def test_metrics_count_jobs_by_status_and_code(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         wait_status(client, submit(client)["id"], {"succeeded"})
         wait_status(client, submit(client, behaviour="error")["id"], {"failed"})
@@ -241,8 +241,8 @@ def test_metrics_count_jobs_by_status_and_code(start_service) -> None:
         assert "jobs_queued 0.0" in text
 
 
-def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(start_service) -> None:
-    service = start_service()
+def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         jobs = [submit(client, steps=2, step_s=0.1) for _ in range(3)]  # queued at once
         for job in jobs:
@@ -257,8 +257,8 @@ def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(start_se
     assert samples["job_gap_seconds_count"] == 2  # the second and third waited
 
 
-def test_logs_are_json_with_request_and_job_ids(start_service) -> None:
-    service = start_service()
+def test_logs_are_json_with_request_and_job_ids(echo_service) -> None:
+    service = echo_service()
     with service.client() as client:
         job_id = submit(client)["id"]
         wait_status(client, job_id, {"succeeded"})
@@ -271,7 +271,7 @@ def test_logs_are_json_with_request_and_job_ids(start_service) -> None:
     assert all(line["request_id"] for line in mine if line["logger"] == "model_service.http")
 
 
-def test_worker_threads_setting_reaches_the_worker(start_service) -> None:
-    service = start_service(env={"WORKER_THREADS": "1"})
+def test_worker_threads_setting_reaches_the_worker(echo_service) -> None:
+    service = echo_service(env={"WORKER_THREADS": "1"})
     with service.client() as client:
         assert client.get("/v1/service").json()["model"]["omp_threads"] == "1"

@@ -19,8 +19,8 @@ from safetensors.numpy import save
 
 from model_service.errors import LoraInvalid, LoraUnavailable
 from model_service.fetch import SafeHttpClient
-from model_service.hub_standin import Server, serve
 from model_service.loras import LoraCache, LoraSource, parse_lora_source
+from model_service_testing.hub_standin import Server, serve
 
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 FIELD = "loras[0].source"

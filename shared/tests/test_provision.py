@@ -17,7 +17,6 @@ import huggingface_hub.constants
 import pytest
 from prometheus_client import CollectorRegistry
 
-from model_service.hub_standin import COMMIT, Server, blob, serve, sha
 from model_service.provision import (
     FileLock,
     HubSource,
@@ -28,6 +27,7 @@ from model_service.provision import (
     UrlSource,
     provision,
 )
+from model_service_testing.hub_standin import COMMIT, Server, blob, serve, sha
 
 SHARED_SRC = Path(__file__).resolve().parents[1] / "src"
 

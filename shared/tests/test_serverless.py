@@ -7,7 +7,6 @@ the only way to reach cancellation and `refresh_worker`: the dev server has no `
 """
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -27,21 +26,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from fixture_service.images import data_uri, png_bytes
 from model_service import serverless
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import SqliteJobStore
 from model_service.jobs.view import Output
 from model_service.serverless import ProgressReporter, job_id_for, result_outputs
-from model_service.testing import free_port
-
-TESTS_DIR = Path(__file__).parent
-needs_sdk = pytest.mark.skipif(
-    importlib.util.find_spec("runpod") is None,
-    reason="the runpod SDK is not installed (pip install -e shared)",
-)
-
+from model_service_testing.media import data_uri, png_bytes
+from model_service_testing.process import free_port
 
 # --- the throttled progress callback and the job ids, in-process ----------------------
 
@@ -182,7 +174,7 @@ class FakeRunPod:
 
 
 class Worker:
-    """`python -m fixture_service.serve` with MODE=serverless (what `model-service serve`
+    """`python -m model_service_testing.echo.serve` with MODE=serverless (what `model-service serve`
     runs), in its own process group."""
 
     def __init__(self, data_dir: Path, env: dict[str, str], args: list[str]) -> None:
@@ -196,12 +188,11 @@ class Worker:
             "JOB_TIMEOUT_S": "60",
             "CANCEL_GRACE_S": "2",
             "RUNPOD_SKIP_GPU_CHECK": "true",
-            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
             **env,
         }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fixture_service.serve", *args],
+                [sys.executable, "-m", "model_service_testing.echo.serve", *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -281,7 +272,6 @@ def dev_server(
         fake.close()
 
 
-@needs_sdk
 def test_runsync_returns_the_outputs_inline(dev_server) -> None:
     client, worker, _fake = dev_server
     image = data_uri(png_bytes(color=(10, 200, 30)))
@@ -306,7 +296,6 @@ def test_runsync_returns_the_outputs_inline(dev_server) -> None:
     assert worker.job_status(body["id"]) == "succeeded"  # RunPod's id is our job id
 
 
-@needs_sdk
 def test_run_then_status(dev_server) -> None:
     client, _worker, _fake = dev_server
     queued = client.post("/run", json={"input": {"text": "later"}}).json()
@@ -317,7 +306,6 @@ def test_run_then_status(dev_server) -> None:
     assert base64.b64decode(texts[0]["base64"]) == b"later"
 
 
-@needs_sdk
 def test_invalid_input_fails_with_our_error_code(dev_server) -> None:
     client, worker, _fake = dev_server
     body = client.post("/runsync", json={"input": {"steps": 0, "behaviour": "dance"}}).json()
@@ -328,7 +316,6 @@ def test_invalid_input_fails_with_our_error_code(dev_server) -> None:
     assert worker.job_status(body["id"]) is None  # nothing was stored
 
 
-@needs_sdk
 def test_too_large_output_asks_for_object_storage(dev_server) -> None:
     client, _worker, _fake = dev_server
     image = data_uri(_noise_png(160))  # ~77 kB inverted: over the test's 50 kB limit
@@ -340,7 +327,6 @@ def test_too_large_output_asks_for_object_storage(dev_server) -> None:
     assert error["limit_bytes"] == 50000
 
 
-@needs_sdk
 def test_progress_updates_are_throttled(dev_server) -> None:
     client, _worker, fake = dev_server
     body = client.post("/runsync", json={"input": {"steps": 10, "step_s": 0.2}}).json()
@@ -375,7 +361,6 @@ def on_runpod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Worker
         fake.close()
 
 
-@needs_sdk
 def test_worker_loads_before_the_first_job_and_runs_jobs_once(on_runpod) -> None:
     worker, fake = on_runpod
     # the service starts in the SDK's loop as soon as it polls for work
@@ -398,7 +383,6 @@ def test_worker_loads_before_the_first_job_and_runs_jobs_once(on_runpod) -> None
         assert db.execute("SELECT count(*) FROM jobs WHERE id LIKE 'job-1%'").fetchone() == (1,)
 
 
-@needs_sdk
 def test_runpod_cancel_cancels_the_running_job(on_runpod) -> None:
     worker, fake = on_runpod
     fake.jobs.put({"id": "job-cancel", "input": {"steps": 200, "step_s": 0.1}})
@@ -410,7 +394,6 @@ def test_runpod_cancel_cancels_the_running_job(on_runpod) -> None:
     assert fake.result("job-after")["output"]["status"] == "succeeded"
 
 
-@needs_sdk
 def test_cuda_error_asks_runpod_for_a_new_worker(on_runpod) -> None:
     worker, fake = on_runpod
     fake.jobs.put({"id": "job-cuda", "input": {"behaviour": "cuda_error"}})
@@ -421,7 +404,6 @@ def test_cuda_error_asks_runpod_for_a_new_worker(on_runpod) -> None:
     worker.wait_until(lambda: worker.job_status("job-cuda.2") == "failed", "the retry")
 
 
-@needs_sdk
 def test_a_worker_that_can_never_be_ready_fails_jobs_at_once_and_asks_for_another(
     tmp_path: Path,
 ) -> None:

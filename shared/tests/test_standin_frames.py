@@ -21,18 +21,15 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from fixture_service.reference import OBJECT_INFO, needs_reference
 from model_service.comfy import ComfyClient
-from model_service.comfy.standin import StandinProcess
-from model_service.comfy.standin_nodes import (
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.comfy_standin.nodes import (
     Frames,
     Placeholder,
     as_frames,
     index_block,
     index_level,
 )
-
-pytestmark = needs_reference
 
 Graph = dict[str, Any]
 Pixels = npt.NDArray[np.float64]
@@ -181,7 +178,7 @@ def flf_graph(start: str, end: str, prefix: str) -> Graph:
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
     base = tmp_path_factory.mktemp("frames") / "base"
-    with StandinProcess(base, OBJECT_INFO, models=MODELS) as process:
+    with StandinProcess(base, models=MODELS) as process:
         yield process
 
 

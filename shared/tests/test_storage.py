@@ -16,7 +16,7 @@ from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.settings import Settings
 from model_service.storage import OutputStore, StorageRequest
-from model_service.testing import free_port, wait_status
+from model_service_testing.process import free_port, wait_status
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -78,8 +78,8 @@ def keys(s3, bucket: str) -> set[str]:
     return {item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
 
 
-def test_outputs_are_uploaded_to_the_configured_bucket(start_service, s3, s3_endpoint) -> None:
-    service = start_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
+def test_outputs_are_uploaded_to_the_configured_bucket(echo_service, s3, s3_endpoint) -> None:
+    service = echo_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
     with service.client() as client:
         job = run_job(client, "job-a")
         assert job["status"] == "succeeded", job
@@ -108,11 +108,11 @@ def test_outputs_are_uploaded_to_the_configured_bucket(start_service, s3, s3_end
         assert other.status_code == 409
 
 
-def test_uploads_run_beside_the_next_job(start_service, s3, s3_endpoint) -> None:
+def test_uploads_run_beside_the_next_job(echo_service, s3, s3_endpoint) -> None:
     """Issue 10: a job's storage upload never delays the next job's start: the next job
     was waiting in the engine and began on the GPU before the first one's end (recorded
     after its upload) was written."""
-    service = start_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
+    service = echo_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
     with service.client() as client:
         body = {"input": {"text": "stored", "steps": 3, "step_s": 0.05}}
         first = client.put("/v1/jobs/upload-1", json=body).json()["id"]
@@ -125,8 +125,8 @@ def test_uploads_run_beside_the_next_job(start_service, s3, s3_endpoint) -> None
     assert b["info"]["execution_started_at"] - a["info"]["execution_ended_at"] < 0.05
 
 
-def test_request_overrides_bucket_prefix_and_presign(start_service, s3, s3_endpoint) -> None:
-    service = start_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
+def test_request_overrides_bucket_prefix_and_presign(echo_service, s3, s3_endpoint) -> None:
+    service = echo_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
     with service.client() as client:
         job = run_job(
             client, "job-b", storage={"bucket": "outputs-b", "prefix": "team/x-", "presign_s": 600}
@@ -139,9 +139,9 @@ def test_request_overrides_bucket_prefix_and_presign(start_service, s3, s3_endpo
         assert httpx.get(text["storage_url"]).content == b"stored"
 
 
-def test_presigned_urls_from_settings(start_service, s3, s3_endpoint) -> None:
+def test_presigned_urls_from_settings(echo_service, s3, s3_endpoint) -> None:
     env = storage_env(s3_endpoint, S3_BUCKET="presigned", S3_PREFIX="", S3_PRESIGN_S="300")
-    service = start_service(env=env)
+    service = echo_service(env=env)
     with service.client() as client:
         job = run_job(client, "job-p")
         out = next(out for out in job["outputs"] if out["name"] == "out.png")
@@ -155,8 +155,8 @@ def test_presigned_urls_from_settings(start_service, s3, s3_endpoint) -> None:
         assert httpx.get(url.copy_with(query=None)).status_code == 403  # a private bucket
 
 
-def test_missing_bucket_fails_the_job_but_keeps_the_outputs(start_service, s3, s3_endpoint) -> None:
-    service = start_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
+def test_missing_bucket_fails_the_job_but_keeps_the_outputs(echo_service, s3, s3_endpoint) -> None:
+    service = echo_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
     with service.client() as client:
         job = run_job(client, "job-m", storage={"bucket": "no-such-bucket"})
         assert job["status"] == "failed"
@@ -175,8 +175,8 @@ def test_missing_bucket_fails_the_job_but_keeps_the_outputs(start_service, s3, s
         assert run_job(client, "job-m2")["status"] == "succeeded"
 
 
-def test_without_storage_nothing_is_uploaded(start_service, s3, s3_endpoint) -> None:
-    service = start_service(env=storage_env(s3_endpoint))
+def test_without_storage_nothing_is_uploaded(echo_service, s3, s3_endpoint) -> None:
+    service = echo_service(env=storage_env(s3_endpoint))
     with service.client() as client:
         before = {bucket: keys(s3, bucket) for bucket in ("outputs-a", "outputs-b", "presigned")}
         job = run_job(client, "job-n")
@@ -197,8 +197,8 @@ def test_without_storage_nothing_is_uploaded(start_service, s3, s3_endpoint) -> 
         assert [out["bucket"] for out in listed] == ["per-request", "per-request"]
 
 
-def test_bad_storage_requests_are_422(start_service, s3_endpoint) -> None:
-    service = start_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
+def test_bad_storage_requests_are_422(echo_service, s3_endpoint) -> None:
+    service = echo_service(env=storage_env(s3_endpoint, S3_BUCKET="outputs-a"))
     with service.client() as client:
         for storage in (
             {"bucket": "Bad_Bucket"},

@@ -19,23 +19,14 @@ from model_service.jobs.record import Job
 from model_service.jobs.redis_store import RedisJobStore
 from model_service.jobs.status import TERMINAL, JobStatus
 from model_service.jobs.store import Delivery, JobStore, SqliteJobStore, Upload
-from model_service.testing import RedisServer
+from model_service_testing.process import RedisServer
 
 Store = JobStore
 
-needs_redis = pytest.mark.skipif(
-    RedisServer.binary() is None, reason="no redis-server: run `make redis`"
-)
 NAMESPACE = "ms:parity"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=needs_redis)])
+@pytest.fixture(params=["sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     made: Store
     if request.param == "sqlite":
@@ -407,7 +398,6 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@needs_redis
 def test_two_clients_of_one_namespace_share_the_jobs(redis_url: str) -> None:
     one, two = RedisJobStore(redis_url, NAMESPACE), RedisJobStore(redis_url, NAMESPACE)
     one.create(new_job("a"))
@@ -419,7 +409,6 @@ def test_two_clients_of_one_namespace_share_the_jobs(redis_url: str) -> None:
     two.close()
 
 
-@needs_redis
 def test_namespaces_are_isolated(redis_url: str) -> None:
     one, two = RedisJobStore(redis_url, "ms:one"), RedisJobStore(redis_url, "ms:two")
     one.create(new_job("a"))
@@ -457,7 +446,6 @@ def race(workers: int, work: Callable[[int], list[str]]) -> list[list[str]]:
     return results
 
 
-@needs_redis
 def test_racing_claims_take_every_job_exactly_once(redis_url: str) -> None:
     setup = RedisJobStore(redis_url, NAMESPACE)
     job_ids = [f"j{n:02d}" for n in range(50)]
@@ -482,7 +470,6 @@ def test_racing_claims_take_every_job_exactly_once(redis_url: str) -> None:
         store.close()
 
 
-@needs_redis
 def test_racing_delivery_polls_never_share_a_delivery(redis_url: str) -> None:
     setup = RedisJobStore(redis_url, NAMESPACE)
     now = time.time()
@@ -510,7 +497,6 @@ def test_racing_delivery_polls_never_share_a_delivery(redis_url: str) -> None:
         store.close()
 
 
-@needs_redis
 def test_a_stopped_redis_is_store_unavailable_until_it_is_back(
     redis_server: RedisServer,
 ) -> None:

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from model_service.testing import free_port, wait_status
+from model_service_testing.process import free_port, wait_status
 
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
 
@@ -77,9 +77,9 @@ def receiver():
         item.close()
 
 
-def test_webhook_is_signed_and_filtered_by_event(start_service, receiver) -> None:
+def test_webhook_is_signed_and_filtered_by_event(echo_service, receiver) -> None:
     hook = receiver(fail_first=2)
-    service = start_service(env=ENV)
+    service = echo_service(env=ENV)
     with service.client() as client:
         body = {"input": {}, "webhook": hook.url, "webhook_events": ["running", "succeeded"]}
         job_id = client.post("/v1/jobs", json=body).json()["id"]
@@ -96,9 +96,9 @@ def test_webhook_is_signed_and_filtered_by_event(start_service, receiver) -> Non
         Webhook(SECRET).verify(tampered, headers)
 
 
-def test_receiver_down_then_up_gets_the_webhook(start_service, receiver) -> None:
+def test_receiver_down_then_up_gets_the_webhook(echo_service, receiver) -> None:
     port = free_port()
-    service = start_service(env=ENV)
+    service = echo_service(env=ENV)
     with service.client() as client:
         url = f"http://127.0.0.1:{port}/hook"
         job_id = client.post("/v1/jobs", json={"input": {}, "webhook": url}).json()["id"]
@@ -110,9 +110,9 @@ def test_receiver_down_then_up_gets_the_webhook(start_service, receiver) -> None
     assert payload["data"]["id"] == job_id
 
 
-def test_pending_webhooks_survive_a_restart(start_service, receiver) -> None:
+def test_pending_webhooks_survive_a_restart(echo_service, receiver) -> None:
     port = free_port()
-    service = start_service(env={**ENV, "WEBHOOK_RETRY_BASE_S": "30"})
+    service = echo_service(env={**ENV, "WEBHOOK_RETRY_BASE_S": "30"})
     with service.client() as client:
         url = f"http://127.0.0.1:{port}/hook"
         job_id = client.post("/v1/jobs", json={"input": {}, "webhook": url}).json()["id"]
@@ -120,7 +120,7 @@ def test_pending_webhooks_survive_a_restart(start_service, receiver) -> None:
         time.sleep(0.3)
     service.kill9()
     hook = receiver(port)
-    again = start_service(env={**ENV, "WEBHOOK_RETRY_BASE_S": "30"}, data_dir=service.data_dir)
+    again = echo_service(env={**ENV, "WEBHOOK_RETRY_BASE_S": "30"}, data_dir=service.data_dir)
     assert again.url != service.url
     # the retry is due in ~30 s; a restart must not drop it. Make it due now:
     import sqlite3
@@ -128,15 +128,15 @@ def test_pending_webhooks_survive_a_restart(start_service, receiver) -> None:
     with sqlite3.connect(service.data_dir / "jobs.sqlite3") as db:
         db.execute("UPDATE webhook_deliveries SET next_attempt_at = 0")
     again.stop()
-    again = start_service(env=ENV, data_dir=service.data_dir)
+    again = echo_service(env=ENV, data_dir=service.data_dir)
     [payload] = hook.wait(1)
     assert payload["data"]["id"] == job_id
     assert json.loads(hook.received[0][1])["type"] == "job.succeeded"
 
 
-def test_unsigned_webhooks_when_no_secret(start_service, receiver) -> None:
+def test_unsigned_webhooks_when_no_secret(echo_service, receiver) -> None:
     hook = receiver()
-    service = start_service(env={"FETCH_ALLOW_NETWORKS": "127.0.0.1/32"})
+    service = echo_service(env={"FETCH_ALLOW_NETWORKS": "127.0.0.1/32"})
     with service.client() as client:
         client.post("/v1/jobs", json={"input": {}, "webhook": hook.url})
         deadline = time.monotonic() + 20

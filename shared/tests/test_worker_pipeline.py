@@ -2,7 +2,7 @@
 
 Several jobs are handed to the worker at once; the next one's `prepare` runs while the
 current one's `predict` runs, and a job's `finish` runs while the next one's `predict`
-runs. The predictor (`fixture_service.pipeline_predictor`) sleeps in each stage and
+runs. The predictor (`model_service_testing.echo.pipeline_predictor`) sleeps in each stage and
 records when it ran.
 """
 
@@ -22,7 +22,7 @@ from model_service.predictor import WorkerConfig
 from model_service.worker.process import WorkerProcess, WorkerState
 from model_service.worker.protocol import JobDone, JobProgress, RunJob
 
-PREDICTOR = "fixture_service.pipeline_predictor:PipelinePredictor"
+PREDICTOR = "model_service_testing.echo.pipeline_predictor:PipelinePredictor"
 START_GAP_S = 0.02  # the next job starts this soon after the GPU work of the one before
 
 Runner = Callable[[RunJob, Callable[[JobProgress], None], Callable[[], None]], Awaitable[JobDone]]

@@ -9,10 +9,8 @@ received it; that ComfyUI accepts it is checked by the stand-in's validation (a 
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,32 +20,21 @@ import av
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from model_service.comfy.standin import StandinProcess
 from model_service.comfy.tiny_weights import write_tiny
 from model_service.comfy.workflow import sampler_steps
-from model_service.hub_standin import Server, serve
 from model_service.provision import Manifest
-from model_service.testing import ServiceProcess, place_sparse_models, tiny_comfy_service
+from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.hub_standin import Server, serve
+from model_service_testing.machine import needs_real_comfyui
+from model_service_testing.media import png_data_uri, video_frames
+from model_service_testing.process import ServiceProcess, place_sparse_models
+from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 from wan14b.schema import Wan14bInput
 from wan14b.service import FLF, I2V, MANIFEST, T2V, choose
 
-REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "reference" / "comfyui-0.33.0-object_info.json"
-pytestmark = pytest.mark.skipif(
-    not OBJECT_INFO.is_file(),
-    reason=f"{OBJECT_INFO} is missing: the stand-in ComfyUI needs the project's reference "
-    "object_info (../shared beside the repository)",
-)
 FILES = Manifest.load(MANIFEST).files
 SMALL = {"width": 64, "height": 64, "num_frames": 9, "fps": 8}
-
-
-def _png_data_uri(color: tuple[int, int, int] = (200, 30, 30)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (48, 32), color).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _lora_bytes(tmp: Path, seed: int) -> bytes:
@@ -201,23 +188,20 @@ def hub() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    base = tmp_path_factory.mktemp("comfy")
-    place_sparse_models(base / "models", FILES)  # "downloaded"
-    with StandinProcess(base, OBJECT_INFO) as process:
-        yield process
+def standin(comfy_standin: StartStandin) -> StandinProcess:
+    process = comfy_standin()
+    place_sparse_models(process.base_dir / "models", FILES)  # "downloaded"
+    return process
 
 
 @pytest.fixture(scope="module")
 def service(
-    standin: StandinProcess, hub: Server, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    data = tmp_path_factory.mktemp("wan14b-data")
-    process = ServiceProcess(
-        "model_service.cli",
-        data,
+    standin: StandinProcess, hub: Server, comfy_service: StartComfyService
+) -> ServiceProcess:
+    return comfy_service(
+        "wan2.2-14b-loras-v1",
+        standin,
         env={
-            "COMFYUI_URL": standin.url,
             "MODELS_DIR": str(standin.base_dir / "models"),
             "HF_ENDPOINT": hub.url,
             "HF_HUB_OFFLINE": "0",  # other test modules set it for their own process
@@ -225,11 +209,7 @@ def service(
             "LORA_CACHE_GB": "0.0025",  # 2.5 MB: room for two of the 1 MB test LoRAs
             "CANCEL_GRACE_S": "3",
         },
-        args=["serve", "wan2.2-14b-loras-v1"],
     )
-    process.start(timeout=60)
-    yield process
-    process.stop()
 
 
 @pytest.fixture
@@ -261,8 +241,8 @@ def _video_facts(data: bytes) -> tuple[str, int, int, int]:
 def test_each_mode_returns_an_h264_mp4(client: httpx.Client, standin: StandinProcess) -> None:
     for payload, mode in (
         ({}, "t2v"),
-        ({"start_image": _png_data_uri()}, "i2v"),
-        ({"start_image": _png_data_uri(), "end_image": _png_data_uri((0, 0, 255))}, "flf"),
+        ({"start_image": png_data_uri()}, "i2v"),
+        ({"start_image": png_data_uri(), "end_image": png_data_uri((0, 0, 255))}, "flf"),
     ):
         job = _run(client, {"prompt": "a red fox", **SMALL, **payload})
         assert job["status"] == "succeeded", job.get("error")
@@ -308,7 +288,7 @@ def test_job_loras_are_downloaded_once_and_reach_comfyui(
         {"source": "hf://someone/wan-loras/motion.safetensors", "applies_to": "both"},
     ]
     for _ in range(2):
-        job = _run(client, {"prompt": "p", "start_image": _png_data_uri(), **SMALL, "loras": loras})
+        job = _run(client, {"prompt": "p", "start_image": png_data_uri(), **SMALL, "loras": loras})
         assert job["status"] == "succeeded", job.get("error")
         sent = _last_prompt(standin)
         names = [
@@ -354,7 +334,7 @@ def test_a_bad_lora_fails_the_job_before_comfyui_works(
 
 
 def test_legacy_generate(client: httpx.Client) -> None:
-    body = {"image_url": _png_data_uri(), "prompt": "p", "width": 64, "height": 64, "frames": 9}
+    body = {"image_url": png_data_uri(), "prompt": "p", "width": 64, "height": 64, "frames": 9}
     response = client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     job_id = response.json()["job_id"]
@@ -378,7 +358,7 @@ def test_travel_legs_go_first_to_last_frame_and_cross_fade(client: httpx.Client)
     overlap = 2
     body = {
         "input": {**SMALL, "prompt": "p", "seed": 1},
-        "images": [_png_data_uri(c) for c in colours],
+        "images": [png_data_uri(c) for c in colours],
         "overlap": overlap,
         "webhook_events": ["succeeded"],
     }
@@ -413,28 +393,10 @@ def test_travel_legs_go_first_to_last_frame_and_cross_fade(client: httpx.Client)
 
 # --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------
 
-COMFYUI_TEST_DIR = os.environ.get("COMFYUI_TEST_DIR")
-needs_real_comfyui = pytest.mark.skipif(
-    not COMFYUI_TEST_DIR,
-    reason="set COMFYUI_TEST_DIR (a ComfyUI 0.33+ checkout; COMFYUI_TEST_PYTHON: its "
-    "interpreter) to run the real workflows on tiny weights",
-)
-
 
 @pytest.fixture(scope="module")
-def tiny_service(tmp_path_factory: pytest.TempPathFactory, hub: Server) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("wan14b-tiny")
-    process = tiny_comfy_service(
-        root, "wan2.2-14b-loras-v1", str(COMFYUI_TEST_DIR), {"FETCH_ALLOW_NETWORKS": "127.0.0.0/8"}
-    )
-    process.start(timeout=240)
-    yield process
-    process.stop()
-
-
-def _frames(data: bytes) -> list[bytes]:
-    with av.open(io.BytesIO(data)) as container:
-        return [frame.to_ndarray(format="rgb24").tobytes() for frame in container.decode(video=0)]
+def tiny_service(tiny_comfy_service: StartComfyService, hub: Server) -> ServiceProcess:
+    return tiny_comfy_service("wan2.2-14b-loras-v1", {"FETCH_ALLOW_NETWORKS": "127.0.0.0/8"})
 
 
 @needs_real_comfyui
@@ -445,7 +407,7 @@ def test_tiny_modes_with_loras_on_a_real_comfyui(
     low = hub.add("/tiny/low.safetensors", _lora_bytes(tmp_path, 22))
     loras = [{"source": high, "applies_to": "high"}, {"source": low, "applies_to": "low"}]
     size = {"width": 64, "height": 64, "num_frames": 17, "fps": 16}
-    red, blue = _png_data_uri((220, 20, 20)), _png_data_uri((20, 20, 220))
+    red, blue = png_data_uri((220, 20, 20)), png_data_uri((20, 20, 220))
     with tiny_service.client() as http:
         videos = {}
         for name, extra in (
@@ -460,7 +422,7 @@ def test_tiny_modes_with_loras_on_a_real_comfyui(
             assert job["status"] == "succeeded", (name, job.get("error"))
             data = http.get(job["outputs"][0]["url"]).content
             assert _video_facts(data) == ("h264", 64, 64, 17), name
-            videos[name] = _frames(data)
+            videos[name] = video_frames(data)
     assert videos["i2v"] != videos["i2v_blue"], "the start image changes the video"
     assert videos["i2v"] != videos["i2v_plain"], "the LoRAs change the video"
     assert videos["i2v"] != videos["flf"]

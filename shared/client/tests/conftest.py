@@ -8,15 +8,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # client_testing
 
-from client_testing import KEY, echo_service
-from model_service.testing import ServiceProcess
+from client_testing import KEY
 from model_service_client import Client
+from model_service_testing.process import ServiceProcess
+from model_service_testing.pytest_plugin import echo_process
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The echo service, shared by every test; it asks for an API key (API_KEYS)."""
-    process = echo_service(tmp_path_factory.mktemp("echo") / "data", {"API_KEYS": KEY})
+    process = echo_process(tmp_path_factory.mktemp("echo") / "data", {"API_KEYS": KEY})
     process.headers = {"Authorization": f"Bearer {KEY}"}
     process.start()
     yield process

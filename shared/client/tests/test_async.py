@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from client_testing import KEY, fetch, pixel, png_bytes
-from model_service.testing import ServiceProcess
 from model_service_client import AsyncClient, Job, JobFailed, ServiceError
+from model_service_testing.process import ServiceProcess
 
 
 def test_async_client_core_flow(service: ServiceProcess, tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from client_testing import KEY, fetch, pixel, png_bytes
-from model_service.testing import ServiceProcess
 from model_service_client import Client
 from model_service_client.cli import app
+from model_service_testing.process import ServiceProcess
 
 runner = CliRunner()
 

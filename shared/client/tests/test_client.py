@@ -1,7 +1,6 @@
 """The blocking client against real service processes on loopback (no mocks)."""
 
 import dataclasses
-import importlib.util
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,9 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client_testing import KEY, echo_service, fetch, pixel, png_bytes
-from model_service.testing import RedisServer, ServiceProcess
+from client_testing import KEY, fetch, pixel, png_bytes
 from model_service_client import Client, Job, JobFailed, ServiceError
+from model_service_testing.process import RedisServer, ServiceProcess
+from model_service_testing.pytest_plugin import echo_process
 
 
 def test_submit_and_wait_report_progress(client: Client) -> None:
@@ -181,7 +181,7 @@ def test_api_key_is_required_and_then_works(
 def test_wait_falls_back_to_polling_when_the_stream_drops(tmp_path: Path) -> None:
     """The service is killed (-9) while `wait` follows the job's events, and started again:
     the job runs again and `wait` still returns it finished."""
-    service = echo_service(tmp_path / "data").start()
+    service = echo_process(tmp_path / "data").start()
     try:
         with Client(service.url) as client:
             job = client.submit({"steps": 20, "step_s": 0.05})
@@ -218,12 +218,10 @@ def test_wait_falls_back_to_polling_when_the_stream_drops(tmp_path: Path) -> Non
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
-    if RedisServer.binary() is None:
-        pytest.skip("no redis-server: run `make redis`")
     with RedisServer(tmp_path / "redis") as redis:
         pods = []
         for index in range(2):
-            pod = echo_service(
+            pod = echo_process(
                 tmp_path / f"pod{index}",
                 {"QUEUE_URL": redis.url, "QUEUE_HEARTBEAT_S": "1", "API_KEYS": KEY},
             )
@@ -268,10 +266,6 @@ def test_download_follows_a_fleet_redirect_with_the_key(
 # --- the tiny Qwen-Image-Edit service (a real pipeline, CPU) -----------------------------
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("qwen_image_edit") is None,
-    reason="the Qwen-Image-Edit service is not installed (pip install -e qwen-image-edit-nunchaku)",
-)
 def test_qwen_edit_with_an_uploaded_image(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.mktemp("qwen")
     service = ServiceProcess(

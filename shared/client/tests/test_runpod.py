@@ -3,7 +3,6 @@ by the runpod SDK's own local dev server (`--rp_serve_api`: `/run`, `/runsync`, 
 it has no `/cancel`, and runs a job during its first `/status` request)."""
 
 import asyncio
-import importlib.util
 import os
 import signal
 import subprocess
@@ -15,14 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client_testing import SHARED_TESTS, pixel
-from model_service.testing import free_port
+from client_testing import pixel
 from model_service_client import AsyncRunpodClient, Job, JobFailed, RunpodClient, ServiceError
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("runpod") is None,
-    reason="the runpod SDK is not installed (pip install -e shared)",
-)
+from model_service_testing.process import free_port
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +31,12 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "LOG_FORMAT": "json",
         "JOB_TIMEOUT_S": "60",
         "RUNPOD_SKIP_GPU_CHECK": "true",
-        "PYTHONPATH": os.pathsep.join([str(SHARED_TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     args = ["--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"]
     log_path = root / "worker.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fixture_service.serve", *args],
+            [sys.executable, "-m", "model_service_testing.echo.serve", *args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,4 +1,5 @@
-"""ComfyUI backend: our protocol client, its errors, and a stand-in server for tests."""
+"""ComfyUI backend: our protocol client and its errors (the stand-in ComfyUI for tests is in
+the `model-service-testing` package, never in an image)."""
 
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
 from model_service.comfy.errors import (

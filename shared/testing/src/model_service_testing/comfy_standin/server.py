@@ -2,17 +2,18 @@
 
 Run it as its own process, so that a crash is a real crash:
 
-    python -m model_service.comfy.standin --port 8188 --base-dir /tmp/comfy \\
-        --object-info shared/reference/comfyui-0.33.0-object_info.json [--models-json m.json]
+    python -m model_service_testing.comfy_standin --port 8188 --base-dir /tmp/comfy \\
+        [--object-info snapshot.json[.gz]] [--models-json m.json]
 
-It validates graphs against a real `/object_info` snapshot like ComfyUI does, runs one
+It validates graphs against a real `/object_info` snapshot like ComfyUI does (by default the
+pinned ComfyUI's, vendored beside this module: `snapshot.OBJECT_INFO`), runs one
 prompt at a time in queue order, and sends the real websocket sequence (`status`,
 `execution_start`, `execution_cached`, `executing`, `progress`, `progress_state`,
 `executed`, `execution_success` | `execution_error` | `execution_interrupted`, then
 `executing` with `node: null`), including ComfyUI's race: `execution_success` goes out
 before the history entry is written (widen it with `history_delay_s`).
 
-Weight-free core nodes run for real (see `standin_nodes`); every other known node is a
+Weight-free core nodes run for real (see `nodes`); every other known node is a
 fake that passes placeholders and emits sampler progress. Test knobs (constructor or
 `POST /standin/config`): `step_delay_s`, `slow_nodes` {class: seconds},
 `fail_nodes` {class or node id: {exception_type, message}}, `crash_nodes` [class or node
@@ -22,8 +23,8 @@ id] (the process exits with `os._exit(1)` when one starts), `history_delay_s`, `
 and the prompts it accepted;
 `POST /standin/drop_websockets` closes every websocket (a network blip).
 
-Written from the protocol as observed (see shared/reference/comfyui-anchors.md); no
-ComfyUI code.
+Written from the protocol as observed (ComfyUI 0.33.0's `server.py` and `execution.py`
+behaviour); no ComfyUI code.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ from typing import Any
 import httpx
 from aiohttp import WSMsgType, web
 
-from model_service.comfy.standin_graph import Catalog, Validator, expand_inputs
-from model_service.comfy.standin_nodes import (
+from model_service.comfy.workflow import is_link
+from model_service_testing.comfy_standin.graph import Catalog, Validator, expand_inputs
+from model_service_testing.comfy_standin.nodes import (
     Dirs,
     InjectedFailure,
     NodeContext,
@@ -61,8 +63,8 @@ from model_service.comfy.standin_nodes import (
     NodeResult,
     run_node,
 )
-from model_service.comfy.workflow import is_link
-from model_service.testing import free_port
+from model_service_testing.comfy_standin.snapshot import OBJECT_INFO
+from model_service_testing.process import free_port
 
 log = logging.getLogger("comfy.standin")
 
@@ -121,7 +123,7 @@ class Knobs:
 @dataclass
 class StandinConfig:
     base_dir: Path
-    object_info: Path
+    object_info: Path = OBJECT_INFO
     models: dict[str, list[str]] = field(default_factory=dict)
     video_encoder: str = "auto"  # auto | ffmpeg | pyav
     knobs: Knobs = field(default_factory=Knobs)
@@ -899,7 +901,7 @@ def build_app(config: StandinConfig) -> web.Application:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m model_service.comfy.standin", description=__doc__.split("\n")[0]
+        prog="python -m model_service_testing.comfy_standin", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--listen", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8188)
@@ -909,8 +911,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--object-info",
         type=Path,
-        default=os.environ.get("COMFY_STANDIN_OBJECT_INFO"),
-        help="/object_info snapshot of a real ComfyUI (env COMFY_STANDIN_OBJECT_INFO)",
+        default=os.environ.get("COMFY_STANDIN_OBJECT_INFO", OBJECT_INFO),
+        help="/object_info snapshot of a real ComfyUI, JSON or gzipped JSON (env "
+        "COMFY_STANDIN_OBJECT_INFO; default: the vendored ComfyUI 0.33.0 snapshot)",
     )
     parser.add_argument(
         "--models-json", type=Path, help='{"diffusion_models": ["x.safetensors"], ...}'
@@ -919,10 +922,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--knobs-json", help="initial test knobs, as POST /standin/config takes them"
     )
-    args = parser.parse_args(argv)
-    if args.object_info is None:
-        parser.error("--object-info (or COMFY_STANDIN_OBJECT_INFO) is required")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -943,12 +943,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class StandinProcess:
-    """`python -m model_service.comfy.standin` on a free loopback port (its own process group)."""
+    """`python -m model_service_testing.comfy_standin` on a free loopback port (its own
+    process group)."""
 
     def __init__(
         self,
         base_dir: Path,
-        object_info: Path,
+        object_info: Path = OBJECT_INFO,
         models: dict[str, list[str]] | None = None,
         knobs: dict[str, Any] | None = None,
         video_encoder: str = "auto",
@@ -978,7 +979,7 @@ class StandinProcess:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "model_service.comfy.standin", *self.args],
+                [sys.executable, "-m", "model_service_testing.comfy_standin", *self.args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -1,7 +1,8 @@
 """Node catalogue and graph validation for the stand-in, behaving like ComfyUI 0.33.
 
-The node definitions come from an `/object_info` snapshot of a real ComfyUI (a JSON file
-passed in, never bundled). Validation reproduces what ComfyUI answers on `POST /prompt`:
+The node definitions come from an `/object_info` snapshot of a real ComfyUI (the pinned
+version's, vendored: `snapshot.OBJECT_INFO`). Validation reproduces what ComfyUI answers
+on `POST /prompt`:
 the same error types, messages, `details` and `extra_info`, the same quirks (a link to a
 missing node is an exception during validation; V3 dynamic inputs such as `SaveVideo`'s
 `format` are expanded into dotted names like `format.codec`, and an unknown option is
@@ -11,7 +12,6 @@ silently skipped). Written from the observed protocol; no ComfyUI code.
 from __future__ import annotations
 
 import copy
-import json
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from model_service.comfy.workflow import MODEL_INPUTS, combo_choices
+from model_service_testing.comfy_standin.snapshot import load_object_info
 
 Spec = list[Any]  # [type, {options}] as /object_info lists an input
 Sections = dict[str, dict[str, Spec]]  # {"required": {name: spec}, "optional": {...}}
@@ -65,7 +66,7 @@ class Catalog:
         model_files: Callable[[str], list[str]],
         input_files: Callable[[], list[str]],
     ) -> Catalog:
-        return cls(json.loads(path.read_text()), model_files, input_files)
+        return cls(load_object_info(path), model_files, input_files)
 
     def __contains__(self, class_type: object) -> bool:
         return class_type in self._nodes

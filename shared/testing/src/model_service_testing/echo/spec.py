@@ -26,6 +26,6 @@ SPEC = ServiceSpec(
     description="Inverts an image or draws one; fails on request.",
     default_port=8099,
     input_model=EchoInput,
-    predictor="fixture_service.predictor:EchoPredictor",
+    predictor="model_service_testing.echo.predictor:EchoPredictor",
     min_vram_gb=0,
 )

@@ -1,15 +1,15 @@
-"""Run the echo service with uvicorn: `python -m fixture_service.serve` (env configures;
+"""Run the echo service with uvicorn: `python -m model_service_testing.echo.serve` (env configures;
 MODE=serverless runs it as a RunPod worker)."""
 
 import os
 
 import uvicorn
 
-from fixture_service.spec import SPEC
 from model_service.api.app import create_app
 from model_service.logs import configure_logging
 from model_service.service import ServiceSpec
 from model_service.settings import Settings
+from model_service_testing.echo.spec import SPEC
 
 if __name__ == "__main__":
     settings = Settings()

@@ -1,4 +1,4 @@
-"""Helpers for tests: run a real service process on loopback and talk to it."""
+"""Real processes for tests: a service on loopback (`ServiceProcess`), redis-server, Chromium."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def place_sparse_models(models_dir: Path, files: Iterable[ModelFile]) -> None:
             out.truncate(file.size_bytes)
 
 
-def tiny_comfy_service(
+def tiny_comfy_process(
     root: Path, service: str, comfyui_dir: str, env: dict[str, str] | None = None
 ) -> ServiceProcess:
     """A ComfyUI service in PROFILE=tiny launching the real ComfyUI at `comfyui_dir` (with
@@ -177,7 +177,9 @@ def tiny_comfy_service(
     return ServiceProcess("model_service.cli", root / "data", env=settings, args=["serve", service])
 
 
-REDIS_SERVER = Path(__file__).resolve().parents[3] / "build" / "redis" / "redis-server"
+REDIS_SERVER = (
+    Path(__file__).resolve().parents[4] / "build" / "redis" / "redis-server"
+)  # make redis
 
 
 class RedisServer:
@@ -248,9 +250,12 @@ class RedisServer:
         self.stop()
 
 
-# Browser tests of the web console: Debian's chromium (`make chromium`) driven by Playwright
-# for Python (requirements-test.txt); Playwright's own browser download is never used.
+# Browser tests of the web console: a Chromium (`make chromium`) driven by Playwright for
+# Python (requirements-test.txt): Debian's package, or on Ubuntu Playwright's own download.
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+PLAYWRIGHT_BROWSERS = Path(
+    os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or Path.home() / ".cache" / "ms-playwright"
+)
 CHROMIUM_ARGS = [
     "--no-sandbox",  # tests run as root in containers
     "--disable-gpu",
@@ -262,10 +267,18 @@ CHROMIUM_ARGS = [
 ]
 
 
+def chromium_executable() -> Path | None:
+    """The system's Chromium (CHROMIUM_PATH, Debian's), else Playwright's own, else None."""
+    if CHROMIUM.is_file():
+        return CHROMIUM
+    found = sorted(PLAYWRIGHT_BROWSERS.glob("chromium-*/chrome-linux*/chrome"))
+    return found[-1] if found else None
+
+
 def browser_missing() -> str | None:
-    """Why the browser tests cannot run here (they skip), or None."""
-    if not CHROMIUM.is_file():
-        return f"no {CHROMIUM}: run `make chromium` (or set CHROMIUM_PATH)"
+    """Why the browser tests cannot run here, or None."""
+    if chromium_executable() is None:
+        return f"no {CHROMIUM} and no Playwright Chromium: run `make chromium`"
     if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed: pip install -r requirements-test.txt"
     return None
@@ -273,12 +286,12 @@ def browser_missing() -> str | None:
 
 @contextlib.contextmanager
 def chromium() -> Iterator[Browser]:
-    """A headless Chromium (the system's) under Playwright."""
+    """A headless Chromium (`chromium_executable`) under Playwright."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+            executable_path=str(chromium_executable()), headless=True, args=CHROMIUM_ARGS
         )
         try:
             yield browser
