@@ -51,7 +51,7 @@ bench: setup
 	$(PY) bench/fleet.py
 	$(PY) bench/gap.py
 
-# On a GPU machine (torch with CUDA, diffusers and the services' packages installed; no venv
+# On a GPU machine (torch with CUDA, diffusers, the services' packages and shared/testing installed; no venv
 # needed): the transformers, VAE decodes and text encoder at full size on random weights,
 # then the services end to end on full-size random files (COMFYUI_DIR: a ComfyUI checkout;
 # about 90 GB of disk in all, the Qwen folder is removed before the ComfyUI part). bench/README

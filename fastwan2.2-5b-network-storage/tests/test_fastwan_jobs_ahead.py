@@ -20,6 +20,7 @@ from fastwan.service import MANIFEST
 from model_service.provision import Manifest
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.process import ServiceProcess, wait_status
+from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
 MODELS: dict[str, list[str]] = {}
 for _file in Manifest.load(MANIFEST).files:
@@ -40,18 +41,13 @@ def _service(standin: StandinProcess, data: Path) -> ServiceProcess:
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    with StandinProcess(tmp_path_factory.mktemp("comfy"), models=MODELS) as process:
-        yield process
+def standin(comfy_standin: StartStandin) -> StandinProcess:
+    return comfy_standin(models=MODELS)
 
 
 @pytest.fixture(scope="module")
-def service(
-    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    process = _service(standin, tmp_path_factory.mktemp("data"))
-    yield process
-    process.stop()
+def service(standin: StandinProcess, comfy_service: StartComfyService) -> ServiceProcess:
+    return comfy_service("fastwan2.2-5b-packed", standin, env={"CANCEL_GRACE_S": "3"})
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from model_service_testing.process import (
     ServiceProcess,
     wait_status,
 )
+from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -58,9 +59,8 @@ def data_uri(image: Image.Image) -> str:
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinProcess]:
-    with StandinProcess(tmp_path_factory.mktemp("comfy"), models=MODELS) as process:
-        yield process
+def standin(comfy_standin: StartStandin) -> StandinProcess:
+    return comfy_standin(models=MODELS)
 
 
 def fastwan(standin: StandinProcess, data: Path) -> ServiceProcess:
@@ -73,13 +73,8 @@ def fastwan(standin: StandinProcess, data: Path) -> ServiceProcess:
 
 
 @pytest.fixture(scope="module")
-def service(
-    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    process = fastwan(standin, tmp_path_factory.mktemp("fastwan-long"))
-    process.start(timeout=60)
-    yield process
-    process.stop()
+def service(standin: StandinProcess, comfy_service: StartComfyService) -> ServiceProcess:
+    return comfy_service("fastwan2.2-5b-packed", standin, env={"CANCEL_GRACE_S": "3"})
 
 
 @pytest.fixture

@@ -132,7 +132,8 @@ def test_image_to_video_uploads_the_start_image(
     assert job["status"] == "succeeded", job
     uploaded = list((standin.base_dir / "input" / "jobs").glob("*_start_image.png"))
     assert uploaded, "the start image never reached ComfyUI's input folder"
-    assert Image.open(uploaded[-1]).size == (48, 32)
+    with Image.open(uploaded[-1]) as start:
+        assert start.size == (48, 32)
 
 
 def test_a_random_seed_is_chosen_and_returned(client: httpx.Client) -> None:

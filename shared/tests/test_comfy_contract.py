@@ -196,7 +196,8 @@ def test_image_passthrough_inverts_pixels(backend: Backend, tmp_path: Path) -> N
     assert [(o.node_id, o.kind_key, o.subfolder, o.type, o.media) for o in outputs] == [
         ("3", "images", prefix.rsplit("/", 1)[0], "output", "image")
     ]
-    got = list(Image.open(tmp_path / outputs[0].filename).convert("RGB").getdata())
+    with Image.open(tmp_path / outputs[0].filename) as saved:
+        got = list(saved.convert("RGB").get_flattened_data())
     want = [tuple(255 - c for c in p) for p in pixels]
     assert all(
         abs(a - b) <= 1 for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)
@@ -724,7 +725,8 @@ def test_model_nodes_run_as_fakes_with_sampler_progress(
 
     image = run(scenario, standin.url)
     assert steps == [(i, 5) for i in range(1, 6)]
-    assert Image.open(image).size == (96, 64)
+    with Image.open(image) as sampled:
+        assert sampled.size == (96, 64)
 
     with pytest.raises(ComfyValidationError) as caught:
         run(lambda c: c.run(sampler_graph("x", "absent.safetensors", 2), timeout_s=10), standin.url)

@@ -489,6 +489,7 @@ def test_comfyui_dies_with_the_service(tmp_path: Path) -> None:
     finally:
         service.kill()
         service.wait(10)
+        service.stdout.close()
         if child is not None and alive(child):
             os.killpg(child, signal.SIGKILL)  # do not leave it behind when the test fails
 

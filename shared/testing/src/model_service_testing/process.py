@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
@@ -203,26 +203,8 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("no redis-server: run `make redis` (scripts/redis_server.sh)")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(  # noqa: S603
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.root),
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-            ],
-            stdout=(self.root / "redis.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.root / "redis.log").open("ab") as log:  # the child keeps its own copy
+            self.proc = self._launch(binary, log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with (
@@ -232,6 +214,13 @@ class RedisServer:
                 return self
             time.sleep(0.05)
         raise TimeoutError(f"redis-server did not listen on {self.port}")
+
+    def _launch(self, binary: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root)]
+        argv += ["--appendonly", "yes", "--save", "", "--protected-mode", "no"]
+        return subprocess.Popen(  # noqa: S603
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
