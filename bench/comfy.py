@@ -131,7 +131,6 @@ def fastwan_pair(i: int) -> tuple[dict[str, Any], dict[str, Any]]:
         "negative_prompt": "",
         "steps": 3,
         "cfg": 1.0,
-        "shift": 5.0,
         "fps": 24,
         "start_image": None,
     }

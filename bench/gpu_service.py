@@ -352,7 +352,6 @@ def bench_fastwan(
             "negative_prompt": "",
             "seed": 99,
             "cfg": 1.0,
-            "shift": 5.0,
             "start_image": None,
         }
         graph = TI2V.build(values, tag="direct")

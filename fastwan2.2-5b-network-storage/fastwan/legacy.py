@@ -8,14 +8,16 @@ from pydantic import BaseModel, ConfigDict
 
 
 class GenerateRequest(BaseModel):
-    """As the original `api_wrapper.py` took it (its defaults kept, but `steps` 3)."""
+    """As the original `api_wrapper.py` took it (its defaults kept). `steps` is accepted
+    and ignored: the distilled model always runs its own 3 steps (the original's 8 were
+    for the base model plus the FastWan LoRA)."""
 
     model_config = ConfigDict(extra="ignore")
 
     prompt: str
     negative_prompt: str | None = None
     seed: int | None = None
-    steps: int = 3  # the original's 8 was for the base model plus the FastWan LoRA
+    steps: int = 3  # ignored (see above)
     cfg: float = 1.0
     width: int = 1280
     height: int = 704
@@ -29,7 +31,6 @@ def to_input(body: GenerateRequest) -> dict[str, Any]:
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt or "",
         "seed": body.seed,
-        "steps": body.steps,
         "cfg": body.cfg,
         "width": body.width,
         "height": body.height,

@@ -12,6 +12,10 @@ from model_service.video_size import check_frame_count, resolve_size
 PRESETS: dict[str, tuple[int, int]] = {"1280x704": (1280, 704), "704x1280": (704, 1280)}
 MAX_PIXELS = 1280 * 720  # 720p area: the size the model was trained for
 MAX_FRAMES = 241  # 10 s at 24 fps
+# The distilled schedule (FastVideo fastvideo/configs/pipelines/wan.py,
+# FastWan2_2_TI2V_5B_Config: dmd_denoising_steps [1000, 757, 522]; timestep = σ x 1000):
+# the workflow's ManualSigmas node holds it, with the lcm sampler (x0, then fresh noise).
+DMD_STEPS = 3
 
 
 class FastWanInput(BaseModel):
@@ -43,9 +47,14 @@ class FastWanInput(BaseModel):
         121, ge=5, le=MAX_FRAMES, description="Frames, 4n+1 (121 = 5 s at 24 fps)."
     )
     fps: int = Field(24, ge=1, le=60, description="Frames per second of the mp4.")
-    steps: int = Field(3, ge=1, le=50, description="Denoising steps (FastWan is distilled for 3).")
+    steps: int = Field(
+        DMD_STEPS,
+        ge=DMD_STEPS,
+        le=DMD_STEPS,
+        description="Denoising steps: always 3. FastWan is distilled for exactly these three "
+        "(σ 1.0, 0.757, 0.522: FastVideo's DMD timesteps 1000/757/522).",
+    )
     cfg: float = Field(1.0, ge=1.0, le=20.0, description="Guidance; 1 skips the negative pass.")
-    shift: float = Field(5.0, ge=0.0, le=100.0, description="Flow shift of the sampler.")
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."
     )

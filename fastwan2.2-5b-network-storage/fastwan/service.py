@@ -27,10 +27,8 @@ TI2V = Workflow.load(
     bind={
         "prompt": "6.text",
         "negative_prompt": "7.text",
-        "seed": "3.seed",
-        "steps": "3.steps",
-        "cfg": "3.cfg",
-        "shift": "48.shift",
+        "seed": "60.noise_seed",
+        "cfg": "61.cfg",
         "width": "55.width",
         "height": "55.height",
         "num_frames": "55.length",
@@ -53,8 +51,8 @@ def _spec(name: str, download_at_start: bool, title: str) -> ServiceSpec:
         title=title,
         version="0.1.0",
         description=(
-            "FastWan2.2-TI2V-5B (distilled, 3 steps) on an embedded ComfyUI: text-to-video, "
-            "or image-to-video with a start image; h264 mp4 out."
+            "FastWan2.2-TI2V-5B (DMD-distilled: 3 steps at FastVideo's own timesteps) on an "
+            "embedded ComfyUI: text-to-video, or image-to-video with a start image; h264 mp4 out."
         ),
         default_port=8189,
         input_model=FastWanInput,

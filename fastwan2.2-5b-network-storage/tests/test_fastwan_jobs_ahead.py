@@ -79,7 +79,7 @@ def _until(check: Any, timeout: float = 30.0) -> None:
 def test_the_next_job_waits_in_comfyuis_queue_and_starts_when_the_first_ends(
     client: httpx.Client, standin: StandinProcess
 ) -> None:
-    standin.configure(slow_nodes={"KSampler": 1.5})
+    standin.configure(slow_nodes={"SamplerCustomAdvanced": 1.5})
     first, second = _submit(client, "first"), _submit(client, "second")
     # while the first runs, the second is already in ComfyUI's queue (prepared, queued)
     _until(lambda: _comfy_queue(standin) == (1, 1))
@@ -100,7 +100,7 @@ def test_the_next_job_waits_in_comfyuis_queue_and_starts_when_the_first_ends(
 def test_canceling_the_waiting_job_removes_only_it(
     client: httpx.Client, standin: StandinProcess
 ) -> None:
-    standin.configure(slow_nodes={"KSampler": 2.0})
+    standin.configure(slow_nodes={"SamplerCustomAdvanced": 2.0})
     first, second = _submit(client, "first"), _submit(client, "second")
     _until(lambda: _comfy_queue(standin) == (1, 1))
     assert client.post(f"/v1/jobs/{second}/cancel").status_code == 200
@@ -118,7 +118,9 @@ def test_canceling_the_waiting_job_removes_only_it(
 
 def test_a_comfyui_crash_fails_its_job_and_runs_the_waiting_one_again(tmp_path: Path) -> None:
     base = tmp_path / "comfy"
-    crashing = StandinProcess(base, models=MODELS, knobs={"slow_nodes": {"KSampler": 3}})
+    crashing = StandinProcess(
+        base, models=MODELS, knobs={"slow_nodes": {"SamplerCustomAdvanced": 3}}
+    )
     crashing.start()
     own = _service(crashing, tmp_path / "data")
     restarted: StandinProcess | None = None

@@ -223,7 +223,7 @@ def test_failed_segment_retry_keeps_completed_ones(
     while client.get(f"/v1/jobs/{job_id}.0").json()["status"] != "succeeded":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    standin.configure(fail_nodes={"KSampler": {"message": "sampler broke"}})
+    standin.configure(fail_nodes={"SamplerCustomAdvanced": {"message": "sampler broke"}})
     chain = finished(client, job_id)
     assert chain["status"] == "failed"
     assert chain["error"]["code"] == "part_failed"

@@ -23,6 +23,7 @@ from PIL import Image
 
 from fastwan.schema import FastWanInput
 from fastwan.service import MANIFEST, TI2V
+from model_service.comfy.workflow import manual_sigmas, sampler_steps
 from model_service.provision import Manifest
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.machine import needs_real_comfyui
@@ -68,7 +69,8 @@ def test_text_to_video_graph_has_no_start_image() -> None:
     assert "56" not in graph
     assert "start_image" not in graph["55"]["inputs"]
     assert graph["6"]["inputs"]["text"] == "a cat"
-    assert graph["3"]["inputs"] | {"seed": 7, "steps": 3, "cfg": 1.0} == graph["3"]["inputs"]
+    assert graph["60"]["inputs"]["noise_seed"] == 7
+    assert graph["61"]["inputs"]["cfg"] == 1.0
     assert (graph["55"]["inputs"]["width"], graph["55"]["inputs"]["height"]) == (64, 64)
     assert graph["55"]["inputs"]["length"] == 9
     assert graph["57"]["inputs"]["fps"] == 8.0
@@ -84,6 +86,45 @@ def test_image_to_video_graph_links_the_uploaded_image() -> None:
     assert graph["55"]["inputs"]["start_image"] == ["56", 0]
     assert (graph["55"]["inputs"]["width"], graph["55"]["inputs"]["height"]) == (704, 1280)
     assert TI2V.graph["55"]["inputs"]["start_image"] == ["56", 0]  # the template is untouched
+
+
+# --- fidelity: the sampling FastVideo distilled the model for ------------------------------
+# FastVideo (hao-ai-lab/FastVideo) fastvideo/configs/pipelines/wan.py FastWan2_2_TI2V_5B_Config:
+# dmd_denoising_steps [1000, 757, 522]; DmdDenoisingStage predicts x0 and re-noises it with
+# fresh noise to the next timestep (scheduler.add_noise), timestep = σ x 1000. ComfyUI 0.33.0:
+# SamplerCustomAdvanced + ManualSigmas + the `lcm` sampler (k_diffusion sample_lcm: x =
+# denoised, then noise_scaling(σ_next, fresh noise, x)) is exactly that; cfg 1, one pass.
+FASTVIDEO_TIMESTEPS = [1000, 757, 522]
+
+
+def test_sampling_is_fastvideos_distilled_schedule() -> None:
+    values = FastWanInput.model_validate({"prompt": "a cat", **SMALL}).model_dump()
+    graph = TI2V.build({**values, "seed": 7}, tag="t")
+    sampler = graph["3"]
+    assert sampler["class_type"] == "SamplerCustomAdvanced"
+    assert graph[sampler["inputs"]["sampler"][0]]["inputs"] == {"sampler_name": "lcm"}
+    sigmas_node = graph[sampler["inputs"]["sigmas"][0]]
+    assert sigmas_node["class_type"] == "ManualSigmas"
+    sigmas = manual_sigmas(sigmas_node["inputs"]["sigmas"])
+    assert sigmas == [t / 1000 for t in FASTVIDEO_TIMESTEPS] + [0.0]
+    assert sampler_steps(graph) == len(FASTVIDEO_TIMESTEPS)
+    guider = graph[sampler["inputs"]["guider"][0]]
+    assert (guider["class_type"], guider["inputs"]["cfg"]) == ("CFGGuider", 1.0)
+    assert graph[sampler["inputs"]["noise"][0]]["class_type"] == "RandomNoise"
+    # the model is the flow model (timestep = σ x 1000 in ComfyUI's ModelSamplingDiscreteFlow)
+    assert graph[guider["inputs"]["model"][0]]["class_type"] == "ModelSamplingSD3"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_other_step_counts_are_refused(steps: int) -> None:
+    with pytest.raises(ValueError, match="steps"):
+        FastWanInput.model_validate({"prompt": "x", "steps": steps})
+
+
+def test_shift_is_no_longer_an_input() -> None:
+    """Manual sigmas are not moved by a flow shift: a `shift` field would do nothing."""
+    with pytest.raises(ValueError, match="shift"):
+        FastWanInput.model_validate({"prompt": "x", "shift": 5.0})
 
 
 @pytest.mark.parametrize(
@@ -148,7 +189,7 @@ def test_progress_events_follow_the_sampler_steps(
     client: httpx.Client, standin: StandinProcess, service: ServiceProcess
 ) -> None:
     standin.configure(step_delay_s=0.2)
-    job = client.post("/v1/jobs", json={"input": {"prompt": "p", "steps": 4, **SMALL}}).json()
+    job = client.post("/v1/jobs", json={"input": {"prompt": "p", **SMALL}}).json()
     seen: list[tuple[int, int]] = []
     with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as events:
         for line in events.iter_lines():
@@ -160,12 +201,12 @@ def test_progress_events_follow_the_sampler_steps(
                 if data["status"] in ("succeeded", "failed", "canceled"):
                     assert data["status"] == "succeeded", data
                     break
-    assert (4, 4) in seen
+    assert (3, 3) in seen  # one step per interval of the distilled σ list
     assert any(step < total for step, total in seen), seen
 
 
 def test_cancel_interrupts_only_our_prompt(client: httpx.Client, standin: StandinProcess) -> None:
-    standin.configure(slow_nodes={"KSampler": 20.0})
+    standin.configure(slow_nodes={"SamplerCustomAdvanced": 20.0})
     job = client.post("/v1/jobs", json={"input": {"prompt": "slow", **SMALL}}).json()
     wait_status(client, job["id"], {"running"}, timeout=30)
     time.sleep(0.5)  # the prompt is running inside ComfyUI
@@ -195,7 +236,9 @@ def test_out_of_memory_has_its_own_code_and_frees_memory(
     client: httpx.Client, standin: StandinProcess
 ) -> None:
     standin.configure(
-        fail_nodes={"KSampler": {"exception_type": "torch.OutOfMemoryError", "message": ""}}
+        fail_nodes={
+            "SamplerCustomAdvanced": {"exception_type": "torch.OutOfMemoryError", "message": ""}
+        }
     )
     job = _run(client, {"prompt": "too big", **SMALL})
     assert job["status"] == "failed"
@@ -205,7 +248,9 @@ def test_out_of_memory_has_its_own_code_and_frees_memory(
 
 def test_legacy_routes(client: httpx.Client) -> None:
     started = client.post(
-        "/generate", json={"prompt": "legacy", "width": 64, "height": 64, "length": 9, "fps": 8}
+        "/generate",
+        # the original wrapper's `steps` 8 (base model + LoRA) is ignored: the distilled 3 run
+        json={"prompt": "legacy", "width": 64, "height": 64, "length": 9, "fps": 8, "steps": 8},
     )
     assert started.status_code == 200, started.text
     body = started.json()
@@ -243,7 +288,7 @@ def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
 ) -> None:
     """A second service on its own stand-in, restarted on the same port after the crash."""
     base = tmp_path / "comfy"
-    crashing = StandinProcess(base, models=MODELS, knobs={"crash_nodes": ["KSampler"]})
+    crashing = StandinProcess(base, models=MODELS, knobs={"crash_nodes": ["SamplerCustomAdvanced"]})
     crashing.start()
     data = tmp_path / "data"
     own = ServiceProcess(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +274,7 @@ def add_last_frame(graph: Graph, video_node: str) -> str | None:
 def sampler_steps(graph: Mapping[str, Any]) -> int:
     """Denoising steps the graph will run in all its samplers (0 when it cannot tell):
     KSampler, KSamplerAdvanced (its start..end range) and SamplerCustomAdvanced (the
-    steps of the BasicScheduler that feeds it)."""
+    steps of the BasicScheduler that feeds it, or one per interval of ManualSigmas)."""
     total = 0
     for node in graph.values():
         inputs = node.get("inputs") or {}
@@ -287,7 +288,17 @@ def sampler_steps(graph: Mapping[str, Any]) -> int:
             scheduler = graph.get(inputs["sigmas"][0]) or {}
             if scheduler.get("class_type") == "BasicScheduler":
                 total += _int(scheduler["inputs"].get("steps"))
+            elif scheduler.get("class_type") == "ManualSigmas":
+                total += max(0, len(manual_sigmas(scheduler["inputs"].get("sigmas"))) - 1)
     return total
+
+
+def manual_sigmas(text: Any) -> list[float]:
+    """The σ list ComfyUI's ManualSigmas node makes of its string (0.33.0,
+    comfy_extras/nodes_custom_sampler.py: the same regular expression)."""
+    if not isinstance(text, str):
+        return []
+    return [float(n) for n in re.findall(r"[-+]?(?:\d*\.*\d+)", text)]
 
 
 def _int(value: Any) -> int:

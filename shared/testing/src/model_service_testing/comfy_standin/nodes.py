@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from model_service.comfy.workflow import manual_sigmas
+
 if TYPE_CHECKING:  # imported where used: numpy is in the test environment only
     import av
     import numpy as np
@@ -696,6 +698,8 @@ async def _fake_node(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     for value in inputs.values():
         meta.update(_meta_of(value))
     meta.update({k: v for k, v in inputs.items() if k in META_KEYS and isinstance(v, int | float)})
+    if ctx.class_type == "ManualSigmas":  # a sampler fed by it runs one step per interval
+        meta["steps"] = max(0, len(manual_sigmas(inputs.get("sigmas"))) - 1)
     if ctx.class_type in IMAGE_TO_VIDEO:
         _keep_images(meta, inputs, ctx.drift)
     steps = _steps(ctx.class_type, inputs, meta)
