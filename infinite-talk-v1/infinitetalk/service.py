@@ -30,9 +30,13 @@ HERE = Path(__file__).parent
 MANIFEST = HERE / "manifest.json"
 
 # node ids of the workflow file (window 1 and the end)
-AUDIO, IMAGE, WINDOW, SAMPLER, NOISE, DECODE, TRIM, VIDEO = (
-    "5", "11", "12", "13", "16", "18", "19", "20",
+AUDIO, PATCH, IMAGE, WINDOW, SAMPLER, NOISE, DECODE, TRIM, VIDEO = (
+    "5", "3", "11", "12", "13", "16", "18", "19", "20",
 )  # fmt: skip
+# Two people need InfiniteTalk's multi-person weights (per-person audio routing): the
+# authors' README multi-person example loads `multi/infinitetalk.safetensors`, ComfyUI's
+# two-speaker template (video_wan2_1_infinitetalk.json) this file.
+MULTI_PATCH = "wan2.1_infiniteTalk_multi_fp16.safetensors"
 
 
 def plan(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,6 +99,13 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
         )
         steps = dict(graph["14"]["inputs"], model=[window, 0])
         scheduler = add({"class_type": "BasicScheduler", "inputs": steps})
+        noise = add(  # fresh noise per window, as the authors draw it (seed + window - 1)
+            {
+                "class_type": "RandomNoise",
+                "inputs": {"noise_seed": window_seed(graph[NOISE]["inputs"]["noise_seed"], index)},
+                "_meta": {"title": f"Noise, window {index}"},
+            }
+        )
         guider = add(
             {
                 "class_type": "CFGGuider",
@@ -110,7 +121,7 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
             {
                 "class_type": "SamplerCustomAdvanced",
                 "inputs": {
-                    "noise": [NOISE, 0],
+                    "noise": [noise, 0],
                     "guider": [guider, 0],
                     "sampler": [SAMPLER, 0],
                     "sigmas": [scheduler, 0],
@@ -135,7 +146,17 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
     graph[TRIM]["inputs"]["length"] = int(values["frames"])
 
 
+def window_seed(seed: int, index: int) -> int:
+    """Window `index`'s noise seed (window 1 has the job's). InfiniteTalk
+    (`generate_infinitetalk.py`) seeds once and draws fresh `torch.randn` noise for every
+    clip; ComfyUI's template gives each window a random seed of its own. Consecutive seeds
+    keep a job reproducible from its one seed while no two windows start from the same
+    noise (which repeats texture and motion every 72 frames)."""
+    return (int(seed) + index - 1) % 2**32
+
+
 def _add_second_speaker(graph: Graph) -> None:
+    graph[PATCH]["inputs"]["name"] = MULTI_PATCH
     graph["30"] = {"class_type": "LoadAudio", "inputs": {"audio": "second.wav"}}
     graph["31"] = {
         "class_type": "AudioEncoderEncode",

@@ -26,9 +26,10 @@ import pytest
 from PIL import Image
 
 from infinitetalk.schema import InfiniteTalkInput
-from infinitetalk.service import MANIFEST, TALK, fit, plan
+from infinitetalk.service import MANIFEST, TALK, fit, plan, window_seed
 from model_service.comfy.workflow import sampler_steps
 from model_service.provision import Manifest
+from model_service_testing.comfy_sigmas import WAN_DEFAULT_SHIFT, schedule
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import video_frames
@@ -152,6 +153,63 @@ def test_windows_are_chained_in_one_graph() -> None:
     assert sampler_steps(graph) == 3 * 4  # progress counts windows and steps
     assert graph["20"]["inputs"]["audio"] == ["5", 0]
     assert graph["20"]["inputs"]["fps"] == 25.0
+
+
+# --- fidelity: the template's scheduler, the authors' fresh noise per window ------------------
+
+
+def test_every_window_samples_on_the_templates_schedule() -> None:
+    """ComfyUI's InfiniteTalk template (comfyui-workflow-templates, video_wan2_1_infinitetalk):
+    KSamplerSelect euler, BasicScheduler `normal`, 6 steps, CFGGuider 1, no shift node (the
+    Wan model's default 8). `simple` would end at σ 0.616 instead of 0.060."""
+    graph = _graph(windows=3, frames=30, steps=6)
+    samplers = [v for v in graph.values() if v["class_type"] == "SamplerCustomAdvanced"]
+    assert len(samplers) == 3
+    assert not any(v["class_type"].startswith("ModelSampling") for v in graph.values())
+    for sampler in samplers:
+        assert graph[sampler["inputs"]["sampler"][0]]["inputs"]["sampler_name"] == "euler"
+        scheduler = graph[sampler["inputs"]["sigmas"][0]]["inputs"]
+        assert (scheduler["scheduler"], scheduler["steps"], scheduler["denoise"]) == (
+            "normal",
+            6,
+            1.0,
+        )
+        assert graph[sampler["inputs"]["guider"][0]]["inputs"]["cfg"] == 1.0
+    sigmas = schedule("normal", 6, WAN_DEFAULT_SHIFT)
+    assert sigmas[-2] == pytest.approx(0.060, abs=0.001)  # the last model call: nearly clean
+
+
+def test_each_window_starts_from_fresh_noise_of_the_jobs_seed() -> None:
+    """InfiniteTalk (generate_infinitetalk.py) seeds once and draws new noise per clip:
+    window k gets the job's seed + k - 1, so no two windows share their starting noise and
+    the job stays reproducible from its one seed."""
+    graph = _graph(windows=3, frames=30)
+    seeds = []
+    for sampler in (v for v in graph.values() if v["class_type"] == "SamplerCustomAdvanced"):
+        noise = graph[sampler["inputs"]["noise"][0]]
+        assert noise["class_type"] == "RandomNoise"
+        seeds.append(noise["inputs"]["noise_seed"])
+    assert sorted(seeds) == [3, 4, 5]
+    assert window_seed(2**32 - 1, 2) == 0  # wraps within ComfyUI's seed range
+
+
+def test_the_patch_follows_the_number_of_speakers() -> None:
+    """One person: the single-speaker weights; two: the multi-person ones (InfiniteTalk
+    README; ComfyUI's two-speaker template loads wan2.1_infiniteTalk_multi_fp16)."""
+    one = _graph(windows=1, frames=12)
+    two = _graph(windows=2, frames=30, second_audio="jobs/b.wav", mask_1="m1", mask_2="m2")
+    patches = {
+        name: [v["inputs"]["name"] for v in g.values() if v["class_type"] == "ModelPatchLoader"]
+        for name, g in (("one", one), ("two", two))
+    }
+    assert patches == {
+        "one": ["wan2.1_infiniteTalk_single_fp16.safetensors"],
+        "two": ["wan2.1_infiniteTalk_multi_fp16.safetensors"],
+    }
+    manifest = {f.name: f for f in Manifest.load(MANIFEST).files}
+    multi = manifest["wan2.1_infiniteTalk_multi_fp16.safetensors"]
+    assert (multi.folder, multi.size_bytes) == ("model_patches", 5_124_439_112)
+    assert multi.sha256 == "4c2486cdfb6ff9a9f27408e98e11e20619136933b20411e0c365b1e84075d195"
 
 
 def test_one_window_needs_no_chain() -> None:
