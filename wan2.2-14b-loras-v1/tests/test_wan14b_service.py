@@ -24,13 +24,14 @@ import pytest
 from model_service.comfy.tiny_weights import write_tiny
 from model_service.comfy.workflow import sampler_steps
 from model_service.provision import Manifest
+from model_service_testing.comfy_sigmas import schedule
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.hub_standin import Server, serve
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri, video_frames
 from model_service_testing.process import ServiceProcess, place_sparse_models
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
-from wan14b.schema import Wan14bInput
+from wan14b.schema import WAN_NEGATIVE, Wan14bInput
 from wan14b.service import FLF, I2V, MANIFEST, T2V, choose
 
 FILES = Manifest.load(MANIFEST).files
@@ -115,6 +116,52 @@ def test_lightning_is_the_default_and_can_be_left_out() -> None:
     assert "3" not in graph
     assert "4" not in graph
     assert len(_chain(graph, "13")) == len(_chain(graph, "14")) == 1  # straight to the UNet
+
+
+# --- fidelity: each mode's defaults as ComfyUI's Wan2.2 14B templates set them -------------
+# comfyui-workflow-templates-json 0.1.47, video_wan2_2_14B_{t2v,i2v,flf2v}.json; the
+# negative prompt: Wan-Video/Wan2.2 wan/configs/shared_config.py `sample_neg_prompt`.
+
+
+@pytest.mark.parametrize(
+    ("images", "lightning", "expected"),
+    [
+        ({}, True, (4, 2, 1.0, 5.0)),
+        ({"start_image": "s.png"}, True, (4, 2, 1.0, 5.0)),
+        ({"start_image": "s.png", "end_image": "e.png"}, True, (4, 2, 1.0, 5.0)),
+        ({}, False, (20, 10, 3.5, 5.0)),
+        ({"start_image": "s.png"}, False, (20, 10, 3.5, 5.0)),
+        ({"start_image": "s.png", "end_image": "e.png"}, False, (20, 10, 4.0, 8.0)),
+    ],
+)
+def test_defaults_per_mode_are_the_templates(
+    images: dict[str, str], lightning: bool, expected: tuple[int, int, float, float]
+) -> None:
+    values = _values(**images, lightning=lightning)
+    assert (values["steps"], values["split_step"], values["cfg"], values["shift"]) == expected
+    graph = {"t2v": T2V, "i2v": I2V, "flf": FLF}[choose(values)].build(values, tag="t")
+    assert graph["5"]["inputs"]["shift"] == graph["6"]["inputs"]["shift"] == expected[3]
+    assert graph["13"]["inputs"]["cfg"] == graph["14"]["inputs"]["cfg"] == expected[2]
+    for sampler in ("13", "14"):
+        inputs = graph[sampler]["inputs"]
+        assert (inputs["sampler_name"], inputs["scheduler"]) == ("euler", "simple")
+
+
+def test_lightning_steps_are_the_distilled_timesteps() -> None:
+    """lightx2v's Wan2.2-Lightning samples 4 steps at shift 5 (ModelTC/Wan2.2-Lightning
+    configs, `sample_shift 5.0`): timesteps 1000, 937.5, 833.3, 625; ComfyUI's `simple`
+    scheduler at shift 5 gives exactly those σ, and the experts switch after step 2."""
+    sigmas = schedule("simple", 4, 5.0)
+    assert sigmas == pytest.approx([1.0, 0.9375, 0.833333, 0.625, 0.0], abs=1e-6)
+
+
+def test_the_negative_prompt_is_wans_standard_unless_given() -> None:
+    full = _values(lightning=False)
+    assert full["negative_prompt"] == WAN_NEGATIVE
+    assert T2V.build(full, tag="t")["9"]["inputs"]["text"] == WAN_NEGATIVE
+    assert WAN_NEGATIVE.endswith("倒着走")
+    assert _values(negative_prompt="")["negative_prompt"] == ""  # "" means none
+    assert _values(negative_prompt="blur")["negative_prompt"] == "blur"
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ class GenerateRequest(BaseModel):
 def to_input(body: GenerateRequest) -> dict[str, Any]:
     return {
         "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt or "",
+        "negative_prompt": body.negative_prompt,  # absent: Wan's standard one
         "start_image": body.image_url,
         "seed": body.seed,
         "steps": body.steps,

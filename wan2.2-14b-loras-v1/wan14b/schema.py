@@ -20,8 +20,19 @@ PRESETS: dict[str, tuple[int, int]] = {
 MAX_PIXELS = 1280 * 720
 MAX_FRAMES = 121  # the experts were trained on 81; longer clips lose coherence
 MAX_LORAS = 8
-LIGHTNING = {"steps": 4, "split_step": 2, "cfg": 1.0}  # the lightx2v 4-step LoRA pair
-FULL = {"steps": 20, "split_step": 10, "cfg": 3.5}  # without it (the template's values)
+# Defaults per mode, as ComfyUI's Wan2.2 14B templates (comfyui-workflow-templates-json
+# 0.1.47: video_wan2_2_14B_{t2v,i2v,flf2v}.json) set them.
+LIGHTNING = {"steps": 4, "split_step": 2, "cfg": 1.0, "shift": 5.0}  # lightx2v 4-step LoRAs
+FULL = {"steps": 20, "split_step": 10, "cfg": 3.5, "shift": 5.0}  # t2v and i2v without them
+FULL_FLF = {"steps": 20, "split_step": 10, "cfg": 4.0, "shift": 8.0}  # flf2v without them
+# Wan's standard negative prompt: Wan-Video/Wan2.2 wan/configs/shared_config.py
+# (`sample_neg_prompt`), the one ComfyUI's Wan2.2 templates use. It matters only at cfg > 1
+# (ComfyUI skips the negative pass at cfg 1, the lightning default).
+WAN_NEGATIVE = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 
 
 class LoraSpec(BaseModel):
@@ -57,8 +68,11 @@ class Wan14bInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(..., min_length=1, max_length=4000, description="What the video shows.")
-    negative_prompt: str = Field(
-        "", max_length=4000, description="What to avoid (used only with cfg above 1)."
+    negative_prompt: str | None = Field(
+        None,
+        max_length=4000,
+        description="What to avoid (used only with cfg above 1). Absent: Wan's standard "
+        "negative prompt (the authors' and the templates'); \"\" for none.",
     )
     start_image: ImageRef | None = Field(None, description="First frame: image-to-video.")
     end_image: ImageRef | None = Field(
@@ -93,8 +107,19 @@ class Wan14bInput(BaseModel):
         le=59,
         description="Step where the low-noise expert takes over; default half the steps.",
     )
-    cfg: float | None = Field(None, ge=1.0, le=20.0, description="Default 1.0 (lightning) or 3.5.")
-    shift: float = Field(5.0, ge=0.0, le=100.0, description="Flow shift of both samplers.")
+    cfg: float | None = Field(
+        None,
+        ge=1.0,
+        le=20.0,
+        description="Default 1.0 (lightning), else 3.5 (4.0 for first-last-frame).",
+    )
+    shift: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="Flow shift of both samplers. Default 5 (8 for first-last-frame "
+        "without lightning).",
+    )
     loras: list[LoraSpec] = Field(
         default_factory=list, max_length=MAX_LORAS, description="Your LoRAs for this job."
     )
@@ -116,7 +141,8 @@ class Wan14bInput(BaseModel):
             "use a preset or a smaller size",
         )
         check_frame_count(self.num_frames)
-        defaults = LIGHTNING if self.lightning else FULL
+        full = FULL_FLF if self.end_image is not None else FULL
+        defaults = LIGHTNING if self.lightning else full
         self.steps = self.steps or int(defaults["steps"])
         if self.split_step is None:
             self.split_step = self.steps // 2
@@ -126,6 +152,9 @@ class Wan14bInput(BaseModel):
                 f"got {self.split_step}"
             )
         self.cfg = self.cfg if self.cfg is not None else defaults["cfg"]
+        self.shift = self.shift if self.shift is not None else defaults["shift"]
+        if self.negative_prompt is None:
+            self.negative_prompt = WAN_NEGATIVE
         return self
 
     @property
