@@ -24,6 +24,11 @@ from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from qwen_image_edit.manifest import get_variant
 
+# The original service defaulted to 8 steps at cfg 1 because it loaded the 8-step
+# Lightning weights; this one loads the base model, whose reference settings are 40 (2509)
+# or 50 (Edit) steps at true_cfg_scale 4 (QwenLM/Qwen-Image README, nunchaku examples):
+# absent values take the /v1/jobs defaults, which follow the loaded model.
+
 
 class EditImageRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -31,8 +36,8 @@ class EditImageRequest(BaseModel):
     image: str = Field(..., description="base64, data URL, https URL or upload id")
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 8
-    true_cfg_scale: float = 1.0
+    num_inference_steps: int | None = None  # absent: the loaded model's own (see below)
+    true_cfg_scale: float | None = None
     seed: int | None = None
 
 
@@ -42,8 +47,8 @@ class BatchEditRequest(BaseModel):
     images: list[str] = Field(..., min_length=1, max_length=16)
     prompt: str
     negative_prompt: str = ""
-    num_inference_steps: int = 8
-    true_cfg_scale: float = 1.0
+    num_inference_steps: int | None = None  # absent: the loaded model's own (see below)
+    true_cfg_scale: float | None = None
     seed: int | None = None
 
 
@@ -52,15 +57,17 @@ def _job_input(image: str, request: EditImageRequest | BatchEditRequest) -> dict
     if not image.startswith(("data:", "http://", "https://", "upl_")):
         image = "data:image/png;base64," + image
     # The job engine validates this as QwenEditInput (a 422 naming the field if wrong).
-    return {
+    values: dict[str, Any] = {
         "image": image,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt or " ",
         "steps": request.num_inference_steps,
-        "true_cfg_scale": request.true_cfg_scale,
         "seed": request.seed,
         "output_format": "jpeg",
     }
+    if request.true_cfg_scale is not None:
+        values["true_cfg_scale"] = request.true_cfg_scale
+    return values
 
 
 def _result(state: ServiceState, job: Job) -> dict[str, Any]:

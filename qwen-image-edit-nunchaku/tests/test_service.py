@@ -14,6 +14,7 @@ from PIL import Image
 from model_service.errors import InvalidInput
 from model_service.settings import Settings
 from model_service_testing.process import ServiceProcess, wait_status
+from qwen_image_edit.legacy import EditImageRequest, _job_input
 from qwen_image_edit.schema import QwenEditInput
 from qwen_image_edit.service import SPEC
 
@@ -211,3 +212,19 @@ def test_full_profile_without_a_gpu_is_not_ready_and_says_why(tmp_path: Path) ->
             assert job.status_code == 202, "jobs are accepted and wait for a ready worker"
     finally:
         process.stop()
+
+
+def test_legacy_defaults_follow_the_loaded_base_model_not_lightning() -> None:
+    """The original service's 8 steps at cfg 1 were Lightning settings (it loaded the
+    8-step Lightning weights); on the base model those give blurry, unguided edits. Absent
+    values now take the model's own: 40 (2509) or 50 (Edit) steps at true_cfg_scale 4
+    (QwenLM/Qwen-Image README)."""
+    values = _job_input("upl_x", EditImageRequest(image="upl_x", prompt="p"))
+    edit = QwenEditInput.model_validate(values)
+    assert edit.steps is None  # the pipeline's default for the loaded variant
+    assert edit.true_cfg_scale == 4.0
+    given = _job_input(
+        "upl_x",
+        EditImageRequest(image="upl_x", prompt="p", num_inference_steps=8, true_cfg_scale=1.0),
+    )
+    assert (given["steps"], given["true_cfg_scale"]) == (8, 1.0)  # still honoured
