@@ -11,7 +11,9 @@ from model_service.video_size import check_frame_count, resolve_size
 
 PRESETS: dict[str, tuple[int, int]] = {"1280x704": (1280, 704), "704x1280": (704, 1280)}
 MAX_PIXELS = 1280 * 720  # 720p area: the size the model was trained for
-MAX_FRAMES = 241  # 10 s at 24 fps
+# 5 s at 24 fps: the length FastWan2.2-TI2V-5B was distilled on (its model card, Wan2.2
+# TI2V-5B's 121-frame default); longer clips lose coherence. Longer videos: POST /v1/chains.
+MAX_FRAMES = 121
 # The distilled schedule (FastVideo fastvideo/configs/pipelines/wan.py,
 # FastWan2_2_TI2V_5B_Config: dmd_denoising_steps [1000, 757, 522]; timestep = σ x 1000):
 # the workflow's ManualSigmas node holds it, with the lcm sampler (x0, then fresh noise).
@@ -44,7 +46,11 @@ class FastWanInput(BaseModel):
         None, ge=64, le=1280, multiple_of=32, description="Default 704 (see width)."
     )
     num_frames: int = Field(
-        121, ge=5, le=MAX_FRAMES, description="Frames, 4n+1 (121 = 5 s at 24 fps)."
+        121,
+        ge=5,
+        le=MAX_FRAMES,
+        description="Frames, 4n+1, at most 121 (5 s at 24 fps: what FastWan was trained "
+        "on); longer videos: a chain (POST /v1/chains).",
     )
     fps: int = Field(24, ge=1, le=60, description="Frames per second of the mp4.")
     steps: int = Field(

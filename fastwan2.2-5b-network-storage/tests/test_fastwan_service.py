@@ -131,6 +131,7 @@ def test_shift_is_no_longer_an_input() -> None:
     ("payload", "problem"),
     [
         ({"prompt": "x", "num_frames": 120}, "4n+1"),
+        ({"prompt": "x", "num_frames": 125}, "less than or equal to 121"),  # trained on 121
         ({"prompt": "x", "width": 100, "height": 64}, "multiple of 32"),
         ({"prompt": "x", "width": 1280, "height": 1280}, "larger than 720p"),
         ({"prompt": "x", "preset": "1280x704", "width": 64, "height": 64}, "not both"),
