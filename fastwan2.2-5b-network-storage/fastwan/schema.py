@@ -40,7 +40,8 @@ class FastWanInput(BaseModel):
         ge=64,
         le=1280,
         multiple_of=32,
-        description="Default 1280; width x height at most 1280x720 pixels.",
+        description="Default 1280, or from the start image's shape at about 1280x704 pixels; "
+        "width x height at most 1280x720 pixels.",
     )
     height: int | None = Field(
         None, ge=64, le=1280, multiple_of=32, description="Default 704 (see width)."
@@ -75,6 +76,7 @@ class FastWanInput(BaseModel):
             (1280, 704),
             MAX_PIXELS,
             "use 1280x704, 704x1280 or smaller",
+            image_decides=self.start_image is not None,
         )
         check_frame_count(self.num_frames)
         return self

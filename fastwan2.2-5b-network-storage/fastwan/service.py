@@ -18,6 +18,7 @@ from model_service.comfy.engine import ComfyServiceSpec
 from model_service.comfy.workflow import Bind, Workflow
 from model_service.longvideo.spec import LongVideoSpec
 from model_service.service import ServiceSpec
+from model_service.video_size import best_output_size, size_for_image
 
 HERE = Path(__file__).parent
 MANIFEST = HERE / "manifest.json"
@@ -45,6 +46,11 @@ def _choose(values: Any) -> str:
     return "ti2v"
 
 
+# No size given and a start image: the video takes the image's shape at the 720p budget
+# (Wan2.2 TI2V-5B: max_area 1280x704, sides multiples of 32), instead of a landscape crop.
+SIZE_FROM_IMAGE = size_for_image("start_image", 1280 * 704, 32, 1280, best_output_size)
+
+
 def _spec(name: str, download_at_start: bool, title: str) -> ServiceSpec:
     return ServiceSpec(
         name=name,
@@ -64,8 +70,9 @@ def _spec(name: str, download_at_start: bool, title: str) -> ServiceSpec:
             choose=_choose,
             manifest=MANIFEST,
             download_at_start=download_at_start,
+            derive=SIZE_FROM_IMAGE,
         ),
-        long_video=LongVideoSpec(image_field="start_image"),
+        long_video=LongVideoSpec(image_field="start_image", size_from_image=SIZE_FROM_IMAGE),
     )
 
 

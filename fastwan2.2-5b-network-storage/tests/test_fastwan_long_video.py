@@ -114,6 +114,30 @@ def video_url(job: dict[str, Any]) -> str:
     return next(out["url"] for out in job["outputs"] if out["name"] == "video.mp4")
 
 
+def test_a_chain_without_a_size_takes_the_first_images_shape_for_every_part(
+    client: httpx.Client,
+) -> None:
+    """Each part's own start image would round differently: the size is fixed once, from
+    the chain's image, and every segment gets it."""
+    body = {
+        "input": {"prompt": "a boat", "num_frames": 5, "fps": 8, "seed": 1},
+        "segments": [{}, {}],
+        "colour_correction": False,
+    }
+    body["input"]["start_image"] = data_uri(Image.new("RGB", (480, 832), (90, 120, 200)))
+    response = client.post("/v1/chains", json=body)
+    assert response.status_code == 202, response.text
+    chain = finished(client, response.json()["id"])
+    assert chain["status"] == "succeeded", chain
+    sizes = {
+        (part["input"]["width"], part["input"]["height"])
+        for part in (client.get(f"/v1/jobs/{p['id']}").json() for p in chain["parts"])
+    }
+    assert sizes == {(704, 1248)}
+    frames = frames_of(client, video_url(chain))
+    assert frames[0].shape[:2] == (1248, 704)
+
+
 def test_chain_joins_drop_the_repeated_frame_and_seeds_differ(client: httpx.Client) -> None:
     response = client.post("/v1/chains", json=chain_body([{}, {"prompt": "waves"}, {"seed": 7}]))
     assert response.status_code == 202, response.text

@@ -127,6 +127,21 @@ def test_shift_is_no_longer_an_input() -> None:
         FastWanInput.model_validate({"prompt": "x", "shift": 5.0})
 
 
+def test_a_portrait_start_image_makes_a_portrait_video(client: httpx.Client) -> None:
+    """No size given: the video takes the image's shape at the 720p budget by Wan2.2's own
+    rule (TI2V-5B `best_output_size`), not a landscape crop of a portrait photo."""
+    portrait = png_data_uri(size=(480, 832))
+    job = _run(client, {"prompt": "p", "start_image": portrait, "num_frames": 5, "fps": 8})
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["info"]["derived"] == {"width": 704, "height": 1248}
+    facts = video_facts(client.get(job["outputs"][0]["url"]).content)
+    assert (facts["width"], facts["height"]) == (704, 1248)
+    given = _run(client, {"prompt": "p", "start_image": portrait, **SMALL})  # a size wins
+    assert "derived" not in given["info"]
+    facts = video_facts(client.get(given["outputs"][0]["url"]).content)
+    assert (facts["width"], facts["height"]) == (64, 64)
+
+
 @pytest.mark.parametrize(
     ("payload", "problem"),
     [
@@ -174,7 +189,8 @@ def test_image_to_video_uploads_the_start_image(
     assert job["status"] == "succeeded", job
     uploaded = list((standin.base_dir / "input" / "jobs").glob("*_start_image.png"))
     assert uploaded, "the start image never reached ComfyUI's input folder"
-    with Image.open(uploaded[-1]) as start:
+    newest = max(uploaded, key=lambda path: path.stat().st_mtime)  # other tests upload too
+    with Image.open(newest) as start:
         assert start.size == (48, 32)
 
 

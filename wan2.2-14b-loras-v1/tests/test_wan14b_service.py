@@ -285,6 +285,20 @@ def _video_facts(data: bytes) -> tuple[str, int, int, int]:
         return stream.codec_context.name, stream.width, stream.height, frames
 
 
+def test_a_portrait_start_image_makes_a_portrait_video(client: httpx.Client) -> None:
+    """No size given: the image's shape at the 480p budget by Wan2.2 A14B's own rule
+    (image2video.py), not the 832x480 landscape crop of a portrait photo."""
+    portrait = png_data_uri(size=(480, 832))
+    for extra in ({}, {"end_image": png_data_uri((0, 0, 255), size=(480, 832))}):
+        job = _run(
+            client, {"prompt": "p", "start_image": portrait, "num_frames": 5, "fps": 8, **extra}
+        )
+        assert job["status"] == "succeeded", job.get("error")
+        assert job["info"]["derived"] == {"width": 480, "height": 832}
+        data = client.get(job["outputs"][0]["url"]).content
+        assert _video_facts(data)[1:3] == (480, 832)
+
+
 def test_each_mode_returns_an_h264_mp4(client: httpx.Client, standin: StandinProcess) -> None:
     for payload, mode in (
         ({}, "t2v"),

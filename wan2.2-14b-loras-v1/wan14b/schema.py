@@ -86,7 +86,8 @@ class Wan14bInput(BaseModel):
         ge=64,
         le=1280,
         multiple_of=16,
-        description="Default 832; width x height at most 1280x720 pixels.",
+        description="Default 832, or from the start image's shape at about 832x480 pixels; "
+        "width x height at most 1280x720 pixels.",
     )
     height: int | None = Field(
         None, ge=64, le=1280, multiple_of=16, description="Default 480 (see width)."
@@ -139,6 +140,7 @@ class Wan14bInput(BaseModel):
             (832, 480),
             MAX_PIXELS,
             "use a preset or a smaller size",
+            image_decides=self.start_image is not None,
         )
         check_frame_count(self.num_frames)
         full = FULL_FLF if self.end_image is not None else FULL

@@ -20,6 +20,7 @@ from model_service.comfy.engine import ComfyServiceSpec
 from model_service.comfy.workflow import Bind, Graph, Workflow, chain_loras
 from model_service.longvideo.spec import LongVideoSpec
 from model_service.service import ServiceSpec
+from model_service.video_size import fit_to_area, size_for_image
 from wan14b import legacy
 from wan14b.schema import Wan14bInput
 
@@ -81,6 +82,11 @@ I2V = _workflow("i2v", {"start_image": "11.image"})
 FLF = _workflow("flf", {"start_image": "11.image", "end_image": "18.image"})
 
 
+# No size given and a start image: the video takes the image's shape at the 480p budget
+# (Wan2.2 A14B image2video: max_area 832x480, sides multiples of 16), not a landscape crop.
+SIZE_FROM_IMAGE = size_for_image("start_image", 832 * 480, 16, 1280, fit_to_area)
+
+
 def choose(values: Mapping[str, Any]) -> str:
     if values.get("start_image") is None:
         return "t2v"
@@ -107,6 +113,9 @@ SERVICE = ServiceSpec(
         manifest=MANIFEST,
         download_at_start=True,
         lora_field="loras",
+        derive=SIZE_FROM_IMAGE,
     ),
-    long_video=LongVideoSpec(image_field="start_image", end_image_field="end_image"),
+    long_video=LongVideoSpec(
+        image_field="start_image", end_image_field="end_image", size_from_image=SIZE_FROM_IMAGE
+    ),
 )

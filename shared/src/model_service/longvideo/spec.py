@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 MAX_PARTS = 50  # segments of a chain, legs of a travel
 
@@ -15,3 +17,7 @@ class LongVideoSpec:
     frames_field: str = "num_frames"
     # fields a chain's segment may set for itself (when the service's input has them)
     segment_fields: tuple[str, ...] = ("prompt", "negative_prompt", "num_frames", "seed", "loras")
+    # the service's size-from-image rule (values with the image's local path -> width and
+    # height, or {} when a size was given): applied once to the first image, so every part
+    # of a long video has the same size
+    size_from_image: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None

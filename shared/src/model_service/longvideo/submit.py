@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 from model_service.errors import InvalidInput, WrongJobState
@@ -85,6 +86,8 @@ class LongVideoSubmitter:
                 start_ref, "image", f"input.{image_field}", start_path
             )
             await self._submitter.share_inputs(parent_id, start_path.parent)
+            checked = self._submitter.validate({**base, image_field: "(start image)"})
+            base.update(self._image_size(checked, str(start_path)))
             plan = {
                 "interactive": bool(body["interactive"]),
                 "finalize": False,
@@ -177,6 +180,15 @@ class LongVideoSubmitter:
             previous = child_id
         return children
 
+    def _image_size(self, checked: Mapping[str, Any], image: str) -> dict[str, Any]:
+        """Width and height for every part when the request gave none: the service's
+        size-from-image rule applied once, to the first image (parts of one video must
+        share a size; each part's own start image would round differently)."""
+        rule = self._spec.size_from_image
+        if rule is None or checked.get("width") is not None:
+            return {}
+        return rule({**checked, self._spec.image_field: image})
+
     def _segment_values(
         self, base: dict[str, Any], segment: dict[str, Any], index: int, where: str, source: str
     ) -> dict[str, Any]:
@@ -240,6 +252,8 @@ class LongVideoSubmitter:
                 path = inputs / f"image_{index}.png"
                 await self._submitter.materialize(ref, "image", f"images[{index}]", path)
                 paths.append(str(path.resolve()))
+            size = self._image_size(leg_values[0], paths[0])
+            leg_values = [{**values, **size} for values in leg_values]
             await self._submitter.share_inputs(parent_id, inputs)
             parent = Job(
                 id=parent_id,
