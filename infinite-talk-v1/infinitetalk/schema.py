@@ -50,6 +50,12 @@ class InfiniteTalkInput(BaseModel):
         description="Frames per window (4n+1); each window after the first starts from the "
         f"last {MOTION_FRAMES} frames of the one before.",
     )
+    loudness_norm: bool = Field(
+        True,
+        description="Bring the speech to -23 LUFS for the audio encoder, as InfiniteTalk's "
+        "authors do, so lip motion does not depend on the recording's level (the video's "
+        "sound is untouched); false: the encoder hears the speech as recorded.",
+    )
     second_audio: AudioRef | None = Field(
         None, description="A second speaker, who speaks after the first (needs both masks)."
     )

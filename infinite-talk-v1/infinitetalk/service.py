@@ -21,7 +21,7 @@ from PIL import Image
 from infinitetalk import legacy
 from infinitetalk.schema import FPS, MOTION_FRAMES, RESOLUTIONS, InfiniteTalkInput
 from model_service.api.legacy_video import video_routers
-from model_service.audio import audio_duration
+from model_service.audio import audio_duration, normalize_loudness
 from model_service.comfy.engine import ComfyServiceSpec
 from model_service.comfy.workflow import Bind, Graph, Workflow
 from model_service.service import ServiceSpec
@@ -56,6 +56,7 @@ def plan(values: Mapping[str, Any]) -> dict[str, Any]:
         with Image.open(values["image"]) as image:
             width, height = fit(image.size, RESOLUTIONS[values["resolution"]])
     return {
+        **_encoder_audio(values),
         "audio_s": round(seconds, 3),
         "frames": frames,
         "windows": windows,
@@ -63,6 +64,24 @@ def plan(values: Mapping[str, Any]) -> dict[str, Any]:
         "width": width,
         "height": height,
     }
+
+
+def _encoder_audio(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What the audio encoder hears: each speech at -23 LUFS (InfiniteTalk's
+    `loudness_norm`), a copy beside the job's input; the video keeps the original sound."""
+    found: dict[str, Any] = {}
+    for field, target in (("audio", "encoder_audio"), ("second_audio", "second_encoder_audio")):
+        if not values.get(field):
+            continue
+        source = Path(values[field])
+        if not values.get("loudness_norm", True):
+            found[target] = str(source)
+            continue
+        normalized = source.with_name(f"{source.stem}_for_encoder.wav")
+        measured = normalize_loudness(source, normalized)
+        found[target] = str(normalized)
+        found[f"{field}_lufs"] = None if measured is None else round(measured, 1)
+    return found
 
 
 def fit(size: tuple[int, int], pixels: int) -> tuple[int, int]:
@@ -158,9 +177,10 @@ def window_seed(seed: int, index: int) -> int:
 def _add_second_speaker(graph: Graph) -> None:
     graph[PATCH]["inputs"]["name"] = MULTI_PATCH
     graph["30"] = {"class_type": "LoadAudio", "inputs": {"audio": "second.wav"}}
+    graph["35"] = {"class_type": "LoadAudio", "inputs": {"audio": "second_for_encoder.wav"}}
     graph["31"] = {
         "class_type": "AudioEncoderEncode",
-        "inputs": {"audio_encoder": ["4", 0], "audio": ["30", 0]},
+        "inputs": {"audio_encoder": ["4", 0], "audio": ["35", 0]},
     }
     for node_id, mask in (("32", "mask_1"), ("33", "mask_2")):
         graph[node_id] = {
@@ -180,9 +200,14 @@ def _add_second_speaker(graph: Graph) -> None:
 
 
 def _media_after_adjust(graph: Graph, values: Mapping[str, Any]) -> None:
+    if not values.get("encoder_audio"):  # no normalised copy (`plan` not run): the speech
+        graph["40"]["inputs"]["audio"] = graph[AUDIO]["inputs"]["audio"]
     chain_windows(graph, values)
     if values.get("second_audio"):  # the second speaker's files, uploaded by the engine
         graph["30"]["inputs"]["audio"] = values["second_audio"]
+        graph["35"]["inputs"]["audio"] = (
+            values.get("second_encoder_audio") or values["second_audio"]
+        )
         graph["32"]["inputs"]["image"] = values["mask_1"]
         graph["33"]["inputs"]["image"] = values["mask_2"]
 
@@ -199,9 +224,11 @@ TALK = Workflow.load(
         "window_frames": "12.length",
         "image": Bind("11.image", media="image"),
         "audio": Bind("5.audio", media="audio"),
+        "encoder_audio": Bind("40.audio", media="audio"),
         # no node to bind to until `adjust` adds the second speaker's: the engine uploads
         # these files and `adjust` places their ComfyUI names
         "second_audio": Bind(media="audio"),
+        "second_encoder_audio": Bind(media="audio"),
         "mask_1": Bind(media="image"),
         "mask_2": Bind(media="image"),
     },

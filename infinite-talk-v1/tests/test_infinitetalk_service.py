@@ -193,11 +193,53 @@ def test_each_window_starts_from_fresh_noise_of_the_jobs_seed() -> None:
     assert window_seed(2**32 - 1, 2) == 0  # wraps within ComfyUI's seed range
 
 
+def test_the_encoder_hears_the_speech_at_minus_23_lufs_the_video_keeps_the_original(
+    tmp_path: Path,
+) -> None:
+    """InfiniteTalk's authors normalise the speech to -23 LUFS before wav2vec2
+    (`loudness_norm`); the mp4's sound stays as recorded."""
+    (tmp_path / "a.wav").write_bytes(wav_bytes(2.0))
+    (tmp_path / "f.png").write_bytes(png((640, 480)))
+    values = {"audio": str(tmp_path / "a.wav"), "image": str(tmp_path / "f.png")}
+    got = plan({**values, "window_frames": 81, "resolution": "480p"})
+    assert got["encoder_audio"] == str(tmp_path / "a_for_encoder.wav")
+    assert got["audio_lufs"] is not None
+    assert (tmp_path / "a_for_encoder.wav").is_file()
+    graph = _graph(windows=1, frames=12, encoder_audio="jobs/a_for_encoder.wav")
+    assert graph["6"]["inputs"]["audio"] == ["40", 0]  # the encoder's own LoadAudio
+    assert graph["40"]["inputs"]["audio"] == "jobs/a_for_encoder.wav"
+    assert graph["20"]["inputs"]["audio"] == ["5", 0]  # the video: the original speech
+    off = plan({**values, "window_frames": 81, "resolution": "480p", "loudness_norm": False})
+    assert off["encoder_audio"] == values["audio"]
+    assert "audio_lufs" not in off
+
+
+def test_the_second_speakers_encoder_hears_the_normalised_copy() -> None:
+    two = _graph(
+        windows=1,
+        frames=12,
+        second_audio="jobs/b.wav",
+        second_encoder_audio="jobs/b_for_encoder.wav",
+        mask_1="m1",
+        mask_2="m2",
+    )
+    assert two["31"]["inputs"]["audio"] == ["35", 0]
+    assert two["35"]["inputs"]["audio"] == "jobs/b_for_encoder.wav"
+    assert two["34"]["inputs"]["audio2"] == ["30", 0]  # the track: the original voice
+
+
 def test_the_patch_follows_the_number_of_speakers() -> None:
     """One person: the single-speaker weights; two: the multi-person ones (InfiniteTalk
     README; ComfyUI's two-speaker template loads wan2.1_infiniteTalk_multi_fp16)."""
     one = _graph(windows=1, frames=12)
-    two = _graph(windows=2, frames=30, second_audio="jobs/b.wav", mask_1="m1", mask_2="m2")
+    two = _graph(
+        windows=2,
+        frames=30,
+        second_audio="jobs/b.wav",
+        second_encoder_audio="jobs/b2.wav",
+        mask_1="m1",
+        mask_2="m2",
+    )
     patches = {
         name: [v["inputs"]["name"] for v in g.values() if v["class_type"] == "ModelPatchLoader"]
         for name, g in (("one", one), ("two", two))

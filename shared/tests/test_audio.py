@@ -18,7 +18,7 @@ from av.audio.frame import AudioFrame
 from av.audio.stream import AudioStream
 from PIL import Image
 
-from model_service.audio import AudioFacts, audio_duration, prepare_audio
+from model_service.audio import AudioFacts, audio_duration, normalize_loudness, prepare_audio
 from model_service.errors import (
     AudioSilent,
     AudioTooLong,
@@ -371,3 +371,43 @@ def test_silence_threshold_is_configurable(tmp_path: Path) -> None:
     assert _prepare(data, tmp_path / "a.wav", silence_dbfs=-10.0).peak_dbfs == pytest.approx(
         -6.0, abs=0.1
     )
+
+
+# --- loudness for a talking-video audio encoder (InfiniteTalk's -23 LUFS) ----------------
+
+
+def _loudness(path: Path) -> float:
+    import pyloudnorm
+
+    with wave.open(str(path), "rb") as wav:
+        rate, channels = wav.getframerate(), wav.getnchannels()
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").reshape(-1, channels)
+    return float(pyloudnorm.Meter(rate).integrated_loudness(pcm.mean(axis=1) / 32768))
+
+
+@pytest.mark.parametrize(("scale", "channels"), [(0.02, 1), (0.9, 1), (0.05, 2)])
+def test_speech_is_brought_to_minus_23_lufs(tmp_path: Path, scale: float, channels: int) -> None:
+    pcm = (_signal("speech", 16000, 2.0) / 0.4 * scale * 32767).astype(np.int16)
+    src = tmp_path / "speech.wav"
+    with wave.open(str(src), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(np.repeat(pcm[:, None], channels, axis=1).tobytes())
+    before = _loudness(src)
+    measured = normalize_loudness(src, tmp_path / "out.wav")
+    assert measured == pytest.approx(before, abs=0.01)
+    assert _loudness(tmp_path / "out.wav") == pytest.approx(-23.0, abs=0.3)
+    with wave.open(str(tmp_path / "out.wav"), "rb") as out:
+        assert (out.getnchannels(), out.getframerate()) == (channels, 16000)
+        assert out.getnframes() == len(pcm)
+
+
+@pytest.mark.parametrize("case", ["silence", "too_short"])
+def test_unmeasurable_speech_is_copied_as_it_is(tmp_path: Path, case: str) -> None:
+    seconds = 2.0 if case == "silence" else 0.3  # the meter's gate block is 400 ms
+    kind = "silence" if case == "silence" else "tone"
+    src = tmp_path / "in.wav"
+    src.write_bytes(_raw_wav((_signal(kind, 16000, seconds) * 32767).astype(np.int16), 16000))
+    assert normalize_loudness(src, tmp_path / "out.wav") is None
+    assert (tmp_path / "out.wav").read_bytes() == src.read_bytes()

@@ -285,3 +285,40 @@ def _has_mp3_length(data: bytes) -> bool:
             return head[at + 8 : at + 12] != b"\0\0\0\0"
     at = head.find(b"VBRI")  # tag, version, delay, quality, bytes, count
     return at > 0 and len(head) >= at + 18 and head[at + 14 : at + 18] != b"\0\0\0\0"
+
+
+# InfiniteTalk's authors bring the speech to -23 LUFS before wav2vec2
+# (MeiGen-AI/InfiniteTalk `loudness_norm`, pyloudnorm): the audio features, and so the
+# lip motion, then do not depend on how loud the recording is.
+TARGET_LUFS = -23.0
+
+
+def normalize_loudness(src: Path, dst: Path, target_lufs: float = TARGET_LUFS) -> float | None:
+    """Write the wav `src` (16-bit PCM, as `prepare_audio` writes it) to `dst` at
+    `target_lufs` integrated loudness (ITU-R BS.1770, measured by pyloudnorm on the mono
+    mix, as the authors measure their mono 16 kHz speech; one gain for every channel).
+    Returns the loudness measured before, or None with `dst` an exact copy when it cannot
+    be measured (shorter than the meter's 400 ms block, or below -100 LUFS: the authors'
+    rule). Samples the gain would push past full scale are clipped."""
+    import numpy as np
+    import pyloudnorm  # with scipy: imported where used, never by the API at start
+
+    with wave.open(str(src), "rb") as wav:
+        rate, channels = wav.getframerate(), wav.getnchannels()
+        raw = wav.readframes(wav.getnframes())
+    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).astype(np.float64) / 32768
+    loudness: float | None = None
+    if len(samples) >= int(0.4 * rate):
+        measured = float(pyloudnorm.Meter(rate).integrated_loudness(samples.mean(axis=1)))
+        loudness = measured if math.isfinite(measured) and abs(measured) <= 100 else None
+    if loudness is None:
+        dst.write_bytes(src.read_bytes())
+        return None
+    gain = 10 ** ((target_lufs - loudness) / 20)
+    scaled = np.clip(np.round(samples * gain * 32768), -32768, 32767).astype("<i2")
+    with wave.open(str(dst), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(scaled.tobytes())
+    return loudness

@@ -415,8 +415,9 @@ class ComfyEngine:
             if values.get(WANT_LAST_FRAME):
                 stems.update(_last_frame_nodes(graph, workflow, running.tag))
             done = await self._queue_and_collect(job, running, on_progress, stems, name, graph)
-        if derived:  # what the job's files asked for (frames, windows, ...), on the job
-            done.info["derived"] = derived
+        facts = {k: v for k, v in derived.items() if k not in workflow.media_fields}
+        if facts:  # what the job's files asked for (frames, windows, ...), on the job
+            done.info["derived"] = facts
         return done
 
     async def _run_custom(
