@@ -9,7 +9,6 @@ several formats, rates and channel counts.
 
 from __future__ import annotations
 
-import base64
 import io
 import itertools
 import json
@@ -32,7 +31,7 @@ from model_service.provision import Manifest
 from model_service_testing.comfy_sigmas import WAN_DEFAULT_SHIFT, schedule
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.machine import needs_real_comfyui
-from model_service_testing.media import video_frames
+from model_service_testing.media import data_uri, video_frames
 from model_service_testing.process import ServiceProcess, place_sparse_models
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
@@ -70,10 +69,6 @@ def encoded(seconds: float, container: str, codec: str, rate: int = 44100) -> by
         for packet in stream.encode(None):
             out.mux(packet)
     return buffer.getvalue()
-
-
-def data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 def png(size: tuple[int, int] = (48, 64), color: tuple[int, int, int] = (200, 150, 120)) -> bytes:
@@ -114,6 +109,14 @@ def test_size_follows_the_image_within_the_pixel_budget() -> None:
         assert width % 16 == height % 16 == 0
         assert abs(width * height / (832 * 480) - 1) < 0.1
         assert abs((width / height) / (size[0] / size[1]) - 1) < 0.1
+
+
+TWO_SPEAKERS = {
+    "second_audio": "jobs/b.wav",
+    "second_encoder_audio": "jobs/b_for_encoder.wav",
+    "mask_1": "jobs/m1.png",
+    "mask_2": "jobs/m2.png",
+}
 
 
 def _graph(windows: int, frames: int, **extra: Any) -> dict[str, Any]:
@@ -215,14 +218,7 @@ def test_the_encoder_hears_the_speech_at_minus_23_lufs_the_video_keeps_the_origi
 
 
 def test_the_second_speakers_encoder_hears_the_normalised_copy() -> None:
-    two = _graph(
-        windows=1,
-        frames=12,
-        second_audio="jobs/b.wav",
-        second_encoder_audio="jobs/b_for_encoder.wav",
-        mask_1="m1",
-        mask_2="m2",
-    )
+    two = _graph(windows=1, frames=12, **TWO_SPEAKERS)
     assert two["31"]["inputs"]["audio"] == ["35", 0]
     assert two["35"]["inputs"]["audio"] == "jobs/b_for_encoder.wav"
     assert two["34"]["inputs"]["audio2"] == ["30", 0]  # the track: the original voice
@@ -232,14 +228,7 @@ def test_the_patch_follows_the_number_of_speakers() -> None:
     """One person: the single-speaker weights; two: the multi-person ones (InfiniteTalk
     README; ComfyUI's two-speaker template loads wan2.1_infiniteTalk_multi_fp16)."""
     one = _graph(windows=1, frames=12)
-    two = _graph(
-        windows=2,
-        frames=30,
-        second_audio="jobs/b.wav",
-        second_encoder_audio="jobs/b2.wav",
-        mask_1="m1",
-        mask_2="m2",
-    )
+    two = _graph(windows=2, frames=30, **TWO_SPEAKERS)
     patches = {
         name: [v["inputs"]["name"] for v in g.values() if v["class_type"] == "ModelPatchLoader"]
         for name, g in (("one", one), ("two", two))
@@ -261,13 +250,7 @@ def test_one_window_needs_no_chain() -> None:
 
 
 def test_two_speakers_use_the_native_two_speaker_mode() -> None:
-    graph = _graph(
-        windows=2,
-        frames=20,
-        second_audio="jobs/second.wav",
-        mask_1="jobs/m1.png",
-        mask_2="jobs/m2.png",
-    )
+    graph = _graph(windows=2, frames=20, **TWO_SPEAKERS)
     for node in (v for v in graph.values() if v["class_type"] == "WanInfiniteTalkToVideo"):
         inputs = node["inputs"]
         assert inputs["mode"] == "two_speakers"

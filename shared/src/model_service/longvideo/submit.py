@@ -12,6 +12,7 @@ any other, so a bad segment is a 422 naming it before anything is stored.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 from collections.abc import Mapping
@@ -87,7 +88,7 @@ class LongVideoSubmitter:
             )
             await self._submitter.share_inputs(parent_id, start_path.parent)
             checked = self._submitter.validate({**base, image_field: "(start image)"})
-            base.update(self._image_size(checked, str(start_path)))
+            base.update(await asyncio.to_thread(self._image_size, checked, str(start_path)))
             plan = {
                 "interactive": bool(body["interactive"]),
                 "finalize": False,
@@ -252,7 +253,7 @@ class LongVideoSubmitter:
                 path = inputs / f"image_{index}.png"
                 await self._submitter.materialize(ref, "image", f"images[{index}]", path)
                 paths.append(str(path.resolve()))
-            size = self._image_size(leg_values[0], paths[0])
+            size = await asyncio.to_thread(self._image_size, leg_values[0], paths[0])
             leg_values = [{**values, **size} for values in leg_values]
             await self._submitter.share_inputs(parent_id, inputs)
             parent = Job(
