@@ -56,6 +56,19 @@ class InfiniteTalkInput(BaseModel):
         "authors do, so lip motion does not depend on the recording's level (the video's "
         "sound is untouched); false: the encoder hears the speech as recorded.",
     )
+    colour_correction: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Match each window's colours to the face image before the next window "
+        "continues from it (InfiniteTalk's color_correction_strength, default 1.0), so long "
+        "speech does not drift in colour; 0 turns it off.",
+    )
+    clip_vision: bool = Field(
+        False,
+        description="Also give every window CLIP-H features of the face, as InfiniteTalk's "
+        "authors do (ComfyUI's template does not); off until a GPU comparison shows it helps.",
+    )
     second_audio: AudioRef | None = Field(
         None, description="A second speaker, who speaks after the first (needs both masks)."
     )

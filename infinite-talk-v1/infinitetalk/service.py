@@ -37,6 +37,9 @@ AUDIO, PATCH, IMAGE, WINDOW, SAMPLER, NOISE, DECODE, TRIM, VIDEO = (
 # authors' README multi-person example loads `multi/infinitetalk.safetensors`, ComfyUI's
 # two-speaker template (video_wan2_1_infinitetalk.json) this file.
 MULTI_PATCH = "wan2.1_infiniteTalk_multi_fp16.safetensors"
+# CLIP-H image features of the face for every window (the authors' `clip_fea`; the
+# template has none): `clip_vision` option, off by default until a GPU A/B decides.
+CLIP_VISION = "clip_vision_h.safetensors"
 
 
 def plan(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,7 +102,6 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
     two = bool(values.get("second_audio"))
     if two:
         _add_second_speaker(graph)
-    frames_so_far = [DECODE, 0]
     next_id = max(int(n) for n in graph if n.isdigit()) + 1
 
     def add(node: dict[str, Any]) -> str:
@@ -107,6 +109,17 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
         node_id, next_id = str(next_id), next_id + 1
         graph[node_id] = node
         return node_id
+
+    strength = float(values.get("colour_correction", COLOUR_CORRECTION))
+
+    def corrected(frames: list[Any], index: int) -> list[Any]:
+        """A window's frames with their colours matched to the face, before the next
+        window continues from them (InfiniteTalk's `match_and_blend_colors`)."""
+        if strength <= 0:
+            return frames
+        return [add(colour_transfer(frames, [IMAGE, 0], strength, index)), 0]
+
+    frames_so_far = corrected([DECODE, 0], 1)
 
     for index in range(2, int(values["windows"]) + 1):
         window = add(
@@ -154,7 +167,11 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
         new = add(  # without the frames that repeat the previous window's last ones
             {
                 "class_type": "ImageFromBatch",
-                "inputs": {"image": [decoded, 0], "batch_index": [window, 4], "length": 4096},
+                "inputs": {
+                    "image": corrected([decoded, 0], index),
+                    "batch_index": [window, 4],
+                    "length": 4096,
+                },
             }
         )
         joined = add(
@@ -163,6 +180,29 @@ def chain_windows(graph: Graph, values: Mapping[str, Any]) -> None:
         frames_so_far = [joined, 0]
     graph[TRIM]["inputs"]["image"] = frames_so_far
     graph[TRIM]["inputs"]["length"] = int(values["frames"])
+
+
+# InfiniteTalk's `--color_correction_strength` default (generate_infinitetalk.py: 1.0).
+COLOUR_CORRECTION = 1.0
+
+
+def colour_transfer(
+    frames: list[Any], reference: list[Any], strength: float, index: int
+) -> dict[str, Any]:
+    """ComfyUI 0.33's core `ColorTransfer` set as InfiniteTalk's `match_and_blend_colors`
+    (wan/utils/multitalk_utils.py): each frame's Lab mean and std moved to the reference
+    image's (Reinhard, per frame), blended with the frame by `strength`."""
+    return {
+        "class_type": "ColorTransfer",
+        "inputs": {
+            "image_target": frames,
+            "image_ref": reference,
+            "method": "reinhard_lab",
+            "source_stats": "per_frame",
+            "strength": strength,
+        },
+        "_meta": {"title": f"Colours as the face's, window {index}"},
+    }
 
 
 def window_seed(seed: int, index: int) -> int:
@@ -199,9 +239,24 @@ def _add_second_speaker(graph: Graph) -> None:
     graph[VIDEO]["inputs"]["audio"] = ["34", 0]
 
 
+def add_clip_vision(graph: Graph) -> None:
+    """The face's CLIP-H features into window 1 (later windows copy its inputs): as
+    InfiniteTalk's `clip_fea` (the whole image resized to 224, uncropped: `crop` none, as
+    in ComfyUI's Wan2.1 image-to-video template)."""
+    graph["41"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}}
+    graph["42"] = {
+        "class_type": "CLIPVisionEncode",
+        "inputs": {"clip_vision": ["41", 0], "image": [IMAGE, 0], "crop": "none"},
+        "_meta": {"title": "Face, CLIP-H features"},
+    }
+    graph[WINDOW]["inputs"]["clip_vision_output"] = ["42", 0]
+
+
 def _media_after_adjust(graph: Graph, values: Mapping[str, Any]) -> None:
     if not values.get("encoder_audio"):  # no normalised copy (`plan` not run): the speech
         graph["40"]["inputs"]["audio"] = graph[AUDIO]["inputs"]["audio"]
+    if values.get("clip_vision"):
+        add_clip_vision(graph)
     chain_windows(graph, values)
     if values.get("second_audio"):  # the second speaker's files, uploaded by the engine
         graph["30"]["inputs"]["audio"] = values["second_audio"]

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import math
+import re
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from infinitetalk.schema import InfiniteTalkInput
 from infinitetalk.service import MANIFEST, TALK, fit, plan, window_seed
 from model_service.comfy.workflow import sampler_steps
 from model_service.provision import Manifest
+from model_service.provision.manifest import HubSource
 from model_service_testing.comfy_sigmas import WAN_DEFAULT_SHIFT, schedule
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.machine import needs_real_comfyui
@@ -144,7 +146,7 @@ def test_windows_are_chained_in_one_graph() -> None:
     assert "previous_frames" not in graph[windows[0]]["inputs"]
     for earlier, later in itertools.pairwise(windows):
         previous = graph[later]["inputs"]["previous_frames"][0]
-        assert graph[previous]["class_type"] in ("VAEDecode", "ImageBatch")
+        assert graph[previous]["class_type"] in ("ColorTransfer", "ImageBatch")
         assert graph[later]["inputs"]["start_image"] == graph[earlier]["inputs"]["start_image"]
     batches = [v for v in graph.values() if v["class_type"] == "ImageBatch"]
     assert len(batches) == 2
@@ -244,9 +246,67 @@ def test_the_patch_follows_the_number_of_speakers() -> None:
 
 
 def test_one_window_needs_no_chain() -> None:
-    graph = _graph(windows=1, frames=12)
+    graph = _graph(windows=1, frames=12, colour_correction=0.0)
     assert graph["19"]["inputs"]["image"] == ["18", 0]
-    assert not any(v["class_type"] == "ImageBatch" for v in graph.values())
+    assert not any(v["class_type"] in ("ImageBatch", "ColorTransfer") for v in graph.values())
+
+
+def test_every_window_is_colour_matched_to_the_face_before_the_next_continues() -> None:
+    """InfiniteTalk (generate_infinitetalk.py `--color_correction_strength`, default 1.0)
+    runs `match_and_blend_colors` on each decoded clip against the conditioning image
+    before taking the next clip's motion frames: here ComfyUI's core ColorTransfer
+    (reinhard_lab, per frame) after each window's VAEDecode, feeding the chain."""
+    graph = _graph(windows=3, frames=30)
+    transfers = {n: v["inputs"] for n, v in graph.items() if v["class_type"] == "ColorTransfer"}
+    assert len(transfers) == 3
+    decodes = {n for n, v in graph.items() if v["class_type"] == "VAEDecode"}
+    for inputs in transfers.values():
+        assert graph[inputs["image_target"][0]]["class_type"] == "VAEDecode"
+        assert inputs["image_ref"] == ["11", 0]  # the face as loaded
+        assert (inputs["method"], inputs["source_stats"], inputs["strength"]) == (
+            "reinhard_lab",
+            "per_frame",
+            1.0,
+        )
+    assert {i["image_target"][0] for i in transfers.values()} == decodes
+    # nothing uncorrected reaches the next window or the video
+    for node in graph.values():
+        for value in node["inputs"].values():
+            if isinstance(value, list) and value and value[0] in decodes:
+                assert node["class_type"] == "ColorTransfer"
+    weaker = _graph(windows=2, frames=20, colour_correction=0.4)
+    assert {
+        v["inputs"]["strength"] for v in weaker.values() if v["class_type"] == "ColorTransfer"
+    } == {0.4}
+
+
+def test_clip_vision_features_of_the_face_reach_every_window_only_when_asked() -> None:
+    """The authors feed CLIP-H features of the reference frame to every clip (`clip_fea`);
+    ComfyUI's template does not. Behind `clip_vision` (default off)."""
+    assert not any(v["class_type"].startswith("CLIPVision") for v in _graph(3, 30).values())
+    graph = _graph(windows=3, frames=30, clip_vision=True)
+    loaders = [v for v in graph.values() if v["class_type"] == "CLIPVisionLoader"]
+    assert [v["inputs"]["clip_name"] for v in loaders] == ["clip_vision_h.safetensors"]
+    encode = next(v["inputs"] for v in graph.values() if v["class_type"] == "CLIPVisionEncode")
+    assert (encode["image"], encode["crop"]) == (["11", 0], "none")
+    windows = [v for v in graph.values() if v["class_type"] == "WanInfiniteTalkToVideo"]
+    assert len(windows) == 3
+    for window in windows:
+        assert graph[window["inputs"]["clip_vision_output"][0]]["class_type"] == "CLIPVisionEncode"
+    manifest = {f.name: f for f in FILES}
+    clip = manifest["clip_vision_h.safetensors"]
+    assert (clip.folder, clip.size_bytes, clip.tiny) == (
+        "clip_vision",
+        1_264_219_396,
+        "clip_vision_h",
+    )
+    assert clip.sha256 == "64a7ef761bfccbadbaa3da77366aac4185a6c58fa5de5f589b42a65bcc21f161"
+
+
+def test_every_hub_file_is_pinned_to_a_revision() -> None:
+    for entry in FILES:
+        assert isinstance(entry.source, HubSource), entry.name
+        assert re.fullmatch(r"[0-9a-f]{40}", entry.source.revision), entry.name
 
 
 def test_two_speakers_use_the_native_two_speaker_mode() -> None:
@@ -423,6 +483,54 @@ def test_long_speech_runs_as_chained_windows(client: httpx.Client, standin: Stan
     assert sum(n["class_type"] == "WanInfiniteTalkToVideo" for n in sent.values()) == 6
 
 
+def _gradient_face() -> bytes:
+    x = np.linspace(0, 1, 64)[None, :, None]
+    y = np.linspace(0, 1, 64)[:, None, None]
+    pixels = 60 + 140 * (0.6 * x + 0.4 * y) * np.array([1.0, 0.8, 0.6])
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _colour_error(frame: np.ndarray[Any, Any], reference: np.ndarray[Any, Any]) -> float:
+    """The largest per-channel difference of mean colour, outside the index corner."""
+    difference = frame[16:, 16:].astype(np.float64) - reference[16:, 16:]
+    return float(np.abs(difference.mean(axis=(0, 1))).max())
+
+
+def test_colour_drift_is_pulled_back_to_the_face_in_every_window(
+    client: httpx.Client, standin: StandinProcess
+) -> None:
+    """The stand-in's frames drift in colour over each window (redder, more saturated,
+    brighter); with colour correction (the default) the video keeps the face's colours."""
+    standin.configure(drift=0.6)
+    face = _gradient_face()
+    reference = np.asarray(Image.open(io.BytesIO(face)).convert("RGB"), dtype=np.float64)
+    errors = {}
+    for strength in (0.0, 1.0):
+        payload = {
+            "image": data_uri(face, "image/png"),
+            "audio": data_uri(wav_bytes(1.6), "audio/wav"),
+            **SMALL,
+            "window_frames": 17,
+            "colour_correction": strength,
+            "seed": 5,
+        }
+        response = _submit(client, payload)
+        assert response.status_code == 200, response.text
+        job = response.json()
+        assert job["status"] == "succeeded", job.get("error")
+        assert job["info"]["derived"]["windows"] == 4
+        frames = video_frames(client.get(job["outputs"][0]["url"]).content)
+        # each window's last frame (16, 24, 32): the most drifted; the corner holds the index
+        errors[strength] = max(
+            _colour_error(np.frombuffer(frames[i], np.uint8).reshape(64, 64, 3), reference)
+            for i in (16, 24, 32)
+        )
+    assert errors[0.0] > 25, errors  # the drift is real
+    assert errors[1.0] < errors[0.0] / 3, errors
+
+
 def test_two_speakers_speak_one_after_the_other(client: httpx.Client) -> None:
     mask = data_uri(png((48, 64), (255, 255, 255)), "image/png")
     job = _talk(
@@ -473,10 +581,12 @@ def test_tiny_one_window_and_chained_windows_on_a_real_comfyui(
     face = data_uri(png((64, 64), (200, 150, 120)), "image/png")
     with tiny_service.client() as http:
         results = {}
-        for name, seconds, window, scale in (
-            ("one", 0.6, 81, 1.0),
-            ("chained", 1.6, 17, 1.0),
-            ("other_audio", 0.6, 81, 4.0),
+        for name, seconds, window, scale, extra in (
+            ("one", 0.6, 81, 1.0, {}),
+            ("chained", 1.6, 17, 1.0, {}),
+            ("other_audio", 0.6, 81, 4.0, {}),
+            ("clip_vision", 0.6, 81, 1.0, {"clip_vision": True}),
+            ("no_colour_correction", 0.6, 81, 1.0, {"colour_correction": 0.0}),
         ):
             payload = {
                 "image": face,
@@ -487,6 +597,7 @@ def test_tiny_one_window_and_chained_windows_on_a_real_comfyui(
                 "seed": 1,
                 "window_frames": window,
                 "audio_scale": scale,
+                **extra,
             }
             response = _submit(http, payload)
             assert response.status_code == 200, response.text
@@ -500,6 +611,8 @@ def test_tiny_one_window_and_chained_windows_on_a_real_comfyui(
             results[name] = (job, video_frames(data))
     assert results["chained"][0]["info"]["derived"]["windows"] == 4  # 17 + 3 x 8 >= 40
     assert results["one"][1] != results["other_audio"][1], "the audio drives the video"
+    assert results["one"][1] != results["clip_vision"][1], "CLIP-H features reach the model"
+    assert results["one"][1] != results["no_colour_correction"][1], "ColorTransfer ran"
     left = data_uri(_half_mask(left=True), "image/png")
     right = data_uri(_half_mask(left=False), "image/png")
     with tiny_service.client() as http:

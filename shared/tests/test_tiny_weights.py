@@ -110,6 +110,14 @@ EXPECTED: dict[str, dict[str, list[int]]] = {
         "blocks.0.audio_cross_attn.proj.weight": [160, 160],
         "blocks.39.audio_cross_attn.kv_linear.weight": [320, 16],
     },
+    # ComfyUI picks clip_vision_config_h from `layers.30`; Wan's img_emb takes 1280-d
+    "clip_vision_h": {
+        "vision_model.embeddings.patch_embedding.weight": [1280, 3, 14, 14],
+        "vision_model.embeddings.position_embedding.weight": [257, 1280],
+        "vision_model.encoder.layers.30.layer_norm1.weight": [1280],
+        "vision_model.encoder.layers.31.mlp.fc1.weight": [5120, 1280],
+        "visual_projection.weight": [1024, 1280],
+    },
 }
 
 # Keys that must NOT be there (they would switch ComfyUI to another architecture).
@@ -127,6 +135,7 @@ ABSENT: dict[str, list[str]] = {
     "wan22_vae": ["decoder.middle.0.residual.0.gamma"],
     "wan21_vae": ["decoder.upsamples.0.upsamples.0.residual.2.weight"],
     "infinitetalk_patch": ["blocks.40.norm_x.weight"],
+    "clip_vision_h": ["vision_model.encoder.layers.32.layer_norm1.weight"],  # ViT-g has 48
 }
 
 DTYPES = {"umt5_xxl": "F8_E4M3", "wav2vec2_base": "F8_E4M3"}
@@ -200,6 +209,23 @@ def test_norms_are_one_and_the_taehv_output_is_lifted(tmp_path: Path) -> None:
     assert torch.all(dit["blocks.0.self_attn.norm_q.weight"] == 1)
     assert torch.all(dit["img_emb.proj.4.bias"] == 0)
     assert 0.01 < dit["blocks.0.ffn.0.weight"].float().std() < 0.03
+
+
+def test_clip_vision_h_is_full_size_but_its_zero_blocks_are_holes(tmp_path: Path) -> None:
+    """ComfyUI builds CLIP-H at its real size, so the file has every real shape (1.26 GB),
+    but the 32 blocks' matrices are zeros (identity blocks), written as holes."""
+    from safetensors import safe_open
+
+    path = tmp_path / "clip_vision_h.safetensors"
+    write_tiny("clip_vision_h", path)
+    assert path.stat().st_size > 1_264_000_000
+    if hasattr(path.stat(), "st_blocks"):
+        assert path.stat().st_blocks * 512 < 50_000_000
+    with safe_open(str(path), "pt") as f:
+        assert not torch.any(f.get_tensor("vision_model.encoder.layers.31.mlp.fc2.weight"))
+        assert torch.all(f.get_tensor("vision_model.encoder.layers.0.layer_norm1.weight") == 1)
+        patch = f.get_tensor("vision_model.embeddings.patch_embedding.weight").float()
+        assert 0.01 < patch.std() < 0.03
 
 
 def test_safetensors_reads_them_back(tmp_path: Path, big_cache: Path) -> None:

@@ -32,6 +32,10 @@ Kinds (`TINY_KINDS`; sizes on disk):
 - `wav2vec2_base` (95 MB): wav2vec2-base (fixed by ComfyUI: 768-d, 12 layers), fp8.
 - `infinitetalk_patch` (8.5 MB): InfiniteTalk `MultiTalkModelPatch` for `ModelPatchLoader`:
   in_dim 160 (the DiT dim), intermediate 16, out 16; its 40 blocks are fixed by ComfyUI.
+- `clip_vision_h` (1.3 GB, sparse: about 4 MB on disk): CLIP ViT-H/14, fixed by ComfyUI at
+  full size (it picks the config from the key `...layers.30...`, and the Wan I2V `img_emb`
+  takes 1280-d features): random embeddings and norms, but all-zero matrices in the 32
+  blocks (each block is then the identity), which are written as holes in the file.
 
 Every file carries the metadata `model_service_tiny` = "1" (see `is_tiny`), so that nothing
 mistakes it for real weights, plus its kind, a format version and its seed.
@@ -88,9 +92,13 @@ class _Weights:
         self.tensors[name] = values.to(self.dtype)
 
     def const(self, name: str, shape: tuple[int, ...], value: float) -> None:
+        """Zeros take no memory (one broadcast element) and no disk (`_save` skips them)."""
         import torch
 
-        self.tensors[name] = torch.full(shape, value).to(self.dtype)
+        if value == 0.0:
+            self.tensors[name] = torch.zeros((), dtype=self.dtype).expand(shape)
+        else:
+            self.tensors[name] = torch.full(shape, value).to(self.dtype)
 
     def linear(self, prefix: str, n_in: int, n_out: int, *, bias: bool = True) -> None:
         self.normal(f"{prefix}.weight", (n_out, n_in))
@@ -352,6 +360,30 @@ def _multitalk_patch(
         w.norm(f"{p}.norm_x", in_dim)
 
 
+# --- CLIP ViT-H/14 (comfy/clip_model.py: CLIPVisionModelProjection, clip_vision_config_h) ---
+
+
+def _clip_vision_h(w: _Weights) -> None:
+    dim, ffn, patch, patches = _CLIP_VISION_DIM, 5120, 14, (224 // 14) ** 2 + 1
+    w.normal("vision_model.embeddings.class_embedding", (dim,))
+    w.normal("vision_model.embeddings.patch_embedding.weight", (dim, 3, patch, patch))
+    w.normal("vision_model.embeddings.position_embedding.weight", (patches, dim))
+    w.norm("vision_model.pre_layrnorm", dim)
+    for i in range(32):
+        p = f"vision_model.encoder.layers.{i}"
+        for name, n_in, n_out in (
+            *((f"self_attn.{m}", dim, dim) for m in ("q_proj", "k_proj", "v_proj", "out_proj")),
+            ("mlp.fc1", dim, ffn),
+            ("mlp.fc2", ffn, dim),
+        ):
+            w.const(f"{p}.{name}.weight", (n_out, n_in), 0.0)
+            w.const(f"{p}.{name}.bias", (n_out,), 0.0)
+        w.norm(f"{p}.layer_norm1", dim)
+        w.norm(f"{p}.layer_norm2", dim)
+    w.norm("vision_model.post_layernorm", dim)
+    w.const("visual_projection.weight", (1024, dim), 0.0)
+
+
 @dataclass(frozen=True)
 class _Kind:
     build: Callable[[_Weights], None]
@@ -379,6 +411,7 @@ _KINDS: dict[str, _Kind] = {
     "wan21_vae": _Kind(_wan21_vae, "float16"),
     "wav2vec2_base": _Kind(_wav2vec2_base, "float8_e4m3fn"),
     "infinitetalk_patch": _Kind(_multitalk_patch, "float16"),
+    "clip_vision_h": _Kind(_clip_vision_h, "float16"),
 }
 
 TINY_KINDS: tuple[str, ...] = tuple(_KINDS)
@@ -506,7 +539,12 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:  # little-endian, as on every machine we run on
-            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            tensor = tensors[name]
+            if tensor.numel() > 4096 and not torch.any(tensor):  # a hole reads as zeros
+                f.seek(tensor.numel() * tensor.element_size(), os.SEEK_CUR)
+                continue
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.truncate()
 
 
 def _mixed_seed(kind: str, seed: int) -> int:

@@ -2,7 +2,8 @@
 
 The weight-free core nodes run for real on Pillow images (`EmptyImage`, `LoadImage`,
 `ImageInvert`, `RepeatImageBatch`, `ImageBatch`, `ImageFromBatch`, `SaveImage`,
-`PreviewImage`, `CreateVideo`, `SaveVideo`, `SaveAnimatedWEBP`) and on PyAV-decoded audio
+`PreviewImage`, `CreateVideo`, `SaveVideo`, `SaveAnimatedWEBP`, and `ColorTransfer`'s
+`reinhard_lab` method with `per_frame` statistics) and on PyAV-decoded audio
 (`LoadAudio`); `SaveVideo` writes a real H.264 MP4 with the `ffmpeg` binary when it is on
 PATH, else with PyAV, which also muxes the video's audio as AAC (as ComfyUI does). Every
 other node known to the catalogue is a fake: it passes placeholders along (carrying width,
@@ -425,6 +426,30 @@ async def image_from_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResu
     return NodeResult((Frames(frames[index : index + length]),))  # length: up to the end
 
 
+async def color_transfer(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    """`reinhard_lab` + `per_frame` (what the services use): each frame's Lab mean and
+    std moved to the reference's, lerped by strength; other methods are refused."""
+    import numpy as np
+
+    from model_service.video.colour import colour_stats, match_colours
+
+    method, stats = inputs.get("method"), inputs.get("source_stats")
+    if (method, stats) != ("reinhard_lab", "per_frame"):
+        raise NotImplementedError(
+            f"stand-in ColorTransfer: only reinhard_lab per_frame ({method}, {stats})"
+        )
+    frames, strength = as_frames(inputs["image_target"]), float(inputs["strength"])
+    reference = colour_stats(np.asarray(as_frames(inputs["image_ref"])[0].convert("RGB")))
+
+    def match(frame: Image.Image) -> Image.Image:
+        pixels = np.asarray(frame.convert("RGB"))
+        return Image.fromarray(
+            match_colours(pixels, colour_stats(pixels), reference, min(strength, 1.0))
+        )
+
+    return NodeResult((Frames(await asyncio.to_thread(lambda: [match(f) for f in frames])),))
+
+
 async def image_batch(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     first, second = as_frames(inputs["image1"]), as_frames(inputs["image2"])
     size = first[0].size
@@ -547,6 +572,7 @@ REAL_NODES: dict[str, NodeFunc] = {
     "RepeatImageBatch": repeat_image_batch,
     "ImageFromBatch": image_from_batch,
     "ImageBatch": image_batch,
+    "ColorTransfer": color_transfer,
     "SaveImage": save_image,
     "PreviewImage": preview_image,
     "CreateVideo": create_video,
