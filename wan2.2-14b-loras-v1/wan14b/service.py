@@ -113,6 +113,7 @@ SERVICE = ServiceSpec(
         manifest=MANIFEST,
         download_at_start=True,
         lora_field="loras",
+        lora_base="Wan2.2 A14B",
         derive=SIZE_FROM_IMAGE,
     ),
     long_video=LongVideoSpec(

@@ -44,17 +44,20 @@ from model_service.comfy.errors import (
     ComfyInterrupted,
     ComfyUnavailable,
 )
+from model_service.comfy.lora_log import LoraLogWatch
 from model_service.comfy.supervisor import ComfyState, ComfySupervisor
 from model_service.comfy.workflow import (
     LAST_FRAME_STEM,
     Workflow,
     add_last_frame,
+    diffusion_model_of,
     sampler_steps,
 )
-from model_service.errors import NotReady, ProvisionError, ServiceError
+from model_service.errors import LoraInvalid, NotReady, ProvisionError, ServiceError
 from model_service.fetch import SafeHttpClient
 from model_service.logs import get_logger
-from model_service.loras import LoraCache, parse_lora_source
+from model_service.lora_fit import check_lora_fit
+from model_service.loras import LoraCache, LoraHandle, parse_lora_source
 from model_service.metrics import Metrics
 from model_service.provision import Manifest, ProvisionMetrics, provision
 from model_service.settings import Settings
@@ -84,8 +87,11 @@ class ComfyServiceSpec:
     manifest: Path  # the model files (JSON, see model_service.provision.manifest)
     download_at_start: bool = False  # network-storage images: True; packed images: False
     # the input field that lists the job's LoRAs (`[{source, strength, applies_to}]`): the
-    # engine puts each in the LoRA cache and gives the workflow its ComfyUI `lora_name`
+    # engine puts each in the LoRA cache and gives the workflow its ComfyUI `lora_name`,
+    # checks that it fits the diffusion model(s) it patches, and fails the job when
+    # ComfyUI logs that it did not apply
     lora_field: str | None = None
+    lora_base: str = "this service's model"  # what job LoRAs must be trained for, for advice
     # more values from the job's own (local) files before they go to ComfyUI, e.g. the
     # frame count and windows an audio file's length asks for; merged into the values
     derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
@@ -403,7 +409,7 @@ class ComfyEngine:
             derived = dict(await asyncio.to_thread(self._spec.derive, values))
             values.update(derived)
         async with contextlib.AsyncExitStack() as held:
-            await self._take_loras(values, held)
+            loras = await self._take_loras(values, held)
             for field_name in workflow.media_fields:
                 path = values.get(field_name)
                 if path is not None:
@@ -411,10 +417,13 @@ class ComfyEngine:
                         Path(path), f"{running.tag}_{field_name}"
                     )
             graph = workflow.build(values, tag=running.tag)
+            await self._check_lora_fit(graph, loras)
             stems = dict(workflow.outputs)
             if values.get(WANT_LAST_FRAME):
                 stems.update(_last_frame_nodes(graph, workflow, running.tag))
-            done = await self._queue_and_collect(job, running, on_progress, stems, name, graph)
+            done = await self._queue_and_collect(
+                job, running, on_progress, stems, name, graph, watch_loras=bool(loras)
+            )
         facts = {k: v for k, v in derived.items() if k not in workflow.media_fields}
         if facts:  # what the job's files asked for (frames, windows, ...), on the job
             done.info["derived"] = facts
@@ -439,21 +448,45 @@ class ComfyEngine:
                 inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{running.tag}"
         return await self._queue_and_collect(job, running, on_progress, {}, "custom", graph)
 
-    async def _take_loras(self, values: dict[str, Any], held: contextlib.AsyncExitStack) -> None:
+    async def _take_loras(
+        self, values: dict[str, Any], held: contextlib.AsyncExitStack
+    ) -> dict[str, LoraHandle]:
         """Fetch (or find in the cache) the job's LoRAs, held until the job ends; each
         entry gets its ComfyUI `lora_name`. A bad or unreachable LoRA fails the job here,
-        before ComfyUI does any work."""
+        before ComfyUI does any work. Returns the handles by field (`input.loras[0].source`)."""
         field_name = self._spec.lora_field
         if self._loras is None or field_name is None or not values.get(field_name):
-            return
-        named = []
+            return {}
+        named, handles = [], {}
         for index, entry in enumerate(values[field_name]):
             where = f"input.{field_name}[{index}].source"
             source = parse_lora_source(entry["source"], field=where)
             handle = await self._loras.acquire(source, field=where)
             held.callback(handle.release)
             named.append({**entry, "lora_name": handle.name})
+            handles[where] = handle
         values[field_name] = named
+        return handles
+
+    async def _check_lora_fit(self, graph: dict[str, Any], loras: Mapping[str, LoraHandle]) -> None:
+        """Each job LoRA against the diffusion model(s) its loader nodes patch (the
+        UNETLoader at the root of their model input: the expert of the chosen mode), from
+        the files' headers, before anything is queued (model_service.lora_fit)."""
+        for where, handle in loras.items():
+            models = {
+                self._models_dir / "diffusion_models" / unet
+                for node_id, node in graph.items()
+                if (node.get("inputs") or {}).get("lora_name") == handle.name
+                and (unet := diffusion_model_of(graph, node_id)) is not None
+            }
+            await asyncio.to_thread(
+                check_lora_fit,
+                handle.path,
+                sorted(models),
+                field=where,
+                source=handle.source.describe(),
+                base=self._spec.lora_base,
+            )
 
     async def _queue_and_collect(
         self,
@@ -463,6 +496,8 @@ class ComfyEngine:
         stems: Mapping[str, str],
         name: str,
         graph: dict[str, Any],
+        *,
+        watch_loras: bool = False,
     ) -> JobDone:
         if running.after is not None:  # the job before ours queues its prompt first
             await asyncio.shield(running.after)
@@ -470,21 +505,33 @@ class ComfyEngine:
             return JobDone(job.job_id, canceled=True)
 
         progress = _StepCounter(job.job_id, sampler_steps(graph), on_progress)
+        watch = LoraLogWatch()
+
+        def on_start() -> None:
+            watch.started()
+            running.start()
 
         started = time.monotonic()
-        result = await self._client.run(
-            graph,
-            on_progress=progress,
-            # the wait behind the job before it is bounded by that job's own limit
-            timeout_s=2 * (self._settings.job_timeout_s + self._settings.cancel_grace_s),
-            prompt_id=running.prompt_id,
-            expect_outputs=[node for node in stems if node in graph] or None,
-            on_queued=running.take_turn,
-            on_start=running.start,
-        )
+        stop_listening = self._supervisor.listen(watch) if watch_loras else None
+        try:
+            result = await self._client.run(
+                graph,
+                on_progress=progress,
+                # the wait behind the job before it is bounded by that job's own limit
+                timeout_s=2 * (self._settings.job_timeout_s + self._settings.cancel_grace_s),
+                prompt_id=running.prompt_id,
+                expect_outputs=[node for node in stems if node in graph] or None,
+                on_queued=running.take_turn,
+                on_start=on_start,
+            )
+        finally:
+            if stop_listening is not None:
+                stop_listening()
         output_dir = Path(job.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - cheaper than a thread
         names = await self._save_outputs(stems, result, output_dir)
+        if watch.lines:  # the outputs are taken (out of ComfyUI's folder), the job fails
+            raise _lora_not_applied(watch, self._spec)
         times = _execution_times(result)
         began, ended = times.get("comfy_started_ms"), times.get("comfy_ended_ms")
         return JobDone(
@@ -576,6 +623,17 @@ class _Running:
         if not self.started:
             self.started = True
             self.on_started()
+
+
+def _lora_not_applied(watch: LoraLogWatch, spec: ComfyServiceSpec) -> LoraInvalid:
+    """ComfyUI ran the prompt but logged that a LoRA did not apply (comfy.lora_log)."""
+    return LoraInvalid(
+        f"input.{spec.lora_field}: ComfyUI did not apply the job's LoRAs in full: it logged "
+        f"{watch.count} LoRA problem line(s), the first: {watch.lines[0][:300]!r}; a LoRA "
+        f"is for another model size or architecture: use LoRAs trained for {spec.lora_base}",
+        field=f"input.{spec.lora_field}",
+        comfyui_log=watch.lines,
+    )
 
 
 def _crashed(reason: str, prompt_id: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@ Two modes, chosen by the settings (`ComfySupervisor.from_settings`):
   child process in its own process group, with its model folders pointed at
   `MODELS_DIR` (a generated `extra_model_paths.yaml`) and its input, output, temp and
   user folders under `DATA_DIR/comfyui`. Each line it prints becomes one structured log
-  line (logger `comfyui`, level guessed from the text). It is ready once
+  line (logger `comfyui`, level guessed from the text; `listen()` lets the engine hear
+  them too). It is ready once
   `GET /system_stats` answers; when it dies it is started again after a growing delay
   (1, 2, 5, 10, 30 s; the count starts over once it has stayed up a minute), and the
   engine's `on_crash` hook hears about it so the job it was running fails with
@@ -312,6 +313,7 @@ class ComfySupervisor:
         self._last_error: str | None = None  # ComfyUI's last error line, for the reason
         self._last_line: str | None = None
         self._restart_why = ""  # why the current replacement is being started
+        self._listeners: list[Callable[[str], None]] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> ComfySupervisor:
@@ -359,6 +361,17 @@ class ComfySupervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(settled(), timeout)
         return self.ready
+
+    def listen(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """`listener(line)` hears each line a launched ComfyUI prints (cleaned, as logged)
+        until the returned function is called. An external ComfyUI's lines are not seen."""
+        self._listeners.append(listener)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return stop
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -595,6 +608,11 @@ class ComfySupervisor:
         if level in ("error", "critical") and not line[:1].isspace() and "Traceback" not in line:
             self._last_error = line  # the exception line of a traceback, typically
         getattr(comfy_log, level)(line, stream=stream, pid=pid)
+        for listener in list(self._listeners):
+            try:
+                listener(line)
+            except Exception:
+                log.exception("ComfyUI line listener raised")
 
     async def _drain_readers(self, timeout: float = 2.0) -> None:
         readers, self._readers = self._readers, []

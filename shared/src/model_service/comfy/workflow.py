@@ -293,6 +293,22 @@ def sampler_steps(graph: Mapping[str, Any]) -> int:
     return total
 
 
+def diffusion_model_of(graph: Mapping[str, Any], node_id: str) -> str | None:
+    """The `unet_name` of the `UNETLoader` at the root of a node's `model` input chain
+    (through LoRA loaders, model patches, ...); None when the chain ends elsewhere."""
+    seen: set[str] = set()
+    while node_id not in seen:
+        seen.add(node_id)
+        node = graph.get(node_id) or {}
+        inputs = node.get("inputs") or {}
+        if node.get("class_type") == "UNETLoader" and isinstance(inputs.get("unet_name"), str):
+            return str(inputs["unet_name"])
+        if not is_link(inputs.get("model")):
+            return None
+        node_id = inputs["model"][0]
+    return None
+
+
 def manual_sigmas(text: Any) -> list[float]:
     """The σ list ComfyUI's ManualSigmas node makes of its string (0.33.0,
     comfy_extras/nodes_custom_sampler.py: the same regular expression)."""
