@@ -36,6 +36,7 @@ from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import data_uri, video_frames
 from model_service_testing.process import ServiceProcess, place_sparse_models
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
+from model_service_testing.sigma_probe import SigmaLog, probe_env
 
 FILES = Manifest.load(MANIFEST).files
 SMALL = {"width": 64, "height": 64, "steps": 2}
@@ -642,3 +643,37 @@ def _half_mask(left: bool) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def probed(
+    tiny_comfy_service: StartComfyService, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ServiceProcess, SigmaLog]:
+    env, log = probe_env(tmp_path_factory.mktemp("sigma-probe"))
+    return tiny_comfy_service("infinite-talk-v1", env), log
+
+
+@needs_real_comfyui
+def test_each_window_samples_the_templates_sigmas_in_a_real_comfyui(
+    probed: tuple[ServiceProcess, SigmaLog],
+) -> None:
+    """Recorded inside ComfyUI at every model call: `normal`, 6 steps, the Wan model's
+    shift 8, for each of the two windows; the last call at σ 0.060, not `simple`'s 0.616."""
+    service, log = probed
+    payload = {
+        "image": data_uri(png((64, 64)), "image/png"),
+        "audio": data_uri(wav_bytes(1.0), "audio/wav"),
+        "width": 64,
+        "height": 64,
+        "steps": 6,
+        "window_frames": 17,
+        "seed": 2,
+    }
+    log.clear()
+    with service.client() as http:
+        job = _submit(http, payload).json()
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["info"]["derived"]["windows"] == 2
+    window = schedule("normal", 6, WAN_DEFAULT_SHIFT)[:-1]
+    assert log.sigmas() == pytest.approx(window * 2, abs=1e-6)
+    assert window[-1] == pytest.approx(0.060, abs=0.001)
