@@ -22,12 +22,14 @@ from model_service.api.jobs import MAX_WAIT_S, wait_until_terminal
 from model_service.api.state import ServiceState
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
-from qwen_image_edit.manifest import get_variant
+from qwen_image_edit.manifest import parse_model_variant
 
 # The original service defaulted to 8 steps at cfg 1 because it loaded the 8-step
-# Lightning weights; this one loads the base model, whose reference settings are 40 (2509)
-# or 50 (Edit) steps at true_cfg_scale 4 (QwenLM/Qwen-Image README, nunchaku examples):
-# absent values take the /v1/jobs defaults, which follow the loaded model.
+# Lightning weights (svdq-int4_r128-qwen-image-edit-lightningv1.0-8steps). Here absent
+# values take the /v1/jobs defaults, which follow the loaded weights: with Lightning
+# (MODEL_VARIANT=...-lightning-4|8) its steps at true_cfg_scale 1 (ModelTC/Qwen-Image-
+# Lightning README); with the base model 40 (2509, 2511) or 50 (Edit) steps at
+# true_cfg_scale 4 (QwenLM/Qwen-Image README, nunchaku examples).
 
 
 class EditImageRequest(BaseModel):
@@ -145,14 +147,18 @@ def routers(state: ServiceState) -> list[APIRouter]:
 
     @router.get("/model-info", summary="Legacy: what model is loaded")
     async def model_info() -> dict[str, Any]:
-        variant = get_variant(state.settings.model_variant)
+        choice = parse_model_variant(state.settings.model_variant)
         info = state.runner.worker_info
         return {
-            "model_name": variant.hf_repo,
-            "model_version": variant.name,
-            "default_steps": variant.default_steps,
+            "model_name": choice.variant.hf_repo,
+            "model_version": choice.name,
+            # the loaded worker's (the tiny profile's differ), else the weights' own
+            "default_steps": info.get("default_steps", choice.default_steps),
+            "default_true_cfg_scale": info.get(
+                "default_true_cfg_scale", choice.default_true_cfg_scale
+            ),
             "max_steps": 100,
-            "max_input_images": variant.max_input_images,
+            "max_input_images": choice.variant.max_input_images,
             "profile": state.settings.profile,
             "model_config": info,
         }

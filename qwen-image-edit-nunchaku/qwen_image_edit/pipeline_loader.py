@@ -2,10 +2,13 @@
 
 Profile `tiny`: the random-weight folder from `tiny_model`, float32 on CPU.
 Profile `full`: the local copy of the HF repo under MODELS_DIR, bf16, with Nunchaku's
-4-bit transformer where its kernels run (a supported GPU and `import nunchaku`), else
-diffusers' bf16 transformer; CPU offload chosen from the free VRAM unless the
-worker option `cpu_offload` (setting CPU_OFFLOAD) names one. Nothing is ever
-downloaded here and nothing is faked: missing files raise `SetupFailed` naming them.
+4-bit transformer where its kernels run (a supported GPU, `import nunchaku`, and a
+Nunchaku file for the model), else diffusers' bf16 transformer; CPU offload chosen from
+the free VRAM unless the worker option `cpu_offload` (setting CPU_OFFLOAD) names one.
+Lightning (MODEL_VARIANT `...-lightning-4|8`): Lightning's scheduler, and on Nunchaku its
+fused Lightning transformer, on bf16 (and tiny) lightx2v's LoRA fused into the
+transformer. Nothing is ever downloaded here and nothing is faked: missing files raise
+`SetupFailed` naming them.
 """
 
 from __future__ import annotations
@@ -25,13 +28,21 @@ from model_service.errors import SetupFailed
 from model_service.predictor import WorkerConfig
 
 from .manifest import (
+    LIGHTNING_DIRNAME,
+    LIGHTNING_SCHEDULER_CONFIG,
     NUNCHAKU_COMPUTE_CAPABILITIES,
     NUNCHAKU_DEFAULT_RANK,
     NUNCHAKU_DIRNAME,
     NUNCHAKU_FP4_COMPUTE_CAPABILITIES,
+    ModelChoice,
     ModelVariant,
 )
-from .tiny_model import apply_torchvision_shim, ensure_tiny_pipeline, is_tiny_folder
+from .tiny_model import (
+    apply_torchvision_shim,
+    ensure_tiny_lightning_lora,
+    ensure_tiny_pipeline,
+    is_tiny_folder,
+)
 
 log = structlog.get_logger()
 
@@ -48,6 +59,13 @@ OFFLOAD_NUNCHAKU_BLOCKS = "nunchaku-blocks+sequential"  # Nunchaku per-block + t
 
 TINY_CONDITION_AREA = 128 * 128  # tiny profile only: replaces the 1024*1024 target area
 _FULL_CONDITION_AREA = 1024 * 1024
+TINY_STEPS = 2  # default steps of the tiny base model (its outputs are noise anyway)
+# Which scheduler runs (reported by `/v1/service`).
+SCHEDULER_BASE = "the model's own (its repo's scheduler/ config)"
+SCHEDULER_LIGHTNING = (
+    "Lightning: FlowMatchEulerDiscrete, exponential time shift, base_shift = max_shift = "
+    "ln 3, no shift_terminal (ModelTC/Qwen-Image-Lightning generate_with_diffusers.py)"
+)
 
 
 @dataclass
@@ -55,12 +73,34 @@ class LoadedPipeline:
     """A loaded pipeline and the choices made for it (reported by `/v1/service`)."""
 
     pipe: Any  # QwenImageEditPipeline | QwenImageEditPlusPipeline
-    variant: ModelVariant
+    choice: ModelChoice
     transformer_kind: str
     offload: str
     device: str
     reason: str
     tiny: bool
+    weights: list[str]  # the transformer's files, then the Lightning LoRA fused into it
+    lightning: str | None = None  # how Lightning is loaded: a LoRA or a fused transformer
+
+    @property
+    def variant(self) -> ModelVariant:
+        return self.choice.variant
+
+    @property
+    def scheduler(self) -> str:
+        return SCHEDULER_BASE if self.choice.lightning_steps is None else SCHEDULER_LIGHTNING
+
+    @property
+    def default_steps(self) -> int:
+        """The loaded weights' steps: Lightning's count, the model's (tiny base: 2)."""
+        if self.tiny and self.choice.lightning_steps is None:
+            return TINY_STEPS
+        return self.choice.default_steps
+
+    @property
+    def default_true_cfg_scale(self) -> float:
+        """4 for the base models, 1 with Lightning (manifest)."""
+        return self.choice.default_true_cfg_scale
 
     def __call__(self, **kwargs: Any) -> list[Any]:
         """Run the pipeline; returns the PIL images."""
@@ -116,29 +156,81 @@ def offload_reason(free_gb: float, requested: str, offload: str) -> str:
     return f"; CPU_OFFLOAD={requested} -> {offload} ({free_gb:.1f} GB VRAM free)"
 
 
-def load_pipeline(config: WorkerConfig, variant: ModelVariant) -> LoadedPipeline:
-    """Load `variant` as `config.profile` says; raises `SetupFailed` with what to do."""
+def load_pipeline(config: WorkerConfig, choice: ModelChoice) -> LoadedPipeline:
+    """Load `choice` as `config.profile` says; raises `SetupFailed` with what to do."""
     apply_torchvision_shim()
     if config.profile == "tiny":
-        return _load_tiny(Path(config.models_dir), variant)
+        return _load_tiny(Path(config.models_dir), choice)
     if config.profile == "full":
         requested = str(config.options.get("cpu_offload", "auto"))
-        return _load_full(Path(config.models_dir), variant, requested)
+        return _load_full(Path(config.models_dir), choice, requested)
     raise SetupFailed(f"unknown profile {config.profile!r}; use `full` or `tiny`")
+
+
+def use_lightning(pipe: Any, lora_file: Path | None) -> None:
+    """Lightning's scheduler; and its LoRA fused into the transformer when given (the
+    bf16 path: Nunchaku's Lightning transformers come with it fused already)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(LIGHTNING_SCHEDULER_CONFIG)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)  # type: ignore[no-untyped-call]
+    if lora_file is not None:
+        fuse_lora(pipe, lora_file)
+
+
+def fuse_lora(pipe: Any, path: Path) -> None:
+    """Load a LoRA with diffusers (lightx2v's layout is converted by its Qwen loader),
+    fuse it into the transformer at scale 1, then drop the adapter layers: the fused
+    weights stay and each step costs what the base model's does."""
+    state_dict = pipe.lora_state_dict(str(path))
+    _check_lora_fits(pipe.transformer, state_dict, path)
+    pipe.load_lora_weights(state_dict, adapter_name="lightning")
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+
+
+def _check_lora_fits(transformer: Any, state_dict: dict[str, Any], path: Path) -> None:
+    """Every LoRA pair names a layer of this transformer, of its shape: a LoRA for
+    another model would otherwise load partly (diffusers only logs) or not at all."""
+    layers = dict(transformer.named_modules())
+    downs = [key for key in state_dict if key.endswith(".lora_A.weight")]
+    if not downs:
+        raise SetupFailed(f"{path} holds no LoRA weights diffusers can read", path=str(path))
+    for key in downs:
+        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        up = state_dict[key.replace(".lora_A.", ".lora_B.")]
+        shape = (up.shape[0], state_dict[key].shape[1])
+        layer = layers.get(name)
+        if layer is None or tuple(getattr(layer, "weight", torch.empty(0)).shape) != shape:
+            found = "no such layer" if layer is None else f"layer is {tuple(layer.weight.shape)}"
+            raise SetupFailed(
+                f"the LoRA {path} does not fit this transformer: {name} is {shape} in the "
+                f"LoRA, {found} in the model",
+                path=str(path),
+            )
 
 
 # --- tiny -------------------------------------------------------------------------
 
 
-def _load_tiny(models_dir: Path, variant: ModelVariant) -> LoadedPipeline:
+def _load_tiny(models_dir: Path, choice: ModelChoice) -> LoadedPipeline:
     folder = ensure_tiny_pipeline(models_dir)
-    pipe = _pipeline_class(variant).from_pretrained(
+    pipe = _pipeline_class(choice.variant).from_pretrained(
         folder, use_safetensors=True, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)  # progress goes to the job instead
     reason = f"profile tiny: random-weight test pipeline at {folder}, float32 on CPU"
-    log.info("pipeline loaded", variant=variant.name, kind=FLOAT32_CPU, reason=reason)
-    return LoadedPipeline(pipe, variant, FLOAT32_CPU, OFFLOAD_NONE, "cpu", reason, tiny=True)
+    weights, lightning = [str(folder / "transformer")], None
+    if choice.lightning_steps is not None:
+        lora = ensure_tiny_lightning_lora(models_dir, choice.lightning_steps, pipe.transformer)
+        use_lightning(pipe, lora)
+        weights.append(str(lora))
+        lightning = f"{choice.lightning_steps}-step random-weight LoRA, fused"
+    log.info("pipeline loaded", variant=choice.name, kind=FLOAT32_CPU, reason=reason)
+    return LoadedPipeline(
+        pipe, choice, FLOAT32_CPU, OFFLOAD_NONE, "cpu", reason,
+        tiny=True, weights=weights, lightning=lightning,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -178,7 +270,8 @@ def _scaled_dimensions(original: Callable[..., tuple[Any, ...]]) -> Callable[...
 # --- full -------------------------------------------------------------------------
 
 
-def _load_full(models_dir: Path, variant: ModelVariant, requested: str) -> LoadedPipeline:
+def _load_full(models_dir: Path, choice: ModelChoice, requested: str) -> LoadedPipeline:
+    variant, steps = choice.variant, choice.lightning_steps
     folder = models_dir / variant.local_dirname
     _require(folder / "model_index.json", _base_hint(variant, folder))
     if is_tiny_folder(folder):
@@ -189,19 +282,51 @@ def _load_full(models_dir: Path, variant: ModelVariant, requested: str) -> Loade
             "use PROFILE=tiny for a CPU demo"
         )
     kind, reason = _choose_transformer()
-    nunchaku_file = None
+    if kind != BF16 and not variant.has_nunchaku(steps):
+        kind, reason = _no_nunchaku_quantisation(choice, reason)
+    nunchaku_file = lora_file = None
     if kind != BF16:
-        nunchaku_file = _find_nunchaku_file(models_dir, variant, kind)
+        nunchaku_file = _find_nunchaku_file(models_dir, variant, kind, steps)
         if nunchaku_file is None:
-            kind, reason = _nunchaku_file_missing(models_dir, folder, variant, kind)
+            kind, reason = _nunchaku_file_missing(models_dir, folder, choice, kind)
     if kind == BF16:
         _require(folder / "transformer" / "config.json", _base_hint(variant, folder))
+        if choice.lightning_lora_file is not None:
+            lora_file = models_dir / LIGHTNING_DIRNAME / choice.lightning_lora_file
+            _require(lora_file, _lora_hint(choice, models_dir / LIGHTNING_DIRNAME))
     free_gb = torch.cuda.mem_get_info()[0] / 1e9
     offload = resolve_offload(kind, free_gb, requested)
-    pipe = _from_pretrained_full(variant, folder, nunchaku_file, offload)
+    pipe = _from_pretrained_full(variant, folder, nunchaku_file)
+    if steps is not None:
+        use_lightning(pipe, lora_file)
+    _apply_offload(pipe, offload)
     reason += offload_reason(free_gb, requested, offload)
-    log.info("pipeline loaded", variant=variant.name, kind=kind, offload=offload, reason=reason)
-    return LoadedPipeline(pipe, variant, kind, offload, "cuda:0", reason, tiny=False)
+    weights = [str(nunchaku_file or folder / "transformer")]
+    weights += [str(lora_file)] if lora_file is not None else []
+    log.info("pipeline loaded", variant=choice.name, kind=kind, offload=offload, reason=reason)
+    return LoadedPipeline(
+        pipe, choice, kind, offload, "cuda:0", reason,
+        tiny=False, weights=weights, lightning=_lightning_how(choice, kind),
+    )  # fmt: skip
+
+
+def _lightning_how(choice: ModelChoice, kind: str) -> str | None:
+    if choice.lightning_steps is None:
+        return None
+    if kind == BF16:
+        return f"{choice.lightning_steps}-step LoRA {choice.lightning_lora_file}, fused"
+    return f"{choice.lightning_steps}-step Nunchaku transformer (Lightning fused by Nunchaku)"
+
+
+def _no_nunchaku_quantisation(choice: ModelChoice, nunchaku_reason: str) -> tuple[str, str]:
+    """Nunchaku would run on this GPU, but publishes no file for this model."""
+    what = "" if choice.lightning_steps is None else f" ({choice.lightning_steps}-step Lightning)"
+    reason = (
+        f"{nunchaku_reason} would run, but there is no official Nunchaku quantisation of "
+        f"{choice.variant.hf_repo}{what}; using the bf16 transformer"
+    )
+    log.warning("nunchaku unavailable", reason=reason, variant=choice.name)
+    return BF16, reason
 
 
 def _choose_transformer() -> tuple[str, str]:
@@ -232,14 +357,17 @@ def _choose_transformer() -> tuple[str, str]:
 
 
 def _nunchaku_file_missing(
-    models_dir: Path, folder: Path, variant: ModelVariant, kind: str
+    models_dir: Path, folder: Path, choice: ModelChoice, kind: str
 ) -> tuple[str, str]:
     """Fall back to a local bf16 transformer, or fail naming the Nunchaku file."""
-    expected = models_dir / NUNCHAKU_DIRNAME / variant.nunchaku_filename(_precision(kind))
+    name = choice.variant.nunchaku_filename(
+        _precision(kind), lightning_steps=choice.lightning_steps
+    )
+    expected = models_dir / NUNCHAKU_DIRNAME / name
     if not (folder / "transformer").is_dir():
-        _require(expected, _nunchaku_hint(variant, kind, expected))
+        _require(expected, _nunchaku_hint(choice, kind, models_dir / NUNCHAKU_DIRNAME))
     reason = f"Nunchaku file {expected} is missing; using the bf16 transformer"
-    log.warning("nunchaku weights missing", reason=reason, variant=variant.name)
+    log.warning("nunchaku weights missing", reason=reason, variant=choice.name)
     return BF16, reason
 
 
@@ -247,26 +375,25 @@ def _precision(kind: str) -> str:
     return "fp4" if kind == NUNCHAKU_FP4 else "int4"
 
 
-def _find_nunchaku_file(models_dir: Path, variant: ModelVariant, kind: str) -> Path | None:
+def _find_nunchaku_file(
+    models_dir: Path, variant: ModelVariant, kind: str, lightning_steps: int | None = None
+) -> Path | None:
     """The Nunchaku file for this precision: rank 128 preferred, then 32."""
     for rank in (NUNCHAKU_DEFAULT_RANK, 32):
-        path = models_dir / NUNCHAKU_DIRNAME / variant.nunchaku_filename(_precision(kind), rank)
+        name = variant.nunchaku_filename(_precision(kind), rank, lightning_steps)
+        path = models_dir / NUNCHAKU_DIRNAME / name
         if path.is_file():
             return path
     return None
 
 
-def _from_pretrained_full(
-    variant: ModelVariant, folder: Path, nunchaku_file: Path | None, offload: str
-) -> Any:
+def _from_pretrained_full(variant: ModelVariant, folder: Path, nunchaku_file: Path | None) -> Any:
     kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": torch.bfloat16}
-    transformer = None
     if nunchaku_file is not None:
         nunchaku = importlib.import_module("nunchaku")
-        transformer = nunchaku.NunchakuQwenImageTransformer2DModel.from_pretrained(
+        kwargs["transformer"] = nunchaku.NunchakuQwenImageTransformer2DModel.from_pretrained(
             str(nunchaku_file)
         )
-        kwargs["transformer"] = transformer
     try:
         pipe = _pipeline_class(variant).from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
@@ -274,11 +401,10 @@ def _from_pretrained_full(
             f"could not load {variant.hf_repo} from {folder}: {exc}. " + _base_hint(variant, folder)
         ) from exc
     pipe.set_progress_bar_config(disable=True)  # progress goes to the job instead
-    _apply_offload(pipe, transformer, offload)
     return pipe
 
 
-def _apply_offload(pipe: Any, nunchaku_transformer: Any, offload: str) -> None:
+def _apply_offload(pipe: Any, offload: str) -> None:
     if offload == OFFLOAD_NONE:
         pipe.to("cuda")
     elif offload == OFFLOAD_MODEL:
@@ -286,7 +412,7 @@ def _apply_offload(pipe: Any, nunchaku_transformer: Any, offload: str) -> None:
     elif offload == OFFLOAD_SEQUENTIAL:
         pipe.enable_sequential_cpu_offload()
     elif offload == OFFLOAD_NUNCHAKU_BLOCKS:
-        nunchaku_transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
+        pipe.transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
         # an instance copy: the attribute is a list shared by every pipeline class
         pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "transformer"]
         pipe.enable_sequential_cpu_offload()
@@ -316,11 +442,21 @@ def _base_hint(variant: ModelVariant, folder: Path) -> str:
     )
 
 
-def _nunchaku_hint(variant: ModelVariant, kind: str, path: Path) -> str:
-    rank = NUNCHAKU_DEFAULT_RANK
+def _nunchaku_hint(choice: ModelChoice, kind: str, nunchaku_dir: Path) -> str:
+    variant, precision = choice.variant, _precision(kind)
+    name = variant.nunchaku_filename(precision, NUNCHAKU_DEFAULT_RANK, choice.lightning_steps)
     gb = math.ceil(variant.nunchaku_file_gb)
     return (
-        f"Download the Nunchaku {_precision(kind)} transformer (~{gb} GB): `hf download "
-        f"{variant.nunchaku_repo} {variant.nunchaku_filename(_precision(kind), rank)} "
-        f"--local-dir {path.parent}`, or the bf16 `transformer/` of {variant.hf_repo}."
+        f"Download the Nunchaku {precision} transformer (~{gb} GB): `hf download "
+        f"{variant.nunchaku_repo} {name} --local-dir {nunchaku_dir}`, or the bf16 "
+        f"`transformer/` of {variant.hf_repo}."
+    )
+
+
+def _lora_hint(choice: ModelChoice, lightning_dir: Path) -> str:
+    variant, name = choice.variant, choice.lightning_lora_file
+    return (
+        f"Download the {choice.lightning_steps}-step Lightning LoRA "
+        f"(~{variant.lightning_lora_gb} GB): `hf download {variant.lightning_lora_repo} "
+        f"{name} --local-dir {lightning_dir}`, or run {variant.name} without Lightning."
     )

@@ -13,39 +13,43 @@ from PIL import Image, ImageOps
 from model_service.errors import InvalidInput, OutOfMemory, SetupFailed
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
 
-from .manifest import ModelVariant, get_variant
+from .manifest import ModelVariant, parse_model_variant
 from .pipeline_loader import LoadedPipeline, load_pipeline
 
-TINY_STEPS = 2  # default steps in the tiny profile (its outputs are noise anyway)
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
 DECODED_IMAGES = "decoded_images"  # the inputs' key for `prepare`'s opened images
 
 
 class QwenImageEditPredictor:
-    """Edit images with Qwen-Image-Edit (`edit`) or Edit-2509 (`edit-2509`)."""
+    """Edit images with Qwen-Image-Edit (`edit`), Edit-2509 (`edit-2509`) or Edit-2511
+    (`edit-2511`), each with or without Lightning (`...-lightning-4`, `...-lightning-8`)."""
 
     def __init__(self) -> None:
         self._loaded: LoadedPipeline | None = None
 
     def setup(self, config: WorkerConfig) -> SetupResult:
         try:
-            variant = get_variant(config.options.get("model_variant"))
+            choice = parse_model_variant(config.options.get("model_variant"))
         except ValueError as exc:
             raise SetupFailed(str(exc)) from None
-        loaded = self._loaded = load_pipeline(config, variant)
+        loaded = self._loaded = load_pipeline(config, choice)
         return SetupResult(
             info={
-                "variant": variant.name,
-                "model": variant.hf_repo,
+                "variant": choice.name,
+                "model": choice.variant.hf_repo,
                 "pipeline_class": type(loaded.pipe).__name__,
                 "transformer_kind": loaded.transformer_kind,
+                "weights": loaded.weights,
+                "lightning": loaded.lightning,
+                "scheduler": loaded.scheduler,
                 "offload": loaded.offload,
                 "device": loaded.device,
                 "reason": loaded.reason,
                 "tiny": loaded.tiny,
-                "max_input_images": variant.max_input_images,
-                "default_steps": self._default_steps(loaded),
+                "max_input_images": choice.variant.max_input_images,
+                "default_steps": loaded.default_steps,
+                "default_true_cfg_scale": loaded.default_true_cfg_scale,
                 "torch_version": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "diffusers_version": diffusers.__version__,
@@ -63,9 +67,11 @@ class QwenImageEditPredictor:
         if DECODED_IMAGES not in inputs:  # called without `prepare`
             inputs = self.prepare(inputs)
         images = inputs[DECODED_IMAGES]
-        steps = int(inputs.get("steps") or self._default_steps(loaded))
+        steps = int(inputs.get("steps") or loaded.default_steps)
+        cfg = inputs.get("true_cfg_scale")
+        cfg = loaded.default_true_cfg_scale if cfg is None else float(cfg)
         ctx.check_canceled()
-        kwargs = _call_kwargs(inputs, images, loaded, steps, ctx)
+        kwargs = _call_kwargs(inputs, images, loaded, steps, cfg, ctx)
         try:
             outputs = loaded(**kwargs)
         except torch.cuda.OutOfMemoryError as exc:
@@ -78,7 +84,7 @@ class QwenImageEditPredictor:
         width, height = outputs[0].size
         return PredictResult(
             outputs=_output_names(len(outputs), output_format),
-            info={"width": width, "height": height, "steps": steps},
+            info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg},
             finish=partial(_save, outputs, ctx.output_dir, output_format),
         )
 
@@ -86,10 +92,6 @@ class QwenImageEditPredictor:
         if self._loaded is None:
             raise RuntimeError("predict() called before setup()")
         return self._loaded
-
-    @staticmethod
-    def _default_steps(loaded: LoadedPipeline) -> int:
-        return TINY_STEPS if loaded.tiny else loaded.variant.default_steps
 
 
 def _image_paths(inputs: dict[str, Any]) -> list[str]:
@@ -103,7 +105,7 @@ def _open_images(paths: list[str], variant: ModelVariant) -> list[Image.Image]:
     if len(paths) > variant.max_input_images:
         raise InvalidInput(
             f"model {variant.name} takes at most {variant.max_input_images} input image(s), "
-            f"got {len(paths)}; use the edit-2509 model for up to 3",
+            f"got {len(paths)}; use the edit-2509 or edit-2511 model for up to 3",
             field="images",
         )
     images = []
@@ -118,13 +120,13 @@ def _call_kwargs(
     images: list[Image.Image],
     loaded: LoadedPipeline,
     steps: int,
+    cfg: float,
     ctx: JobContext,
 ) -> dict[str, Any]:
     def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(step + 1, steps)  # raises JobCanceled on cancel/timeout: let it go
         return tensors
 
-    cfg = float(inputs.get("true_cfg_scale", 4.0))
     return {
         # Edit takes one image; Edit Plus a list of up to three.
         "image": images if loaded.variant.max_input_images > 1 else images[0],

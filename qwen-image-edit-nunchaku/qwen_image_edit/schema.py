@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_service.media_refs import ImageRef
 
-MAX_INPUT_IMAGES = 3  # Edit-2509 (QwenImageEditPlusPipeline) takes up to three.
+MAX_INPUT_IMAGES = 3  # Edit-2509 and 2511 (QwenImageEditPlusPipeline) take up to three.
 
 
 class QwenEditInput(BaseModel):
@@ -21,7 +21,7 @@ class QwenEditInput(BaseModel):
         None,
         min_length=1,
         max_length=MAX_INPUT_IMAGES,
-        description="1 to 3 input images; more than one needs the edit-2509 model.",
+        description="1 to 3 input images; more than one needs the edit-2509 or edit-2511 model.",
     )
     prompt: str = Field(..., min_length=1, max_length=2000, description="What to change.")
     negative_prompt: str = Field(" ", max_length=2000, description="What to avoid.")
@@ -29,10 +29,15 @@ class QwenEditInput(BaseModel):
         None,
         ge=2,  # one step divides by zero in the Qwen scheduler's shift_terminal: a black image
         le=100,
-        description="Denoising steps, 2 or more (default: the model's own).",
+        description="Denoising steps, 2 or more (default: the loaded weights' own: 40 for "
+        "2509 and 2511, 50 for Edit, 4 or 8 with Lightning).",
     )
-    true_cfg_scale: float = Field(
-        4.0, ge=1.0, le=20.0, description="Guidance; 1 turns the negative pass off (faster)."
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=1.0,
+        le=20.0,
+        description="Guidance (default: the loaded weights' own: 4, or 1 with Lightning); 1 "
+        "turns the negative pass off (faster).",
     )
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."

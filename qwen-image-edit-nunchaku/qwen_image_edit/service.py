@@ -6,7 +6,7 @@ from model_service.errors import InvalidInput
 from model_service.service import ServiceSpec
 from model_service.settings import Settings
 from qwen_image_edit import legacy
-from qwen_image_edit.manifest import get_variant
+from qwen_image_edit.manifest import get_variant, parse_model_variant
 from qwen_image_edit.schema import QwenEditInput
 
 
@@ -16,14 +16,17 @@ def _check_input(data: QwenEditInput, settings: Settings) -> None:
     if count > variant.max_input_images:
         raise InvalidInput(
             f"input.images: the {variant.name} model takes {variant.max_input_images} "
-            f"image(s), got {count}; send one image or run MODEL_VARIANT=edit-2509",
+            f"image(s), got {count}; send one image or run MODEL_VARIANT=edit-2509 or "
+            "edit-2511",
             field="input.images",
         )
 
 
 def _worker_options(settings: Settings) -> dict[str, Any]:
+    # MODEL_VARIANT carries the Lightning choice too (`edit-2509-lightning-8`): the shared
+    # settings have no field of the service's own, and a fleet keys its queue by it.
     return {
-        "model_variant": get_variant(settings.model_variant).name,
+        "model_variant": parse_model_variant(settings.model_variant).name,
         "cpu_offload": settings.cpu_offload,
     }
 
@@ -33,8 +36,9 @@ SPEC = ServiceSpec(
     title="Qwen-Image-Edit",
     version="0.1.0",
     description=(
-        "Edit images with a prompt: Qwen-Image-Edit and Edit-2509 (up to 3 input images) on "
-        "a diffusers pipeline, with Nunchaku 4-bit weights where the GPU supports them."
+        "Edit images with a prompt: Qwen-Image-Edit, Edit-2509 and Edit-2511 (up to 3 input "
+        "images) on a diffusers pipeline, with Nunchaku 4-bit weights where the GPU supports "
+        "them, and optionally Lightning (4 or 8 steps)."
     ),
     default_port=8000,
     input_model=QwenEditInput,

@@ -22,6 +22,8 @@ import torch
 from .manifest import DEFAULT_VARIANT, VARIANTS
 
 TINY_SUBDIR = Path("tiny") / "qwen-image-edit"
+TINY_LIGHTNING = "tiny/qwen-image-edit-lightning-{steps}steps-lora.safetensors"
+TINY_LORA_RANK = 4
 MARKER_FILE = "TINY_MODEL.txt"
 MARKER_KEY = "_tiny"
 SEED = 0
@@ -113,8 +115,8 @@ def build_tiny_pipeline(folder: Path, *, variant: str = DEFAULT_VARIANT) -> Path
             "vae": _vae(),
             "scheduler": _scheduler(),
         }
-    for variant_spec in VARIANTS.values():  # both classes share the folder
-        _check_prompt_prefix(_pipeline_class(variant_spec.pipeline_class)(**components))
+    for class_name in sorted({v.pipeline_class for v in VARIANTS.values()}):  # one folder
+        _check_prompt_prefix(_pipeline_class(class_name)(**components))
     pipe = _pipeline_class(spec.pipeline_class)(**components)
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -123,6 +125,36 @@ def build_tiny_pipeline(folder: Path, *, variant: str = DEFAULT_VARIANT) -> Path
     components["processor"].image_processor.save_pretrained(folder / "processor")
     _mark(folder, variant)
     return folder
+
+
+def ensure_tiny_lightning_lora(models_dir: Path, steps: int, transformer: Any) -> Path:
+    """A random-weight stand-in for a Lightning LoRA, for the tiny profile (built once).
+
+    lightx2v's layout (`<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`, as
+    ModelTC/Qwen-Image-Lightning's generate_with_diffusers.py reads it) over every linear
+    layer of the transformer's blocks, seeded by `steps`: it goes through the same
+    diffusers load-and-fuse path as the real file. Its effect is noise, like the model's.
+    """
+    path = Path(models_dir) / TINY_LIGHTNING.format(steps=steps)
+    if path.is_file():
+        return path
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(SEED + steps)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in transformer.transformer_blocks.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            key = f"transformer_blocks.{name}"
+            shape_down = (TINY_LORA_RANK, layer.in_features)
+            shape_up = (layer.out_features, TINY_LORA_RANK)
+            tensors[f"{key}.lora_down.weight"] = torch.randn(shape_down, generator=generator)
+            tensors[f"{key}.lora_up.weight"] = torch.randn(shape_up, generator=generator) * 0.1
+            tensors[f"{key}.alpha"] = torch.tensor(float(TINY_LORA_RANK))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".building-{os.getpid()}-{path.name}")
+    save_file(tensors, str(tmp), metadata={"tiny": "random-weight Lightning stand-in"})
+    os.replace(tmp, path)  # atomic: a racing builder writes the same seeded values
+    return path
 
 
 def _pipeline_class(name: str) -> Any:

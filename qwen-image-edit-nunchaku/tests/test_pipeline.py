@@ -91,7 +91,7 @@ def plus(models_dir: Path) -> QwenImageEditPredictor:
 def _inputs(paths: list[str], **overrides: Any) -> dict[str, Any]:
     inputs: dict[str, Any] = {
         "image": None, "images": paths, "prompt": "make the sky blue", "negative_prompt": " ",
-        "steps": None, "true_cfg_scale": 4.0, "seed": None, "num_images": 1,
+        "steps": None, "true_cfg_scale": None, "seed": None, "num_images": 1,
         "width": 64, "height": 48, "output_format": "png",
     }  # fmt: skip
     return inputs | overrides
@@ -127,7 +127,7 @@ def test_edit_one_image(edit: QwenImageEditPredictor, images: list[str], tmp_pat
     ctx = FakeContext(tmp_path)
     result = predict_now(edit, _inputs(images[:1], num_images=2), ctx)
     assert result.outputs == ["output_0.png", "output_1.png"]
-    assert result.info == {"width": 64, "height": 48, "steps": 2}
+    assert result.info == {"width": 64, "height": 48, "steps": 2, "true_cfg_scale": 4.0}
     assert ctx.calls == [(1, 2), (2, 2)]
     for name in result.outputs:
         with Image.open(tmp_path / name) as image:
@@ -262,7 +262,7 @@ def test_offload_reason_says_chosen_or_set() -> None:
 def test_full_profile_names_the_missing_folder(tmp_path: Path) -> None:
     config = WorkerConfig(profile="full", models_dir=tmp_path, data_dir=tmp_path)
     with pytest.raises(SetupFailed) as caught:
-        load_pipeline(config, manifest.EDIT_2509)
+        load_pipeline(config, manifest.ModelChoice(manifest.EDIT_2509))
     missing = tmp_path / "Qwen-Image-Edit-2509" / "model_index.json"
     assert str(missing) in caught.value.message
     assert "Qwen/Qwen-Image-Edit-2509" in caught.value.message
@@ -296,7 +296,7 @@ def test_full_profile_names_the_missing_transformer(
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
     config = WorkerConfig(profile="full", models_dir=tmp_path, data_dir=tmp_path)
     with pytest.raises(SetupFailed, match="transformer/config.json"):
-        load_pipeline(config, manifest.EDIT)
+        load_pipeline(config, manifest.ModelChoice(manifest.EDIT))
 
 
 def test_manifest_files() -> None:

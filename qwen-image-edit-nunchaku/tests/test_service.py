@@ -29,14 +29,27 @@ def data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    root = tmp_path_factory.mktemp("qwen")
-    process = ServiceProcess(
+def _tiny_service(root: Path, **env: str) -> ServiceProcess:
+    return ServiceProcess(
         "model_service.cli",
         root / "data",
-        env={"PROFILE": "tiny", "MODELS_DIR": str(root / "models"), "JOB_TIMEOUT_S": "120"},
+        env={"PROFILE": "tiny", "MODELS_DIR": str(root / "models"), "JOB_TIMEOUT_S": "120"} | env,
         args=["serve", "qwen-image-edit-nunchaku"],
+    )
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = _tiny_service(tmp_path_factory.mktemp("qwen"))
+    process.start(timeout=300)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def lightning_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    process = _tiny_service(
+        tmp_path_factory.mktemp("qwen-lightning"), MODEL_VARIANT="edit-2509-lightning-4"
     )
     process.start(timeout=300)
     yield process
@@ -214,17 +227,58 @@ def test_full_profile_without_a_gpu_is_not_ready_and_says_why(tmp_path: Path) ->
         process.stop()
 
 
-def test_legacy_defaults_follow_the_loaded_base_model_not_lightning() -> None:
+def test_legacy_defaults_are_left_to_the_loaded_weights() -> None:
     """The original service's 8 steps at cfg 1 were Lightning settings (it loaded the
     8-step Lightning weights); on the base model those give blurry, unguided edits. Absent
-    values now take the model's own: 40 (2509) or 50 (Edit) steps at true_cfg_scale 4
-    (QwenLM/Qwen-Image README)."""
+    values are left to the worker, which uses the loaded weights' own (tests below)."""
     values = _job_input("upl_x", EditImageRequest(image="upl_x", prompt="p"))
     edit = QwenEditInput.model_validate(values)
-    assert edit.steps is None  # the pipeline's default for the loaded variant
-    assert edit.true_cfg_scale == 4.0
+    assert (edit.steps, edit.true_cfg_scale) == (None, None)
     given = _job_input(
         "upl_x",
         EditImageRequest(image="upl_x", prompt="p", num_inference_steps=8, true_cfg_scale=1.0),
     )
     assert (given["steps"], given["true_cfg_scale"]) == (8, 1.0)  # still honoured
+
+
+def _legacy_defaults(client: httpx.Client) -> tuple[dict, dict]:
+    """A legacy edit with no steps or cfg: the job's info and /model-info."""
+    body = client.post("/edit-image", json={"image": data_uri(png()), "prompt": "x"}).json()
+    assert body["success"] is True, body
+    job = client.get(f"/v1/jobs/{body['request_id']}").json()
+    assert body["model_info"]["steps"] == job["info"]["steps"]
+    return job["info"], client.get("/model-info").json()
+
+
+def test_legacy_defaults_on_the_base_model_are_its_own(service: ServiceProcess) -> None:
+    with service.client() as client:
+        info, model_info = _legacy_defaults(client)
+    assert (info["steps"], info["true_cfg_scale"]) == (2, 4.0)  # tiny base: 2 steps
+    assert (model_info["default_steps"], model_info["default_true_cfg_scale"]) == (2, 4.0)
+
+
+def test_legacy_defaults_with_lightning_are_lightnings(lightning_service: ServiceProcess) -> None:
+    with lightning_service.client() as client:
+        info, model_info = _legacy_defaults(client)
+    assert (info["steps"], info["true_cfg_scale"]) == (4, 1.0)
+    assert model_info["model_version"] == "edit-2509-lightning-4"
+    assert (model_info["default_steps"], model_info["default_true_cfg_scale"]) == (4, 1.0)
+
+
+def test_service_info_says_which_lightning_is_loaded(
+    service: ServiceProcess, lightning_service: ServiceProcess
+) -> None:
+    with lightning_service.client() as client:
+        model = client.get("/v1/service").json()["model"]
+    assert (model["variant"], model["model"]) == (
+        "edit-2509-lightning-4",
+        "Qwen/Qwen-Image-Edit-2509",
+    )
+    assert model["lightning"] == "4-step random-weight LoRA, fused"
+    assert model["scheduler"].startswith("Lightning: FlowMatchEulerDiscrete")
+    assert model["weights"][-1].endswith("lightning-4steps-lora.safetensors")
+    assert (model["default_steps"], model["default_true_cfg_scale"]) == (4, 1.0)
+    with service.client() as client:
+        base = client.get("/v1/service").json()["model"]
+    assert (base["variant"], base["lightning"], len(base["weights"])) == ("edit-2509", None, 1)
+    assert base["scheduler"].startswith("the model's own")
