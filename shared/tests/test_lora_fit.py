@@ -217,43 +217,43 @@ def test_a_model_file_without_a_header_is_not_checked(tmp_path: Path) -> None:
 # --- ComfyUI's log during a job ---------------------------------------------------------
 
 
-SHAPE_ERROR = (
-    "ERROR lora diffusion_model.blocks.0.ffn.0.weight shape '[320, 160]' is invalid for input "
-    "of size 40960"
+SHAPE_ERROR = (  # as ComfyUI 0.33 prints it (app/logger.py: "[LEVEL] message")
+    "[ERROR] ERROR lora diffusion_model.blocks.0.ffn.0.weight shape '[320, 160]' is invalid for "
+    "input of size 40960"
 )
 
 
 def test_the_log_watch_keeps_only_its_own_prompts_lines() -> None:
     watch = LoraLogWatch()
-    watch("lora key not loaded: from.the.prompt.before")
-    watch("Prompt executed in 1.00 seconds")  # the prompt ahead of ours ended
-    watch("got prompt")
-    watch("lora key not loaded: ours.early")  # read before our start event
+    watch("[WARNING] lora key not loaded: from.the.prompt.before")
+    watch("[INFO] Prompt executed in 1.00 seconds")  # the prompt ahead of ours ended
+    watch("[INFO] got prompt")
+    watch("[WARNING] lora key not loaded: ours.early")  # read before our start event
     watch.started()
     watch(SHAPE_ERROR)
-    watch("Requested to load WAN21")
-    watch("Prompt executed in 2.00 seconds")  # ours
-    watch("lora key not loaded: the.next.prompt")
-    assert watch.lines == [
-        "lora key not loaded: ours.early",
-        SHAPE_ERROR,
-    ]
+    watch("[INFO] Requested to load WAN21")
+    watch("[INFO] Prompt executed in 2.00 seconds")  # ours
+    watch("[WARNING] lora key not loaded: the.next.prompt")
+    assert watch.lines == ["[WARNING] lora key not loaded: ours.early", SHAPE_ERROR]
     assert watch.count == 2
 
 
 @pytest.mark.parametrize(
     "line",
     [
-        "ERROR loha diffusion_model.blocks.0.self_attn.q.weight shape '[160, 160]' is invalid",
-        "WARNING SHAPE MISMATCH diffusion_model.blocks.0.norm3.weight WEIGHT NOT MERGED "
+        "[ERROR] ERROR loha diffusion_model.blocks.0.self_attn.q.weight shape '[160, 160]' is "
+        "invalid for input of size 16384",
+        "lora key not loaded: diffusion_model.blocks.1.ffn.0.alpha",  # a plain logging setup
+        "[WARNING] WARNING SHAPE MISMATCH diffusion_model.blocks.0.norm3.weight WEIGHT NOT MERGED "
         "torch.Size([128]) != torch.Size([160])",
-        "NOT LOADED diffusion_model.blocks.0.self_attn.norm_q.bias",
+        "[WARNING] NOT LOADED diffusion_model.blocks.0.self_attn.norm_q.bias",
     ],
 )
 def test_every_lora_problem_comfyui_logs_is_seen(line: str) -> None:
     watch = LoraLogWatch()
     watch.started()
-    watch("Loading 1 new model")
+    watch("[INFO] Requested to load WAN21")
+    watch("[ERROR] ERROR: VAE is invalid: None")  # not a LoRA's
     watch(line)
     assert watch.lines == [line]
 

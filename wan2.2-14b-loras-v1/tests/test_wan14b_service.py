@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save
 
 from model_service.comfy.tiny_weights import write_tiny
 from model_service.comfy.workflow import sampler_steps
@@ -43,6 +44,52 @@ def _lora_bytes(tmp: Path, seed: int) -> bytes:
     path = tmp / f"lora{seed}.safetensors"
     write_tiny("wan_lora", path, seed=seed)
     return path.read_bytes()
+
+
+def _renamed_lora(
+    tmp: Path, seed: int, rename: Callable[[str], str], kind: str = "wan_lora"
+) -> bytes:
+    """A tiny Wan LoRA (`diffusion_model.blocks.0.<layer>.lora_{down,up}.weight`, `.alpha`)
+    with its tensors renamed: another format ComfyUI reads, or another model's names."""
+    path = tmp / f"{kind}{seed}.safetensors"
+    write_tiny(kind, path, seed=seed)
+    return save({rename(key): value for key, value in load_file(path).items()})
+
+
+def _split(key: str) -> tuple[str, str]:
+    """`diffusion_model.blocks.0.ffn.0.lora_up.weight` → (`blocks.0.ffn.0`, `.lora_up.weight`)."""
+    for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)].removeprefix("diffusion_model."), suffix
+    raise AssertionError(key)
+
+
+def kohya(key: str) -> str:
+    layer, suffix = _split(key)
+    return "lora_unet_" + layer.replace(".", "_") + suffix
+
+
+def lora_a_b(key: str) -> str:
+    return key.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.", ".lora_B.")
+
+
+def other_architecture(key: str) -> str:
+    return key.replace(".blocks.0.", ".double_blocks.0.")  # no such layer in a Wan DiT
+
+
+def loha(key: str) -> str:
+    """Kohya-named LoHa: each up/down pair as both Hadamard factors (hada_w1_*, hada_w2_*)."""
+    layer, suffix = _split(key)
+    part = {".lora_up.weight": "hada_w1_a", ".lora_down.weight": "hada_w1_b", ".alpha": "alpha"}
+    return f"lora_unet_{layer.replace('.', '_')}.{part[suffix]}"
+
+
+def _loha_bytes(tmp: Path, seed: int, kind: str) -> bytes:
+    path = tmp / f"loha_{kind}{seed}.safetensors"
+    write_tiny(kind, path, seed=seed)
+    tensors = {loha(key): value for key, value in load_file(path).items()}
+    second = {k.replace("hada_w1", "hada_w2"): v for k, v in tensors.items() if "hada_w1" in k}
+    return save(tensors | second)
 
 
 def _values(**given: Any) -> dict[str, Any]:
@@ -394,6 +441,88 @@ def test_a_bad_lora_fails_the_job_before_comfyui_works(
     assert len(standin.stats()["prompts"]) == before, "nothing was queued in ComfyUI"
 
 
+@pytest.fixture
+def expert_headers(standin: StandinProcess, tmp_path: Path) -> Iterator[None]:
+    """The placed (sparse) expert files begin with a tiny A14B expert's safetensors header
+    (dim 160), so the LoRA fit check has a model to read; zeros again afterwards."""
+    tiny = tmp_path / "expert.safetensors"
+    write_tiny("wan_a14b_dit", tiny)
+    data = tiny.read_bytes()
+    head = data[: 8 + int.from_bytes(data[:8], "little")]
+    models = standin.base_dir / "models"
+    experts = [f.path(models) for f in FILES if f.folder == "diffusion_models"]
+    for path in experts:
+        with path.open("r+b") as out:
+            out.write(head)
+    yield
+    for path in experts:
+        with path.open("r+b") as out:
+            out.write(bytes(len(head)))
+
+
+@pytest.mark.usefixtures("expert_headers")
+def test_loras_that_fit_pass_the_check_in_each_format(
+    client: httpx.Client, hub: Server, tmp_path: Path
+) -> None:
+    loras = [
+        {"source": hub.add("/fit/plain.safetensors", _lora_bytes(tmp_path, 31))},
+        {"source": hub.add("/fit/kohya.safetensors", _renamed_lora(tmp_path, 32, kohya))},
+        {"source": hub.add("/fit/ab.safetensors", _renamed_lora(tmp_path, 33, lora_a_b))},
+    ]
+    for mode in ({}, {"start_image": png_data_uri()}):
+        job = _run(client, {"prompt": "p", **SMALL, **mode, "loras": loras})
+        assert job["status"] == "succeeded", job.get("error")
+
+
+@pytest.mark.usefixtures("expert_headers")
+@pytest.mark.parametrize(
+    ("made", "words"),
+    [
+        (
+            "other_size",
+            "'diffusion_model.blocks.0.cross_attn.k.lora_up.weight' [128, 4] and "
+            "'diffusion_model.blocks.0.cross_attn.k.lora_down.weight' [4, 128] make a [128, 128] "
+            "update, but the model's 'diffusion_model.blocks.0.cross_attn.k.weight' is [160, 160]",
+        ),
+        ("kohya_other_size", "'lora_unet_blocks_0_cross_attn_k.lora_up.weight' [128, 4]"),
+        ("other_architecture", "none of its 30 tensors matches a layer of the model"),
+    ],
+)
+def test_a_lora_that_does_not_fit_fails_the_job_before_comfyui_works(
+    client: httpx.Client,
+    hub: Server,
+    standin: StandinProcess,
+    tmp_path: Path,
+    made: str,
+    words: str,
+) -> None:
+    data = {
+        "other_size": lambda: _lora_bytes_of(tmp_path, "wan_lora_128"),
+        "kohya_other_size": lambda: _renamed_lora(tmp_path, 41, kohya, "wan_lora_128"),
+        "other_architecture": lambda: _renamed_lora(tmp_path, 42, other_architecture),
+    }[made]()
+    source = hub.add(f"/misfit/{made}.safetensors", data)
+    before = len(standin.stats()["prompts"])
+    job = _run(
+        client,
+        {"prompt": "p", **SMALL, "loras": [{"source": source, "applies_to": "high"}]},
+    )
+    assert job["status"] == "failed"
+    error = job["error"]
+    assert error["code"] == "lora_invalid", error
+    assert error["field"] == "input.loras[0].source"
+    assert words in error["message"], error["message"]
+    assert error["model_file"] == "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+    assert "use one trained for Wan2.2 A14B" in error["message"]
+    assert len(standin.stats()["prompts"]) == before, "nothing was queued in ComfyUI"
+
+
+def _lora_bytes_of(tmp: Path, kind: str) -> bytes:
+    path = tmp / f"{kind}.safetensors"
+    write_tiny(kind, path)
+    return path.read_bytes()
+
+
 def test_legacy_generate(client: httpx.Client) -> None:
     body = {"image_url": png_data_uri(), "prompt": "p", "width": 64, "height": 64, "frames": 9}
     response = client.post("/generate", json=body)
@@ -487,3 +616,36 @@ def test_tiny_modes_with_loras_on_a_real_comfyui(
     assert videos["i2v"] != videos["i2v_blue"], "the start image changes the video"
     assert videos["i2v"] != videos["i2v_plain"], "the LoRAs change the video"
     assert videos["i2v"] != videos["flf"]
+
+
+@needs_real_comfyui
+def test_tiny_loras_that_do_not_fit_fail_on_a_real_comfyui(
+    tiny_service: ServiceProcess, hub: Server, tmp_path: Path
+) -> None:
+    """A LoRA for another size fails before the prompt (the check reads the tiny experts);
+    one the check lets through (a LoHa: matched by name only) fails from ComfyUI's own
+    log: it ran the prompt without it and said `ERROR loha <weight> shape ... invalid`."""
+    other_size = hub.add("/tiny/other_size.safetensors", _lora_bytes_of(tmp_path, "wan_lora_128"))
+    slips = hub.add("/tiny/loha_128.safetensors", _loha_bytes(tmp_path, 51, "wan_lora_128"))
+    fits = hub.add("/tiny/loha_160.safetensors", _loha_bytes(tmp_path, 52, "wan_lora"))
+    size = {"width": 64, "height": 64, "num_frames": 5, "fps": 16}
+    with tiny_service.client() as http:
+        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": other_size}]})
+        assert job["status"] == "failed"
+        assert job["error"]["code"] == "lora_invalid", job["error"]
+        assert "model_file" in job["error"], "refused by the check, before ComfyUI"
+
+        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
+        assert job["status"] == "succeeded", job.get("error")
+
+        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": slips}]})
+        assert job["status"] == "failed", "ComfyUI ran it without the LoRA"
+        error = job["error"]
+        assert error["code"] == "lora_invalid", error
+        assert error["field"] == "input.loras"
+        assert "ERROR loha diffusion_model.blocks.0." in error["comfyui_log"][0], error
+        assert "is invalid" in error["message"]
+        assert "use LoRAs trained for Wan2.2 A14B" in error["message"]
+
+        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
+        assert job["status"] == "succeeded", "the next job does not inherit the lines"

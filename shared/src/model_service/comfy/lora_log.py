@@ -11,24 +11,26 @@ ComfyUI 0.33 runs a prompt whose LoRA does not fit without it and only logs:
   `calculate_weight`, a `diff` patch) and `NOT LOADED <weight>` (comfy/sd.py
   `load_lora_for_models`: a patch for a weight the model does not have).
 
-Which prompt a line belongs to: ComfyUI runs one prompt at a time and logs `Prompt
-executed in ...` after each (main.py `prompt_worker`), all on one stream. A watch begins
-before its prompt is queued (a prompt ahead of it may still be running); until its own
-prompt starts, each such line ends another prompt, so what came before it is dropped;
-after its start the first such line ends its own. Lines still unread when the job's
-result is in are missed; LoRA lines come at model load, long before a prompt's end.
+ComfyUI prints each as `[LEVEL] message` (app/logger.py `ColoredFormatter`; the supervisor
+has taken the colours off). Which prompt a line belongs to: ComfyUI runs one prompt at a
+time and logs `Prompt executed in ...` after each (main.py `prompt_worker`), all on one
+stream. A watch begins before its prompt is queued (a prompt ahead of it may still be
+running); until its own prompt starts, each such line ends another prompt, so what came
+before it is dropped; after its start the first such line ends its own. Lines still unread
+when the job's result is in are missed; LoRA lines come at model load, long before a
+prompt's end.
 """
 
 from __future__ import annotations
 
 import re
 
-# every message above, from its start (ComfyUI logs the bare message)
+_LEVEL = r"^(?:\[[A-Z]+\] )?"  # "[WARNING] ", or nothing (a plain logging setup)
 PROBLEM = re.compile(
-    r"^(?:lora key not loaded: |ERROR (?:lora|loha|lokr|glora|oft|boft) \S+ |"
+    _LEVEL + r"(?:lora key not loaded: |ERROR (?:lora|loha|lokr|glora|oft|boft) \S+ |"
     r"WARNING SHAPE MISMATCH |NOT LOADED )"
 )
-PROMPT_ENDED = re.compile(r"^Prompt executed in ")
+PROMPT_ENDED = re.compile(_LEVEL + r"Prompt executed in ")
 MAX_KEPT = 20
 
 
