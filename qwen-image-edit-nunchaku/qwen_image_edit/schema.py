@@ -48,7 +48,7 @@ class QwenEditInput(BaseModel):
         ge=64,
         le=2048,
         multiple_of=16,
-        description="Output width (default: about 1 megapixel at the input's aspect).",
+        description="Output width (default: about 1 megapixel at the last input image's aspect).",
     )
     height: int | None = Field(
         None, ge=64, le=2048, multiple_of=16, description="Output height (see width)."
