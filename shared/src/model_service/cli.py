@@ -13,7 +13,7 @@ import uvicorn
 
 from model_service.logs import configure_logging
 from model_service.service import ServiceSpec
-from model_service.settings import Settings
+from model_service.startup import load_settings
 
 ENTRY_POINT_GROUP = "model_service.services"
 
@@ -42,13 +42,13 @@ def main() -> None:
     download.add_argument("--parallel", type=int, default=3, help="files at once (default 3)")
     # with MODE=serverless the runpod SDK reads its own flags (--rp_serve_api, ...)
     args, sdk_flags = parser.parse_known_args()
-    settings = Settings() if args.command == "serve" else None
+    settings = load_settings() if args.command == "serve" else None
     if sdk_flags and (settings is None or settings.mode != "serverless"):
         parser.error(f"unrecognized arguments: {' '.join(sdk_flags)}")
     if args.command == "download":
         run_download(args.manifest, args.models_dir, args.parallel)
     elif settings is not None:
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, settings.secret_values())
         spec = load_spec(args.service)
         if settings.mode == "serverless":
             from model_service import serverless
@@ -75,8 +75,8 @@ def run_download(manifest_path: Path, models_dir: Path | None, parallel: int) ->
 
     from model_service.provision import Manifest, ProvisionError, provision
 
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     if parallel < 1:
         raise SystemExit("--parallel must be at least 1")
     try:

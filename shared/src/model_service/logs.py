@@ -3,18 +3,58 @@
 Context variables (`request_id`, `job_id`) bound with `structlog.contextvars` appear on
 every line logged while they are bound, including lines from the standard library's
 `logging` (uvicorn's), which are routed through the same processors.
+
+No line carries a secret: tracebacks are rendered without the frames' local variables
+(a request's headers, the settings), and, as a last line of defence, every rendered line
+is scrubbed of the known secrets (`Settings.secret_values`) and of bearer tokens and
+cookies, whatever logged them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
+REDACTED = "[redacted]"
+MIN_SECRET_CHARS = 4  # shorter values would blank out ordinary words
+# `Bearer <token>`, and the value of an `Authorization`/`Cookie` header however printed
+# ("cookie: a=b", "'cookie': 'a=b'", "(b'cookie', b'a=b')", JSON escapes included)
+_TOKEN = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s\"'\\,;)\]}]+")
+_HEADER = re.compile(
+    r"(?i)\b((?:set-)?cookie|authorization|x-api-key)"  # the header's name
+    r"((?:\\?['\"])?\s*[:=,]\s*(?:b?\\?['\"])?)"  # what joins name and value
+    r"[^'\"\\\n]+"
+)
 
-def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
+
+class Redactor:
+    """Replaces secrets in a rendered log line (the structlog processor after the
+    renderer)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        values = {s for s in secrets if len(s) >= MIN_SECRET_CHARS}
+        # as written, and as a JSON renderer escapes them
+        forms = values | {json.dumps(s)[1:-1] for s in values}
+        self._secrets = sorted(forms, key=len, reverse=True)  # longest first
+
+    def __call__(self, logger: Any, method: str, line: Any) -> str:
+        return self.redact(line)  # the renderer's line: a str
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        text = _TOKEN.sub(rf"\1\2{REDACTED}", text)
+        return _HEADER.sub(rf"\1\2{REDACTED}", text)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -22,12 +62,19 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    final: list[Any] = [structlog.processors.dict_tracebacks] if use_json else []
+    renderer: Any
+    final: list[Any] = []
+    if use_json:
+        renderer = structlog.processors.JSONRenderer()
+        final = [  # no locals: they hold request headers and the settings
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -42,6 +89,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 *final,
                 renderer,
+                Redactor(secrets),
             ],
         )
     )

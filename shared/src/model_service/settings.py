@@ -7,13 +7,17 @@ Every field is an environment variable of the same name in upper case (`DATA_DIR
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# credentials read from the environment by libraries (huggingface_hub, boto3, runpod):
+# never settings here, but kept out of the logs too
+SECRET_ENV = ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RUNPOD_API_KEY")
 
 
 def _split_csv(value: object) -> object:
@@ -101,10 +105,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`auto`: readable in a terminal, JSON otherwise (containers)."
     )
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer keys; when set, every route except /health "
-        "and /ready needs `Authorization: Bearer <key>`.",
+        'and /ready needs `Authorization: Bearer <key>`. A blank key (`" "`, `a,,b`) is '
+        "refused at start: unset the variable to run without keys.",
     )
     public_url: str | None = Field(
         None,
@@ -223,7 +228,7 @@ class Settings(BaseSettings):
         description="With ALLOW_CUSTOM_WORKFLOWS: node classes a workflow may not use "
         "(comma-separated).",
     )
-    webhook_secret: str | None = Field(
+    webhook_secret: SecretStr | None = Field(
         None,
         description="Standard Webhooks signing secret (`whsec_...`); when unset, webhooks "
         "are sent unsigned.",
@@ -234,12 +239,41 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed per webhook attempt.")
 
-    @field_validator(
-        "api_keys", "custom_workflow_nodes_allow", "custom_workflow_nodes_deny", mode="before"
-    )
+    @field_validator("custom_workflow_nodes_allow", "custom_workflow_nodes_deny", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("api_keys", mode="before")
     @classmethod
     def _keys(cls, value: object) -> object:
-        return _split_csv(value)
+        """Keys, each non-blank: a blank one (a templating slip: `" "`, `","`) would
+        otherwise leave the service open without a word."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            if value:  # set, but to blanks
+                raise ValueError(
+                    "API_KEYS is set but holds no key (only spaces); unset it to run "
+                    "without keys, or give comma-separated keys"
+                )
+            return []
+        keys = [item.strip() for item in value.split(",")]
+        if not all(keys):
+            raise ValueError(
+                "API_KEYS holds a blank key (an empty item between commas); give "
+                "comma-separated keys without empty items"
+            )
+        return keys
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _secret(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            if value:
+                raise ValueError("WEBHOOK_SECRET is set but blank; unset it or give a secret")
+            return None
+        return value
 
     @field_validator("fetch_allow_networks", mode="before")
     @classmethod
@@ -248,6 +282,15 @@ class Settings(BaseSettings):
         if isinstance(items, list):
             return [ipaddress.ip_network(str(item), strict=False) for item in items]
         return items
+
+    def secret_values(self) -> list[str]:
+        """Every secret this process knows, for the log redactor: the settings' own, and
+        credentials that libraries read from the environment themselves."""
+        values = [key.get_secret_value() for key in self.api_keys]
+        if self.webhook_secret is not None:
+            values.append(self.webhook_secret.get_secret_value())
+        values += [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
+        return values
 
     @property
     def db_path(self) -> Path:

@@ -34,6 +34,7 @@ from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.media_refs import MediaKind, media_fields
+from model_service.problems import invalid_input
 from model_service.runner import JobRunner
 from model_service.settings import Settings
 from model_service.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS
@@ -46,16 +47,10 @@ def new_job_id() -> str:
 
 
 def validation_error(exc: ValidationError, prefix: str = "input") -> InvalidInput:
-    """A pydantic error as one InvalidInput naming every bad field."""
-    problems = [
-        {
-            "field": ".".join(str(part) for part in (prefix, *err["loc"])),
-            "message": err["msg"],
-        }
-        for err in exc.errors(include_url=False, include_input=False)
-    ]
-    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    return InvalidInput(f"invalid input: {summary}", field=problems[0]["field"], problems=problems)
+    """A pydantic error as one InvalidInput naming the bad fields (the first few)."""
+    return invalid_input(
+        exc.errors(include_url=False, include_input=False), "invalid input", prefix
+    )
 
 
 @dataclass(frozen=True)

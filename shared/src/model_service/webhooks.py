@@ -41,7 +41,8 @@ class WebhookDispatcher:
         self._store = store
         self._http = http
         self._metrics = metrics
-        self._signer = Webhook(settings.webhook_secret) if settings.webhook_secret else None
+        secret = settings.webhook_secret
+        self._signer = Webhook(secret.get_secret_value()) if secret else None
         self._wake = asyncio.Event()
 
     def enqueue(self, job: Job, event: str) -> None:

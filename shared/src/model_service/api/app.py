@@ -27,6 +27,7 @@ from model_service.predictor import WorkerConfig
 from model_service.runner import JobRunner
 from model_service.service import ServiceSpec
 from model_service.settings import Settings
+from model_service.startup import prepare_data_dir
 from model_service.submit import JobSubmitter
 from model_service.webhooks import WebhookDispatcher
 
@@ -34,7 +35,7 @@ log = get_logger("model_service.app")
 
 
 def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)  # or exit, saying why
     store: JobStore
     bus: EventBus
     if settings.queue_url:  # one pod of a fleet: records, events and queue on Redis
@@ -203,7 +204,6 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
         version=spec.version,
         description=spec.description,
         lifespan=lifespan,
-        max_body_size=max(settings.max_request_bytes, settings.max_upload_bytes + 2**20),
     )
     app.state.service = state
     install_error_handlers(app)
@@ -212,6 +212,7 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
         api_keys=settings.api_keys,
         metrics=state.metrics,
         max_body_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
     )
     app.include_router(probes.build_router(state))
     app.include_router(jobs.build_router(state))

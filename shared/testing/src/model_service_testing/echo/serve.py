@@ -8,12 +8,12 @@ import uvicorn
 from model_service.api.app import create_app
 from model_service.logs import configure_logging
 from model_service.service import ServiceSpec
-from model_service.settings import Settings
+from model_service.startup import load_settings
 from model_service_testing.echo.spec import SPEC
 
 if __name__ == "__main__":
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secret_values())
     options = {
         "fail_setup": os.environ.get("ECHO_FAIL_SETUP") == "1",
         "setup_s": os.environ.get("ECHO_SETUP_S", "0"),

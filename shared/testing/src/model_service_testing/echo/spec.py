@@ -1,11 +1,17 @@
 """The echo service's spec and input (imported by the API process: no torch)."""
 
-from typing import Literal
+from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from model_service.media_refs import ImageRef
 from model_service.service import ServiceSpec
+
+if TYPE_CHECKING:
+    from model_service.api.state import ServiceState
 
 Behaviour = Literal["ok", "crash", "hang", "error", "oom", "cuda_error", "exit", "kill_pod"]
 
@@ -19,6 +25,18 @@ class EchoInput(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
 
+def fault_routes(state: ServiceState) -> list[APIRouter]:
+    """`GET /echo/fault`: a bug on purpose (what a 500 logs, how it is answered)."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/echo/fault")
+    async def fault() -> None:
+        settings = state.settings  # a local the logged traceback must not show
+        raise RuntimeError(f"a bug on purpose in {settings.mode} mode")
+
+    return [router]
+
+
 SPEC = ServiceSpec(
     name="echo",
     title="Echo (test fixture)",
@@ -28,4 +46,5 @@ SPEC = ServiceSpec(
     input_model=EchoInput,
     predictor="model_service_testing.echo.predictor:EchoPredictor",
     min_vram_gb=0,
+    extra_routes=fault_routes,
 )
