@@ -10,16 +10,18 @@ Start-up, in the background (each stage shows in `/ready`):
    or model file keeps `/ready` at 503 naming it (checked again every few seconds
    while something is missing, and after each ComfyUI restart).
 
-A job: its media inputs are uploaded to ComfyUI (`/upload/image`), the workflow is
-bound to its values, queued with our client id, followed to its end (`ComfyClient.run`),
-and every output is streamed into the job's folder. The runner hands over the next job
-while one runs: it is prepared and queued in ComfyUI's own queue behind the running one
-(prompts queued in the order the jobs came), so ComfyUI starts it the moment the other
-ends. Cancel interrupts or dequeues only our prompt. When ComfyUI dies, the job it was
-running fails with `backend_crashed` and the jobs still waiting come back `not_started`
-(the runner queues them again); the supervisor starts a new ComfyUI. A CUDA error
-restarts ComfyUI on purpose (the process is poisoned); out-of-memory asks ComfyUI to
-free its memory.
+A job: its LoRAs are fetched into the LoRA cache, its media inputs are uploaded to ComfyUI
+(`/upload/image`), the workflow is bound to its values, each LoRA is checked against the
+diffusion model it patches (model_service.lora_fit), the graph is queued with our client
+id, followed to its end (`ComfyClient.run`; ComfyUI's log lines about LoRAs that did not
+apply fail it: comfy.lora_log), and every output is streamed into the job's folder. The
+runner hands over the next job while one runs: it is prepared and queued in ComfyUI's own
+queue behind the running one (prompts queued in the order the jobs came), so ComfyUI
+starts it the moment the other ends. Cancel interrupts or dequeues only our prompt. When
+ComfyUI dies, the job it was running fails with `backend_crashed` and the jobs still
+waiting come back `not_started` (the runner queues them again); the supervisor starts a
+new ComfyUI. A CUDA error restarts ComfyUI on purpose (the process is poisoned);
+out-of-memory asks ComfyUI to free its memory.
 """
 
 from __future__ import annotations
