@@ -74,7 +74,8 @@ class AudioTooShort(InvalidInput):
 
 
 class LoraInvalid(InvalidInput):
-    """A LoRA that is not a usable safetensors LoRA (bad source, header, size)."""
+    """A LoRA that is not a usable safetensors LoRA (bad source, header, size), or one
+    that does not fit the model it is applied to (model_service.lora_fit)."""
 
     code = "lora_invalid"
 
