@@ -91,6 +91,12 @@ class PayloadTooLarge(ServiceError):
     status_code = 413
 
 
+class DecodedTooLarge(PayloadTooLarge):
+    """A request's images would take more memory decoded than MAX_DECODED_MB."""
+
+    code = "decoded_too_large"
+
+
 class Unauthorized(ServiceError):
     code = "unauthorized"
     status_code = 401

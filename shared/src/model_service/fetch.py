@@ -37,6 +37,7 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _UPLOAD_HINT = "use a public URL or upload the file to POST /v1/uploads"
 _WEBHOOK_HINT = "use a publicly reachable webhook URL"
+RESOLVE_TIMEOUT_S = 5.0  # a webhook's host, resolved at submit
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _POST_BODY_CAP = 64 * 1024
 
@@ -177,8 +178,9 @@ class SafeHttpClient:
         self._max_bytes = max_bytes
         self._timeout_s = timeout_s
         self._max_redirects = max_redirects
+        self._backend = _PinningBackend(self._allow)
         self._client = httpx.AsyncClient(
-            transport=_PinnedTransport(_PinningBackend(self._allow)),
+            transport=_PinnedTransport(self._backend),
             trust_env=False,
             follow_redirects=False,
             timeout=timeout_s,
@@ -190,6 +192,27 @@ class SafeHttpClient:
         Host names are only checked when connecting; literal IPs (`127.1` too) here.
         """
         self._check(url, field, _UPLOAD_HINT)
+
+    async def check_webhook(self, url: str, *, field: str) -> None:
+        """`check_url`, and the addresses the host resolves to now, by the rule every
+        delivery follows: a URL refused here would be refused at every attempt. A host
+        that does not resolve (yet) passes; its deliveries are retried."""
+        self._check(url, field, _WEBHOOK_HINT)
+        parsed = httpx.URL(url)
+        if _literal_ip(parsed.host) is not None:
+            return  # checked above
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                await self._backend.resolve(parsed.host, port)
+        except _AddressRefused as exc:
+            raise UrlNotAllowed(
+                f"{field}: URL resolves to {exc.address}, a non-public address; "
+                f"{_WEBHOOK_HINT} (or allow its network in FETCH_ALLOW_NETWORKS)",
+                field=field,
+            ) from None
+        except (httpcore.ConnectError, TimeoutError):
+            pass
 
     def _check(self, url: str, field: str, hint: str) -> None:
         try:

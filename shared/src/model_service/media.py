@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model_service.errors import InvalidInput
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_ASPECT_RATIO = 200  # beyond it the models' resizing fails (a side rounds to nothing)
 _WHITESPACE = re.compile(rb"\s+")
 
 
@@ -48,6 +49,19 @@ def parse_data_uri(value: str, *, field: str) -> tuple[bytes, str | None]:
         ) from None
 
 
+def image_header(data: bytes, *, field: str) -> tuple[tuple[int, int], int]:
+    """(width, height) and channels of an image, from its header (nothing decoded);
+    at least 3 channels: it is decoded to RGB. `decode_image` says what is wrong with
+    an image whose header is unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
+                return opened.size, max(3, len(opened.getbands()))
+    except Exception:
+        return (0, 0), 3
+
+
 def decode_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
     """Decodes a PNG, JPEG, WEBP, GIF (first frame) or BMP into a loaded RGB image.
 
@@ -66,6 +80,13 @@ def decode_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
             width, height = opened.size  # from the header; no pixel decoded yet
             if width * height > max_pixels:
                 raise too_large
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise InvalidInput(
+                    f"{field}: the image is {width}x{height}, one side more than "
+                    f"{MAX_ASPECT_RATIO} times the other, which no model can work at; crop "
+                    "it, or send an image closer to square",
+                    field=field,
+                )
             opened.load()
             return _to_rgb(ImageOps.exif_transpose(opened))
     except InvalidInput:

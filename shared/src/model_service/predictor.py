@@ -12,6 +12,7 @@ while the next job's `predict` already runs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,11 @@ class SetupResult:
     """What the loaded model wants the service to say about itself (`/v1/service`)."""
 
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # plain JSON values only: a library's own type (torch's `__version__` is a
+        # TorchVersion) would import that library in the API process when unpickled
+        self.info = json.loads(json.dumps(self.info, default=str))
 
 
 class Predictor(Protocol):

@@ -484,7 +484,7 @@ class JobRunner:
             "job finished",
             status=job.status.value,
             error_code=(job.error or {}).get("code"),
-            run_s=round((job.finished_at or 0) - (job.started_at or 0), 3),
+            run_s=job.started_at and job.finished_at and round(job.finished_at - job.started_at, 3),
         )
 
     async def _inputs_of(self, job: Job) -> dict[str, Any]:

@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Largest decoded image (width x height) accepted."
     )
+    max_decoded_mb: int = Field(
+        512,
+        gt=0,
+        description="Memory that input images may take decoded (width x height x "
+        "channels): one request's images together (beyond it: 413 `decoded_too_large`), "
+        "and all requests' being accepted at once (beyond it an image waits its turn).",
+    )
     output_retention_hours: float = Field(
         72.0, ge=0, description="Outputs older than this are deleted (0 keeps them forever)."
     )

@@ -4,6 +4,7 @@ traceback: settings that do not validate, a DATA_DIR that cannot be written."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from model_service.settings import Settings
+from model_service.staging import STAGING
 
 EXIT_CONFIG = 78  # sysexits' EX_CONFIG: a setting is wrong
 EXIT_DATA_DIR = 73  # sysexits' EX_CANTCREAT: DATA_DIR cannot be written
@@ -31,11 +33,13 @@ def load_settings() -> Settings:
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """DATA_DIR created and writable, or exit (EXIT_DATA_DIR) saying what to do."""
+    """DATA_DIR created and writable, or exit (EXIT_DATA_DIR) saying what to do; the
+    input files of requests that died mid-way removed."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-check-"):
             pass
+        shutil.rmtree(data_dir / STAGING, ignore_errors=True)
     except OSError as exc:
         fail(
             EXIT_DATA_DIR,

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import json
 import secrets
-import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +27,18 @@ from model_service.comfy.custom import (
     is_custom,
     off_error,
 )
+from model_service.decode_budget import DecodeBudget, RequestImages
 from model_service.errors import IdempotencyConflict, InvalidInput, QueueFull, UploadNotFound
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.media_refs import MediaKind, media_fields
+from model_service.offloop import off_loop
 from model_service.problems import invalid_input
 from model_service.runner import JobRunner
 from model_service.settings import Settings
+from model_service.staging import InputStaging
 from model_service.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS
 
 UPLOAD_PREFIX = "upl_"
@@ -82,6 +84,7 @@ class JobSubmitter:
         self._store = store
         self._http = http
         self._runner = runner
+        self.decoding = DecodeBudget(settings.max_decoded_mb * 2**20)
 
     async def submit(
         self,
@@ -95,7 +98,7 @@ class JobSubmitter:
     ) -> tuple[Job, bool]:
         """Store a new job (or return the existing one for a repeated `job_id`).
         `storage` is a validated `StorageRequest`, as a dict."""
-        options = self.check_options(raw_input, job_id, webhook, webhook_events, storage)
+        options = await self.check_options(raw_input, job_id, webhook, webhook_events, storage)
         if options.existing is not None:
             return options.existing, False
         events, storage, request_hash = options.events, options.storage, options.request_hash
@@ -122,35 +125,39 @@ class JobSubmitter:
                 seed = secrets.randbelow(2**32)
                 values["seed"] = seed
         job_id = job_id or new_job_id()
-        inputs_dir = self._settings.job_dir(job_id) / "inputs"
+        staging = InputStaging(self._settings, job_id)
         try:
             if custom is not None:
-                public, prepared = await self._resolve_files(values, kinds, inputs_dir)
+                public, prepared = await self._resolve_files(values, kinds, staging)
             else:
-                public, prepared = await self._resolve_media(values, inputs_dir)
-            await self._runner.source.share_inputs(job_id, inputs_dir)
-        except BaseException:
-            shutil.rmtree(inputs_dir, ignore_errors=True)
-            raise
-        job = Job(
-            id=job_id,
-            status=JobStatus.QUEUED,
-            input=public,
-            prepared_input=prepared,
-            seed=seed,
-            request_hash=request_hash,
-            webhook=webhook,
-            webhook_events=events,
-            base_url=base_url,
-            storage=storage,
-        )
-        job, created = self._store.create(job)
+                public, prepared = await self._resolve_media(values, staging)
+            if self._store.find(job_id) is None:  # a fleet: shared before it is stored
+                await self.share_inputs(job_id, staging.dir)
+            job = Job(
+                id=job_id,
+                status=JobStatus.QUEUED,
+                input=public,
+                prepared_input=prepared,
+                seed=seed,
+                request_hash=request_hash,
+                webhook=webhook,
+                webhook_events=events,
+                base_url=base_url,
+                storage=storage,
+            )
+            job, created = self._store.create(job)
+            if created:  # this request won the id: its files become the job's
+                staging.commit()
+                # a fleet: the winner's files again, over any a losing request shared
+                await self.share_inputs(job_id, staging.final)
+        finally:
+            staging.discard()
         if created:
             self._runner.changed(job)
             await self._runner.source.submitted(job)
         return job, created
 
-    def check_options(
+    async def check_options(
         self,
         request: Any,
         job_id: str | None,
@@ -170,9 +177,7 @@ class JobSubmitter:
         storage = {k: v for k, v in (storage or {}).items() if v is not None} or None
         # like webhook; a request without storage hashes as it did before storage existed
         hashed = [request, webhook, events, *([storage] if storage else [])]
-        request_hash = hashlib.sha256(
-            json.dumps(hashed, sort_keys=True, default=str).encode()
-        ).hexdigest()
+        request_hash = await asyncio.to_thread(_hash, hashed)  # megabytes of data URIs
         if job_id is not None and (existing := self._store.find(job_id)) is not None:
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(
@@ -183,7 +188,7 @@ class JobSubmitter:
             return RequestOptions(events, storage, request_hash, existing)
         self.check_queue_length()
         if webhook is not None:
-            self._http.check_url(webhook, field="webhook")
+            await self._http.check_webhook(webhook, field="webhook")
         if storage is not None and not (storage.get("bucket") or self._settings.s3_bucket):
             raise InvalidInput(
                 "storage: no bucket to upload to; name one in storage.bucket, or configure "
@@ -223,15 +228,15 @@ class JobSubmitter:
         return validated.model_dump(mode="json")
 
     async def _resolve_files(
-        self, values: dict[str, Any], kinds: dict[str, MediaKind], inputs_dir: Path
+        self, values: dict[str, Any], kinds: dict[str, MediaKind], staging: InputStaging
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """A custom workflow's files, fetched and checked by the kind of their loader."""
-        paths = {}
+        paths, request = {}, RequestImages()
         for name, ref in values["files"].items():
             field = f"input.files.{name}"
-            target = inputs_dir / f"file_{name}"
-            written = await self.materialize(ref, kinds[name], field, target)
-            paths[name] = str(written.resolve())
+            target = staging.path(f"file_{name}")
+            written = await self.materialize(ref, kinds[name], field, target, request)
+            paths[name] = staging.final_path(written)
         public = {
             **values,
             "files": {name: shorten_ref(ref) for name, ref in values["files"].items()},
@@ -239,9 +244,10 @@ class JobSubmitter:
         return public, {**values, "files": paths}
 
     async def _resolve_media(
-        self, values: dict[str, Any], inputs_dir: Path
+        self, values: dict[str, Any], staging: InputStaging
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         public, prepared = dict(values), dict(values)
+        request = RequestImages()
         for name, kind in self._media.items():
             value = values.get(name)
             if value is None:
@@ -250,9 +256,9 @@ class JobSubmitter:
             paths = []
             for index, ref in enumerate(refs):
                 field = f"input.{name}" + (f"[{index}]" if isinstance(value, list) else "")
-                target = inputs_dir / f"{name}_{index}.{_SUFFIX[kind]}"
-                await self.materialize(ref, kind, field, target)
-                paths.append(str(target.resolve()))
+                target = staging.path(f"{name}_{index}.{_SUFFIX[kind]}")
+                written = await self.materialize(ref, kind, field, target, request)
+                paths.append(staging.final_path(written))
             shown = [shorten_ref(ref) for ref in refs]
             public[name] = shown if isinstance(value, list) else shown[0]
             prepared[name] = paths if isinstance(value, list) else paths[0]
@@ -262,9 +268,17 @@ class JobSubmitter:
         """A fleet: the files under `inputs_dir` reachable from the pod that runs the job."""
         await self._runner.source.share_inputs(job_id, inputs_dir)
 
-    async def materialize(self, ref: str, kind: MediaKind, field: str, target: Path) -> Path:
+    async def materialize(
+        self,
+        ref: str,
+        kind: MediaKind,
+        field: str,
+        target: Path,
+        request: RequestImages | None = None,
+    ) -> Path:
         """The file behind `ref`, fetched, checked and written to `target` (a video: with
-        its container's suffix); returns where it was written."""
+        its container's suffix); returns where it was written. `request`: what the
+        request's images take decoded so far (DecodeBudget)."""
         data = await self.read_reference(ref, field)
         if kind == "audio":  # checked (decodes, not silent, within MAX_AUDIO_S), as a wav
             await asyncio.to_thread(
@@ -277,17 +291,20 @@ class JobSubmitter:
             target.parent.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(target.write_bytes, data)
             return target
-        image = await asyncio.to_thread(
-            media.decode_image, data, field=field, max_pixels=self._settings.max_image_pixels
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(image.save, target, format="PNG")
+        size, channels = media.image_header(data, field=field)  # no pixel decoded yet
+        async with self.decoding.hold(size, channels, field, request):
+            await asyncio.to_thread(self._decode_to_png, data, field, target)
         return target
+
+    def _decode_to_png(self, data: bytes, field: str, target: Path) -> None:
+        image = media.decode_image(data, field=field, max_pixels=self._settings.max_image_pixels)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, format="PNG")
 
     async def read_reference(self, ref: str, field: str) -> bytes:
         """The bytes behind a URL, data URI or upload id."""
         if ref.startswith("data:"):
-            data, _mime = media.parse_data_uri(ref, field=field)
+            data, _mime = await off_loop(len(ref), media.parse_data_uri, ref, field=field)
             return data
         if "://" in ref:
             return (await self._http.get(ref, field=field)).data
@@ -308,6 +325,10 @@ class JobSubmitter:
 
 
 _SUFFIX: dict[MediaKind, str] = {"image": "png", "audio": "wav", "video": "mp4"}
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def shorten_ref(ref: str) -> str:

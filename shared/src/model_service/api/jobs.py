@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, SkipValidation, create_model
 
+from model_service.api.body import OffLoopJsonRoute
 from model_service.api.state import ServiceState
 from model_service.comfy.custom import CustomWorkflowInput
 from model_service.errors import NotFound
@@ -114,7 +115,7 @@ async def job_response(
 
 
 def build_router(state: ServiceState) -> APIRouter:
-    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=OffLoopJsonRoute)
     request_model = job_request_model(state.spec.input_model, state.submitter.takes_workflows)
 
     async def submit(request: Request, body: BaseModel, job_id: str | None) -> tuple[Job, bool]:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from model_service.api.body import OffLoopJsonRoute
 from model_service.api.jobs import JobId, job_response
 from model_service.api.state import ServiceState
 from model_service.errors import WrongJobState
@@ -35,7 +36,7 @@ def build_router(state: ServiceState) -> APIRouter:
     chain_body = chain_request_model(spec, model)
     travel_body = travel_request_model(spec, model)
     added_body = segments_added_model(spec, model)
-    router = APIRouter(tags=["long videos"])
+    router = APIRouter(tags=["long videos"], route_class=OffLoopJsonRoute)
 
     def dump(body: BaseModel) -> dict[str, Any]:
         return body.model_dump(mode="json")

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
+from model_service.decode_budget import RequestImages
 from model_service.errors import InvalidInput, WrongJobState
 from model_service.jobs.graph import JobGraphs
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
 from model_service.settings import Settings
+from model_service.staging import InputStaging
 from model_service.submit import JobSubmitter, new_job_id, shorten_ref
 from model_service.webhooks import DEFAULT_WEBHOOK_EVENTS
 
@@ -56,7 +57,7 @@ class LongVideoSubmitter:
         events = body.get("webhook_events")
         if events is None and body["interactive"]:  # it waits for the client: say so
             events = [*DEFAULT_WEBHOOK_EVENTS, JobStatus.AWAITING_INPUT.value]
-        options = self._submitter.check_options(
+        options = await self._submitter.check_options(
             {"chain": request}, job_id, body.get("webhook"), events, body.get("storage")
         )
         if options.existing is not None:
@@ -81,12 +82,13 @@ class LongVideoSubmitter:
         # every segment checked before any file is fetched
         for index, segment in enumerate(segments):
             self._segment_values(base, segment, index, f"segments[{index}]", "(start image)")
-        start_path = self._settings.job_dir(parent_id) / "inputs" / f"{image_field}.png"
+        staging = InputStaging(self._settings, parent_id)
+        start_path = staging.path(f"{image_field}.png")
         try:
             await self._submitter.materialize(
                 start_ref, "image", f"input.{image_field}", start_path
             )
-            await self._submitter.share_inputs(parent_id, start_path.parent)
+            await self._submitter.share_inputs(parent_id, staging.dir)
             checked = self._submitter.validate({**base, image_field: "(start image)"})
             base.update(await asyncio.to_thread(self._image_size, checked, str(start_path)))
             plan = {
@@ -95,7 +97,7 @@ class LongVideoSubmitter:
                 "colour_correction": bool(body["colour_correction"]),
                 "colour_strength": float(body["colour_strength"]),
                 "base": {**base, image_field: None},
-                "start_image": str(start_path.resolve()),
+                "start_image": staging.final_path(start_path),
                 "next_index": 0,
             }
             parent = Job(
@@ -115,10 +117,9 @@ class LongVideoSubmitter:
             children = self._new_segments(parent, None, segments)
             parent.children = [child.id for child in children]
             plan["next_index"] = len(children)  # child ids stay unique after deletions
-            return self._graphs.submit(parent, children)
-        except BaseException:
-            shutil.rmtree(self._settings.job_dir(parent_id), ignore_errors=True)
-            raise
+            return await self._submit(parent, children, staging)
+        finally:
+            staging.discard()
 
     def add_segments(self, parent: Job, segments: list[dict[str, Any]]) -> Job:
         parent_id = parent.id
@@ -205,7 +206,7 @@ class LongVideoSubmitter:
         self, body: dict[str, Any], job_id: str | None, base_url: str
     ) -> tuple[Job, bool]:
         request = {k: body[k] for k in ("input", "images", "prompts", "overlap")}
-        options = self._submitter.check_options(
+        options = await self._submitter.check_options(
             {"travel": request},
             job_id,
             body.get("webhook"),
@@ -246,16 +247,18 @@ class LongVideoSubmitter:
                 )
             leg_values.append(checked)
         parent_id = job_id or new_job_id()
-        inputs = self._settings.job_dir(parent_id) / "inputs"
+        staging = InputStaging(self._settings, parent_id)
         try:
-            paths = []
+            paths, decoded = [], RequestImages()
             for index, ref in enumerate(images):
-                path = inputs / f"image_{index}.png"
-                await self._submitter.materialize(ref, "image", f"images[{index}]", path)
-                paths.append(str(path.resolve()))
-            size = await asyncio.to_thread(self._image_size, leg_values[0], paths[0])
+                path = staging.path(f"image_{index}.png")
+                field = f"images[{index}]"
+                await self._submitter.materialize(ref, "image", field, path, decoded)
+                paths.append(staging.final_path(path))
+            first = str(staging.path("image_0.png"))
+            size = await asyncio.to_thread(self._image_size, leg_values[0], first)
             leg_values = [{**values, **size} for values in leg_values]
-            await self._submitter.share_inputs(parent_id, inputs)
+            await self._submitter.share_inputs(parent_id, staging.dir)
             parent = Job(
                 id=parent_id,
                 status=JobStatus.QUEUED,
@@ -289,10 +292,20 @@ class LongVideoSubmitter:
                     )
                 )
             parent.children = [child.id for child in children]
-            return self._graphs.submit(parent, children)
-        except BaseException:
-            shutil.rmtree(self._settings.job_dir(parent_id), ignore_errors=True)
-            raise
+            return await self._submit(parent, children, staging)
+        finally:
+            staging.discard()
+
+    async def _submit(
+        self, parent: Job, children: list[Job], staging: InputStaging
+    ) -> tuple[Job, bool]:
+        """The graph stored; the request's files become the parent's if it won the id."""
+        job, created = self._graphs.submit(parent, children)
+        if created:
+            staging.commit()
+            # a fleet: the winner's files again, over any a losing request shared
+            await self._submitter.share_inputs(parent.id, staging.final)
+        return job, created
 
 
 def _public(value: Any) -> Any:

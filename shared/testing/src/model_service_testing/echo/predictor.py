@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
+from model_service_testing.echo.version import EchoVersion
 
 
 def _log_run(event: str, job_id: str) -> None:
@@ -29,7 +30,9 @@ class EchoPredictor:
             raise RuntimeError("weights not found at /nowhere")
         time.sleep(float(config.options.get("setup_s", 0)))
         threads = os.environ.get("OMP_NUM_THREADS")
-        return SetupResult(info={"model": "echo", "pid": os.getpid(), "omp_threads": threads})
+        version = EchoVersion("1.0")  # a library type, as torch.__version__ is
+        info = {"model": "echo", "pid": os.getpid(), "omp_threads": threads, "version": version}
+        return SetupResult(info=info)
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
         behaviour = inputs["behaviour"]

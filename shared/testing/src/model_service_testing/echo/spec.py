@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter
@@ -25,9 +26,14 @@ class EchoInput(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
 
-def fault_routes(state: ServiceState) -> list[APIRouter]:
-    """`GET /echo/fault`: a bug on purpose (what a 500 logs, how it is answered)."""
+def test_routes(state: ServiceState) -> list[APIRouter]:
+    """`GET /echo/fault`: a bug on purpose (what a 500 logs, how it is answered);
+    `GET /echo/modules`: the modules the API process has imported."""
     router = APIRouter(include_in_schema=False)
+
+    @router.get("/echo/modules")
+    async def modules() -> list[str]:
+        return sorted(sys.modules)
 
     @router.get("/echo/fault")
     async def fault() -> None:
@@ -46,5 +52,5 @@ SPEC = ServiceSpec(
     input_model=EchoInput,
     predictor="model_service_testing.echo.predictor:EchoPredictor",
     min_vram_gb=0,
-    extra_routes=fault_routes,
+    extra_routes=test_routes,
 )
