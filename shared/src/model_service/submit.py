@@ -124,6 +124,7 @@ class JobSubmitter:
             if self._has_seed and seed is None:
                 seed = secrets.randbelow(2**32)
                 values["seed"] = seed
+        own_id = job_id is not None  # the client's: another request may race for it
         job_id = job_id or new_job_id()
         staging = InputStaging(self._settings, job_id)
         try:
@@ -131,8 +132,8 @@ class JobSubmitter:
                 public, prepared = await self._resolve_files(values, kinds, staging)
             else:
                 public, prepared = await self._resolve_media(values, staging)
-            if self._store.find(job_id) is None:  # a fleet: shared before it is stored
-                await self.share_inputs(job_id, staging.dir)
+            if not own_id or self._store.find(job_id) is None:  # a fleet: shared before
+                await self.share_inputs(job_id, staging.dir)  # the job is stored
             job = Job(
                 id=job_id,
                 status=JobStatus.QUEUED,
@@ -148,8 +149,8 @@ class JobSubmitter:
             job, created = self._store.create(job)
             if created:  # this request won the id: its files become the job's
                 staging.commit()
-                # a fleet: the winner's files again, over any a losing request shared
-                await self.share_inputs(job_id, staging.final)
+                if own_id:  # a fleet: the winner's again, over any a losing request shared
+                    await self.share_inputs(job_id, staging.final)
         finally:
             staging.discard()
         if created:
