@@ -258,6 +258,18 @@ def test_every_lora_problem_comfyui_logs_is_seen(line: str) -> None:
     assert watch.lines == [line]
 
 
+def test_unloaded_tensors_of_the_services_own_loras_are_not_the_callers() -> None:
+    """The built-in 4-step LoRAs share the prompt: a `lora key not loaded` line naming a
+    tensor that is not in the job's LoRAs does not fail the job; one naming theirs does."""
+    watch = LoraLogWatch(frozenset({"diffusion_model.blocks.0.ffn.0.lora_up.weight"}))
+    watch.started()
+    watch("[WARNING] lora key not loaded: diffusion_model.blocks.0.cross_attn.k_img.lora_up.weight")
+    assert watch.lines == []
+    watch("[WARNING] lora key not loaded: diffusion_model.blocks.0.ffn.0.lora_up.weight")
+    watch(SHAPE_ERROR)  # a weight's name: whose patch failed is not said, so it counts
+    assert watch.count == 2
+
+
 def test_the_supervisor_passes_comfyuis_lines_to_a_listener(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"

@@ -58,7 +58,7 @@ from model_service.comfy.workflow import (
 from model_service.errors import LoraInvalid, NotReady, ProvisionError, ServiceError
 from model_service.fetch import SafeHttpClient
 from model_service.logs import get_logger
-from model_service.lora_fit import check_lora_fit
+from model_service.lora_fit import check_lora_fit, convert_names, read_shapes
 from model_service.loras import LoraCache, LoraHandle, parse_lora_source
 from model_service.metrics import Metrics
 from model_service.provision import Manifest, ProvisionMetrics, provision
@@ -424,7 +424,7 @@ class ComfyEngine:
             if values.get(WANT_LAST_FRAME):
                 stems.update(_last_frame_nodes(graph, workflow, running.tag))
             done = await self._queue_and_collect(
-                job, running, on_progress, stems, name, graph, watch_loras=bool(loras)
+                job, running, on_progress, stems, name, graph, lora_keys=await _tensor_names(loras)
             )
         facts = {k: v for k, v in derived.items() if k not in workflow.media_fields}
         if facts:  # what the job's files asked for (frames, windows, ...), on the job
@@ -499,7 +499,7 @@ class ComfyEngine:
         name: str,
         graph: dict[str, Any],
         *,
-        watch_loras: bool = False,
+        lora_keys: frozenset[str] | None = None,
     ) -> JobDone:
         if running.after is not None:  # the job before ours queues its prompt first
             await asyncio.shield(running.after)
@@ -507,14 +507,14 @@ class ComfyEngine:
             return JobDone(job.job_id, canceled=True)
 
         progress = _StepCounter(job.job_id, sampler_steps(graph), on_progress)
-        watch = LoraLogWatch()
+        watch = LoraLogWatch(lora_keys)
 
         def on_start() -> None:
             watch.started()
             running.start()
 
         started = time.monotonic()
-        stop_listening = self._supervisor.listen(watch) if watch_loras else None
+        stop_listening = self._supervisor.listen(watch) if lora_keys else None
         try:
             result = await self._client.run(
                 graph,
@@ -625,6 +625,22 @@ class _Running:
         if not self.started:
             self.started = True
             self.on_started()
+
+
+async def _tensor_names(loras: Mapping[str, LoraHandle]) -> frozenset[str] | None:
+    """The job's LoRA tensor names, as in the files and as ComfyUI renames them (the
+    names its `lora key not loaded` lines give); None for a job without LoRAs."""
+    if not loras:
+        return None
+
+    def read() -> frozenset[str]:
+        names: set[str] = set()
+        for handle in loras.values():
+            shapes = read_shapes(handle.path)
+            names.update(shapes, convert_names(shapes))
+        return frozenset(names)
+
+    return await asyncio.to_thread(read)
 
 
 def _lora_not_applied(watch: LoraLogWatch, spec: ComfyServiceSpec) -> LoraInvalid:

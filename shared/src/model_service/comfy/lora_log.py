@@ -19,6 +19,10 @@ running); until its own prompt starts, each such line ends another prompt, so wh
 before it is dropped; after its start the first such line ends its own. Lines still unread
 when the job's result is in are missed; LoRA lines come at model load, long before a
 prompt's end.
+
+`lora key not loaded` lines name the LoRA tensor, so a watch given the job's own LoRA
+tensor names (`lora_keys`) counts only those: the service's built-in LoRAs (e.g. the
+4-step pair) share the prompt, and a stray tensor of theirs is not the caller's fault.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ PROBLEM = re.compile(
     _LEVEL + r"(?:lora key not loaded: |ERROR (?:lora|loha|lokr|glora|oft|boft) \S+ |"
     r"WARNING SHAPE MISMATCH |NOT LOADED )"
 )
+NOT_LOADED_KEY = re.compile(_LEVEL + r"lora key not loaded: (\S+)")
 PROMPT_ENDED = re.compile(_LEVEL + r"Prompt executed in ")
 MAX_KEPT = 20
 
@@ -38,7 +43,8 @@ class LoraLogWatch:
     """Feed it ComfyUI's lines (`__call__`); `started()` when its prompt starts; `lines`
     are the LoRA problems ComfyUI logged for that prompt (the first `MAX_KEPT`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lora_keys: frozenset[str] | None = None) -> None:
+        self.lora_keys = lora_keys
         self.lines: list[str] = []
         self.count = 0
         self._started = False
@@ -56,7 +62,11 @@ class LoraLogWatch:
             else:  # a prompt ahead of ours ended: its lines are not ours
                 self.lines.clear()
                 self.count = 0
-        elif PROBLEM.match(line):
+        elif PROBLEM.match(line) and self._ours(line):
             self.count += 1
             if len(self.lines) < MAX_KEPT:
                 self.lines.append(line)
+
+    def _ours(self, line: str) -> bool:
+        unloaded = NOT_LOADED_KEY.match(line)
+        return unloaded is None or self.lora_keys is None or unloaded[1] in self.lora_keys
