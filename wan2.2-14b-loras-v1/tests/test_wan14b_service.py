@@ -165,6 +165,45 @@ def test_lightning_is_the_default_and_can_be_left_out() -> None:
     assert len(_chain(graph, "13")) == len(_chain(graph, "14")) == 1  # straight to the UNet
 
 
+@pytest.mark.parametrize(
+    ("mode", "day"), [({}, "1217"), ({"start_image": "s.png"}, "1022")], ids=["t2v", "i2v"]
+)
+def test_the_distill_pair_replaces_the_built_in_one(mode: dict[str, Any], day: str) -> None:
+    """`lightning_loras: distill`: lightx2v/Wan2.2-Distill-Loras (t2v 1217, i2v 1022), one
+    per expert, first in `loras`, with the lightning defaults (the same 4 timesteps); the
+    built-in pair leaves the graph; the caller's own LoRAs follow."""
+    own = {"source": "https://example.com/own.safetensors", "applies_to": "low"}
+    model = Wan14bInput.model_validate(
+        {"prompt": "p", **SMALL, **mode, "lightning_loras": "distill", "loras": [own]}
+    )
+    assert [(lora.source.rsplit("/", 1)[1], lora.applies_to) for lora in model.loras] == [
+        (
+            f"wan2.2_{'i2v' if mode else 't2v'}_A14b_high_noise_lora_rank64_lightx2v_4step_{day}"
+            ".safetensors",
+            "high",
+        ),
+        (
+            f"wan2.2_{'i2v' if mode else 't2v'}_A14b_low_noise_lora_rank64_lightx2v_4step_{day}"
+            ".safetensors",
+            "low",
+        ),
+        ("own.safetensors", "low"),
+    ]
+    assert model.loras[0].source.startswith("hf://lightx2v/Wan2.2-Distill-Loras/")
+    assert (model.steps, model.split_step, model.cfg, model.shift) == (4, 2, 1.0, 5.0)
+    again = Wan14bInput.model_validate(model.model_dump(mode="json"))
+    assert len(again.loras) == 3, "validated again (a stored job), still one pair"
+    values = _values(**mode, lightning_loras="distill", loras=[own])
+    graph = (I2V if mode else T2V).build(values, tag="t")
+    assert not {"3", "4"} & set(graph)  # the built-in pair
+    assert _chain(graph, "13")[:-1] == ["LoRA:cache/l0.safetensors"]
+    assert _chain(graph, "14")[:-1] == ["LoRA:cache/l2.safetensors", "LoRA:cache/l1.safetensors"]
+    plain = Wan14bInput.model_validate(
+        {"prompt": "p", "lightning": False, "lightning_loras": "distill"}
+    )
+    assert plain.loras == [], "no 4-step pair without lightning"
+
+
 # --- fidelity: each mode's defaults as ComfyUI's Wan2.2 14B templates set them -------------
 # comfyui-workflow-templates-json 0.1.47, video_wan2_2_14B_{t2v,i2v,flf2v}.json; the
 # negative prompt: Wan-Video/Wan2.2 wan/configs/shared_config.py `sample_neg_prompt`.
@@ -521,6 +560,25 @@ def _lora_bytes_of(tmp: Path, kind: str) -> bytes:
     path = tmp / f"{kind}.safetensors"
     write_tiny(kind, path)
     return path.read_bytes()
+
+
+def test_the_distill_pair_is_fetched_into_the_cache_and_replaces_the_built_in_one(
+    client: httpx.Client, standin: StandinProcess, hub: Server, tmp_path: Path
+) -> None:
+    for expert, seed in (("high", 61), ("low", 62)):
+        name = f"wan2.2_i2v_A14b_{expert}_noise_lora_rank64_lightx2v_4step_1022.safetensors"
+        hub.add(f"/hub/lightx2v/Wan2.2-Distill-Loras/{name}", _lora_bytes(tmp_path, seed))
+    payload = {"prompt": "p", "start_image": png_data_uri(), **SMALL, "lightning_loras": "distill"}
+    job = _run(client, payload)
+    assert job["status"] == "succeeded", job.get("error")
+    names = [
+        n["inputs"]["lora_name"]
+        for n in _last_prompt(standin).values()
+        if n["class_type"] == "LoraLoaderModelOnly"
+    ]
+    assert len(names) == 2
+    assert all(name.startswith("cache/") and "4step_1022" in name for name in names)
+    assert not any("lightx2v_4steps_lora_v1" in name for name in names)
 
 
 def test_legacy_generate(client: httpx.Client) -> None:

@@ -25,6 +25,21 @@ MAX_LORAS = 8
 LIGHTNING = {"steps": 4, "split_step": 2, "cfg": 1.0, "shift": 5.0}  # lightx2v 4-step LoRAs
 FULL = {"steps": 20, "split_step": 10, "cfg": 3.5, "shift": 5.0}  # t2v and i2v without them
 FULL_FLF = {"steps": 20, "split_step": 10, "cfg": 4.0, "shift": 8.0}  # flf2v without them
+# The 4-step LoRA pairs `lightning_loras` chooses from. "v1": Wan2.2-Lightning's Seko V1
+# (i2v) / V1.1 (t2v), repackaged by Comfy-Org: ComfyUI's templates' pair, in the manifest,
+# downloaded at start. "distill": lightx2v/Wan2.2-Distill-Loras (i2v 2025-10-22, t2v
+# 2025-12-17), trained on the same 4 timesteps (its configs: denoising_step_list 1000, 750,
+# 500, 250 at sample_shift 5, boundary after step 2), fetched into the LoRA cache by the
+# first job that asks and checked against the experts like any job LoRA.
+DISTILL_REPO = "hf://lightx2v/Wan2.2-Distill-Loras"
+DISTILL_LORAS: dict[str, dict[str, str]] = {
+    mode: {
+        expert: f"{DISTILL_REPO}/wan2.2_{mode}_A14b_{expert}_noise_lora_rank64_lightx2v_4step_"
+        f"{day}.safetensors"
+        for expert in ("high", "low")
+    }
+    for mode, day in (("t2v", "1217"), ("i2v", "1022"))
+}
 # Wan's standard negative prompt: Wan-Video/Wan2.2 wan/configs/shared_config.py
 # (`sample_neg_prompt`), the one ComfyUI's Wan2.2 templates use. It matters only at cfg > 1
 # (ComfyUI skips the negative pass at cfg 1, the lightning default).
@@ -101,6 +116,12 @@ class Wan14bInput(BaseModel):
         description="Use the lightx2v 4-step LoRA pair (4 steps, cfg 1); false: the full "
         "model (20 steps, cfg 3.5), about 10x slower.",
     )
+    lightning_loras: Literal["v1", "distill"] = Field(
+        "v1",
+        description="Which 4-step LoRA pair `lightning` uses: `v1`, Wan2.2-Lightning's "
+        "(ComfyUI's templates'), or `distill`, lightx2v's newer Wan2.2-Distill-Loras "
+        "(i2v 1022, t2v 1217), fetched on first use and listed in `loras`.",
+    )
     steps: int | None = Field(None, ge=2, le=60, description="Default 4 (lightning) or 20.")
     split_step: int | None = Field(
         None,
@@ -157,7 +178,20 @@ class Wan14bInput(BaseModel):
         self.shift = self.shift if self.shift is not None else defaults["shift"]
         if self.negative_prompt is None:
             self.negative_prompt = WAN_NEGATIVE
+        if self.lightning and self.lightning_loras == "distill":
+            self._add_distill_pair()
         return self
+
+    def _add_distill_pair(self) -> None:
+        """The distill pair goes first in `loras` (once: a stored job validated again
+        keeps one pair), in place of the built-in pair, one file per expert."""
+        pair = DISTILL_LORAS["t2v" if self.start_image is None else "i2v"]
+        present = {lora.source for lora in self.loras}
+        self.loras[:0] = [
+            LoraSpec(source=source, applies_to=expert)
+            for expert, source in pair.items()
+            if source not in present
+        ]
 
     @property
     def mode(self) -> str:

@@ -48,10 +48,11 @@ BINDINGS: dict[str, str | Bind] = {
 
 
 def apply_loras(graph: Graph, values: Mapping[str, Any]) -> None:
-    """Without `lightning` the 4-step LoRAs leave the graph; the job's own LoRAs (their
-    ComfyUI names filled in by the engine) are chained onto the expert they apply to."""
+    """Without `lightning`, or with the distill pair (which comes as job LoRAs), the
+    built-in 4-step LoRAs leave the graph; the job's own LoRAs (their ComfyUI names filled
+    in by the engine) are chained onto the expert they apply to."""
     high, low = HIGH_LIGHTNING, LOW_LIGHTNING
-    if not values.get("lightning", True):
+    if not values.get("lightning", True) or values.get("lightning_loras") == "distill":
         del graph[HIGH_LIGHTNING], graph[LOW_LIGHTNING]
         high, low = HIGH_UNET, LOW_UNET
     loras = values.get("loras") or []
