@@ -163,6 +163,28 @@ def test_job_of_a_killed_pod_finishes_on_another(fleet: Fleet) -> None:
     assert 'fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
 
 
+def test_a_killed_pods_job_is_taken_back_while_others_wait(fleet: Fleet) -> None:
+    """Issue 24: with jobs waiting in the queue, the sweep died on saq's job dict (no
+    `attempts` for a queued job) and never ran again, so the killed pod's job stayed
+    `running`."""
+    pods = fleet.start(2)
+    first = [submit(pods[i], steps=40, step_s=0.1)["id"] for i in range(2)]
+    deadline = time.monotonic() + 30
+    while any(fleet.runs()[job_id]["start"] < 1 for job_id in first):  # one on each pod
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    waiting = [submit(pods[i % 2], steps=10, step_s=0.1)["id"] for i in range(4)]
+    holder = fleet.pod_at(_holder(fleet, first[0]))
+    holder.kill9()
+    survivor = next(pod for pod in pods if pod is not holder)
+    jobs = wait_all([survivor], [*first, *waiting], {"succeeded", "failed"}, timeout=180)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}, jobs
+    assert jobs[first[0]]["attempts"] == 2
+    metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
+    assert 'fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
+    assert 'background_task_up{task="fleet-sweep"} 1.0' in metrics
+
+
 def _holder(fleet: Fleet, job_id: str) -> str:
     """URL of the pod running `job_id` (from the run log's worker pid)."""
     for line in fleet.run_log.read_text().splitlines():
@@ -283,7 +305,18 @@ def test_redis_down_answers_503_and_recovers(fleet: Fleet) -> None:
     assert int(refused.headers["retry-after"]) >= 1
     assert "QUEUE_URL" in refused.json()["error"]["message"]
     assert httpx.get(f"{pod.url}/health", timeout=10).status_code == 200
+    # not ready while Redis is away (issue 24: it stayed 200), the failing task named
+    deadline = time.monotonic() + 60
+    while (ready := httpx.get(f"{pod.url}/ready", timeout=10)).status_code != 503 or (
+        'background_task_up{task="fleet-sweep"} 0.0'
+        not in httpx.get(f"{pod.url}/metrics", timeout=10).text
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "QUEUE_URL" in ready.json()["reason"]
+    assert "retrying by itself" in ready.json()["reason"]
     fleet.redis.start()
+    pod.wait_for("/ready", 60)
     job = submit(pod, steps=1)
     assert wait_all([pod], [job["id"]], {"succeeded"}, timeout=60)
 

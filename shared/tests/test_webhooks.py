@@ -1,61 +1,13 @@
 """Webhooks to a real local receiver, verified with the standardwebhooks library."""
 
-import base64
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
 from model_service_testing.process import free_port, wait_status
-
-SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
-
-
-class Receiver:
-    """An HTTP server that records POSTs; `fail_first` answers 500 that many times."""
-
-    def __init__(self, port: int, fail_first: int = 0) -> None:
-        self.port = port
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.fail_first = fail_first
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                if receiver.fail_first > 0:
-                    receiver.fail_first -= 1
-                    self.send_response(500)
-                else:
-                    receiver.received.append((dict(self.headers.items()), body))
-                    self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    def wait(self, count: int, timeout: float = 20) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < count:
-            assert time.monotonic() < deadline, f"got {len(self.received)} of {count}"
-            time.sleep(0.05)
-        verifier = Webhook(SECRET)
-        return [verifier.verify(body, headers) for headers, body in self.received]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
+from model_service_testing.webhooks import SECRET, Receiver
 
 ENV = {
     "FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
@@ -68,8 +20,8 @@ ENV = {
 def receiver():
     made: list[Receiver] = []
 
-    def make(port: int | None = None, fail_first: int = 0) -> Receiver:
-        made.append(Receiver(port or free_port(), fail_first))
+    def make(port: int | None = None, fail_first: int = 0, answer_after_s: float = 0.0) -> Receiver:
+        made.append(Receiver(port or free_port(), fail_first, answer_after_s))
         return made[-1]
 
     yield make
@@ -146,3 +98,22 @@ def test_unsigned_webhooks_when_no_secret(echo_service, receiver) -> None:
     headers, body = hook.received[0]
     assert "webhook-signature" not in {key.lower() for key in headers}
     assert json.loads(body)["type"] == "job.succeeded"
+
+
+def test_a_hanging_receiver_delays_only_its_own_webhooks(echo_service, receiver) -> None:
+    """Issue 24: deliveries went out one at a time, so one receiver that does not answer
+    held back every other job's webhooks for its whole timeout, each."""
+    hanging = receiver(answer_after_s=300)
+    prompt = receiver()
+    service = echo_service(env={**ENV, "WEBHOOK_TIMEOUT_S": "120"})
+    with service.client() as client:
+        for _ in range(6):  # more than the receiver's share of the senders
+            client.post("/v1/jobs", json={"input": {}, "webhook": hanging.url})
+        hanging.wait_arrived(1)
+        job_ids = [
+            client.post("/v1/jobs", json={"input": {}, "webhook": prompt.url}).json()["id"]
+            for _ in range(3)
+        ]
+        payloads = prompt.wait(3, timeout=60)  # long before the hanging ones time out
+    assert sorted(p["data"]["id"] for p in payloads) == sorted(job_ids)
+    assert hanging.arrived <= 4, "at most PER_RECEIVER at once to one receiver"

@@ -17,6 +17,7 @@ ones still waiting come back with `JobDone.not_started` and are queued again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -70,7 +71,8 @@ class Engine(Protocol):
 
 
 class WorkerEngine:
-    """The predictor in one worker process, replaced (with backoff) when it dies."""
+    """The predictor in one worker process, replaced (with backoff) as soon as it dies,
+    busy or idle."""
 
     def __init__(
         self,
@@ -84,6 +86,8 @@ class WorkerEngine:
         self._metrics = metrics
         self._blocker = blocker  # e.g. "no GPU": do not even start a worker
         self._worker: WorkerProcess | None = None
+        self._new_worker = asyncio.Condition()  # notified when `_worker` is replaced
+        self._keeper: asyncio.Task[None] | None = None
         self._crashes_in_a_row = 0
 
     @property
@@ -104,9 +108,14 @@ class WorkerEngine:
         return {} if self._worker is None else dict(self._worker.info)
 
     async def start(self) -> None:
-        return None  # the first `wait_ready` spawns the worker
+        if self._blocker is None:
+            self._keeper = asyncio.create_task(self._keep_worker(), name="worker-keeper")
 
     async def stop(self, *, abandon_running: bool) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         if self._worker is not None:
             if abandon_running:
                 self._worker.kill()
@@ -115,25 +124,44 @@ class WorkerEngine:
     async def wait_ready(self) -> bool:
         if self._blocker is not None:
             return False
+        if self._keeper is None:  # not started yet: start now
+            await self.start()
         while True:
             worker = self._worker
-            if worker is not None and worker.state in (WorkerState.READY, WorkerState.BUSY):
-                return True
-            if worker is not None and worker.state is WorkerState.SETUP_FAILED:
+            if worker is not None:
+                await worker.wait_started()
+                if worker.state in (WorkerState.READY, WorkerState.BUSY):
+                    return True
+                if worker.state is WorkerState.SETUP_FAILED:
+                    return False
+            await self._replaced(worker)  # dead (or none yet): the keeper starts one
+
+    async def _replaced(self, worker: WorkerProcess | None) -> None:
+        async with self._new_worker:
+            await self._new_worker.wait_for(lambda: self._worker is not worker)
+
+    async def _keep_worker(self) -> None:
+        """Starts the worker, and a new one whenever it dies (after the backoff of
+        RESTART_BACKOFF_S, by crashes in a row), whether it held a job or not."""
+        why = "starting"
+        while True:
+            worker = WorkerProcess(self._predictor_path, self._config, why)
+            async with self._new_worker:
+                self._worker = worker
+                self._new_worker.notify_all()
+            await worker.wait_started()
+            if worker.state is WorkerState.SETUP_FAILED:
                 log.error("model setup failed; jobs stay queued", reason=worker.reason)
-                return False
-            if worker is not None and worker.state is WorkerState.DEAD:
-                self._metrics.worker_restarts.labels("died").inc()
-                delay = RESTART_BACKOFF_S[min(self._crashes_in_a_row, len(RESTART_BACKOFF_S) - 1)]
-                self._crashes_in_a_row += 1
-                log.warning("starting a new worker", reason=worker.reason, delay_s=delay)
-                await asyncio.sleep(delay)
-            if worker is None or worker.state is WorkerState.DEAD:
-                why = "starting" if worker is None else f"worker restarting ({worker.reason})"
-                self._worker = WorkerProcess(self._predictor_path, self._config, why)
-                await self._worker.wait_started()
-                if self._worker.state is WorkerState.READY:
-                    log.info("worker ready", worker_pid=self._worker.pid, info=self._worker.info)
+                return
+            if worker.state is WorkerState.READY:
+                log.info("worker ready", worker_pid=worker.pid, info=worker.info)
+            await worker.wait_ended()
+            self._metrics.worker_restarts.labels("died").inc()
+            delay = RESTART_BACKOFF_S[min(self._crashes_in_a_row, len(RESTART_BACKOFF_S) - 1)]
+            self._crashes_in_a_row += 1
+            log.warning("starting a new worker", reason=worker.reason, delay_s=delay)
+            why = f"worker restarting ({worker.reason})"
+            await asyncio.sleep(delay)
 
     async def run(self, job: RunJob, on_progress: ProgressSink, on_started: StartedSink) -> JobDone:
         worker = self._worker

@@ -148,6 +148,20 @@ class StoreUnavailable(ServiceError):
     status_code = 503
 
 
+class StoreBusy(StoreUnavailable):
+    """The job store (SQLite in DATA_DIR) is locked by another process beyond the busy
+    timeout; nothing was changed."""
+
+    code = "store_busy"
+
+
+class DiskFull(StoreUnavailable):
+    """The disk of DATA_DIR is full: the job store or a file could not be written;
+    nothing was changed."""
+
+    code = "disk_full"
+
+
 class ProvisionError(ServiceError):
     """Model weights could not be put in place; the message says what to do."""
 

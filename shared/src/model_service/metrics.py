@@ -101,6 +101,19 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.task_up = Gauge(
+            "background_task_up",
+            "1 while a background task (job-runner, webhooks, retention, fleet-sweep, "
+            "fleet-events) works, 0 while its steps fail (it retries by itself)",
+            ["task"],
+            registry=self.registry,
+        )
+        self.task_failures = Counter(
+            "background_task_failures_total",
+            "Failed steps of background tasks, by error code",
+            ["task", "error_code"],
+            registry=self.registry,
+        )
         Gauge("service_info", "Service name", list(labels), registry=self.registry).labels(
             **labels
         ).set(1)

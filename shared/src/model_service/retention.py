@@ -5,7 +5,6 @@ import shutil
 import time
 from pathlib import Path
 
-from model_service.errors import StoreUnavailable
 from model_service.jobs.record import Job
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
@@ -60,12 +59,9 @@ def _last_change(folder: Path) -> float:
     return max(path.stat().st_mtime for path in folders)
 
 
-async def run_forever(
+async def step(
     settings: Settings, store: JobStore, held_by: str = "", every_s: float = 600.0
 ) -> None:
-    while True:
-        try:
-            await asyncio.to_thread(sweep, settings, store, held_by)
-        except StoreUnavailable as exc:  # a fleet's Redis is down: next pass
-            log.warning("retention pass skipped", error=exc.message)
-        await asyncio.sleep(every_s)
+    """One pass of the retention task (`background.TaskHealth`), then its pause."""
+    await asyncio.to_thread(sweep, settings, store, held_by)
+    await asyncio.sleep(every_s)

@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
+from model_service.background import BACKOFF_S, TaskHealth, describe, error_code
 from model_service.engine import Engine
 from model_service.errors import (
     InputMissing,
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 
 log = get_logger("model_service.runner")
 
+T = TypeVar("T")
+
 _PROGRESS_SAVE_S = 1.0
 _WAITING_CANCEL_S = 2.0  # a cancel's reply waits this long for a job that never started
 
@@ -81,7 +84,7 @@ class JobRunner:
         self._metrics = metrics
         self._webhooks = webhooks
         self.source = source
-        self._bug: str | None = None  # set when the loop itself died
+        self.tasks = TaskHealth(metrics)  # this and the service's other background tasks
         self._task: asyncio.Task[None] | None = None
         # the engine holds at most the running job and JOBS_AHEAD prepared ones
         self._slots = asyncio.Semaphore(1 + settings.effective_jobs_ahead)
@@ -103,13 +106,7 @@ class JobRunner:
             self.recover()
         await self.source.start()
         await self.engine.start()
-        self._task = asyncio.create_task(self._loop(), name="job-runner")
-        self._task.add_done_callback(self._loop_ended)
-
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._bug = f"job runner stopped by a bug: {task.exception()!r}; restart"
-            log.error("job runner crashed", exc_info=task.exception())
+        self._task = self.tasks.start("job-runner", self._take_next)
 
     async def stop(self) -> None:
         claims = list(self._claims.values())  # before the tasks' ends forget them
@@ -162,9 +159,8 @@ class JobRunner:
     @property
     def readiness(self) -> tuple[bool, str]:
         """(can a job run now, why not)."""
-        if self._bug is not None:
-            return False, self._bug
-        return self.engine.readiness
+        ok, reason = self.tasks.readiness
+        return self.engine.readiness if ok else (ok, reason)
 
     @property
     def worker_info(self) -> dict[str, Any]:
@@ -237,41 +233,38 @@ class JobRunner:
 
     # --- the loop ----------------------------------------------------------------------
 
-    async def _loop(self) -> None:
-        """Hands the engine a job whenever it holds fewer than 1 + JOBS_AHEAD: the next
-        job is prepared while the current one runs. Each job goes on in its own task."""
-        while True:
-            await self._slots.acquire()
-            try:
-                if not await self.engine.wait_ready():  # jobs stay queued; /ready says why
-                    self.blocked = self.engine.readiness[1]
-                    self._blocked_event.set()
-                    await asyncio.Event().wait()
-                    return
-                claim = await self.source.take()
-            except BaseException:
-                self._slots.release()
-                raise
-            if claim is None:
-                self._slots.release()
-                continue
-            self._claims[claim.job.id] = claim
-            task = asyncio.create_task(self._execute_claim(claim), name="job")
-            self._job_tasks.add(task)
-            task.add_done_callback(self._job_task_ended)
-
-    def _job_task_ended(self, task: asyncio.Task[None]) -> None:
-        self._job_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._bug = f"job runner stopped by a bug: {task.exception()!r}; restart"
-            log.error("job runner crashed", exc_info=task.exception())
+    async def _take_next(self) -> None:
+        """One step of the runner's task: hands the engine a job once it holds fewer than
+        1 + JOBS_AHEAD (the next job is prepared while the current one runs). Each job
+        goes on in its own task."""
+        await self._slots.acquire()
+        try:
+            if not await self.engine.wait_ready():  # jobs stay queued; /ready says why
+                self.blocked = self.engine.readiness[1]
+                self._blocked_event.set()
+                await asyncio.Event().wait()
+            claim = await self.source.take()
+        except BaseException:
+            self._slots.release()
+            raise
+        if claim is None:
+            self._slots.release()
+            return
+        self._claims[claim.job.id] = claim
+        task = asyncio.create_task(self._execute_claim(claim), name="job")
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
 
     async def _execute_claim(self, claim: Claim) -> None:
         slot = _Slot(self._slots)
         flight = _InFlight(claim.job.id)
         try:
             with structlog.contextvars.bound_contextvars(job_id=claim.job.id):
-                await self._execute(claim, slot, flight)
+                try:
+                    await self._execute(claim, slot, flight)
+                except Exception as exc:  # never left running
+                    slot.release()
+                    await self._settle(claim, flight, exc)
         finally:
             slot.release()
             self._claims.pop(claim.job.id, None)
@@ -378,15 +371,66 @@ class JobRunner:
         if flight.started:
             self._metrics.running.dec()
         log.warning("the engine lost this job before it started; queued again")
+        await self._queue_again(claim)
+
+    async def _queue_again(self, claim: Claim) -> None:
+        """Back to the queue, its attempt not counted (unless it ended meanwhile)."""
         try:
-            job = self._store.transition(claim.job.id, JobStatus.QUEUED, _give_back_attempt)
-        except ServiceError as exc:  # canceled meanwhile, or the store is away: the
-            log.warning("job not queued again", error=exc.message)  # source's sweep has it
+            job = await self._until_stored(
+                lambda: self._store.transition(claim.job.id, JobStatus.QUEUED, _give_back_attempt)
+            )
+        except ServiceError as exc:  # canceled meanwhile: nothing to queue
+            log.warning("job not queued again", error=exc.message)
             return
         self._changed(job, "status")
         if not claim.lost:
             await self.source.give_back(claim)
         self.wake()
+
+    async def _settle(self, claim: Claim, flight: _InFlight, exc: Exception) -> None:
+        """A job whose handling raised (the store, a bug) is never left running: one the
+        engine had begun fails with the error's code, one it had not is queued again."""
+        log.error(
+            "job handling failed",
+            error_code=error_code(exc),
+            error=describe(exc),
+            exc_info=None if isinstance(exc, ServiceError) else exc,
+        )
+        if claim.lost:
+            return
+        try:
+            current = await self._until_stored(lambda: self._store.get(claim.job.id))
+        except ServiceError:
+            return
+        if current.status is not JobStatus.RUNNING:  # its end was recorded before the error
+            await self.source.ended(claim)
+            return
+        if not flight.started:
+            await self._queue_again(claim)
+            return
+        failure = (
+            exc
+            if isinstance(exc, ServiceError)
+            else ServiceError(
+                f"this job's handling failed with an unexpected {type(exc).__name__}; it is "
+                "logged. Retry the job, and report it if it persists"
+            )
+        )
+        await self._record_end(claim, None, failure, [], (0, 0), [], started=True)
+
+    async def _until_stored(self, write: Callable[[], T]) -> T:
+        """`write`, tried again with backoff while the store cannot be used (Redis away,
+        SQLite locked by another process, disk full)."""
+        failures = 0
+        while True:
+            try:
+                return write()
+            except StoreUnavailable as exc:
+                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                if failures == 0:
+                    log.warning("cannot write to the job store yet; retrying", error=exc.message)
+                failures += 1
+                await asyncio.sleep(delay)
 
     def _observe_execution(self, job: Job, done: JobDone) -> None:
         """The GPU's busy time, and its idle time before a job that was waiting."""
@@ -418,20 +462,19 @@ class JobRunner:
         if claim.lost:
             log.warning("the fleet gave this job to another pod meanwhile; its end here is dropped")
             return
-        retried = False
-        while True:
+        tries = 0
+
+        def finish() -> None:
+            nonlocal tries
+            tries += 1
             try:
                 self._finish(claim.job.id, done, failure, outputs, progress, stored, started)
-                break
-            except StoreUnavailable as exc:
-                log.warning("cannot record the end of the job yet; trying again", error=exc.message)
-                retried = True
-                await asyncio.sleep(1.0)
             except InvalidTransition:
                 # a write whose reply was lost with the connection did land: recorded
-                if retried and self._store.get(claim.job.id).status.is_terminal:
-                    break
-                raise
+                if tries == 1 or not self._store.get(claim.job.id).status.is_terminal:
+                    raise
+
+        await self._until_stored(finish)
         await self.source.ended(claim)
         self.wake()  # its end may make others runnable (a long video's next part)
 
@@ -509,10 +552,7 @@ class JobRunner:
     def _changed(self, job: Job, kind: str) -> None:
         self._bus.publish(JobEvent(job.id, kind, job))
         if kind == "status" and job.status is not JobStatus.QUEUED:
-            try:
-                self._webhooks.enqueue(job, job.status.value)
-            except StoreUnavailable as exc:  # the job's change is recorded; this is not
-                log.error("webhook delivery not stored", job_id=job.id, error=exc.message)
+            self._webhooks.enqueue(job, job.status.value)
         if job.parent_id is not None and self.graphs is not None:
             self.graphs.child_changed(job, kind)
 

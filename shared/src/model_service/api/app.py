@@ -6,10 +6,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 from fastapi import FastAPI
 
-from model_service import gpu, retention
+from model_service import disk, gpu, retention
 from model_service.api import console, jobs, probes, uploads
 from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
@@ -157,15 +158,16 @@ def _oldest_queued_s(store: JobStore) -> float:
 async def running(state: ServiceState) -> AsyncIterator[None]:
     """The service's lifetime on the current event loop: runner, webhooks, retention
     (the HTTP app's lifespan, and the serverless worker's)."""
-    await state.bus.start()
+    tasks = state.runner.tasks  # each survives its own errors; /ready names one failing
+    await state.bus.start(tasks)
     await state.runner.start()
     if state.graphs is not None:
         await state.graphs.start()
     background = [
-        asyncio.create_task(state.webhooks.run(), name="webhooks"),
-        asyncio.create_task(
-            retention.run_forever(state.settings, state.store, state.pod_url or ""),
-            name="retention",
+        tasks.start("webhooks", state.webhooks.step),
+        tasks.start(
+            "retention",
+            partial(retention.step, state.settings, state.store, state.pod_url or ""),
         ),
     ]
     _ok, reason = state.runner.readiness
@@ -183,6 +185,7 @@ async def running(state: ServiceState) -> AsyncIterator[None]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+        await state.webhooks.stop()
         if state.graphs is not None:
             await state.graphs.stop()
         await state.runner.stop()
@@ -207,6 +210,7 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
+    disk.install_handler(app)  # a full DATA_DIR: 503 disk_full
     app.add_middleware(
         ObserveMiddleware,
         api_keys=settings.api_keys,

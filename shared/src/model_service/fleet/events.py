@@ -17,6 +17,7 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
+from model_service.background import TaskHealth
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
 from model_service.logs import get_logger
@@ -32,6 +33,7 @@ class RedisEventBus(EventBus):
         self._origin = uuid.uuid4().hex  # this pod: its own messages come back to it
         self._publisher = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         self._task: asyncio.Task[None] | None = None
+        self._tasks: TaskHealth | None = None
         self._quiet_until = 0.0  # after a failed publish: the event loop must not wait on it
         self.connected = asyncio.Event()  # subscribed (tests wait for it)
 
@@ -46,8 +48,9 @@ class RedisEventBus(EventBus):
             self._quiet_until = time.monotonic() + 1.0
             log.warning("job event not sent to other pods", job_id=event.job_id, error=str(exc))
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="fleet-events")
+    async def start(self, tasks: TaskHealth) -> None:
+        self._tasks = tasks
+        self._task = tasks.start("fleet-events", self._listen)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -57,24 +60,27 @@ class RedisEventBus(EventBus):
         self._publisher.close()
 
     async def _listen(self) -> None:
-        while True:
-            client = aioredis.Redis.from_url(self._url, socket_connect_timeout=2)
-            try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    self.connected.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._deliver(message["data"])
-            except (redis.RedisError, OSError) as exc:
-                self.connected.clear()
-                log.warning("fleet events: Redis lost; subscribing again", error=str(exc))
-                await asyncio.sleep(1.0)
-            finally:
-                await client.aclose()
+        """One subscription, until Redis is lost (the task then subscribes again)."""
+        client = aioredis.Redis.from_url(self._url, socket_connect_timeout=2)
+        try:
+            async with client.pubsub() as pubsub:
+                await pubsub.subscribe(self._channel)
+                self.connected.set()
+                if self._tasks is not None:
+                    self._tasks.up("fleet-events")
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._deliver(message["data"])
+        finally:
+            self.connected.clear()
+            await client.aclose()
 
     def _deliver(self, raw: bytes) -> None:
-        message = json.loads(raw)
+        try:
+            message = json.loads(raw)
+        except ValueError:  # not ours: a stray publisher on the channel
+            log.warning("fleet events: message that is not JSON dropped")
+            return
         if message["origin"] == self._origin:
             return
         job_id = message["job"]["id"]

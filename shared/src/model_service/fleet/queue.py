@@ -147,7 +147,8 @@ class FleetQueue:
         # the attempts of the running jobs before the sweep: once queued again, another
         # worker may take a job (and count its attempt) before we read it
         running = await self._queue.info(jobs=True, limit=max(1, await self._queue.count("active")))
-        attempts = {job["key"]: job["attempts"] for job in running["jobs"]}
+        # saq's to_dict leaves out fields at their default: `attempts` of a queued job
+        attempts = {job["key"]: job.get("attempts", 0) for job in running["jobs"]}
         swept = await self._queue.sweep(lock=lock_s, abort=0.2)
         requeued: dict[str, int] = {}
         poisoned: list[str] = []

@@ -103,7 +103,7 @@ class FleetSource:
 
     async def start(self) -> None:
         await self._queue.connect()
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="fleet-sweep")
+        self._sweeper = self.runner.tasks.start("fleet-sweep", self._sweep_step)
         log.info("fleet pod started", queue=self._queue.name, pod=self.pod_url)
 
     async def stop(self) -> None:
@@ -153,10 +153,8 @@ class FleetSource:
     async def take(self) -> Claim | None:
         try:
             lease = await self._queue.take(timeout_s=1.0)
-        except _REDIS_ERRORS as exc:
-            log.warning("cannot take a job from the queue", error=str(exc))
-            await asyncio.sleep(1.0)
-            return None
+        except _REDIS_ERRORS as exc:  # the runner's task is down (/ready) until it can
+            raise unreachable(exc) from exc
         if lease is None:
             return None
         try:
@@ -275,16 +273,16 @@ class FleetSource:
 
     # --- the sweep ---------------------------------------------------------------------
 
-    async def _sweep_forever(self) -> None:
+    async def _sweep_step(self) -> None:
+        """One pass of the sweep's background task, then its pause (or a wake)."""
         interval = max(0.5, self._settings.queue_heartbeat_s / 2)
-        while True:
-            try:
-                await self.sweep_once(lock_s=max(1, int(interval)))
-            except (*_REDIS_ERRORS, StoreUnavailable) as exc:
-                log.warning("fleet sweep failed; trying again", error=str(exc))
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+        self._wake.clear()
+        try:
+            await self.sweep_once(lock_s=max(1, int(interval)))
+        except _REDIS_ERRORS as exc:  # the task is down (/ready, metric) until it can
+            raise unreachable(exc) from exc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), interval)
 
     async def sweep_once(self, lock_s: int = 1) -> None:
         result = await self._queue.sweep(lock_s)

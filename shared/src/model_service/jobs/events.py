@@ -6,16 +6,21 @@ import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from model_service.jobs.record import JobEvent
+
+if TYPE_CHECKING:
+    from model_service.background import TaskHealth
 
 
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
 
-    async def start(self) -> None:
-        """Nothing to start in one process (a fleet's bus subscribes to Redis)."""
+    async def start(self, tasks: TaskHealth) -> None:
+        """Nothing to start in one process (a fleet's bus subscribes to Redis, as one of
+        `tasks`)."""
 
     async def stop(self) -> None:
         pass

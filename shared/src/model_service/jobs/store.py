@@ -16,12 +16,19 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from model_service.errors import IdempotencyConflict, InvalidTransition, NotFound
+from model_service.disk import disk_full, is_full
+from model_service.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    NotFound,
+    ServiceError,
+    StoreBusy,
+)
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
 
@@ -70,6 +77,11 @@ _RUNNABLE = (
     ") ORDER BY seq LIMIT ?"
 )
 _RUNNABLE_PARAMS = (JobStatus.QUEUED.value, JobStatus.SUCCEEDED.value)
+
+# How long a write waits for another process's lock on the file (a backup, the sqlite3
+# CLI) before it fails with `store_busy`. Short: the store is called on the event loop.
+BUSY_TIMEOUT_MS = 1000
+RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,7 @@ class SqliteJobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.executescript(_SCHEMA)
         self._migrate()
 
@@ -167,6 +179,19 @@ class SqliteJobStore:
             self._db.close()
 
     @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """This process's lock on the connection; SQLite's busy and full errors as the
+        service's `StoreBusy` and `DiskFull` (503, Retry-After)."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                error = _service_error(exc)
+                if error is None:
+                    raise
+                raise error from exc
+
+    @contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One transaction. `durable=False` skips the fsync (WAL, synchronous=NORMAL): the
         change survives a crash of this process, and only a power loss or kernel crash
@@ -174,17 +199,19 @@ class SqliteJobStore:
         run): losing one to a power loss leaves the job running in the store, so it runs
         again after the restart (its output files are not fsynced either). A new job
         and a client's cancel are always synced. The next synced commit syncs all."""
-        with self._lock:
+        with self._guard():
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # a failed COMMIT may leave it open
+                        with suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
@@ -247,7 +274,7 @@ class SqliteJobStore:
 
     def children(self, parent_id: str) -> list[Job]:
         """A parent's children in the order they were created."""
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(
                 "SELECT data FROM jobs WHERE parent_id = ? ORDER BY seq", (parent_id,)
             ).fetchall()
@@ -255,7 +282,7 @@ class SqliteJobStore:
 
     def open_parents(self) -> list[Job]:
         """Parents that are not finished (their children may need the coordinator)."""
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(
                 "SELECT data FROM jobs WHERE is_parent = 1 AND status NOT IN (?, ?, ?) "
                 "ORDER BY seq",
@@ -282,7 +309,7 @@ class SqliteJobStore:
         )
 
     def find(self, job_id: str) -> Job | None:
-        with self._lock:
+        with self._guard():
             return self._get(self._db, job_id)
 
     def get(self, job_id: str) -> Job:
@@ -300,14 +327,14 @@ class SqliteJobStore:
             params.append(status.value)
         query += " ORDER BY seq DESC LIMIT ?"
         params.append(limit + 1)
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(query, params).fetchall()
         jobs = [Job.from_row(json.loads(row["data"])) for row in rows[:limit]]
         next_cursor = rows[limit - 1]["seq"] if len(rows) > limit else None
         return Page(jobs, next_cursor)
 
     def count(self, status: JobStatus) -> int:
-        with self._lock:
+        with self._guard():
             row = self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = ? AND is_parent = 0", (status.value,)
             ).fetchone()
@@ -359,13 +386,13 @@ class SqliteJobStore:
     def runnable(self, limit: int = 1000) -> list[Job]:
         """Queued non-parent jobs whose dependencies all succeeded, oldest first: what
         `claim_next` would take, in order."""
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, limit)).fetchall()
         return [Job.from_row(json.loads(row["data"])) for row in rows]
 
     def running(self) -> list[Job]:
         """Jobs the runner is running (parents are not run by the runner)."""
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(
                 "SELECT data FROM jobs WHERE status = ? AND is_parent = 0 ORDER BY seq",
                 (JobStatus.RUNNING.value,),
@@ -374,7 +401,7 @@ class SqliteJobStore:
 
     def finished_before(self, cutoff: float) -> list[Job]:
         """Terminal jobs with outputs still on disk that finished before `cutoff`."""
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(
                 "SELECT data FROM jobs WHERE status IN (?, ?, ?)",
                 tuple(status.value for status in TERMINAL),
@@ -420,7 +447,7 @@ class SqliteJobStore:
             )
 
     def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]:
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(
                 "SELECT id, job_id, url, event_type, payload, attempts FROM webhook_deliveries "
                 "WHERE state = 'pending' AND next_attempt_at <= ? "
@@ -430,7 +457,7 @@ class SqliteJobStore:
         return [Delivery(**dict(row)) for row in rows]
 
     def next_delivery_due(self) -> float | None:
-        with self._lock:
+        with self._guard():
             row = self._db.execute(
                 "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE state = 'pending'"
             ).fetchone()
@@ -448,7 +475,7 @@ class SqliteJobStore:
             )
 
     def deliveries(self, job_id: str) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._guard():
             rows = self._db.execute(
                 "SELECT id, event_type, attempts, state, last_error FROM webhook_deliveries "
                 "WHERE job_id = ? ORDER BY rowid",
@@ -467,9 +494,25 @@ class SqliteJobStore:
             )
 
     def get_upload(self, upload_id: str) -> Upload | None:
-        with self._lock:
+        with self._guard():
             row = self._db.execute(
                 "SELECT id, filename, content_type, size, created_at FROM uploads WHERE id = ?",
                 (upload_id,),
             ).fetchone()
         return None if row is None else Upload(**dict(row))
+
+
+def _service_error(exc: sqlite3.Error) -> ServiceError | None:
+    """Busy/locked and full as the service's errors; None for anything else (a bug or a
+    broken file: raised as it is)."""
+    if is_full(exc):
+        return disk_full("the job store could not be written")
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreBusy(
+            "the job store (DATA_DIR/jobs.sqlite3) is locked by another process (a backup, "
+            "the sqlite3 CLI); nothing was changed. Retry shortly; if it persists, find "
+            "the process that holds the lock",
+            retry_after_s=RETRY_AFTER_S,
+        )
+    return None

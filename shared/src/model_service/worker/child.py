@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from model_service import disk
 from model_service.errors import CudaError, JobCanceled, ModelError, OutOfMemory, ServiceError
 from model_service.logs import configure_logging, get_logger
 from model_service.predictor import Predictor, PredictResult, WorkerConfig, prepare_inputs
@@ -352,6 +353,8 @@ def classify_exception(exc: Exception) -> ServiceError:
     """Map an exception from model code to a job error with a code and advice."""
     if isinstance(exc, ServiceError):
         return exc
+    if disk.is_full(exc):  # writing the outputs
+        return disk.disk_full("the job's outputs could not be written")
     name = type(exc).__name__
     text = str(exc)
     if name == "OutOfMemoryError" or "out of memory" in text.lower():

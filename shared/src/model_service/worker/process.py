@@ -106,6 +106,10 @@ class WorkerProcess:
         """Until the model is loaded, setup failed, or the process died."""
         await self._ready.wait()
 
+    async def wait_ended(self) -> None:
+        """Until the process is gone (and every job in it has its answer)."""
+        await self._ended.wait()
+
     def holds(self, job_id: str) -> bool:
         """Whether `job_id` was sent to this process and has not ended."""
         return job_id in self._jobs

@@ -1,7 +1,8 @@
 """What a test machine may lack, and the only reasons a test may skip for.
 
-A test skips only for what the machine genuinely lacks: a GPU, or a real ComfyUI checkout
-(`COMFYUI_TEST_DIR`, or `COMFYUI_TEST_URL` for a running one). When a real ComfyUI is
+A test skips only for what the machine genuinely lacks: a GPU, a real ComfyUI checkout
+(`COMFYUI_TEST_DIR`, or `COMFYUI_TEST_URL` for a running one), or the right to mount a
+small filesystem (root: the disk-full tests). When a real ComfyUI is
 under test, the few tests that need the stand-in's fault knobs skip instead. Every other
 skip (a missing file, tool or package of the project) is a defect: `pytest
 --only-machine-skips` (what `make test` runs) fails the run when one appears.
@@ -20,7 +21,8 @@ COMFYUI_TEST_URL = (os.environ.get("COMFYUI_TEST_URL") or "").rstrip("/") or Non
 NO_GPU = "no GPU"
 NO_REAL_COMFYUI = "no real ComfyUI"
 REAL_COMFYUI_UNDER_TEST = "a real ComfyUI is under test"
-MACHINE_SKIPS = (NO_GPU, NO_REAL_COMFYUI, REAL_COMFYUI_UNDER_TEST)
+NO_MOUNT = "cannot mount a tmpfs"
+MACHINE_SKIPS = (NO_GPU, NO_REAL_COMFYUI, REAL_COMFYUI_UNDER_TEST, NO_MOUNT)
 
 WHY_NO_REAL_COMFYUI = (
     f"{NO_REAL_COMFYUI}: set COMFYUI_TEST_DIR to a ComfyUI 0.33.0 checkout "
