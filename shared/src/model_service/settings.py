@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     )
     model_variant: str | None = Field(
         None,
-        description="Which of the service's models to load (Qwen: `edit` or `edit-2509`); "
-        "default: the service's own default.",
+        description="Which of the service's models to load (Qwen: `edit`, `edit-2509` or "
+        "`edit-2511`, each optionally with `-lightning-4` or `-lightning-8`); default: the "
+        "service's own default.",
     )
     cpu_offload: Literal["auto", "none", "model", "sequential"] = Field(
         "auto",
