@@ -59,19 +59,21 @@ class TaskHealth:
                 self.up(name)
 
     def down(self, name: str, exc: BaseException, retry_in_s: float = 0.0) -> None:
-        """`name` failed: logged the first time (and when the error changes)."""
-        reason = f"{error_code(exc)}: {describe(exc)}"
-        if self._down.get(name) != reason:
+        """`name` failed: logged the first time (and when the error's code changes)."""
+        code = error_code(exc)
+        reason = f"{code}: {describe(exc)}"
+        if not self._down.get(name, "").startswith(f"{code}: "):
             log.error(
                 "background task failed; retrying",
                 task=name,
-                error_code=error_code(exc),
+                error_code=code,
                 error=describe(exc),
                 retry_in_s=retry_in_s,
+                exc_info=None if isinstance(exc, ServiceError) else exc,  # a bug: where
             )
         self._down[name] = reason
         self._metrics.task_up.labels(name).set(0)
-        self._metrics.task_failures.labels(name, error_code(exc)).inc()
+        self._metrics.task_failures.labels(name, code).inc()
 
     def up(self, name: str) -> None:
         if self._down.pop(name, None) is not None:

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from redis import RedisError
 
-from model_service.errors import Poison, StoreUnavailable
+from model_service.background import TaskHealth
+from model_service.errors import Poison
 from model_service.fleet.queue import FleetQueue, Lease
+from model_service.jobs.redis_store import unreachable
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 
@@ -49,10 +51,16 @@ class FleetCompositions:
         assert self._graphs is not None, "bind() the graphs first"
         return self._graphs
 
-    async def start(self) -> None:
+    async def start(self, tasks: TaskHealth | None = None) -> None:
+        """`tasks`: the service's background tasks, where a failing one is reported."""
+        tasks = tasks or TaskHealth(self._metrics)
         await self._queue.connect()
-        self._spawn(self._work_forever(), "fleet-compose")
-        self._spawn(self._sweep_forever(), "fleet-compose-sweep")
+        for task in (
+            tasks.start("fleet-compose", self._take_next),
+            tasks.start("fleet-compose-sweep", self._sweep_step),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
@@ -79,16 +87,14 @@ class FleetCompositions:
 
     # --- composing ---------------------------------------------------------------------
 
-    async def _work_forever(self) -> None:
-        while True:
-            try:
-                lease = await self._queue.take(timeout_s=1.0)
-            except _REDIS_ERRORS as exc:
-                log.warning("cannot take a composition from the queue", error=str(exc))
-                await asyncio.sleep(1.0)
-                continue
-            if lease is not None:
-                await self.compose(lease)
+    async def _take_next(self) -> None:
+        """One step of the composing task: the next composition, if any, composed."""
+        try:
+            lease = await self._queue.take(timeout_s=1.0)
+        except _REDIS_ERRORS as exc:  # the task is down (/ready) until it can
+            raise unreachable(exc) from exc
+        if lease is not None:
+            await self.compose(lease)
 
     async def compose(self, lease: Lease) -> None:
         """Composes `lease`'s long video while beating its heartbeat, then acknowledges
@@ -128,14 +134,14 @@ class FleetCompositions:
 
     # --- the sweep ---------------------------------------------------------------------
 
-    async def _sweep_forever(self) -> None:
+    async def _sweep_step(self) -> None:
+        """One pass of the composition sweep's task, after its pause."""
         interval = max(0.5, self._heartbeat_s / 2)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.sweep_once(lock_s=max(1, int(interval)))
-            except (*_REDIS_ERRORS, StoreUnavailable) as exc:
-                log.warning("composition sweep failed; trying again", error=str(exc))
+        await asyncio.sleep(interval)
+        try:
+            await self.sweep_once(lock_s=max(1, int(interval)))
+        except _REDIS_ERRORS as exc:  # the task is down (/ready) until it can
+            raise unreachable(exc) from exc
 
     async def sweep_once(self, lock_s: int = 1) -> None:
         result = await self._queue.sweep(lock_s)

@@ -36,6 +36,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from model_service.background import TaskHealth
 from model_service.errors import (
     ComposeFailed,
     InputMissing,
@@ -85,7 +86,7 @@ class Compositions(Protocol):
     """Runs compositions elsewhere than in this process's own task (a fleet's queue)."""
 
     def bind(self, graphs: JobGraphs) -> None: ...
-    async def start(self) -> None: ...
+    async def start(self, tasks: TaskHealth | None = None) -> None: ...
     async def stop(self) -> None: ...
     def request(self, parent_id: str) -> None:
         """Every child succeeded: compose once, on some pod (repeating it is harmless)."""
@@ -121,7 +122,7 @@ class JobGraphs:
         """After the runner recovered its jobs: bring every open parent up to date."""
         await self.reconcile_open()
         if self._compositions is not None:
-            await self._compositions.start()
+            await self._compositions.start(self._runner.tasks)
 
     async def reconcile_open(self) -> None:
         for parent in self._store.open_parents():
