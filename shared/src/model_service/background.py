@@ -4,7 +4,9 @@ event relay), each one step at a time, surviving its own errors.
 A step that raises marks its task down: the error is logged once (with its code), the
 task shows in `/ready` and in the `background_task_up` metric, and the step is tried
 again after a backoff. The next step that ends well marks it up again. Only
-cancellation stops a task.
+cancellation stops a task. A task that jobs need (the runner, the fleet's sweeps) makes
+`/ready` 503 while it is down; one they do not (webhooks, retention, event relays) is
+named in `/ready`'s reason while it stays 200, since the pod can still run jobs.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ class TaskHealth:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._down: dict[str, str] = {}
+        self._side_tasks: set[str] = set()  # down, they do not stop jobs
 
-    def start(self, name: str, step: Step) -> asyncio.Task[None]:
+    def start(self, name: str, step: Step, *, jobs_need_it: bool = True) -> asyncio.Task[None]:
         """Run `step` again and again as the task `name` until canceled."""
+        if not jobs_need_it:
+            self._side_tasks.add(name)
         return asyncio.create_task(self._keep_running(name, step), name=name)
 
     async def _keep_running(self, name: str, step: Step) -> None:
@@ -84,5 +89,7 @@ class TaskHealth:
     def readiness(self) -> tuple[bool, str]:
         if not self._down:
             return True, "ready"
-        name, reason = next(iter(self._down.items()))
-        return False, f"background task {name} is failing ({reason}); retrying by itself"
+        blocking = [name for name in self._down if name not in self._side_tasks]
+        name = (blocking or list(self._down))[0]
+        failing = f"background task {name} is failing ({self._down[name]}); retrying by itself"
+        return (False, failing) if blocking else (True, f"ready; {failing}")

@@ -164,10 +164,11 @@ async def running(state: ServiceState) -> AsyncIterator[None]:
     if state.graphs is not None:
         await state.graphs.start()
     background = [
-        tasks.start("webhooks", state.webhooks.step),
+        tasks.start("webhooks", state.webhooks.step, jobs_need_it=False),
         tasks.start(
             "retention",
             partial(retention.step, state.settings, state.store, state.pod_url or ""),
+            jobs_need_it=False,
         ),
     ]
     _ok, reason = state.runner.readiness

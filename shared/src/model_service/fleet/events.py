@@ -50,7 +50,7 @@ class RedisEventBus(EventBus):
 
     async def start(self, tasks: TaskHealth) -> None:
         self._tasks = tasks
-        self._task = tasks.start("fleet-events", self._listen)
+        self._task = tasks.start("fleet-events", self._listen, jobs_need_it=False)
 
     async def stop(self) -> None:
         if self._task is not None:
