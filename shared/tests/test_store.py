@@ -144,6 +144,23 @@ def test_claim_is_fifo(tmp_path: Path) -> None:
     assert [job.id if job else None for job in claimed] == ["first", "second", "third", None]
 
 
+@pytest.mark.parametrize("damage", ["{not json", '{"status": "no such status"}', "[]"])
+def test_one_unreadable_row_spoils_no_list_and_stops_no_runner(tmp_path: Path, damage: str) -> None:
+    """A row whose JSON cannot be read (a disk fault, a hand edit) is left out of every
+    list and skipped, marked failed, by the runner's claim; the others go on."""
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    for job_id in ["first", "broken", "third"]:
+        store.create(new_job(job_id))
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET data = ? WHERE id = 'broken'", (damage,))
+    assert [job.id for job in store.page(None, 10, None).jobs] == ["third", "first"]
+    assert [job.id for job in store.runnable()] == ["first", "third"]
+    claimed = [store.claim_next() for _ in range(3)]
+    assert [job.id if job else None for job in claimed] == ["first", "third", None]
+    assert store.count(JobStatus.FAILED) == 1  # the broken row, out of the queue
+    assert [job.id for job in store.running()] == ["first", "third"]
+
+
 def test_retention_deletes_old_job_files_only(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, output_retention_hours=1)
     store = SqliteJobStore(settings.db_path)

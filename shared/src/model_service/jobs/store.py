@@ -31,6 +31,7 @@ from model_service.errors import (
 )
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
+from model_service.logs import get_logger
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -70,8 +71,10 @@ CREATE TABLE IF NOT EXISTS uploads (
 
 # Queued non-parent jobs whose dependencies all succeeded, oldest first (`claim_next`
 # takes the first; `runnable` lists them)
+log = get_logger("model_service.store")
+
 _RUNNABLE = (
-    "SELECT data FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
+    "SELECT id, data FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
     " SELECT 1 FROM job_deps AS d JOIN jobs AS dep ON dep.id = d.depends_on"
     " WHERE d.job_id = j.id AND dep.status != ?"
     ") ORDER BY seq LIMIT ?"
@@ -148,6 +151,25 @@ class JobStore(Protocol):
     def deliveries(self, job_id: str) -> list[dict[str, Any]]: ...
     def add_upload(self, upload: Upload) -> None: ...
     def get_upload(self, upload_id: str) -> Upload | None: ...
+
+
+def _parse(row: sqlite3.Row) -> Job | None:
+    """The job a row holds, or None (logged once per job) when its JSON cannot be read:
+    one damaged row must not make every list, the runner or retention fail."""
+    try:
+        return Job.from_row(json.loads(row["data"]))
+    except (ValueError, KeyError, TypeError) as exc:  # bad JSON, unknown status, fields
+        if row["id"] not in _UNREADABLE:
+            _UNREADABLE.add(row["id"])
+            log.error("job row unreadable; left out", job_id=row["id"], error=repr(exc)[:300])
+        return None
+
+
+def _readable(rows: list[sqlite3.Row]) -> list[Job]:
+    return [job for row in rows if (job := _parse(row)) is not None]
+
+
+_UNREADABLE: set[str] = set()
 
 
 class SqliteJobStore:
@@ -276,19 +298,19 @@ class SqliteJobStore:
         """A parent's children in the order they were created."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT data FROM jobs WHERE parent_id = ? ORDER BY seq", (parent_id,)
+                "SELECT id, data FROM jobs WHERE parent_id = ? ORDER BY seq", (parent_id,)
             ).fetchall()
-        return [Job.from_row(json.loads(row["data"])) for row in rows]
+        return _readable(rows)
 
     def open_parents(self) -> list[Job]:
         """Parents that are not finished (their children may need the coordinator)."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT data FROM jobs WHERE is_parent = 1 AND status NOT IN (?, ?, ?) "
+                "SELECT id, data FROM jobs WHERE is_parent = 1 AND status NOT IN (?, ?, ?) "
                 "ORDER BY seq",
                 tuple(status.value for status in TERMINAL),
             ).fetchall()
-        return [Job.from_row(json.loads(row["data"])) for row in rows]
+        return _readable(rows)
 
     def _insert(self, db: sqlite3.Connection, job: Job) -> None:
         db.execute(
@@ -320,7 +342,7 @@ class SqliteJobStore:
 
     def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page:
         """Newest first. `cursor` is the `next_cursor` of the previous page."""
-        query = "SELECT seq, data FROM jobs WHERE seq < ?"
+        query = "SELECT seq, id, data FROM jobs WHERE seq < ?"
         params: list[Any] = [cursor if cursor is not None else 2**62]
         if status is not None:
             query += " AND status = ?"
@@ -329,7 +351,7 @@ class SqliteJobStore:
         params.append(limit + 1)
         with self._guard():
             rows = self._db.execute(query, params).fetchall()
-        jobs = [Job.from_row(json.loads(row["data"])) for row in rows[:limit]]
+        jobs = _readable(rows[:limit])
         next_cursor = rows[limit - 1]["seq"] if len(rows) > limit else None
         return Page(jobs, next_cursor)
 
@@ -372,10 +394,17 @@ class SqliteJobStore:
         """Oldest queued job whose dependencies all succeeded, moved to running (attempt
         counted), or None. Not synced: after a power loss the job is simply queued again."""
         with self._tx(durable=False) as db:
-            row = db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, 1)).fetchone()
-            if row is None:
-                return None
-            job = Job.from_row(json.loads(row["data"]))
+            while True:
+                row = db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, 1)).fetchone()
+                if row is None:
+                    return None
+                job = _parse(row)
+                if job is not None:
+                    break
+                # an unreadable queued row would be taken again and again: out of the way
+                db.execute(
+                    "UPDATE jobs SET status = ? WHERE id = ?", (JobStatus.FAILED.value, row["id"])
+                )
             job.status = JobStatus.RUNNING
             job.started_at = None  # set when the engine begins it (it may wait first)
             job.attempts += 1
@@ -388,25 +417,25 @@ class SqliteJobStore:
         `claim_next` would take, in order."""
         with self._guard():
             rows = self._db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, limit)).fetchall()
-        return [Job.from_row(json.loads(row["data"])) for row in rows]
+        return _readable(rows)
 
     def running(self) -> list[Job]:
         """Jobs the runner is running (parents are not run by the runner)."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT data FROM jobs WHERE status = ? AND is_parent = 0 ORDER BY seq",
+                "SELECT id, data FROM jobs WHERE status = ? AND is_parent = 0 ORDER BY seq",
                 (JobStatus.RUNNING.value,),
             ).fetchall()
-        return [Job.from_row(json.loads(row["data"])) for row in rows]
+        return _readable(rows)
 
     def finished_before(self, cutoff: float) -> list[Job]:
         """Terminal jobs with outputs still on disk that finished before `cutoff`."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT data FROM jobs WHERE status IN (?, ?, ?)",
+                "SELECT id, data FROM jobs WHERE status IN (?, ?, ?)",
                 tuple(status.value for status in TERMINAL),
             ).fetchall()
-        jobs = [Job.from_row(json.loads(row["data"])) for row in rows]
+        jobs = _readable(rows)
         return [
             job
             for job in jobs
