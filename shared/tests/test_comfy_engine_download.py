@@ -136,3 +136,38 @@ def test_a_file_the_hub_lacks_keeps_the_engine_unready_naming_it(
     assert f"diffusion_models/{UNET}" in failed, failed
     assert (tmp_path / "models" / "vae" / VAE).read_bytes() == files[("vae", VAE)]
     assert not (tmp_path / "models" / "diffusion_models" / UNET).exists()
+
+
+def test_a_bug_while_preparing_is_retried_not_fatal(
+    tmp_path: Path, hub: Server, standin: StandinProcess
+) -> None:
+    """A bug in the engine's preparation (here: the workflow check raising once) leaves
+    `/ready` saying so and starts over by itself; the service needs no restart."""
+    files = {("vae", VAE): blob(1), ("diffusion_models", UNET): blob(2)}
+    for (folder, name), data in files.items():
+        (tmp_path / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "models" / folder / name).write_bytes(data)
+    engine = engine_for(tmp_path, hub, standin, manifest_file(tmp_path, files))
+    check = engine._check_workflows
+    calls = []
+
+    async def flaky(runs: int) -> None:
+        calls.append(runs)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the check")
+        await check(runs)
+
+    engine._check_workflows = flaky  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[bool, list[str]]:
+        seen: list[str] = []
+        await engine.start()
+        try:
+            return await ready_within(engine, 60, seen), seen
+        finally:
+            await engine.stop(abandon_running=False)
+
+    ready, seen = asyncio.run(scenario())
+    assert ready, seen
+    assert any("a bug in the check" in r and "retrying by itself" in r for r in seen), seen
+    assert len(calls) == 2

@@ -367,6 +367,35 @@ def test_restart_on_request_replaces_the_process_at_once(tmp_path: Path) -> None
     run(main)
 
 
+def test_a_bug_in_the_supervisor_is_survived(tmp_path: Path) -> None:
+    """A bug in the supervising loop (here: handling a process's end raising once) is
+    logged, what it launched is stopped, and it starts over: ready again, no restart."""
+
+    async def main() -> None:
+        supervisor = ComfySupervisor(standin_spec(tmp_path), **FAST)
+        after = supervisor._after
+        calls = []
+
+        async def buggy(run: Any) -> None:
+            calls.append(run)
+            if len(calls) == 1:
+                raise RuntimeError("a bug after the process ended")
+            await after(run)
+
+        supervisor._after = buggy  # type: ignore[method-assign]
+        async with supervised(supervisor):
+            assert await supervisor.wait_ready(30), supervisor.reason
+            first = supervisor.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            await until(lambda: "a bug after the process ended" in supervisor.reason, what="bug")
+            assert supervisor.state is ComfyState.RESTARTING
+            assert await supervisor.wait_ready(30), supervisor.reason
+            assert supervisor.pid not in (None, first)
+
+    run(main)
+
+
 def test_crash_loop_backs_off_longer_each_time(
     tmp_path: Path, comfy_logs: list[MutableMapping[str, Any]]
 ) -> None:

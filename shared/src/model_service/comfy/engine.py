@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_service.background import BACKOFF_S
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
 from model_service.comfy.custom import FILE_INPUTS
 from model_service.comfy.errors import (
@@ -146,6 +147,8 @@ class ComfyEngine:
         self._stage = "starting"
         self._blocker: str | None = None  # a workflow check failed: what is missing
         self._fatal = blocker  # cannot work until an operator acts (e.g. no GPU)
+        self._trouble: str | None = None  # a bug stopped the preparation: starting over
+        self._provision_metrics: ProvisionMetrics | None = None
         self._checked_run = -1  # the supervisor restart count the checks passed for
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -160,6 +163,8 @@ class ComfyEngine:
     def readiness(self) -> tuple[bool, str]:
         if self._fatal is not None:
             return False, self._fatal
+        if self._trouble is not None:
+            return False, self._trouble
         if self._stage != "comfyui":
             return False, self._stage
         ok, reason = self._supervisor.readiness
@@ -186,7 +191,7 @@ class ComfyEngine:
     async def start(self) -> None:
         if self._fatal is not None:
             return
-        self._task = asyncio.create_task(self._prepare(), name="comfy-engine")
+        self._task = asyncio.create_task(self._keep_preparing(), name="comfy-engine")
         self._task.add_done_callback(self._prepare_ended)
 
     def _prepare_ended(self, task: asyncio.Task[None]) -> None:
@@ -220,6 +225,23 @@ class ComfyEngine:
     def _notify(self) -> None:
         self._changed.set()
 
+    async def _keep_preparing(self) -> None:
+        """`_prepare`, started over after a backoff when a bug stops it (logged once;
+        `/ready` says so meanwhile) instead of leaving the service down until a restart."""
+        failures = 0
+        while True:
+            try:
+                await self._prepare()
+                return
+            except Exception as exc:
+                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                failures += 1
+                if self._trouble is None:
+                    log.error("comfy engine failed; starting over", exc_info=exc)
+                self._trouble = f"ComfyUI engine failed ({exc!r}); retrying by itself"
+                self._notify()
+                await asyncio.sleep(delay)
+
     async def _prepare(self) -> None:
         await self._provide_models()
         self._stage = "comfyui"
@@ -231,6 +253,7 @@ class ComfyEngine:
                 return
             if not await self._supervisor.wait_ready(self._recheck_s):
                 continue
+            self._trouble = None
             runs = self._supervisor.restarts
             if self._checked_run != runs or self._blocker is not None:
                 await self._check_workflows(runs)
@@ -250,7 +273,9 @@ class ComfyEngine:
             return
         if not self._spec.download_at_start:
             return
-        metrics = ProvisionMetrics(self._metrics.registry)
+        if self._provision_metrics is None:  # registered once (preparing may start over)
+            self._provision_metrics = ProvisionMetrics(self._metrics.registry)
+        metrics = self._provision_metrics
         for attempt in range(1_000_000):
             missing = self._manifest.missing(self._models_dir)
             if not missing:

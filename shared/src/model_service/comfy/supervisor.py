@@ -37,7 +37,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -388,9 +388,10 @@ class ComfySupervisor:
         self._http = httpx.AsyncClient(trust_env=False, timeout=self._health_timeout_s)
         if launch is None:
             self._set(ComfyState.STARTING, f"waiting for ComfyUI at {self._url}")
-            self._task = asyncio.create_task(self._watch_external(), name="comfyui-watch")
+            work = self._watch_external
         else:
-            self._task = asyncio.create_task(self._supervise(launch), name="comfyui-supervisor")
+            work = functools.partial(self._supervise, launch)
+        self._task = asyncio.create_task(self._survive(work), name="comfyui-supervisor")
         self._task.add_done_callback(self._task_ended)
 
     async def stop(self) -> None:
@@ -433,6 +434,23 @@ class ComfySupervisor:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             await self._terminate(proc)
+
+    async def _survive(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` (supervising or watching); a bug in it is logged once, what it
+        launched is stopped, and it starts over after a backoff instead of leaving the
+        service down until a restart."""
+        logged = False
+        while not self._stopping:
+            try:
+                await work()
+                return
+            except Exception as exc:
+                if not logged:
+                    log.error("ComfyUI supervisor failed; starting over", exc_info=exc)
+                    logged = True
+                if self._proc is not None and self._proc.returncode is None:
+                    await self._terminate(self._proc)
+                await self._pause(f"ComfyUI supervisor failed ({exc!r})", self._next_delay())
 
     # --- launched mode -------------------------------------------------------------
 
