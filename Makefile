@@ -50,6 +50,7 @@ bench: setup
 	$(PY) bench/stitch.py
 	$(PY) bench/fleet.py
 	$(PY) bench/gap.py
+	$(PY) bench/retention.py
 
 # On a GPU machine (torch with CUDA, diffusers, the services' packages and shared/testing installed; no venv
 # needed): the transformers, VAE decodes and text encoder at full size on random weights,

@@ -178,6 +178,56 @@ def test_retention_deletes_old_job_files_only(tmp_path: Path) -> None:
     assert sweep(settings, store) == 0
 
 
+def test_retention_reads_the_store_a_page_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`finished_before` pages oldest first by (finished_at, id) from an index; the sweep
+    goes through every page, skipping in a fleet the jobs another pod holds."""
+    settings = Settings(data_dir=tmp_path, output_retention_hours=1)
+    store = SqliteJobStore(settings.db_path)
+    old = time.time() - 7200
+    for index in range(7):
+        job_id = f"job{index}"
+        store.create(new_job(job_id))
+        store.claim_next()
+        store.transition(job_id, JobStatus.SUCCEEDED)
+        store.update(job_id, lambda job, i=index: setattr(job, "finished_at", old + i % 3))
+    store.update("job5", lambda job: setattr(job, "held_by", "http://other-pod"))
+    pages, after = [], None
+    while page := store.finished_before(time.time() - 3600, limit=3, after=after):
+        pages.append([job.id for job in page])
+        after = (page[-1].finished_at or 0.0, page[-1].id)
+    assert pages == [["job0", "job3", "job6"], ["job1", "job4", "job2"], ["job5"]]
+    monkeypatch.setattr("model_service.retention.PAGE", 2)
+    assert sweep(settings, store) == 6  # all but the other pod's
+    assert [job.id for job in store.finished_before(time.time())] == ["job5"]
+    with sqlite3.connect(settings.db_path) as db:
+        plan = " ".join(
+            str(row[3])
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE outputs_expired = 0 "
+                "AND finished_at < 1 ORDER BY finished_at, id LIMIT 5"
+            )
+        )
+    assert "jobs_retention" in plan
+
+
+def test_an_older_store_gains_the_retention_columns_from_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    store.create(new_job("done"))
+    store.claim_next()
+    store.transition("done", JobStatus.SUCCEEDED, lambda job: setattr(job, "finished_at", 5.0))
+    store.close()
+    with sqlite3.connect(path) as db:  # as a store from before the columns existed
+        db.execute("DROP INDEX jobs_retention")
+        db.execute("ALTER TABLE jobs DROP COLUMN finished_at")
+        db.execute("ALTER TABLE jobs DROP COLUMN outputs_expired")
+    reopened = SqliteJobStore(path)
+    assert [job.id for job in reopened.finished_before(10.0)] == ["done"]
+    assert reopened.finished_before(4.0) == []
+
+
 def test_fleet_retention_also_deletes_copies_of_other_pods_jobs(tmp_path: Path) -> None:
     """A fleet pod keeps input files of jobs it took the requests of, and part files it
     fetched: deleted once old and finished; the other pods' records are left alone."""

@@ -12,6 +12,8 @@ from model_service.settings import Settings
 
 log = get_logger("model_service.retention")
 
+PAGE = 500  # jobs read per store call
+
 
 def sweep(settings: Settings, store: JobStore, held_by: str = "", now: float | None = None) -> int:
     """One pass; returns how many jobs had their files deleted. `held_by`: in a fleet,
@@ -19,14 +21,21 @@ def sweep(settings: Settings, store: JobStore, held_by: str = "", now: float | N
     if settings.output_retention_hours <= 0:
         return 0
     cutoff = (now or time.time()) - settings.output_retention_hours * 3600
-    expired = [job for job in store.finished_before(cutoff) if job.held_by == held_by]
-    for job in expired:
-        shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)
-
-        def mark(record: Job) -> None:
-            record.outputs_expired = True
-
-        store.update(job.id, mark)
+    expired = 0
+    after: tuple[float, str] | None = None
+    while True:  # a page at a time: the store's lock and our memory stay small
+        page = store.finished_before(cutoff, limit=PAGE, after=after)
+        if not page:
+            break
+        after = (page[-1].finished_at or 0.0, page[-1].id)
+        for job in page:
+            if job.held_by == held_by:
+                shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)
+                # not synced: lost to a power cut, the next pass marks it again
+                store.update(job.id, _mark_expired, durable=False)
+                expired += 1
+        if len(page) < PAGE:
+            break
     if held_by:
         _copies(settings, store, held_by, cutoff)
     if settings.uploads_dir.is_dir():
@@ -34,8 +43,12 @@ def sweep(settings: Settings, store: JobStore, held_by: str = "", now: float | N
             if path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
     if expired:
-        log.info("retention deleted job files", jobs=len(expired))
-    return len(expired)
+        log.info("retention deleted job files", jobs=expired)
+    return expired
+
+
+def _mark_expired(record: Job) -> None:
+    record.outputs_expired = True
 
 
 def _copies(settings: Settings, store: JobStore, held_by: str, cutoff: float) -> None:

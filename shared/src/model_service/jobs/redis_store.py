@@ -375,17 +375,27 @@ class RedisJobStore:
         return self._jobs(self._zrange(self._key("work", JobStatus.RUNNING.value)))
 
     @_guard
-    def finished_before(self, cutoff: float) -> list[Job]:
-        """Terminal jobs with outputs still on disk that finished before `cutoff`."""
+    def finished_before(
+        self, cutoff: float, limit: int = 1000, after: tuple[float, str] | None = None
+    ) -> list[Job]:
+        """Terminal jobs with outputs still on disk that finished before `cutoff`, oldest
+        first, one page as SQLite's (but read from every terminal job: no index here)."""
         with self._redis.pipeline() as pipe:
-            for status in sorted(_TERMINAL_VALUES):  # as SQLite's (status, seq) index
+            for status in sorted(_TERMINAL_VALUES):
                 pipe.zrange(self._key("status", status), 0, -1)
             jobs = self._jobs([job_id for ids in pipe.execute() for job_id in ids])
-        return [
-            job
-            for job in jobs
-            if job.finished_at is not None and job.finished_at < cutoff and not job.outputs_expired
-        ]
+        found = sorted(
+            (
+                job
+                for job in jobs
+                if job.finished_at is not None
+                and job.finished_at < cutoff
+                and not job.outputs_expired
+                and (after is None or (job.finished_at, job.id) > after)
+            ),
+            key=lambda job: (job.finished_at or 0.0, job.id),
+        )
+        return found[:limit]
 
     # --- job records ------------------------------------------------------------
 

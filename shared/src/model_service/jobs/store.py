@@ -141,7 +141,9 @@ class JobStore(Protocol):
     def claim_next(self) -> Job | None: ...
     def runnable(self, limit: int = 1000) -> list[Job]: ...
     def running(self) -> list[Job]: ...
-    def finished_before(self, cutoff: float) -> list[Job]: ...
+    def finished_before(
+        self, cutoff: float, limit: int = 1000, after: tuple[float, str] | None = None
+    ) -> list[Job]: ...
     def add_delivery(self, delivery: Delivery, due_at: float) -> None: ...
     def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]: ...
     def next_delivery_due(self) -> float | None: ...
@@ -195,6 +197,17 @@ class SqliteJobStore:
             if "is_parent" not in columns:
                 db.execute("ALTER TABLE jobs ADD COLUMN is_parent INTEGER NOT NULL DEFAULT 0")
             db.execute("CREATE INDEX IF NOT EXISTS jobs_parent ON jobs (parent_id)")
+            if "finished_at" not in columns:  # retention reads these, not every job's JSON
+                db.execute("ALTER TABLE jobs ADD COLUMN finished_at REAL")
+                db.execute("ALTER TABLE jobs ADD COLUMN outputs_expired INTEGER NOT NULL DEFAULT 0")
+                db.execute(
+                    "UPDATE jobs SET finished_at = json_extract(data, '$.finished_at'), "
+                    "outputs_expired = coalesce(json_extract(data, '$.outputs_expired'), 0)"
+                )
+            db.execute(
+                "CREATE INDEX IF NOT EXISTS jobs_retention "
+                "ON jobs (outputs_expired, finished_at, id)"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -314,8 +327,8 @@ class SqliteJobStore:
 
     def _insert(self, db: sqlite3.Connection, job: Job) -> None:
         db.execute(
-            "INSERT INTO jobs (id, status, created_at, data, parent_id, is_parent) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, status, created_at, data, parent_id, is_parent, finished_at, "
+            "outputs_expired) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.status.value,
@@ -323,6 +336,8 @@ class SqliteJobStore:
                 json.dumps(job.to_row()),
                 job.parent_id,
                 int(job.is_parent),
+                job.finished_at,
+                int(job.outputs_expired),
             ),
         )
         db.executemany(
@@ -428,19 +443,25 @@ class SqliteJobStore:
             ).fetchall()
         return _readable(rows)
 
-    def finished_before(self, cutoff: float) -> list[Job]:
-        """Terminal jobs with outputs still on disk that finished before `cutoff`."""
+    def finished_before(
+        self, cutoff: float, limit: int = 1000, after: tuple[float, str] | None = None
+    ) -> list[Job]:
+        """Terminal jobs with outputs still on disk that finished before `cutoff`, oldest
+        first, at most `limit`, after the (finished_at, id) `after` (the last of the page
+        before): one page from the `jobs_retention` index, not every job's JSON."""
+        query = (
+            "SELECT id, data FROM jobs WHERE outputs_expired = 0 AND finished_at < ? "
+            "AND status IN (?, ?, ?)"
+        )
+        params: list[Any] = [cutoff, *(status.value for status in TERMINAL)]
+        if after is not None:
+            query += " AND (finished_at, id) > (?, ?)"
+            params += list(after)
         with self._guard():
             rows = self._db.execute(
-                "SELECT id, data FROM jobs WHERE status IN (?, ?, ?)",
-                tuple(status.value for status in TERMINAL),
+                query + " ORDER BY finished_at, id LIMIT ?", (*params, limit)
             ).fetchall()
-        jobs = _readable(rows)
-        return [
-            job
-            for job in jobs
-            if job.finished_at is not None and job.finished_at < cutoff and not job.outputs_expired
-        ]
+        return _readable(rows)
 
     def _get(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -454,8 +475,15 @@ class SqliteJobStore:
 
     def _save(self, db: sqlite3.Connection, job: Job) -> None:
         db.execute(
-            "UPDATE jobs SET status = ?, data = ? WHERE id = ?",
-            (job.status.value, json.dumps(job.to_row()), job.id),
+            "UPDATE jobs SET status = ?, data = ?, finished_at = ?, outputs_expired = ? "
+            "WHERE id = ?",
+            (
+                job.status.value,
+                json.dumps(job.to_row()),
+                job.finished_at,
+                int(job.outputs_expired),
+                job.id,
+            ),
         )
 
     # --- webhook deliveries ------------------------------------------------------
