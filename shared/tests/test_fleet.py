@@ -178,7 +178,12 @@ def test_a_killed_pods_job_is_taken_back_while_others_wait(fleet: Fleet) -> None
     holder.kill9()
     survivor = next(pod for pod in pods if pod is not holder)
     jobs = wait_all([survivor], [*first, *waiting], {"succeeded", "failed"}, timeout=180)
-    assert {job["status"] for job in jobs.values()} == {"succeeded"}, jobs
+    failed = {
+        job_id: (job.get("error"), job.get("attempts"), job_id in first)
+        for job_id, job in jobs.items()
+        if job["status"] != "succeeded"
+    }
+    assert failed == {}, failed  # (error, attempts, one of the first two) of each
     assert jobs[first[0]]["attempts"] == 2
     metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
     assert 'fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
