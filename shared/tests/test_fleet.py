@@ -166,8 +166,9 @@ def test_job_of_a_killed_pod_finishes_on_another(fleet: Fleet) -> None:
 def test_a_killed_pods_job_is_taken_back_while_others_wait(fleet: Fleet) -> None:
     """Issue 24: with jobs waiting in the queue, the sweep died on saq's job dict (no
     `attempts` for a queued job) and never ran again, so the killed pod's job stayed
-    `running`."""
-    pods = fleet.start(2)
+    `running`. A 3 s heartbeat: with six jobs on a loaded machine a live pod's 1 s beat
+    can come late enough for its own job to be taken back."""
+    pods = fleet.start(2, env={"QUEUE_HEARTBEAT_S": "3"})
     first = [submit(pods[i], steps=40, step_s=0.1)["id"] for i in range(2)]
     deadline = time.monotonic() + 30
     while any(fleet.runs()[job_id]["start"] < 1 for job_id in first):  # one on each pod
