@@ -344,6 +344,11 @@ def test_restart_in_the_middle_of_a_chain_loses_nothing(
         with process.client() as client:
             job_id = client.post("/v1/chains", json=chain_body([{}, {}, {}])).json()["id"]
             wait_status(client, f"{job_id}.1", {"running"}, 60)
+            # begun in ComfyUI, not only taken: a job killed before that is not counted
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/jobs/{job_id}.1").json()["timings"]["started_at"] is None:
+                assert time.monotonic() < deadline, "segment 1 never began"
+                time.sleep(0.05)
         process.kill9()
         standin.configure(reset=True)
         process.start(timeout=60)
