@@ -3,24 +3,23 @@ the service's own graph on tiny weights: FastVideo's 3-step DMD schedule, nothin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri
 from model_service_testing.process import ServiceProcess
-from model_service_testing.pytest_plugin import StartComfyService
-from model_service_testing.sigma_probe import SigmaLog, probe_env
+from model_service_testing.pytest_plugin import ProbedService
+from model_service_testing.sigma_probe import SigmaLog
 
 # FastVideo's DMD denoising timesteps 1000, 757, 522 (σ = t / 1000), each from fresh noise
 DMD_SIGMAS = [1.0, 0.757, 0.522]
 
 
 @pytest.fixture(scope="module")
-def probed(
-    tiny_comfy_service: StartComfyService, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ServiceProcess, SigmaLog]:
-    env, log = probe_env(tmp_path_factory.mktemp("sigma-probe"))
-    return tiny_comfy_service("fastwan2.2-5b-packed", env), log
+def probed(start_probed_service: Callable[[str], ProbedService]) -> ProbedService:
+    return start_probed_service("fastwan2.2-5b-packed")
 
 
 @needs_real_comfyui

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import data_uri, video_frames
 from model_service_testing.process import ServiceProcess, place_sparse_models
-from model_service_testing.pytest_plugin import StartComfyService, StartStandin
-from model_service_testing.sigma_probe import SigmaLog, probe_env
+from model_service_testing.pytest_plugin import ProbedService, StartComfyService, StartStandin
+from model_service_testing.sigma_probe import SigmaLog
 
 FILES = Manifest.load(MANIFEST).files
 SMALL = {"width": 64, "height": 64, "steps": 2}
@@ -646,11 +646,8 @@ def _half_mask(left: bool) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def probed(
-    tiny_comfy_service: StartComfyService, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ServiceProcess, SigmaLog]:
-    env, log = probe_env(tmp_path_factory.mktemp("sigma-probe"))
-    return tiny_comfy_service("infinite-talk-v1", env), log
+def probed(start_probed_service: Callable[[str], ProbedService]) -> ProbedService:
+    return start_probed_service("infinite-talk-v1")
 
 
 @needs_real_comfyui

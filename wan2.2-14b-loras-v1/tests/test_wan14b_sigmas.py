@@ -4,6 +4,7 @@ LoRAs, ComfyUI's `simple` schedule at the template's shift without them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,8 +13,8 @@ from model_service_testing.comfy_sigmas import schedule
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri
 from model_service_testing.process import ServiceProcess
-from model_service_testing.pytest_plugin import StartComfyService
-from model_service_testing.sigma_probe import SigmaLog, probe_env
+from model_service_testing.pytest_plugin import ProbedService
+from model_service_testing.sigma_probe import SigmaLog
 
 # Wan2.2-Lightning's 4 training timesteps (linspace(1000, 0, 5) shifted by 5): 1000, 937.5,
 # 833.3, 625; the first two on the high-noise expert, the last two on the low-noise one
@@ -21,11 +22,8 @@ LIGHTNING_SIGMAS = [1.0, 0.9375, 0.8333333, 0.625]
 
 
 @pytest.fixture(scope="module")
-def probed(
-    tiny_comfy_service: StartComfyService, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ServiceProcess, SigmaLog]:
-    env, log = probe_env(tmp_path_factory.mktemp("sigma-probe"))
-    return tiny_comfy_service("wan2.2-14b-loras-v1", env), log
+def probed(start_probed_service: Callable[[str], ProbedService]) -> ProbedService:
+    return start_probed_service("wan2.2-14b-loras-v1")
 
 
 RED, BLUE = png_data_uri((220, 20, 20)), png_data_uri((20, 20, 220))

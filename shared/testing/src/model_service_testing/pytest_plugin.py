@@ -127,6 +127,27 @@ def tiny_comfy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
         process.stop()
 
 
+if TYPE_CHECKING:
+    from model_service_testing.sigma_probe import SigmaLog
+
+ProbedService = tuple[ServiceProcess, "SigmaLog"]
+
+
+@pytest.fixture(scope="module")
+def start_probed_service(
+    tiny_comfy_service: StartComfyService, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], ProbedService]:
+    """`start(NAME)`: the tiny service on a real ComfyUI that records the σ of every model
+    call (`sigma_probe`), and the log of them."""
+    from model_service_testing.sigma_probe import probe_env
+
+    def start(name: str) -> ProbedService:
+        env, log = probe_env(tmp_path_factory.mktemp("sigma-probe"))
+        return tiny_comfy_service(name, env), log
+
+    return start
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port (`make redis` provides the binary)."""
