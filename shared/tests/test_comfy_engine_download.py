@@ -85,6 +85,16 @@ async def ready_within(engine: ComfyEngine, seconds: float, seen: list[str]) -> 
     return False
 
 
+async def start_until_ready(engine: ComfyEngine) -> tuple[bool, list[str]]:
+    """Start the engine; (ready within 60 s, each readiness reason seen on the way)."""
+    seen: list[str] = []
+    await engine.start()
+    try:
+        return await ready_within(engine, 60, seen), seen
+    finally:
+        await engine.stop(abandon_running=False)
+
+
 def test_missing_models_are_downloaded_at_start_then_checked(
     tmp_path: Path, hub: Server, standin: StandinProcess
 ) -> None:
@@ -94,15 +104,7 @@ def test_missing_models_are_downloaded_at_start_then_checked(
     hub.knobs.chunk_delay_s = 0.01  # slow enough to see the stage
     engine = engine_for(tmp_path, hub, standin, manifest_file(tmp_path, files))
 
-    async def scenario() -> tuple[bool, list[str]]:
-        seen: list[str] = []
-        await engine.start()
-        try:
-            return await ready_within(engine, 60, seen), seen
-        finally:
-            await engine.stop(abandon_running=False)
-
-    ready, seen = asyncio.run(scenario())
+    ready, seen = asyncio.run(start_until_ready(engine))
     assert ready, seen
     assert any(reason.startswith("downloading 2 model file(s)") for reason in seen), seen
     for (folder, name), data in files.items():
@@ -159,15 +161,7 @@ def test_a_bug_while_preparing_is_retried_not_fatal(
 
     engine._check_workflows = flaky  # type: ignore[method-assign]
 
-    async def scenario() -> tuple[bool, list[str]]:
-        seen: list[str] = []
-        await engine.start()
-        try:
-            return await ready_within(engine, 60, seen), seen
-        finally:
-            await engine.stop(abandon_running=False)
-
-    ready, seen = asyncio.run(scenario())
+    ready, seen = asyncio.run(start_until_ready(engine))
     assert ready, seen
     assert any("a bug in the check" in r and "retrying by itself" in r for r in seen), seen
     assert len(calls) == 2
