@@ -244,7 +244,9 @@ def test_level_guess_and_line_cleaning() -> None:
         ('  File "/ComfyUI/execution.py", line 496, in execute', "error"),
         ("    output_data = get_output_data(obj, input_data_all)", "error"),
         ("torch.OutOfMemoryError: Allocation on device", "error"),
-        ("Prompt executed in 2.31 seconds", "info"),
+        ("Prompt executed in 2.31 seconds", "debug"),  # per prompt: at debug
+        ("got prompt", "debug"),
+        ("Prompt executed in 2.31 seconds, then an error", "error"),
     ]
     assert [guess(line) for line, _ in lines] == [level for _, level in lines]
     bar = b"  5%|#         | 1/20\r 50%|#####     | 10/20\r100%|##########| 20/20 [00:05]"

@@ -3,6 +3,7 @@
 import io
 import json
 import time
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -257,18 +258,45 @@ def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(echo_ser
     assert samples["job_gap_seconds_count"] == 2  # the second and third waited
 
 
+def _job_log_events(service: Any, job_id: str) -> tuple[set[tuple[str, str]], list[dict]]:
+    lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("job_id") == job_id]
+    return {(line["logger"], line["event"]) for line in mine}, mine
+
+
 def test_logs_are_json_with_request_and_job_ids(echo_service) -> None:
+    service = echo_service(env={"LOG_LEVEL": "debug"})
+    with service.client() as client:
+        job_id = submit(client)["id"]
+        wait_status(client, job_id, {"succeeded"})
+        bad = client.get("/v1/jobs/no-such-job")
+    service.stop()
+    events, mine = _job_log_events(service, job_id)
+    assert ("model_service.http", "request") in events
+    assert ("model_service.runner", "job finished") in events
+    assert all(line["request_id"] for line in mine if line["logger"] == "model_service.http")
+    assert bad.status_code == 404
+
+
+def test_per_job_lines_are_debug_and_refusals_info(echo_service) -> None:
+    """At the default level a succeeded job writes no line of its own (a job's pace
+    would fill the logs); a refused request still does."""
     service = echo_service()
     with service.client() as client:
         job_id = submit(client)["id"]
         wait_status(client, job_id, {"succeeded"})
+        assert client.get("/v1/jobs/no-such-job").status_code == 404
     service.stop()
-    lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
-    mine = [line for line in lines if line.get("job_id") == job_id]
-    events = {(line["logger"], line["event"]) for line in mine}
-    assert ("model_service.http", "request") in events
-    assert ("model_service.runner", "job finished") in events
-    assert all(line["request_id"] for line in mine if line["logger"] == "model_service.http")
+    events, _ = _job_log_events(service, job_id)
+    assert events == set()
+    refused = [
+        json.loads(line)
+        for line in service.log().splitlines()
+        if line.startswith("{") and '"/v1/jobs/no-such-job"' in line
+    ]
+    assert [(line["event"], line["status"], line["level"]) for line in refused] == [
+        ("request", 404, "info")
+    ]
 
 
 def test_worker_threads_setting_reaches_the_worker(echo_service) -> None:

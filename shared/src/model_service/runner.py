@@ -523,7 +523,8 @@ class JobRunner:
         if job.status is JobStatus.SUCCEEDED and job.started_at and job.finished_at:
             self.mean_run_s = 0.8 * self.mean_run_s + 0.2 * (job.finished_at - job.started_at)
         self._changed(job, "status")
-        log.info(
+        # a job that failed says so at info; a success is per-job detail (debug)
+        (log.debug if job.status is JobStatus.SUCCEEDED else log.info)(
             "job finished",
             status=job.status.value,
             error_code=(job.error or {}).get("code"),

@@ -168,7 +168,7 @@ class WebhookDispatcher:
         if error is None:
             await self._record(delivery.id, state="delivered", next_attempt_at=0, error=None)
             self._metrics.webhooks.labels("delivered").inc()
-            log.info("webhook delivered", job_id=delivery.job_id, type=delivery.event_type)
+            log.debug("webhook delivered", job_id=delivery.job_id, type=delivery.event_type)
             return
         if gone or attempt >= self._settings.webhook_max_attempts:
             await self._record(delivery.id, state="failed", next_attempt_at=0, error=error)

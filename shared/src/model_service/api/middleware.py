@@ -194,7 +194,9 @@ class ObserveMiddleware:
         job_id = scope.get("path_params", {}).get("job_id") or (
             answer["location"].rpartition("/v1/jobs/")[2] or None
         )
-        log.info(
+        # one line per request is a lot at a job's pace: successes at debug
+        level = log.debug if status < 400 else log.info
+        level(
             "request",
             job_id=job_id,
             method=request.method,

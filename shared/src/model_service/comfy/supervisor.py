@@ -192,6 +192,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _LEVEL_WORD = re.compile(r"\b(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)\b")
 _ERROR_WORDS = re.compile(r"\b(error|exception|failed|fatal)\b|^!!!", re.IGNORECASE)
 _WARNING_WORDS = re.compile(r"\bwarn(ing)?\b|deprecat", re.IGNORECASE)
+# ComfyUI's two lines per prompt: at debug, like our own per-job lines
+_PER_PROMPT = re.compile(r"^(got prompt|Prompt executed in [\d.]+ seconds)$")
 _LEVELS = {
     "DEBUG": "debug",
     "INFO": "info",
@@ -227,6 +229,8 @@ class LevelGuess:
             if not line[:1].isspace():
                 self._in_traceback = False  # the exception line ends it
             return "error"
+        if _PER_PROMPT.match(line):
+            return "debug"
         word = _LEVEL_WORD.search(line[:48])  # "2025-01-01 10:00:00 WARNING ...", "[ERROR]"
         if word is not None:
             return _LEVELS[word.group(1)]
