@@ -1,5 +1,6 @@
 """The /v1/jobs API end to end over real HTTP, against a real service process."""
 
+import base64
 import io
 import json
 import time
@@ -55,6 +56,49 @@ def test_prefer_wait_answers_with_the_finished_job(echo_service) -> None:
         )
         assert slow.status_code == 202
         assert slow.json()["status"] in {"queued", "running"}
+
+
+def test_prefer_return_representation_sends_small_outputs_inline(echo_service) -> None:
+    service = echo_service()
+    with service.client() as client:
+        body = {"input": {"text": "hi", "image": data_uri(png_bytes(color=(10, 200, 30)))}}
+        prefer = {"Prefer": "wait=30, return=representation"}
+        response = client.post("/v1/jobs", json=body, headers=prefer)
+        assert response.status_code == 200
+        assert response.headers["preference-applied"] == "wait=30, return=representation"
+        outputs = {out["name"]: out for out in response.json()["outputs"]}
+        for out in outputs.values():  # the same bytes as the download
+            assert out["data"] == data_uri(client.get(out["url"]).content, out["content_type"])
+        assert outputs["text.txt"]["data"] == "data:text/plain;base64,aGk="
+        image = Image.open(io.BytesIO(base64.b64decode(outputs["out.png"]["data"].split(",")[1])))
+        assert image.getpixel((0, 0)) == (245, 55, 225)
+        job_url = f"/v1/jobs/{response.json()['id']}"
+        again = client.get(job_url, headers={"Prefer": "return=representation"})
+        assert again.headers["preference-applied"] == "return=representation"
+        assert again.json()["outputs"] == response.json()["outputs"]
+        plain = client.get(job_url)  # not asked for: no data, no header
+        assert "preference-applied" not in plain.headers
+        assert all("data" not in out for out in plain.json()["outputs"])
+        queued = client.post(
+            "/v1/jobs",
+            json={"input": {"steps": 20, "step_s": 0.2}},
+            headers={"Prefer": "return=representation"},
+        )
+        assert queued.status_code == 202  # not finished: nothing to send, not applied
+        assert "preference-applied" not in queued.headers
+
+
+def test_outputs_too_large_for_inline_are_left_to_their_urls(echo_service) -> None:
+    service = echo_service(env={"INLINE_OUTPUTS_MAX_BYTES": "10"})
+    with service.client() as client:
+        response = client.post(
+            "/v1/jobs",
+            json={"input": {"text": "more than ten bytes of text"}},
+            headers={"Prefer": "wait=30, return=representation"},
+        )
+        assert response.status_code == 200
+        assert response.headers["preference-applied"] == "wait=30"
+        assert all("data" not in out for out in response.json()["outputs"])
 
 
 def test_put_is_idempotent_and_conflicts_on_a_different_body(echo_service) -> None:

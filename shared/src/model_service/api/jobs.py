@@ -14,6 +14,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, SkipValidation, create_model
 
 from model_service.api.body import OffLoopJsonRoute
+from model_service.api.inline import prefers_inline, with_inline_outputs
 from model_service.api.state import ServiceState
 from model_service.comfy.custom import CustomWorkflowInput
 from model_service.errors import NotFound
@@ -106,12 +107,30 @@ async def job_response(
     `Prefer: wait`, or for a repeat; `location` names the job."""
     wait = prefer_wait(prefer)
     headers = {"location": f"/v1/jobs/{job.id}"}
+    applied = []
     if wait:
         job = await wait_until_terminal(state, job, wait)
-        headers["preference-applied"] = f"wait={wait}"
+        applied.append(f"wait={wait}")
     status_code = 200 if job.status.is_settled or not created else 202
-    view = job_view(job, state.base_url(request), state.children(job))
+    view, inlined = await view_of(state, request, job, prefer)
+    if inlined:
+        applied.append("return=representation")
+    if applied:
+        headers["preference-applied"] = ", ".join(applied)
     return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+async def view_of(
+    state: ServiceState, request: Request, job: Job, prefer: str | None
+) -> tuple[JobView, bool]:
+    """The job's view, with its outputs inline if `Prefer: return=representation` asks
+    and they can be (small, here); and whether they are."""
+    view = job_view(job, state.base_url(request), state.children(job))
+    if prefers_inline(prefer):
+        inline = await with_inline_outputs(view, job, state.settings, state.pod_url)
+        if inline is not None:
+            return inline, True
+    return view, False
 
 
 def build_router(state: ServiceState) -> APIRouter:
@@ -145,7 +164,11 @@ def build_router(state: ServiceState) -> APIRouter:
         request: Request,
         body: request_model,  # type: ignore[valid-type]
         prefer: Annotated[
-            str | None, Header(description="`wait=N`: wait up to N s (max 90)")
+            str | None,
+            Header(
+                description="`wait=N`: wait up to N s (max 90); `return=representation`: "
+                "small outputs inline (`data`)"
+            ),
         ] = None,
     ) -> JSONResponse:
         job, created = await submit(request, body, None)
@@ -168,9 +191,17 @@ def build_router(state: ServiceState) -> APIRouter:
         return await job_response(state, request, job, created, prefer)
 
     @router.get("/{job_id}", response_model=JobView, summary="Get a job")
-    async def get_job(request: Request, job_id: JobId) -> JobView:
-        job = state.store.get(job_id)
-        return job_view(job, state.base_url(request), state.children(job))
+    async def get_job(
+        request: Request,
+        job_id: JobId,
+        prefer: Annotated[
+            str | None,
+            Header(description="`return=representation`: small outputs inline (`data`)"),
+        ] = None,
+    ) -> Response:
+        view, inlined = await view_of(state, request, state.store.get(job_id), prefer)
+        headers = {"preference-applied": "return=representation"} if inlined else None
+        return JSONResponse(view.model_dump(mode="json"), headers=headers)
 
     @router.get("", response_model=JobList, summary="List jobs, newest first")
     async def list_jobs(

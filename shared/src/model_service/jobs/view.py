@@ -42,6 +42,14 @@ class Output(BaseModel):
     )
     bucket: str | None = Field(None, exclude_if=_is_none)
     key: str | None = Field(None, exclude_if=_is_none)
+    # only when asked for with `Prefer: return=representation` (model_service.api.inline)
+    data: str | None = Field(
+        None,
+        exclude_if=_is_none,
+        description="The file itself, as a base64 `data:` URI: with "
+        "`Prefer: return=representation`, when the job's outputs together are small "
+        "enough (INLINE_OUTPUTS_MAX_BYTES).",
+    )
 
 
 class ErrorBody(BaseModel):
