@@ -246,6 +246,8 @@ def test_level_guess_and_line_cleaning() -> None:
         ("torch.OutOfMemoryError: Allocation on device", "error"),
         ("Prompt executed in 2.31 seconds", "debug"),  # per prompt: at debug
         ("got prompt", "debug"),
+        ("[INFO] got prompt", "debug"),  # ComfyUI 0.33's own format
+        ("[INFO] Prompt executed in 0.01 seconds", "debug"),
         ("Prompt executed in 2.31 seconds, then an error", "error"),
     ]
     assert [guess(line) for line, _ in lines] == [level for _, level in lines]

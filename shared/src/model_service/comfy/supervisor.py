@@ -193,7 +193,7 @@ _LEVEL_WORD = re.compile(r"\b(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)\b")
 _ERROR_WORDS = re.compile(r"\b(error|exception|failed|fatal)\b|^!!!", re.IGNORECASE)
 _WARNING_WORDS = re.compile(r"\bwarn(ing)?\b|deprecat", re.IGNORECASE)
 # ComfyUI's two lines per prompt: at debug, like our own per-job lines
-_PER_PROMPT = re.compile(r"^(got prompt|Prompt executed in [\d.]+ seconds)$")
+_PER_PROMPT = re.compile(r"^(\[INFO\] )?(got prompt|Prompt executed in [\d.]+ seconds)$")
 _LEVELS = {
     "DEBUG": "debug",
     "INFO": "info",
