@@ -15,7 +15,9 @@ On start-up, jobs the store still shows as running (the service was killed) are 
 again until they have been started `job_max_attempts` times; then they fail with
 `interrupted`. Jobs are idempotent by id, so running one again is safe.
 Where jobs come from is the `JobSource`: the embedded store, or a fleet's queue on Redis
-(then a dead pod's job is taken back by heartbeat, not on start-up).
+(then a dead pod's job is taken back by heartbeat, not on start-up). Every change goes to
+the event bus, the webhooks and the listeners registered with `on_change` (the graph
+coordinator of long videos, which also adds its step to a part's end: `on_part_outputs`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -43,9 +45,10 @@ from model_service.errors import (
     WorkerCrashed,
     WrongJobState,
 )
+from model_service.jobs.changes import fail_with, fail_with_dict, finish_now, mark_cancel_requested
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
-from model_service.jobs.source import Claim, JobSource
+from model_service.jobs.source import Claim, JobSource, RunnerLink
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
@@ -55,12 +58,16 @@ from model_service.storage import OutputStore, StoredObject
 from model_service.webhooks import WebhookDispatcher
 from model_service.worker.protocol import JobDone, JobProgress, RunJob
 
-if TYPE_CHECKING:
-    from model_service.jobs.graph import JobGraphs
-
 log = get_logger("model_service.runner")
 
 T = TypeVar("T")
+# hears every change the runner publishes: (the job as it is now, "status" or "progress")
+ChangeListener = Callable[[Job, str], None]
+# a long video's part ran: (part, its input as it ran, output folder, outputs) -> more
+# outputs and facts for its `info`, before its success is recorded
+PartOutputs = Callable[
+    [Job, dict[str, Any], Path, list[str]], Awaitable[tuple[list[str], dict[str, Any]]]
+]
 
 _PROGRESS_SAVE_S = 1.0
 _WAITING_CANCEL_S = 2.0  # a cancel's reply waits this long for a job that never started
@@ -96,15 +103,15 @@ class JobRunner:
         # why no job can run here until an operator acts (no GPU, setup failed), once known
         self.blocked: str | None = None
         self._blocked_event = asyncio.Event()
-        self.graphs: JobGraphs | None = None  # set by the graph coordinator (long videos)
-        source.bind(self)
+        self._listeners: list[ChangeListener] = []
+        self._part_outputs: PartOutputs | None = None  # the graph coordinator's (long videos)
 
     # --- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         if self.source.recovers_on_start:
             self.recover()
-        await self.source.start()
+        await self.source.start(RunnerLink(self.tasks, self.changed, self.cancel_here))
         await self.engine.start()
         self._task = self.tasks.start("job-runner", self._take_next)
 
@@ -140,7 +147,7 @@ class JobRunner:
                     "submit it again",
                     attempts=job.attempts,
                 )
-                job = self._store.transition(job.id, JobStatus.FAILED, _fail_with(error))
+                job = self._store.transition(job.id, JobStatus.FAILED, fail_with(error))
                 self._metrics.job_ended(job, was_running=False)
                 self._changed(job, "status")
                 log.warning("interrupted job failed", job_id=job.id, attempts=job.attempts)
@@ -155,6 +162,15 @@ class JobRunner:
 
     def wake(self) -> None:
         self.source.wake()
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """`listener` hears of every change published from now on (after the event bus
+        and the webhooks)."""
+        self._listeners.append(listener)
+
+    def on_part_outputs(self, hook: PartOutputs) -> None:
+        """`hook` runs after each long video's part that made outputs (the last one set)."""
+        self._part_outputs = hook
 
     @property
     def readiness(self) -> tuple[bool, str]:
@@ -311,9 +327,9 @@ class JobRunner:
         if done is not None:
             self._observe_execution(job, done)
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
-        if outputs and done is not None and job.parent_id and self.graphs is not None:
+        if outputs and done is not None and job.parent_id and self._part_outputs is not None:
             try:  # a part of a long video: e.g. its colour-corrected last frame
-                added, info = await self.graphs.after_run(job, inputs, output_dir, outputs)
+                added, info = await self._part_outputs(job, inputs, output_dir, outputs)
                 outputs += added
                 done.info.update(info)
                 # a fleet: the other parts (and the stitch) may run on other pods
@@ -504,7 +520,7 @@ class JobRunner:
         if failure is None and (current.cancel_requested or (done is not None and done.canceled)):
             status, change = JobStatus.CANCELED, finish_now
         elif failure is not None:
-            status, change = JobStatus.FAILED, _fail_with(failure, outputs)
+            status, change = JobStatus.FAILED, fail_with(failure, outputs)
         elif done is not None and done.error is not None:
             status, change = JobStatus.FAILED, fail_with_dict(done.error)
         else:
@@ -554,8 +570,8 @@ class JobRunner:
         self._bus.publish(JobEvent(job.id, kind, job))
         if kind == "status" and job.status is not JobStatus.QUEUED:
             self._webhooks.enqueue(job, job.status.value)
-        if job.parent_id is not None and self.graphs is not None:
-            self.graphs.child_changed(job, kind)
+        for listener in self._listeners:
+            listener(job, kind)
 
 
 @dataclass
@@ -637,10 +653,6 @@ def _with_progress(
     return both
 
 
-def finish_now(job: Job) -> None:
-    job.finished_at = time.time()
-
-
 def reset_for_retry(job: Job) -> None:
     job.info = {"retries": int(job.info.get("retries", 0)) + 1}
     job.error = None
@@ -654,26 +666,6 @@ def reset_for_retry(job: Job) -> None:
 def _give_back_attempt(job: Job) -> None:
     job.attempts = max(0, job.attempts - 1)
     job.started_at = None
-
-
-def mark_cancel_requested(job: Job) -> None:
-    job.cancel_requested = True
-
-
-def _fail_with(error: ServiceError, outputs: list[str] | None = None) -> Callable[[Job], None]:
-    return fail_with_dict(error.to_dict(), outputs)
-
-
-def fail_with_dict(
-    error: dict[str, Any], outputs: list[str] | None = None
-) -> Callable[[Job], None]:
-    def change(job: Job) -> None:
-        job.finished_at = time.time()
-        job.error = error
-        if outputs:  # the upload failed: the files can still be downloaded from us
-            job.outputs = outputs
-
-    return change
 
 
 def _succeed(

@@ -11,7 +11,6 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
-    from model_service.api.state import ServiceState
     from model_service.comfy.engine import ComfyServiceSpec
     from model_service.longvideo.spec import LongVideoSpec
 
@@ -32,7 +31,8 @@ class ServiceSpec:
     worker_options: Callable[[Any], dict[str, Any]] = field(default=lambda settings: {})
     # (validated input, settings) -> None; raise InvalidInput for service-level rules
     check_input: Callable[[Any, Any], None] = field(default=lambda data, settings: None)
-    extra_routes: Callable[[ServiceState], list[APIRouter]] = field(default=lambda state: [])
+    # (api.state.ServiceState) -> more routers; `Any`: the state is built from this spec
+    extra_routes: Callable[[Any], list[APIRouter]] = field(default=lambda state: [])
     comfy: ComfyServiceSpec | None = None
     # image-to-video services: long videos (chains of segments, travel between images)
     long_video: LongVideoSpec | None = None

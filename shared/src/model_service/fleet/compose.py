@@ -16,23 +16,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis import RedisError
 
 from model_service.background import TaskHealth
-from model_service.errors import Poison
+from model_service.errors import Poison, ServiceError
 from model_service.fleet.queue import FleetQueue, Lease
 from model_service.jobs.redis_store import unreachable
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 
-if TYPE_CHECKING:
-    from model_service.jobs.graph import JobGraphs
-
 log = get_logger("model_service.fleet")
 
 _REDIS_ERRORS = (RedisError, OSError)
+
+
+class Graphs(Protocol):
+    """What the compositions ask of the graph coordinator (`jobs.graph.JobGraphs`)."""
+
+    async def compose(self, parent_id: str) -> None: ...
+    async def fail_composition(self, parent_id: str, error: ServiceError) -> None: ...
+    async def reconcile_open(self) -> None: ...
 
 
 class FleetCompositions:
@@ -40,14 +45,14 @@ class FleetCompositions:
         self._queue = queue
         self._metrics = metrics
         self._heartbeat_s = heartbeat_s
-        self._graphs: JobGraphs | None = None
+        self._graphs: Graphs | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def bind(self, graphs: JobGraphs) -> None:
+    def bind(self, graphs: Graphs) -> None:
         self._graphs = graphs
 
     @property
-    def graphs(self) -> JobGraphs:
+    def graphs(self) -> Graphs:
         assert self._graphs is not None, "bind() the graphs first"
         return self._graphs
 

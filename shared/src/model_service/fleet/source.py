@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis import RedisError
 
@@ -33,15 +33,12 @@ from model_service.fleet.queue import FleetQueue, Lease
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job
 from model_service.jobs.redis_store import unreachable
-from model_service.jobs.source import Claim
+from model_service.jobs.source import Claim, RunnerLink
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 from model_service.settings import Settings
-
-if TYPE_CHECKING:
-    from model_service.runner import JobRunner
 
 log = get_logger("model_service.fleet")
 
@@ -89,19 +86,17 @@ class FleetSource:
         self.pod_url = pod_url
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
-        self._runner: JobRunner | None = None
-
-    def bind(self, runner: JobRunner) -> None:
-        self._runner = runner
+        self._link: RunnerLink | None = None
 
     @property
-    def runner(self) -> JobRunner:
-        assert self._runner is not None, "bind() the runner first"
-        return self._runner
+    def runner(self) -> RunnerLink:
+        assert self._link is not None, "start() the source first"
+        return self._link
 
     # --- lifecycle -------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, link: RunnerLink) -> None:
+        self._link = link
         await self._queue.connect()
         self._sweeper = self.runner.tasks.start("fleet-sweep", self._sweep_step)
         log.info("fleet pod started", queue=self._queue.name, pod=self.pod_url)

@@ -45,17 +45,12 @@ from model_service.errors import (
     ServiceError,
     WrongJobState,
 )
+from model_service.jobs.changes import fail_with_dict, finish_now, mark_cancel_requested
 from model_service.jobs.record import Job
 from model_service.jobs.status import TRANSITIONS, JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
-from model_service.runner import (
-    JobRunner,
-    fail_with_dict,
-    finish_now,
-    mark_cancel_requested,
-    reset_for_retry,
-)
+from model_service.runner import JobRunner, reset_for_retry
 from model_service.settings import Settings
 from model_service.storage import OutputStore
 
@@ -112,7 +107,8 @@ class JobGraphs:
         self._locks: dict[str, asyncio.Lock] = {}
         self._composing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        runner.graphs = self
+        runner.on_change(self.child_changed)
+        runner.on_part_outputs(self.after_run)
         if compositions is not None:
             compositions.bind(self)
 
@@ -211,7 +207,7 @@ class JobGraphs:
         await self.reconcile(parent_id)
         return self._store.get(parent_id)
 
-    # --- what the runner calls ---------------------------------------------------------
+    # --- what the runner calls (registered with it) -------------------------------------
 
     def child_changed(self, child: Job, kind: str) -> None:
         if child.parent_id is None:

@@ -1,6 +1,8 @@
 """Where the runner gets its next job: the embedded store (one machine) or a fleet's
 queue on Redis (`model_service.fleet.source`). The runner does the same with either:
-take a claim, hold it while the job runs, record the end, then tell the source."""
+take a claim, hold it while the job runs, record the end, then tell the source. A source
+knows no runner: what it may ask of the one that takes its jobs comes at `start`
+(`RunnerLink`)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from model_service.background import TaskHealth
 from model_service.jobs.record import Job
 from model_service.jobs.store import JobStore
 from model_service.settings import Settings
-
-if TYPE_CHECKING:
-    from model_service.runner import JobRunner
 
 
 @dataclass
@@ -28,13 +28,21 @@ class Claim:
     lost: bool = False  # a fleet took it back meanwhile: the end is not ours to record
 
 
+@dataclass(frozen=True)
+class RunnerLink:
+    """What a source may ask of the runner that takes its jobs."""
+
+    tasks: TaskHealth  # the service's background tasks: a source's own run among them
+    changed: Callable[[Job], None]  # a record changed: listeners and webhooks hear of it
+    cancel_here: Callable[[str], None]  # stop this job if this process's engine holds it
+
+
 class JobSource(Protocol):
     # whether the runner requeues, on start, the jobs the store shows as running (one
     # machine: they were ours); a fleet takes back a dead pod's jobs by heartbeat instead
     recovers_on_start: bool
 
-    def bind(self, runner: JobRunner) -> None: ...
-    async def start(self) -> None: ...
+    async def start(self, link: RunnerLink) -> None: ...
     async def stop(self) -> None: ...
     def wake(self) -> None:
         """There may be new work (a job submitted, retried, its dependencies met)."""
@@ -88,10 +96,7 @@ class LocalSource:
         self._store = store
         self._wake = asyncio.Event()
 
-    def bind(self, runner: JobRunner) -> None:
-        pass
-
-    async def start(self) -> None:
+    async def start(self, link: RunnerLink) -> None:
         pass
 
     async def stop(self) -> None:
