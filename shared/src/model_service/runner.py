@@ -43,11 +43,11 @@ from model_service.errors import (
     StorageFailed,
     StoreUnavailable,
     WorkerCrashed,
-    WrongJobState,
 )
 from model_service.jobs.changes import fail_with, fail_with_dict, finish_now, mark_cancel_requested
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
+from model_service.jobs.retry import check_retryable, reset_for_retry
 from model_service.jobs.source import Claim, JobSource, RunnerLink
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore
@@ -227,15 +227,8 @@ class JobRunner:
         )
 
     def retry(self, job_id: str) -> Job:
-        """A failed or canceled job queued again, as it was submitted (same id, input and
-        seed); its error and outputs are cleared."""
-        job = self._store.get(job_id)
-        if job.status not in (JobStatus.FAILED, JobStatus.CANCELED):
-            raise WrongJobState(
-                f"job {job_id} is {job.status}; only a failed or canceled job can be retried",
-                job_id=job_id,
-                status=job.status.value,
-            )
+        """A failed or canceled job queued again, as it was submitted (`jobs.retry`)."""
+        check_retryable(self._store.get(job_id))
         job = self._store.transition(job_id, JobStatus.QUEUED, reset_for_retry)
         self._changed(job, "status")
         self.wake()
@@ -651,16 +644,6 @@ def _with_progress(
         change(job)
 
     return both
-
-
-def reset_for_retry(job: Job) -> None:
-    job.info = {"retries": int(job.info.get("retries", 0)) + 1}
-    job.error = None
-    job.outputs, job.stored_outputs, job.outputs_expired = [], {}, False
-    job.cancel_requested = False
-    job.attempts = 0
-    job.started_at = job.finished_at = None
-    job.progress_step = job.progress_total = 0
 
 
 def _give_back_attempt(job: Job) -> None:

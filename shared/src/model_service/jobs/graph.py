@@ -43,14 +43,14 @@ from model_service.errors import (
     InvalidTransition,
     PartFailed,
     ServiceError,
-    WrongJobState,
 )
 from model_service.jobs.changes import fail_with_dict, finish_now, mark_cancel_requested
 from model_service.jobs.record import Job
+from model_service.jobs.retry import RETRYABLE, check_retryable, reset_for_retry, reset_parent
 from model_service.jobs.status import TRANSITIONS, JobStatus
 from model_service.jobs.store import JobStore
 from model_service.logs import get_logger
-from model_service.runner import JobRunner, reset_for_retry
+from model_service.runner import JobRunner
 from model_service.settings import Settings
 from model_service.storage import OutputStore
 
@@ -191,18 +191,13 @@ class JobGraphs:
         """Queues the failed and canceled children again (and the composition, if that
         failed); children that succeeded are kept."""
         parent = self._store.get(parent_id)
-        if parent.status not in (JobStatus.FAILED, JobStatus.CANCELED):
-            raise WrongJobState(
-                f"job {parent_id} is {parent.status}; only a failed or canceled job can be retried",
-                job_id=parent_id,
-                status=parent.status.value,
-            )
+        check_retryable(parent)
         async with self._lock(parent_id):
             for child in self._store.children(parent_id):
-                if child.status in (JobStatus.FAILED, JobStatus.CANCELED):
+                if child.status in RETRYABLE:
                     child = self._store.transition(child.id, JobStatus.QUEUED, reset_for_retry)
                     self._runner.changed(child)
-            parent = self._move(parent, JobStatus.QUEUED, _reset_parent)
+            parent = self._move(parent, JobStatus.QUEUED, reset_parent)
         self._runner.wake()
         await self.reconcile(parent_id)
         return self._store.get(parent_id)
@@ -431,10 +426,3 @@ def _progress(children: list[Job]) -> tuple[int, int]:
         elif child.status is JobStatus.RUNNING and child.progress_total:
             done += min(1.0, child.progress_step / child.progress_total)
     return round(done * UNITS_PER_CHILD), len(children) * UNITS_PER_CHILD
-
-
-def _reset_parent(job: Job) -> None:
-    job.error = None
-    job.cancel_requested = False
-    job.finished_at = None
-    job.outputs, job.stored_outputs, job.outputs_expired = [], {}, False

@@ -28,7 +28,8 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
 
 # Allowed moves. RUNNING -> QUEUED is the restart path: a job that was running when the
 # service died is queued again (see `JobRunner.recover`). FAILED/CANCELED -> QUEUED is a
-# client's retry; SUCCEEDED -> AWAITING_INPUT reopens a finished interactive long video.
+# client's retry (`jobs.retry`); SUCCEEDED -> AWAITING_INPUT reopens a finished
+# interactive long video.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
     JobStatus.RUNNING: frozenset(

@@ -21,6 +21,7 @@ from model_service.decode_budget import RequestImages
 from model_service.errors import InvalidInput, WrongJobState
 from model_service.jobs.graph import JobGraphs
 from model_service.jobs.record import Job
+from model_service.jobs.retry import RETRYABLE
 from model_service.jobs.status import JobStatus
 from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
 from model_service.settings import Settings
@@ -130,7 +131,7 @@ class LongVideoSubmitter:
                 job_id=parent_id,
             )
         if parent.status.is_terminal:
-            hint = "reopen it first" if parent.status is JobStatus.SUCCEEDED else "retry it first"
+            hint = "retry it first" if parent.status in RETRYABLE else "reopen it first"
             raise WrongJobState(f"chain {parent_id} is {parent.status}; {hint}", job_id=parent_id)
         if len(parent.children) + len(segments) > MAX_PARTS:
             raise InvalidInput(f"a chain holds at most {MAX_PARTS} segments", field="segments")
