@@ -15,18 +15,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from model_service import media
 from model_service.audio import prepare_audio
-from model_service.comfy.custom import (
-    CustomWorkflowInput,
-    CustomWorkflows,
-    is_custom,
-    off_error,
-)
+from model_service.custom_input import is_custom, off_error
 from model_service.decode_budget import DecodeBudget, RequestImages
 from model_service.errors import IdempotencyConflict, InvalidInput, QueueFull, UploadNotFound
 from model_service.fetch import SafeHttpClient
@@ -55,6 +50,18 @@ def validation_error(exc: ValidationError, prefix: str = "input") -> InvalidInpu
     )
 
 
+class CustomInput(Protocol):
+    """An engine's hook for jobs that bring their own graph (`custom_input`): their
+    request's shape, with `files: {name: reference}`, and its check."""
+
+    @property
+    def model(self) -> type[BaseModel]: ...
+
+    async def check(self, request: Any) -> dict[str, MediaKind]:
+        """`request`: a validated `model`. Raises InvalidInput naming the first problem;
+        returns the kind of each of its files."""
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     events: list[str]
@@ -72,11 +79,11 @@ class JobSubmitter:
         http: SafeHttpClient,
         runner: JobRunner,
         check_input: Callable[[Any, Settings], None] | None = None,
-        custom: CustomWorkflows | None = None,
+        custom: CustomInput | None = None,
     ) -> None:
         self._settings = settings
         self._custom = custom  # a ComfyUI service with ALLOW_CUSTOM_WORKFLOWS
-        self.takes_workflows = custom is not None
+        self.custom_model = None if custom is None else custom.model  # shown in /docs
         self._model = input_model
         self._check = check_input or (lambda data, settings: None)
         self._media = media_fields(input_model)
@@ -107,7 +114,7 @@ class JobSubmitter:
             if self._custom is None:
                 raise off_error()
             try:
-                custom = CustomWorkflowInput.model_validate(raw_input)
+                custom = self._custom.model.model_validate(raw_input)
             except ValidationError as exc:
                 raise validation_error(exc) from None
             kinds = await self._custom.check(custom)

@@ -29,7 +29,7 @@ from model_service.runner import JobRunner
 from model_service.service import ServiceSpec
 from model_service.settings import Settings
 from model_service.startup import prepare_data_dir
-from model_service.submit import JobSubmitter
+from model_service.submit import CustomInput, JobSubmitter
 from model_service.webhooks import WebhookDispatcher
 
 log = get_logger("model_service.app")
@@ -77,10 +77,10 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         options=spec.worker_options(settings),
     )
     engine: Engine
+    custom: CustomInput | None = None  # jobs that bring their own graph
     if spec.comfy is not None:
-        from model_service.comfy.engine import ComfyEngine
-
-        engine = ComfyEngine(settings, spec.comfy, metrics, blocker=blocker)
+        comfy = spec.comfy.build_engine(settings, metrics, blocker)
+        engine, custom = comfy, spec.comfy.custom_input(settings, comfy)
     else:
         assert spec.predictor is not None
         engine = WorkerEngine(spec.predictor, worker_config, metrics, blocker)
@@ -104,12 +104,6 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     else:
         source = LocalSource(settings, store)
     runner = JobRunner(settings, engine, store, bus, metrics, webhooks, source)
-    custom = None
-    if spec.comfy is not None and settings.allow_custom_workflows:
-        from model_service.comfy.custom import CustomWorkflows
-
-        assert isinstance(engine, ComfyEngine)
-        custom = CustomWorkflows(settings, engine.object_info)
     submitter = JobSubmitter(
         settings, spec.input_model, store, http, runner, check_input=spec.check_input, custom=custom
     )

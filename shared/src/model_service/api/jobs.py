@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field, SkipValidation, create_model
 from model_service.api.body import OffLoopJsonRoute
 from model_service.api.inline import prefers_inline, with_inline_outputs
 from model_service.api.state import ServiceState
-from model_service.comfy.custom import CustomWorkflowInput
 from model_service.errors import NotFound
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
@@ -40,14 +39,16 @@ class JobList(BaseModel):
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
 
 
-def job_request_model(input_model: type[BaseModel], custom: bool = False) -> type[BaseModel]:
+def job_request_model(
+    input_model: type[BaseModel], custom_model: type[BaseModel] | None = None
+) -> type[BaseModel]:
     """The request body, typed with this service's input (shown in /docs). With custom
-    workflows on, `input` may be a workflow too: both are shown, and the submitter checks
-    which it is (so that a typed input's errors name its own fields only)."""
+    workflows on (`custom_model`), `input` may be a workflow too: both are shown, and the
+    submitter checks which it is (so that a typed input's errors name its own fields)."""
     input_type: Any = input_model
     description = "The service's typed input."
-    if custom:
-        either: Any = input_model | CustomWorkflowInput
+    if custom_model is not None:
+        either: Any = input_model | custom_model
         input_type = Annotated[either, SkipValidation()]  # type: ignore[type-arg]
         description += " Or your own ComfyUI workflow: {workflow, files} (README)."
     model: type[BaseModel] = create_model(
@@ -135,7 +136,7 @@ async def view_of(
 
 def build_router(state: ServiceState) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=OffLoopJsonRoute)
-    request_model = job_request_model(state.spec.input_model, state.submitter.takes_workflows)
+    request_model = job_request_model(state.spec.input_model, state.submitter.custom_model)
 
     async def submit(request: Request, body: BaseModel, job_id: str | None) -> tuple[Job, bool]:
         payload: Any = body.model_dump(mode="json", exclude={"input"})

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from model_service.comfy.workflow import combo_choices, is_link, node_order
+from model_service.custom_input import off_error as off_error  # re-exported: api.middleware
 from model_service.errors import InvalidInput
 from model_service.media_refs import MediaKind
 from model_service.settings import Settings
@@ -61,22 +62,11 @@ class CustomWorkflowInput(BaseModel):
     )
 
 
-def is_custom(raw_input: Any) -> bool:
-    """A job's input that brings a workflow (not the service's typed input)."""
-    return isinstance(raw_input, dict) and "workflow" in raw_input
-
-
-def off_error() -> InvalidInput:
-    return InvalidInput(
-        "input.workflow: custom ComfyUI workflows are off on this service; they run on the "
-        "ComfyUI services started with ALLOW_CUSTOM_WORKFLOWS=1 (read the README's security "
-        "note first). Send the service's own input instead (GET /docs)",
-        field="input.workflow",
-    )
-
-
 class CustomWorkflows:
-    """Checks custom workflows for the submitter (the engine runs them)."""
+    """Checks custom workflows for the submitter (the engine runs them): the ComfyUI
+    engine's `submit.CustomInput`."""
+
+    model = CustomWorkflowInput
 
     def __init__(
         self, settings: Settings, object_info: Callable[[], Awaitable[Mapping[str, Any]]]

@@ -40,7 +40,7 @@ from typing import Any
 
 from model_service.background import BACKOFF_S
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
-from model_service.comfy.custom import FILE_INPUTS
+from model_service.comfy.custom import FILE_INPUTS, CustomWorkflows
 from model_service.comfy.errors import (
     ComfyCrashed,
     ComfyCudaError,
@@ -83,7 +83,8 @@ CUSTOM_WORKFLOW = "workflow"  # a job that brings its own graph (model_service.c
 
 @dataclass(frozen=True)
 class ComfyServiceSpec:
-    """What a ComfyUI service declares: its workflows and its model files."""
+    """What a ComfyUI service declares: its workflows and its model files. It builds the
+    service's engine, and the submitter's hook for custom workflows."""
 
     workflows: Mapping[str, Workflow]
     choose: Callable[[Mapping[str, Any]], str]  # a job's input -> the workflow's name
@@ -98,6 +99,17 @@ class ComfyServiceSpec:
     # more values from the job's own (local) files before they go to ComfyUI, e.g. the
     # frame count and windows an audio file's length asks for; merged into the values
     derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+
+    def build_engine(
+        self, settings: Settings, metrics: Metrics, blocker: str | None
+    ) -> ComfyEngine:
+        return ComfyEngine(settings, self, metrics, blocker=blocker)
+
+    def custom_input(self, settings: Settings, engine: ComfyEngine) -> CustomWorkflows | None:
+        """The submitter's hook for jobs that bring their own workflow (when allowed)."""
+        if not settings.allow_custom_workflows:
+            return None
+        return CustomWorkflows(settings, engine.object_info)
 
 
 def models_dir_for(settings: Settings) -> Path:
