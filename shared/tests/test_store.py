@@ -11,8 +11,8 @@ import pytest
 from model_service.errors import IdempotencyConflict, InvalidTransition, NotFound
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
-from model_service.jobs.store import SqliteJobStore
-from model_service.retention import sweep
+from model_service.jobs.store import _PRUNABLE, Delivery, SqliteJobStore, Upload
+from model_service.retention import prune, sweep
 from model_service.settings import Settings
 
 
@@ -221,6 +221,7 @@ def test_an_older_store_gains_the_retention_columns_from_its_records(tmp_path: P
     store.close()
     with sqlite3.connect(path) as db:  # as a store from before the columns existed
         db.execute("DROP INDEX jobs_retention")
+        db.execute("DROP INDEX jobs_records")
         db.execute("ALTER TABLE jobs DROP COLUMN finished_at")
         db.execute("ALTER TABLE jobs DROP COLUMN outputs_expired")
     reopened = SqliteJobStore(path)
@@ -263,3 +264,117 @@ def test_fleet_retention_also_deletes_copies_of_other_pods_jobs(tmp_path: Path) 
     assert settings.job_dir("theirs-new").exists()  # touched lately
     assert settings.job_dir("theirs-running").exists()  # not finished
     assert store.get("theirs").outputs_expired is False  # its own pod deletes its files
+
+
+def _chain(job_id: str) -> Job:
+    job = new_job(job_id)
+    job.kind = "chain"
+    return job
+
+
+def finished(store: SqliteJobStore, job_id: str, at: float, held_by: str = "") -> None:
+    store.transition(job_id, JobStatus.RUNNING)
+    store.transition(
+        job_id,
+        JobStatus.SUCCEEDED,
+        lambda job: (setattr(job, "finished_at", at), setattr(job, "held_by", held_by)),
+    )
+
+
+def test_prune_deletes_rows_deps_and_deliveries_through_indexes(tmp_path: Path) -> None:
+    """The graph's rows, its `job_deps` and `webhook_deliveries` rows go in one call; the
+    candidates come from `jobs_records`, what goes with them from indexes too."""
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store.create_graph(_chain("p"), [part("p.0", "p"), part("p.1", "p", ["p.0"])])
+    store.create(new_job("kept"))
+    store.create_graph(_chain("q"), [part("q.0", "q")])
+    for job_id in ["p.0", "p.1", "p", "q.0", "q"]:
+        finished(store, job_id, 100.0)
+    finished(store, "kept", 300.0)
+    for n, job_id in enumerate(["p", "p.1", "kept"]):
+        store.add_delivery(Delivery(f"d{n}", job_id, "https://hook", "job.succeeded", "{}", 0), 1)
+    assert [job_id for job_id, _ in store.prune_finished(200.0, limit=1)] == ["p", "p.0", "p.1"]
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM job_deps").fetchone()[0] == 0
+        assert [row[0] for row in db.execute("SELECT job_id FROM webhook_deliveries")] == ["kept"]
+        assert [row[0] for row in db.execute("SELECT id FROM jobs ORDER BY seq")] == [
+            "kept",
+            "q",
+            "q.0",
+        ]
+
+        def plan(query: str, *params: object) -> str:
+            rows = db.execute("EXPLAIN QUERY PLAN " + query, params)
+            return " ".join(str(row[3]) for row in rows)
+
+        assert "USING INDEX jobs_records (finished_at<?)" in plan(_PRUNABLE, 1.0, *"abc", *"abc", 5)
+        assert "deliveries_job" in plan("DELETE FROM webhook_deliveries WHERE job_id = ?", "x")
+        assert "uploads_created" in plan(
+            "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE created_at < 1 LIMIT 5)"
+        )
+
+
+def test_retention_prunes_old_records_with_their_folders(tmp_path: Path) -> None:
+    """End to end: files expire after OUTPUT_RETENTION_HOURS, records (a long video with
+    its parts) after JOB_RECORD_RETENTION_DAYS; a pruned job's folder goes where this pod
+    holds it; old upload records go; 0 keeps records."""
+    settings = Settings(data_dir=tmp_path, output_retention_hours=1, job_record_retention_days=1)
+    store = SqliteJobStore(settings.db_path)
+    now = time.time()
+    store.create_graph(_chain("video"), [part("video.0", "video")])
+    for job_id in ["ancient", "theirs", "old", "new"]:
+        store.create(new_job(job_id))
+    finished(store, "video.0", now - 3 * 86400)
+    finished(store, "video", now - 2 * 86400)
+    finished(store, "ancient", now - 2 * 86400)
+    finished(store, "theirs", now - 2 * 86400, held_by="http://other-pod")
+    finished(store, "old", now - 7200)
+    finished(store, "new", now)
+    for job_id in ["video", "video.0", "ancient", "theirs", "old", "new"]:
+        (settings.job_dir(job_id) / "outputs").mkdir(parents=True)
+    store.add_upload(Upload("up_old", "a.png", None, 1, now - 2 * 86400))
+    store.add_upload(Upload("up_new", "b.png", None, 1, now - 7200))
+
+    kept = Settings(data_dir=tmp_path, output_retention_hours=1, job_record_retention_days=0)
+    assert prune(kept, store, now=now) == 0
+    assert store.find("ancient") is not None
+
+    assert prune(settings, store, now=now) == 4  # the records alone
+    for job_id in ["video", "video.0", "ancient", "theirs"]:
+        assert store.find(job_id) is None
+    assert [job.id for job in store.page(None, 10, None).jobs] == ["new", "old"]
+    assert not settings.job_dir("video.0").exists()
+    assert not settings.job_dir("ancient").exists()
+    assert settings.job_dir("theirs").exists()  # the other pod's: its own sweep's
+    assert settings.job_dir("old").exists()  # its record stays: its files are `sweep`'s
+    assert store.get_upload("up_old") is None
+    assert store.get_upload("up_new") is not None
+
+    assert sweep(settings, store, now=now) == 1
+    assert store.get("old").outputs_expired is True
+    assert not settings.job_dir("old").exists()
+    assert settings.job_dir("new").exists()
+    assert sweep(settings, store, now=now) == 0
+
+
+def test_records_kept_shorter_than_outputs_take_their_files(tmp_path: Path) -> None:
+    """With records kept 12 hours and outputs 72 (or forever), a job's files go with its
+    record: files never outlive it."""
+    for hours in (72.0, 0.0):
+        settings = Settings(
+            data_dir=tmp_path / str(hours),
+            output_retention_hours=hours,
+            job_record_retention_days=0.5,
+        )
+        store = SqliteJobStore(settings.db_path)
+        now = time.time()
+        for job_id, age in [("day-old", 86400), ("hour-old", 3600)]:
+            store.create(new_job(job_id))
+            finished(store, job_id, now - age)
+            (settings.job_dir(job_id) / "outputs").mkdir(parents=True)
+        sweep(settings, store, now=now)
+        assert store.find("day-old") is None
+        assert not settings.job_dir("day-old").exists()
+        assert settings.job_dir("hour-old").exists()
+        assert store.get("hour-old").outputs_expired is False
+        store.close()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from model_service.errors import (
     IdempotencyConflict,
@@ -19,6 +20,8 @@ from model_service.jobs.record import Job
 from model_service.jobs.redis_store import RedisJobStore
 from model_service.jobs.status import TERMINAL, JobStatus
 from model_service.jobs.store import Delivery, JobStore, SqliteJobStore, Upload
+from model_service.retention import sweep
+from model_service.settings import Settings
 from model_service_testing.process import RedisServer
 
 Store = JobStore
@@ -34,6 +37,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         made = RedisJobStore(server.url, NAMESPACE)
+        made._ensure_indexes()  # as the first retention pass: the writes then keep them
     yield made
     made.close()
 
@@ -390,6 +394,138 @@ def test_uploads(store: Store) -> None:
     assert store.get_upload("missing") is None
 
 
+def finish(store: Store, job_id: str, at: float, status: JobStatus = JobStatus.SUCCEEDED) -> None:
+    """A stored queued job run and ended at `at`."""
+    store.transition(job_id, JobStatus.RUNNING)
+    store.transition(job_id, status, set_field("finished_at", at))
+
+
+def test_finished_before_pages_by_finish_then_id(store: Store) -> None:
+    """Pages oldest first by (finished_at, id), ties broken by id, after the last one
+    of the page before; expired, unfinished and retried jobs are not listed."""
+    old = time.time() - 7200
+    for index in range(7):
+        store.create(new_job(f"job{index}"))
+        finish(store, f"job{index}", old + index % 3)
+    for job_id in ["expired", "retried", "running"]:
+        store.create(new_job(job_id))
+    finish(store, "expired", old)
+    store.update("expired", set_field("outputs_expired", True))
+    finish(store, "retried", old, JobStatus.FAILED)
+    store.transition("retried", JobStatus.QUEUED, set_field("finished_at", None))
+    store.transition("running", JobStatus.RUNNING, set_field("finished_at", old))
+    pages, after = [], None
+    while page := store.finished_before(time.time() - 3600, limit=3, after=after):
+        pages.append(ids(page))
+        after = (page[-1].finished_at or 0.0, page[-1].id)
+    assert pages == [["job0", "job3", "job6"], ["job1", "job4", "job2"], ["job5"]]
+    assert ids(store.finished_before(old + 1)) == ["job0", "job3", "job6"]  # strictly before
+
+
+def test_prune_finished_deletes_old_graphs_whole(store: Store) -> None:
+    """Old finished top-level jobs go with their parts, dependencies and deliveries; a
+    part never goes alone, nor a graph with a part unfinished, nor an unfinished job."""
+    now = time.time()
+    old, cutoff = now - 3 * 86400, now - 86400
+    for job_id in ["plain", "new", "running", "queued"]:
+        store.create(new_job(job_id))
+    finish(store, "plain", old, JobStatus.FAILED)
+    finish(store, "new", now)
+    store.transition("running", JobStatus.RUNNING, set_field("finished_at", old))
+    store.update("queued", set_field("finished_at", old))
+    # a long video whose parts all ended, one waiting for the other
+    store.create_graph(
+        parent_job("video", ["video.0", "video.1"]),
+        [part("video.0", "video"), part("video.1", "video", ["video.0"])],
+    )
+    store.transition("video", JobStatus.RUNNING)
+    for child in ["video.0", "video.1"]:
+        finish(store, child, old)
+    store.transition("video", JobStatus.SUCCEEDED, set_field("finished_at", old))
+    # ended (canceled) but a part still runs; and an open one whose part ended long ago
+    store.create_graph(parent_job("busy", ["busy.0"]), [part("busy.0", "busy")])
+    store.transition("busy", JobStatus.CANCELED, set_field("finished_at", old))
+    store.transition("busy.0", JobStatus.RUNNING)
+    store.create_graph(parent_job("open", ["open.0"]), [part("open.0", "open")])
+    store.transition("open", JobStatus.RUNNING)
+    finish(store, "open.0", old)
+    for n, job_id in enumerate(["plain", "video", "video.0", "new"]):
+        store.add_delivery(Delivery(f"d{n}", job_id, "https://hook", "job.succeeded", "{}", 0), now)
+    store.update("video.0", set_field("held_by", "http://pod-a"))
+
+    pruned = store.prune_finished(cutoff)
+    assert sorted(pruned) == [
+        ("plain", ""),
+        ("video", ""),
+        ("video.0", "http://pod-a"),
+        ("video.1", ""),
+    ]
+    for job_id in ["plain", "video", "video.0", "video.1"]:
+        assert store.find(job_id) is None
+        assert store.deliveries(job_id) == []
+    kept = ["new", "running", "queued", "busy", "busy.0", "open", "open.0"]
+    assert all(store.find(job_id) is not None for job_id in kept)
+    assert sorted(ids(store.page(None, 100, None).jobs)) == sorted(kept)
+    assert ids(store.children("open")) == ["open.0"]
+    assert [d.id for d in store.due_deliveries(now + 1, limit=10)] == ["d3"]  # "new"'s
+    assert store.prune_finished(cutoff) == []
+    # the id is free again: the same request is a new job, not a repeat
+    assert store.create(new_job("plain"))[1] is True
+    # once its part ended, the canceled video goes too
+    store.transition("busy.0", JobStatus.SUCCEEDED, set_field("finished_at", now))
+    assert sorted(store.prune_finished(cutoff)) == [("busy", ""), ("busy.0", "")]
+
+
+def test_prune_finished_takes_a_page_of_graphs_oldest_first(store: Store) -> None:
+    old = time.time() - 7200
+    for index in range(5):
+        store.create(new_job(f"job{index}"))
+        finish(store, f"job{index}", old - index)  # job4 oldest
+    store.create_graph(parent_job("video", ["video.0"]), [part("video.0", "video")])
+    finish(store, "video.0", old)
+    store.transition("video", JobStatus.RUNNING)
+    store.transition("video", JobStatus.SUCCEEDED, set_field("finished_at", old - 2.5))
+    pages = []
+    while page := store.prune_finished(time.time(), limit=2):
+        pages.append(sorted(job_id for job_id, _ in page))
+    assert pages == [["job3", "job4"], ["job2", "video", "video.0"], ["job0", "job1"]]
+
+
+def test_prune_uploads_deletes_old_upload_records(store: Store) -> None:
+    for n in range(5):
+        store.add_upload(Upload(f"up_{n}", "face.png", "image/png", 10, 100.0 + n))
+    assert store.prune_uploads(102.5, limit=2) == 2
+    assert store.prune_uploads(102.5, limit=2) == 1
+    assert store.prune_uploads(102.5, limit=2) == 0
+    assert [store.get_upload(f"up_{n}") is None for n in range(5)] == [True] * 3 + [False] * 2
+
+
+def test_retention_sweep_expires_files_then_prunes_records(store: Store, tmp_path: Path) -> None:
+    """The retention pass on either store: files after OUTPUT_RETENTION_HOURS, records
+    (a long video whole) after JOB_RECORD_RETENTION_DAYS, a page at a time."""
+    settings = Settings(data_dir=tmp_path, output_retention_hours=1, job_record_retention_days=1)
+    now = time.time()
+    store.create_graph(parent_job("video", ["video.0"]), [part("video.0", "video")])
+    finish(store, "video.0", now - 3 * 86400)
+    store.transition("video", JobStatus.RUNNING)
+    store.transition("video", JobStatus.SUCCEEDED, set_field("finished_at", now - 2 * 86400))
+    for index in range(5):
+        store.create(new_job(f"ancient{index}"))
+        finish(store, f"ancient{index}", now - 2 * 86400 - index)
+    for job_id, age in [("old", 7200), ("new", 0)]:
+        store.create(new_job(job_id))
+        finish(store, job_id, now - age)
+    for job in store.page(None, 100, None).jobs:
+        (settings.job_dir(job.id) / "outputs").mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("model_service.retention.PAGE", 2)
+        patch.setattr("model_service.retention.PRUNE_PAGE", 2)
+        assert sweep(settings, store, now=now) == 8  # all but "new" had files
+    assert ids(store.page(None, 100, None).jobs) == ["new", "old"]
+    assert store.get("old").outputs_expired is True
+    assert [path.name for path in (tmp_path / "jobs").iterdir()] == ["new"]
+
+
 # --- Redis only --------------------------------------------------------------------------
 
 
@@ -523,4 +659,98 @@ def test_a_stopped_redis_is_store_unavailable_until_it_is_back(
     assert store.get("a").seed == 7
     assert store.create(new_job("b"))[1] is True
     assert claim_id(store) == "a"
+    store.close()
+
+
+def test_redis_finished_before_reads_one_page_of_jobs(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page's ids come from the N:finished index: only those jobs are read."""
+    store = RedisJobStore(redis_url, NAMESPACE)
+    old = time.time() - 7200
+    for index in range(40):
+        store.create(new_job(f"job{index:02d}"))
+        finish(store, f"job{index:02d}", old + index)
+    read: list[int] = []
+    jobs = store._jobs
+    monkeypatch.setattr(store, "_jobs", lambda job_ids: read.append(len(job_ids)) or jobs(job_ids))
+    page = store.finished_before(time.time(), limit=5)
+    assert ids(page) == [f"job{index:02d}" for index in range(5)]
+    assert ids(store.finished_before(time.time(), limit=5, after=(old + 4, "job04")))[0] == "job05"
+    assert sum(read) == 10  # each page its 5 jobs (the second past its tie), no more
+    store.close()
+
+
+def test_redis_retention_indexes_follow_the_records(redis_url: str) -> None:
+    """A job is in N:finished while finished with outputs, in N:records while finished and
+    top-level: set with the status, left on expiry (outputs only), retry and deletion."""
+    store = RedisJobStore(redis_url, NAMESPACE)
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def entries(job_id: str) -> tuple[float | None, float | None]:
+        return (
+            raw.zscore(f"{NAMESPACE}:finished", job_id),
+            raw.zscore(f"{NAMESPACE}:records", job_id),
+        )
+
+    store.create(new_job("a"))
+    assert entries("a") == (None, None)
+    finish(store, "a", 100.0, JobStatus.FAILED)
+    assert entries("a") == (100.0, 100.0)
+    store.update("a", set_field("finished_at", 50.0))
+    assert entries("a") == (50.0, 50.0)
+    store.update("a", set_field("outputs_expired", True))
+    assert entries("a") == (None, 50.0)
+    store.transition("a", JobStatus.QUEUED, set_field("finished_at", None))  # a retry
+    assert entries("a") == (None, None)
+    store.create_graph(parent_job("p", ["p.0"]), [part("p.0", "p")])
+    finish(store, "p.0", 100.0)
+    assert entries("p.0") == (100.0, None)  # a part goes with its parent only
+    ended = new_job("stored-ended")  # a job stored already finished
+    ended.status, ended.finished_at = JobStatus.FAILED, 5.0
+    store.create(ended)
+    assert entries("stored-ended") == (5.0, 5.0)
+    store.remove_child("p", "p.0", lambda job: job.children.remove("p.0"))
+    assert entries("p.0") == (None, None)
+    raw.close()
+    store.close()
+
+
+def test_redis_indexes_are_built_once_for_records_written_before_them(redis_url: str) -> None:
+    """A store written before the indexes existed: the first retention call builds them
+    from the records (and sets N:indexed), then the pass finds the old jobs."""
+    store = RedisJobStore(redis_url, NAMESPACE)
+    for job_id in ["done", "expired", "running"]:
+        store.create(new_job(job_id))
+    finish(store, "done", 100.0)
+    finish(store, "expired", 100.0)
+    store.update("expired", set_field("outputs_expired", True))
+    store.transition("running", JobStatus.RUNNING)
+    store.create_graph(parent_job("p", ["p.0"]), [part("p.0", "p")])
+    finish(store, "p.0", 90.0)
+    store.transition("p", JobStatus.RUNNING)
+    store.transition("p", JobStatus.SUCCEEDED, set_field("finished_at", 95.0))
+    store.add_upload(Upload("up_1", "face.png", "image/png", 10, 80.0))
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    indexes = [f"{NAMESPACE}:{key}" for key in ("finished", "records", "uploads", "indexed")]
+    raw.delete(*indexes)  # as an older version left the store
+    store.close()
+
+    store = RedisJobStore(redis_url, NAMESPACE)
+    assert ids(store.finished_before(200.0)) == ["p.0", "p", "done"]
+    assert raw.exists(f"{NAMESPACE}:indexed")
+    assert sorted(store.prune_finished(200.0)) == [
+        ("done", ""),
+        ("expired", ""),
+        ("p", ""),
+        ("p.0", ""),
+    ]
+    assert store.prune_uploads(200.0) == 1
+    assert ids(store.page(None, 10, None).jobs) == ["running"]
+    # built once: with the marker there, a missing set is not rebuilt
+    store.create(new_job("later"))
+    finish(store, "later", 100.0)
+    raw.delete(f"{NAMESPACE}:finished")
+    assert RedisJobStore(redis_url, NAMESPACE).finished_before(200.0) == []
+    raw.close()
     store.close()

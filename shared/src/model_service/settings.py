@@ -176,6 +176,16 @@ class Settings(BaseSettings):
     output_retention_hours: float = Field(
         72.0, ge=0, description="Outputs older than this are deleted (0 keeps them forever)."
     )
+    job_record_retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="Job records older than this (days since the job finished) are deleted, "
+        "with a long video's parts, webhook deliveries and upload records: then GET "
+        "/v1/jobs/{id} answers 404 `not_found`, the job is gone from lists, and a PUT with "
+        "the same id creates a new job (idempotency holds only this long). Files never "
+        "outlive their record: set shorter than OUTPUT_RETENTION_HOURS (or with it 0), "
+        "outputs are deleted with the record. 0 keeps records forever.",
+    )
     s3_bucket: str | None = Field(
         None,
         description="Upload every output to this S3-compatible bucket; jobs then list the "

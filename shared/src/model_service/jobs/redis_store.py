@@ -16,6 +16,21 @@ processes at once. Keys, all under the namespace `N` given by the caller (`ms:<s
     N:deliveries:due        sorted set of pending delivery ids by next attempt time
     N:deliveries:job:<id>   list of a job's delivery ids in the order they were added
     N:upload:<id>           an upload's record as JSON
+    N:finished              sorted set of the finished jobs whose outputs are not expired,
+                            by finished_at (`finished_before`)
+    N:records               sorted set of the finished top-level jobs (no parent_id), by
+                            finished_at (`prune_finished`: a graph goes with its parent)
+    N:uploads               sorted set of the upload ids by created_at (`prune_uploads`)
+    N:indexed               marker: the three sets above hold the records written before
+                            they existed (built once by the first retention pass)
+
+Retention's indexes: a job is in N:finished and N:records exactly while its record says
+so (`_retention_index`, in the transaction that writes the status, `outputs_expired` or
+`finished_at`), so a pass reads one page of ids by score and then only those jobs; the
+jobs it reads are checked again (an entry and a record read in two steps). Two sets,
+not one: outputs expire long before records, and an expired job must leave the first
+without leaving the second. All pods must run this version: an older pod's writes would
+not update them.
 
 Atomicity: every change is one MULTI/EXEC under WATCH of the keys it read (retried on a
 conflict, so a `change` callback may run more than once, each time on a freshly read
@@ -35,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -128,6 +143,7 @@ class RedisJobStore:
 
     def __init__(self, url: str, namespace: str) -> None:
         self._prefix = f"{namespace}:"
+        self._indexed = False  # N:indexed seen (`_ensure_indexes`)
         self._redis = redis.Redis.from_url(
             url,
             decode_responses=True,
@@ -223,12 +239,7 @@ class RedisJobStore:
             pipe.multi()
             self._save(pipe, stored)
             if child is not None and child.parent == parent_id:
-                pipe.delete(self._key("job", child_id))
-                pipe.zrem(self._key("jobs"), child_id)
-                pipe.zrem(self._key("status", child.status), child_id)
-                pipe.zrem(self._key("work", child.status), child_id)
-                pipe.zrem(self._key("open_parents"), child_id)
-                pipe.zrem(self._key("children", parent_id), child_id)
+                self._delete(pipe, child)
             for dep in deps:
                 pipe.srem(self._key("waiters", dep), child_id)
             for waiter in waiters:
@@ -379,23 +390,182 @@ class RedisJobStore:
         self, cutoff: float, limit: int = 1000, after: tuple[float, str] | None = None
     ) -> list[Job]:
         """Terminal jobs with outputs still on disk that finished before `cutoff`, oldest
-        first, one page as SQLite's (but read from every terminal job: no index here)."""
-        with self._redis.pipeline() as pipe:
-            for status in sorted(_TERMINAL_VALUES):
-                pipe.zrange(self._key("status", status), 0, -1)
-            jobs = self._jobs([job_id for ids in pipe.execute() for job_id in ids])
-        found = sorted(
-            (
+        first, at most `limit`, after the (finished_at, id) `after`: one page of ids from
+        N:finished (a sorted set orders equal scores by id, as SQLite's index), then
+        those jobs."""
+        self._ensure_indexes()
+        low: float | str = "-inf" if after is None else after[0]  # ties: filtered by id
+        found: list[Job] = []
+        offset = 0
+        while len(found) < limit:  # more than one round only past ties and stale entries
+            want = limit - len(found)
+            rows = cast(
+                "list[tuple[str, float]]",
+                self._redis.zrangebyscore(
+                    self._key("finished"),
+                    low,
+                    f"({cutoff!r}",
+                    start=offset,
+                    num=want,
+                    withscores=True,
+                ),
+            )
+            offset += len(rows)
+            ids = [job_id for job_id, score in rows if after is None or (score, job_id) > after]
+            found += [
                 job
-                for job in jobs
-                if job.finished_at is not None
-                and job.finished_at < cutoff
+                for job in self._jobs(ids)
+                if job.status.value in _TERMINAL_VALUES
                 and not job.outputs_expired
+                and job.finished_at is not None
+                and job.finished_at < cutoff
                 and (after is None or (job.finished_at, job.id) > after)
-            ),
-            key=lambda job: (job.finished_at or 0.0, job.id),
-        )
+            ]
+            if len(rows) < want:
+                break
+        found.sort(key=lambda job: (job.finished_at or 0.0, job.id))  # changed meanwhile
         return found[:limit]
+
+    @_guard
+    def prune_finished(self, cutoff: float, limit: int = 500) -> list[tuple[str, str]]:
+        """Delete up to `limit` finished job graphs whose top-level job finished before
+        `cutoff`: the job, a long video's parts with their parent (a part is never deleted
+        alone, nor a graph with a part still to finish), their dependencies and webhook
+        deliveries, each graph in one transaction. Returns each deleted job's (id,
+        held_by), parts included; [] when nothing is left. Reads ids from N:records by
+        score, then only those graphs."""
+        self._ensure_indexes()
+        pruned: list[tuple[str, str]] = []
+        graphs = skipped = 0
+        while graphs < limit:
+            ids = cast(
+                "list[str]",
+                self._redis.zrangebyscore(
+                    self._key("records"), "-inf", f"({cutoff!r}", start=skipped, num=limit
+                ),
+            )
+            if not ids:
+                break
+            for job_id in ids[: limit - graphs]:
+                deleted = self._prune_graph(job_id, cutoff)
+                if deleted is None:
+                    skipped += 1  # left in the set: a part still runs
+                elif deleted:
+                    pruned += deleted
+                    graphs += 1
+        return pruned
+
+    def _prune_graph(self, job_id: str, cutoff: float) -> list[tuple[str, str]] | None:
+        """Delete one graph (as `prune_finished`): its jobs' (id, held_by); [] when it is
+        gone already; None when it may not go (yet)."""
+        children_key = self._key("children", job_id)
+
+        def body(pipe: Pipeline) -> list[tuple[str, str]] | None:
+            top = self._load(pipe, job_id)
+            if top is None:  # deleted by another pod meanwhile
+                pipe.multi()
+                pipe.zrem(self._key("records"), job_id)
+                return []
+            child_ids = cast("list[str]", pipe.zrange(children_key, 0, -1))
+            lists = [self._key("deliveries", "job", i) for i in [job_id, *child_ids]]
+            pipe.watch(*(self._key("job", i) for i in child_ids), *lists)  # type: ignore[no-untyped-call]
+            children = [self._load(pipe, child_id) for child_id in child_ids]
+            graph = [top, *(child for child in children if child is not None)]
+            if (
+                top.parent
+                or top.job.finished_at is None
+                or top.job.finished_at >= cutoff
+                or any(stored.status not in _TERMINAL_VALUES for stored in graph)
+            ):
+                return None
+            deliveries = [cast("list[str]", pipe.lrange(key, 0, -1)) for key in lists]
+            pipe.multi()
+            for stored in graph:
+                self._delete(pipe, stored)
+                # dependencies are between the parts of one graph: both ends go here
+                pipe.delete(self._key("deps", stored.job.id), self._key("waiters", stored.job.id))
+            for delivery_ids in deliveries:
+                if delivery_ids:
+                    pipe.delete(*(self._key("delivery", i) for i in delivery_ids))
+                    pipe.zrem(self._key("deliveries", "due"), *delivery_ids)
+            pipe.delete(children_key, *lists)
+            return [(stored.job.id, stored.job.held_by) for stored in graph]
+
+        return self._atomic([self._key("job", job_id), children_key], body)
+
+    @_guard
+    def prune_uploads(self, cutoff: float, limit: int = 500) -> int:
+        """Delete up to `limit` upload records made before `cutoff`; returns how many."""
+        self._ensure_indexes()
+        key = self._key("uploads")
+        ids = cast(
+            "list[str]",
+            self._redis.zrangebyscore(key, "-inf", f"({cutoff!r}", start=0, num=limit),
+        )
+        if ids:
+            with self._redis.pipeline() as pipe:  # MULTI: the record and its entry at once
+                pipe.delete(*(self._key("upload", i) for i in ids))
+                pipe.zrem(key, *ids)
+                pipe.execute()
+        return len(ids)
+
+    # --- retention indexes --------------------------------------------------------
+
+    def _ensure_indexes(self) -> None:
+        """Build N:finished, N:records and N:uploads from the stored records once, when
+        N:indexed is missing (a store written before they existed). Each batch is read
+        and indexed under WATCH, so a job changed meanwhile is indexed as it is now; two
+        pods building at once write the same entries."""
+        if self._indexed:
+            return
+        marker = self._key("indexed")
+        if not self._redis.exists(marker):
+            last = "-inf"
+            while rows := cast(
+                "list[tuple[str, float]]",
+                self._redis.zrangebyscore(
+                    self._key("jobs"), last, "+inf", start=0, num=500, withscores=True
+                ),
+            ):
+                self._index_batch([job_id for job_id, _ in rows])
+                last = f"({rows[-1][1]!r}"
+            for keys in _batches(self._redis.scan_iter(self._key("upload", "*"), count=500)):
+                records = cast("list[str | None]", self._redis.mget(keys))
+                uploads = {
+                    upload["id"]: upload["created_at"]
+                    for upload in (json.loads(r) for r in records if r is not None)
+                }
+                if uploads:
+                    self._redis.zadd(self._key("uploads"), uploads)
+            self._redis.set(marker, 1)
+        self._indexed = True
+
+    def _index_batch(self, job_ids: list[str]) -> None:
+        def body(pipe: Pipeline) -> None:
+            # one round trip for the batch, on another connection: read after the WATCH,
+            # so a job changed since makes the EXEC fail and this run again
+            reader = self._redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                reader.hget(self._key("job", job_id), "data")
+            rows = reader.execute()
+            pipe.multi()
+            for data in rows:
+                if data is not None:
+                    self._retention_index(pipe, Job.from_row(json.loads(data)))
+
+        self._atomic([self._key("job", job_id) for job_id in job_ids], body)
+
+    def _retention_index(self, pipe: Pipeline, job: Job) -> None:
+        """Queue the job's entries in N:finished and N:records as its record now says."""
+        finished = job.finished_at if job.status.value in _TERMINAL_VALUES else None
+        for key, member in (
+            ("finished", finished is not None and not job.outputs_expired),
+            ("records", finished is not None and not job.parent_id),
+        ):
+            if member:
+                pipe.zadd(self._key(key), {job.id: cast("float", finished)})
+            else:
+                pipe.zrem(self._key(key), job.id)
 
     # --- job records ------------------------------------------------------------
 
@@ -456,6 +626,8 @@ class RedisJobStore:
                 pipe.zadd(self._key("open_parents"), {job.id: seq})
             if job.parent_id:
                 pipe.zadd(self._key("children", job.parent_id), {job.id: seq})
+            if status in _TERMINAL_VALUES:
+                self._retention_index(pipe, job)
             for dep in job.depends_on:
                 pipe.sadd(self._key("deps", job.id), dep)
                 pipe.sadd(self._key("waiters", dep), job.id)
@@ -466,6 +638,8 @@ class RedisJobStore:
         pipe.hset(
             self._key("job", job.id), mapping={"data": json.dumps(job.to_row()), "status": new}
         )
+        if old in _TERMINAL_VALUES or new in _TERMINAL_VALUES:  # else in neither set
+            self._retention_index(pipe, job)
         if old == new:
             return
         pipe.zrem(self._key("status", old), job.id)
@@ -477,6 +651,17 @@ class RedisJobStore:
             pipe.zrem(self._key("open_parents"), job.id)
         else:
             pipe.zadd(self._key("open_parents"), {job.id: stored.seq})
+
+    def _delete(self, pipe: Pipeline, stored: _Stored) -> None:
+        """Queue the deletion of a job's record and its index entries (after multi())."""
+        job_id = stored.job.id
+        pipe.delete(self._key("job", job_id))
+        for key in ("jobs", "open_parents", "finished", "records"):
+            pipe.zrem(self._key(key), job_id)
+        pipe.zrem(self._key("status", stored.status), job_id)
+        pipe.zrem(self._key("work", stored.status), job_id)
+        if stored.parent:
+            pipe.zrem(self._key("children", stored.parent), job_id)
 
     def _zrange(self, key: str) -> list[str]:
         return cast("list[str]", self._redis.zrange(key, 0, -1))
@@ -578,13 +763,32 @@ class RedisJobStore:
     @_guard
     def add_upload(self, upload: Upload) -> None:
         """Store an upload's record; an id that exists is refused (as SQLite does)."""
-        if not self._redis.set(self._key("upload", upload.id), json.dumps(asdict(upload)), nx=True):
-            raise IdempotencyConflict(f"upload {upload.id} exists already", upload_id=upload.id)
+        key = self._key("upload", upload.id)
+
+        def body(pipe: Pipeline) -> None:
+            if pipe.exists(key):
+                raise IdempotencyConflict(f"upload {upload.id} exists already", upload_id=upload.id)
+            pipe.multi()
+            pipe.set(key, json.dumps(asdict(upload)))
+            pipe.zadd(self._key("uploads"), {upload.id: upload.created_at})
+
+        self._atomic([key], body)
 
     @_guard
     def get_upload(self, upload_id: str) -> Upload | None:
         data = cast("str | None", self._redis.get(self._key("upload", upload_id)))
         return None if data is None else Upload(**json.loads(data))
+
+
+def _batches(items: Iterator[str], size: int = 500) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _delivery(record: dict[str, Any]) -> Delivery:

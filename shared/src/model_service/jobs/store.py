@@ -8,6 +8,10 @@ Job graphs (long videos): a parent job and its children are written in one trans
 `job_deps` holds which job waits for which, and `claim_next` takes only a child whose
 dependencies all succeeded. Parents are never claimed: the graph coordinator
 (`model_service.jobs.graph`) keeps their status.
+
+Retention reads two indexes, a page at a time: `jobs_retention` (finished jobs whose
+outputs are still on disk: `finished_before`) and `jobs_records` (finished top-level jobs:
+`prune_finished` deletes whole graphs, a long video's parts with their parent).
 """
 
 from __future__ import annotations
@@ -81,6 +85,18 @@ _RUNNABLE = (
 )
 _RUNNABLE_PARAMS = (JobStatus.QUEUED.value, JobStatus.SUCCEEDED.value)
 
+# Finished top-level jobs (a plain job, or a long video's parent) that finished before ?,
+# none of whose parts is unfinished, oldest first: one page of `jobs_records` (INDEXED BY:
+# the planner would otherwise take `jobs_status` and sort every finished job)
+_PRUNABLE = (
+    "SELECT id, is_parent, json_extract(data, '$.held_by') AS held_by FROM jobs AS j "
+    "INDEXED BY jobs_records WHERE parent_id IS NULL AND finished_at < ? "
+    "AND status IN (?, ?, ?) AND (is_parent = 0 OR NOT EXISTS ("
+    " SELECT 1 FROM jobs AS c WHERE c.parent_id = j.id AND c.status NOT IN (?, ?, ?)"
+    ")) ORDER BY finished_at LIMIT ?"
+)
+_TERMINAL_PARAMS = tuple(sorted(status.value for status in TERMINAL))
+
 # How long a write waits for another process's lock on the file (a backup, the sqlite3
 # CLI) before it fails with `store_busy`. Short: the store is called on the event loop.
 BUSY_TIMEOUT_MS = 1000
@@ -144,6 +160,8 @@ class JobStore(Protocol):
     def finished_before(
         self, cutoff: float, limit: int = 1000, after: tuple[float, str] | None = None
     ) -> list[Job]: ...
+    def prune_finished(self, cutoff: float, limit: int = 500) -> list[tuple[str, str]]: ...
+    def prune_uploads(self, cutoff: float, limit: int = 500) -> int: ...
     def add_delivery(self, delivery: Delivery, due_at: float) -> None: ...
     def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]: ...
     def next_delivery_due(self) -> float | None: ...
@@ -208,6 +226,15 @@ class SqliteJobStore:
                 "CREATE INDEX IF NOT EXISTS jobs_retention "
                 "ON jobs (outputs_expired, finished_at, id)"
             )
+            # record retention (`prune_finished`, `prune_uploads`): the candidates, and
+            # what goes with a job, each found by an index (a big store's first open
+            # builds them once: seconds for a million jobs)
+            db.execute(
+                "CREATE INDEX IF NOT EXISTS jobs_records ON jobs (finished_at) "
+                "WHERE parent_id IS NULL"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS deliveries_job ON webhook_deliveries (job_id)")
+            db.execute("CREATE INDEX IF NOT EXISTS uploads_created ON uploads (created_at)")
 
     def close(self) -> None:
         with self._lock:
@@ -462,6 +489,44 @@ class SqliteJobStore:
                 query + " ORDER BY finished_at, id LIMIT ?", (*params, limit)
             ).fetchall()
         return _readable(rows)
+
+    def prune_finished(self, cutoff: float, limit: int = 500) -> list[tuple[str, str]]:
+        """Delete up to `limit` finished job graphs whose top-level job finished before
+        `cutoff`: the job, a long video's parts with their parent (a part is never deleted
+        alone, nor a graph with a part still to finish), their `job_deps` and webhook
+        deliveries, in one transaction. Returns each deleted job's (id, held_by), parts
+        included; [] when nothing is left. Reads one page of `jobs_records` and those
+        rows, never every job's JSON. Not synced: lost to a power cut, the next pass
+        deletes them again."""
+        with self._tx(durable=False) as db:
+            rows = db.execute(
+                _PRUNABLE, (cutoff, *_TERMINAL_PARAMS, *_TERMINAL_PARAMS, limit)
+            ).fetchall()
+            found = [(row["id"], row["held_by"] or "") for row in rows]
+            for parent_id in [row["id"] for row in rows if row["is_parent"]]:
+                found += [
+                    (row["id"], row["held_by"] or "")
+                    for row in db.execute(
+                        "SELECT id, json_extract(data, '$.held_by') AS held_by FROM jobs "
+                        "WHERE parent_id = ?",
+                        (parent_id,),
+                    )
+                ]
+            ids = [(job_id,) for job_id, _ in found]
+            db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            # dependencies are between the parts of one graph: by job_id (its primary key)
+            db.executemany("DELETE FROM job_deps WHERE job_id = ?", ids)
+            db.executemany("DELETE FROM webhook_deliveries WHERE job_id = ?", ids)
+            return found
+
+    def prune_uploads(self, cutoff: float, limit: int = 500) -> int:
+        """Delete up to `limit` upload records made before `cutoff`; returns how many."""
+        with self._tx(durable=False) as db:
+            return db.execute(
+                "DELETE FROM uploads WHERE id IN "
+                "(SELECT id FROM uploads WHERE created_at < ? LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
 
     def _get(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
