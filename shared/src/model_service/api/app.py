@@ -19,6 +19,7 @@ from model_service.errors import StoreUnavailable
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.events import EventBus
 from model_service.jobs.graph import Composer, JobGraphs
+from model_service.jobs.record import JobKind
 from model_service.jobs.source import JobSource, LocalSource
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore, SqliteJobStore
@@ -111,9 +112,9 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     if spec.long_video is not None:
         from model_service.longvideo.compose import ChainComposer, TravelComposer
 
-        composers: dict[str, Composer] = {
-            "chain": ChainComposer(settings, spec.long_video.image_field),
-            "travel": TravelComposer(settings),
+        composers: dict[JobKind, Composer] = {
+            JobKind.CHAIN: ChainComposer(settings, spec.long_video.image_field),
+            JobKind.TRAVEL: TravelComposer(settings),
         }
         compositions = None
         if settings.queue_url:

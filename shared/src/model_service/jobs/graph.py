@@ -45,7 +45,7 @@ from model_service.errors import (
     ServiceError,
 )
 from model_service.jobs.changes import fail_with_dict, finish_now, mark_cancel_requested
-from model_service.jobs.record import Job
+from model_service.jobs.record import Job, JobKind, JobPlan
 from model_service.jobs.retry import RETRYABLE, check_retryable, reset_for_retry, reset_parent
 from model_service.jobs.status import TRANSITIONS, JobStatus
 from model_service.jobs.store import JobStore
@@ -93,7 +93,7 @@ class JobGraphs:
         settings: Settings,
         store: JobStore,
         runner: JobRunner,
-        composers: Mapping[str, Composer],
+        composers: Mapping[JobKind, Composer],
         *,
         held_by: str = "",
         compositions: Compositions | None = None,
@@ -143,7 +143,7 @@ class JobGraphs:
             self._runner.wake()
         return parent, created
 
-    def add_children(self, parent_id: str, children: list[Job], plan: dict[str, Any]) -> Job:
+    def add_children(self, parent_id: str, children: list[Job], plan: JobPlan) -> Job:
         """New children of an open parent (an interactive video's next segment)."""
 
         def change(parent: Job) -> None:
@@ -167,7 +167,7 @@ class JobGraphs:
         self._spawn(self.reconcile(parent_id))
         return parent
 
-    def update_plan(self, parent_id: str, plan: dict[str, Any]) -> Job:
+    def update_plan(self, parent_id: str, plan: JobPlan) -> Job:
         parent = self._store.update(parent_id, lambda job: setattr(job, "plan", plan))
         self._spawn(self.reconcile(parent_id))
         return parent

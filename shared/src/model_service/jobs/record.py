@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypedDict
 
 from model_service.jobs.status import JobStatus
+
+
+class JobKind(StrEnum):
+    JOB = "job"  # a plain job: the engine runs it
+    CHAIN = "chain"  # a long video: segments, each from the last frame of the one before
+    TRAVEL = "travel"  # a long video: legs between images
+
+
+class JobPlan(TypedDict, total=False):
+    """A long video's options, or a part's place in it (stored as this JSON object)."""
+
+    index: int  # a part's, from 0
+    # a chain's
+    interactive: bool  # it waits for the client's next segments (awaiting_input)
+    finalize: bool  # an interactive chain's client asked for the final video
+    colour_correction: bool
+    colour_strength: float
+    base: dict[str, Any]  # the input every segment starts from (its image left out)
+    start_image: str  # the chain's start image, a path on this machine
+    next_index: int  # the next segment's index (ids stay unique after deletions)
+    # a travel's
+    overlap: int  # frames cross-faded between legs
 
 
 @dataclass
@@ -33,32 +56,35 @@ class Job:
     base_url: str = ""  # where the job was submitted; output links in webhooks use it
     storage: dict[str, Any] | None = None  # the request's bucket/prefix/presign_s override
     stored_outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> object
-    # job graphs (long videos): a parent ("chain", "travel") runs nothing itself; its
+    # job graphs (long videos): a parent (a chain, a travel) runs nothing itself; its
     # children are plain jobs that run after the jobs in `depends_on` succeeded
-    kind: str = "job"
+    kind: JobKind = JobKind.JOB
     parent_id: str | None = None
     children: list[str] = field(default_factory=list)  # a parent's, in order
     depends_on: list[str] = field(default_factory=list)
     # input field -> "<job id>/<output name>": a file another job makes, found at run time
     inputs_from: dict[str, str] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)  # a parent's options; a child's role
+    plan: JobPlan = field(default_factory=JobPlan)  # a long video's options; a part's place
     held_by: str = ""  # a fleet: URL of the pod that ran the job and holds its files
 
     @property
     def is_parent(self) -> bool:
-        return self.kind != "job"
+        return self.kind != JobKind.JOB
 
     def to_row(self) -> dict[str, Any]:
         """The fields as they are (JSON values already): no deep copy, it is serialised
         at once."""
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["status"] = self.status.value
+        data["kind"] = str(self.kind)
         return data
 
     @classmethod
     def from_row(cls, data: dict[str, Any]) -> Job:
         data = dict(data)
         data["status"] = JobStatus(data["status"])
+        if "kind" in data:  # rows from before long videos have none
+            data["kind"] = JobKind(data["kind"])
         return cls(**data)
 
 

@@ -158,7 +158,7 @@ def job_view(job: Job, base_url: str, children: list[Job] | None = None) -> JobV
     ended = job.finished_at
     return JobView(
         id=job.id,
-        kind=job.kind,
+        kind=str(job.kind),
         parent_id=job.parent_id,
         status=job.status,
         input=job.input,

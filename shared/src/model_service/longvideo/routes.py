@@ -12,7 +12,7 @@ from model_service.api.body import OffLoopJsonRoute
 from model_service.api.jobs import JobId, job_response
 from model_service.api.state import ServiceState
 from model_service.errors import WrongJobState
-from model_service.jobs.record import Job
+from model_service.jobs.record import Job, JobKind
 from model_service.jobs.status import JobStatus
 from model_service.jobs.view import JobView, job_view
 from model_service.longvideo.requests import (
@@ -43,7 +43,7 @@ def build_router(state: ServiceState) -> APIRouter:
 
     def chain_of(job_id: str) -> Job:
         job = state.store.get(job_id)
-        if job.kind != "chain":
+        if job.kind != JobKind.CHAIN:
             raise WrongJobState(f"job {job_id} is not a chain", job_id=job_id)
         return job
 

@@ -20,7 +20,7 @@ from typing import Any
 from model_service.decode_budget import RequestImages
 from model_service.errors import InvalidInput, WrongJobState
 from model_service.jobs.graph import JobGraphs
-from model_service.jobs.record import Job
+from model_service.jobs.record import Job, JobKind, JobPlan
 from model_service.jobs.retry import RETRYABLE
 from model_service.jobs.status import JobStatus
 from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
@@ -92,7 +92,7 @@ class LongVideoSubmitter:
             await self._submitter.share_inputs(parent_id, staging.dir)
             checked = self._submitter.validate({**base, image_field: "(start image)"})
             base.update(await asyncio.to_thread(self._image_size, checked, str(start_path)))
-            plan = {
+            plan: JobPlan = {
                 "interactive": bool(body["interactive"]),
                 "finalize": False,
                 "colour_correction": bool(body["colour_correction"]),
@@ -104,7 +104,7 @@ class LongVideoSubmitter:
             parent = Job(
                 id=parent_id,
                 status=JobStatus.QUEUED,
-                kind="chain",
+                kind=JobKind.CHAIN,
                 input=_public(body),
                 prepared_input={image_field: plan["start_image"]},
                 seed=base_seed,
@@ -124,7 +124,7 @@ class LongVideoSubmitter:
 
     def add_segments(self, parent: Job, segments: list[dict[str, Any]]) -> Job:
         parent_id = parent.id
-        if parent.kind != "chain" or not parent.plan.get("interactive"):
+        if parent.kind != JobKind.CHAIN or not parent.plan.get("interactive"):
             raise WrongJobState(
                 f"job {parent_id} is not an interactive chain; segments can be added only to "
                 'one created with "interactive": true',
@@ -137,7 +137,7 @@ class LongVideoSubmitter:
             raise InvalidInput(f"a chain holds at most {MAX_PARTS} segments", field="segments")
         previous = parent.children[-1] if parent.children else None
         children = self._new_segments(parent, previous, segments)
-        plan = {
+        plan: JobPlan = {
             **parent.plan,
             "finalize": False,
             "next_index": parent.plan["next_index"] + len(children),
@@ -263,7 +263,7 @@ class LongVideoSubmitter:
             parent = Job(
                 id=parent_id,
                 status=JobStatus.QUEUED,
-                kind="travel",
+                kind=JobKind.TRAVEL,
                 input=_public(body),
                 prepared_input={"images": paths},
                 seed=base_seed,
