@@ -148,6 +148,12 @@ class Settings(BaseSettings):
         80 * 2**20, gt=0, description="Largest request body (JSON with data URIs included)."
     )
     max_fetch_bytes: int = Field(50 * 2**20, gt=0, description="Largest file fetched from a URL.")
+    inline_outputs_max_bytes: int = Field(
+        8 * 2**20,
+        ge=0,
+        description="With `Prefer: return=representation`, a finished job's outputs are sent "
+        "in the answer (base64 `data`) when together at most this size (0: never).",
+    )
     fetch_timeout_s: float = Field(30.0, gt=0, description="Total time allowed for one URL fetch.")
     fetch_allow_networks: Annotated[list[IpNetwork], NoDecode] = Field(
         default_factory=list,
