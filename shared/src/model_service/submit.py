@@ -153,7 +153,7 @@ class JobSubmitter:
                 base_url=base_url,
                 storage=storage,
             )
-            job, created = self._store.create(job)
+            job, created = self._store.create(job, durable=False)  # synced below
             if created:  # this request won the id: its files become the job's
                 staging.commit()
                 if own_id:  # a fleet: the winner's again, over any a losing request shared
@@ -163,6 +163,9 @@ class JobSubmitter:
         if created:
             self._runner.changed(job)
             await self._runner.source.submitted(job)
+        # on disk before anyone is told (group commit, off the event loop); the runner
+        # may begin the job meanwhile: a crash before the sync loses a job nobody knew of
+        await self._store.sync()
         return job, created
 
     async def check_options(

@@ -178,10 +178,15 @@ class RedisJobStore:
     # --- jobs -----------------------------------------------------------------
 
     @_guard
-    def create(self, job: Job) -> tuple[Job, bool]:
+    def create(self, job: Job, durable: bool = True) -> tuple[Job, bool]:
         """Insert a new job. If the id exists with the same request, return it and
-        False (idempotent repeat); with a different request, raise a conflict."""
+        False (idempotent repeat); with a different request, raise a conflict.
+        (`durable`: Redis's own persistence settings decide, as for every write.)"""
         return self.create_graph(job, [])
+
+    async def sync(self) -> None:
+        """Nothing to wait for: a write is as durable as Redis's persistence makes it
+        when it returns."""
 
     @_guard
     def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]:

@@ -35,6 +35,7 @@ from model_service.errors import (
 )
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
+from model_service.jobs.wal_sync import BACKSTOP_PAGES, WalSync
 from model_service.logs import get_logger
 
 _SCHEMA = """
@@ -134,7 +135,8 @@ class JobStore(Protocol):
     one atomic change; `change` callbacks may run more than once (on a fresh copy)."""
 
     def close(self) -> None: ...
-    def create(self, job: Job) -> tuple[Job, bool]: ...
+    def create(self, job: Job, durable: bool = True) -> tuple[Job, bool]: ...
+    async def sync(self) -> None: ...
     def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]: ...
     def add_children(
         self, parent_id: str, children: list[Job], change: Callable[[Job], None]
@@ -203,8 +205,11 @@ class SqliteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # checkpoints run in WalSync's thread; this is the backstop when no sync runs
+        self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self._db.executescript(_SCHEMA)
         self._migrate()
+        self._wal_sync = WalSync(path)
 
     def _migrate(self) -> None:
         """Columns added since the first release (a store written by it opens as is)."""
@@ -237,8 +242,15 @@ class SqliteJobStore:
             db.execute("CREATE INDEX IF NOT EXISTS uploads_created ON uploads (created_at)")
 
     def close(self) -> None:
+        self._wal_sync.close()
         with self._lock:
             self._db.close()
+
+    async def sync(self) -> None:
+        """Returns once every change made so far is on disk: the fsync of the changes
+        written with `durable=False`, in a thread, shared by all that wait for it
+        (`WalSync`, group commit)."""
+        await self._wal_sync.sync()
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -280,10 +292,11 @@ class SqliteJobStore:
 
     # --- jobs -----------------------------------------------------------------
 
-    def create(self, job: Job) -> tuple[Job, bool]:
+    def create(self, job: Job, durable: bool = True) -> tuple[Job, bool]:
         """Insert a new job. If the id exists with the same request, return it and
-        False (idempotent repeat); with a different request, raise a conflict."""
-        with self._tx() as db:
+        False (idempotent repeat); with a different request, raise a conflict.
+        `durable=False`: not fsynced here; `await sync()` before telling anyone."""
+        with self._tx(durable) as db:
             existing = self._get(db, job.id)
             if existing is not None:
                 if existing.request_hash != job.request_hash:
