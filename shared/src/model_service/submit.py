@@ -188,7 +188,8 @@ class JobSubmitter:
         storage = {k: v for k, v in (storage or {}).items() if v is not None} or None
         # like webhook; a request without storage hashes as it did before storage existed
         hashed = [request, webhook, events, *([storage] if storage else [])]
-        request_hash = await asyncio.to_thread(_hash, hashed)  # megabytes of data URIs
+        # in a thread for megabytes of data URIs; a small request is hashed here
+        request_hash = await off_loop(_text_size(hashed), _hash, hashed)
         if job_id is not None and (existing := self._store.find(job_id)) is not None:
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(
@@ -336,6 +337,17 @@ class JobSubmitter:
 
 
 _SUFFIX: dict[MediaKind, str] = {"image": "png", "audio": "wav", "video": "mp4"}
+
+
+def _text_size(value: Any) -> int:
+    """About the size of `value` as JSON (its strings' lengths): what `_hash` costs."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(key) + _text_size(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(item) for item in value)
+    return 8
 
 
 def _hash(value: Any) -> str:
