@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_service.api.console import is_console_path
-from model_service.comfy.custom import off_error
+from model_service.custom_input import off_error
 from model_service.errors import PayloadTooLarge, ServiceError, Unauthorized
 from model_service.logs import get_logger
 from model_service.metrics import Metrics

@@ -19,7 +19,6 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from model_service.comfy.workflow import combo_choices, is_link, node_order
-from model_service.custom_input import off_error as off_error  # re-exported: api.middleware
 from model_service.errors import InvalidInput
 from model_service.media_refs import MediaKind
 from model_service.settings import Settings
