@@ -546,6 +546,13 @@ class ComfyEngine:
         progress = _StepCounter(job.job_id, sampler_steps(graph), on_progress)
         watch = LoraLogWatch(lora_keys)
 
+        output_dir = Path(job.output_dir)
+
+        def on_queued() -> None:
+            running.take_turn()
+            # while ComfyUI runs the prompt, not after (a mkdir can take a while)
+            output_dir.mkdir(parents=True, exist_ok=True)
+
         def on_start() -> None:
             watch.started()
             running.start()
@@ -560,14 +567,12 @@ class ComfyEngine:
                 timeout_s=2 * (self._settings.job_timeout_s + self._settings.cancel_grace_s),
                 prompt_id=running.prompt_id,
                 expect_outputs=[node for node in stems if node in graph] or None,
-                on_queued=running.take_turn,
+                on_queued=on_queued,
                 on_start=on_start,
             )
         finally:
             if stop_listening is not None:
                 stop_listening()
-        output_dir = Path(job.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - cheaper than a thread
         names = await self._save_outputs(stems, result, output_dir)
         if watch.lines:  # the outputs are taken (out of ComfyUI's folder), the job fails
             raise _lora_not_applied(watch, self._spec)
