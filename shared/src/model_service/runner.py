@@ -263,6 +263,7 @@ class JobRunner:
         task = asyncio.create_task(self._execute_claim(claim), name="job")
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
+        await asyncio.sleep(0)  # the job goes to the engine before we look for the next
 
     async def _execute_claim(self, claim: Claim) -> None:
         slot = _Slot(self._slots)

@@ -1,7 +1,6 @@
 """`/v1/jobs`: create, idempotent put, get, list, cancel, events, output download."""
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -9,7 +8,7 @@ from stat import S_ISREG
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field, SkipValidation, create_model
 
@@ -103,7 +102,7 @@ async def wait_until_terminal(state: ServiceState, job: Job, seconds: float) -> 
 
 async def job_response(
     state: ServiceState, request: Request, job: Job, created: bool, prefer: str | None
-) -> JSONResponse:
+) -> Response:
     """A created (or repeated) job as the answer: 202, or 200 once settled within
     `Prefer: wait`, or for a repeat; `location` names the job."""
     wait = prefer_wait(prefer)
@@ -118,7 +117,12 @@ async def job_response(
         applied.append("return=representation")
     if applied:
         headers["preference-applied"] = ", ".join(applied)
-    return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
+    return view_response(view, status_code, headers)
+
+
+def view_response(view: JobView, status_code: int, headers: dict[str, str] | None) -> Response:
+    """The view as JSON, serialised by pydantic in one step (no dict, then `json`)."""
+    return Response(view.model_dump_json(), status_code, headers, media_type="application/json")
 
 
 async def view_of(
@@ -171,7 +175,7 @@ def build_router(state: ServiceState) -> APIRouter:
                 "small outputs inline (`data`)"
             ),
         ] = None,
-    ) -> JSONResponse:
+    ) -> Response:
         job, created = await submit(request, body, None)
         return await job_response(state, request, job, created, prefer)
 
@@ -187,7 +191,7 @@ def build_router(state: ServiceState) -> APIRouter:
         job_id: JobId,
         body: request_model,  # type: ignore[valid-type]
         prefer: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse:
+    ) -> Response:
         job, created = await submit(request, body, job_id)
         return await job_response(state, request, job, created, prefer)
 
@@ -202,7 +206,7 @@ def build_router(state: ServiceState) -> APIRouter:
     ) -> Response:
         view, inlined = await view_of(state, request, state.store.get(job_id), prefer)
         headers = {"preference-applied": "return=representation"} if inlined else None
-        return JSONResponse(view.model_dump(mode="json"), headers=headers)
+        return view_response(view, 200, headers)
 
     @router.get("", response_model=JobList, summary="List jobs, newest first")
     async def list_jobs(
@@ -300,5 +304,4 @@ def build_router(state: ServiceState) -> APIRouter:
 
 
 def _sse(kind: str, job: Job, base_url: str, children: list[Job] | None) -> ServerSentEvent:
-    view = job_view(job, base_url, children).model_dump(mode="json")
-    return ServerSentEvent(event=kind, raw_data=json.dumps(view))
+    return ServerSentEvent(event=kind, raw_data=job_view(job, base_url, children).model_dump_json())

@@ -485,7 +485,24 @@ class ComfyEngine:
                     inputs[input_name] = uploaded[value]
             if isinstance(inputs.get("filename_prefix"), str):
                 inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{running.tag}"
-        return await self._queue_and_collect(job, running, on_progress, {}, "custom", graph)
+        outputs = await self._output_nodes(graph)
+        return await self._queue_and_collect(
+            job, running, on_progress, {}, "custom", graph, expect=outputs
+        )
+
+    async def _output_nodes(self, graph: dict[str, Any]) -> list[str] | None:
+        """A custom graph's output nodes (`output_node` in `/object_info`): when each
+        reported its files on the websocket, `/history` need not be read. None when
+        ComfyUI's node list cannot be read (then `/history` is)."""
+        try:
+            object_info = await self.object_info()
+        except ServiceError:
+            return None
+        return [
+            node_id
+            for node_id, node in graph.items()
+            if (object_info.get(node.get("class_type")) or {}).get("output_node")
+        ]
 
     async def _take_loras(
         self, values: dict[str, Any], held: contextlib.AsyncExitStack
@@ -537,6 +554,7 @@ class ComfyEngine:
         graph: dict[str, Any],
         *,
         lora_keys: frozenset[str] | None = None,
+        expect: list[str] | None = None,
     ) -> JobDone:
         if running.after is not None:  # the job before ours queues its prompt first
             await asyncio.shield(running.after)
@@ -566,7 +584,8 @@ class ComfyEngine:
                 # the wait behind the job before it is bounded by that job's own limit
                 timeout_s=2 * (self._settings.job_timeout_s + self._settings.cancel_grace_s),
                 prompt_id=running.prompt_id,
-                expect_outputs=[node for node in stems if node in graph] or None,
+                # the output nodes whose files we need (the custom graph's: `expect`)
+                expect_outputs=(expect or [node for node in stems if node in graph]) or None,
                 on_queued=on_queued,
                 on_start=on_start,
             )

@@ -16,7 +16,6 @@ outputs are still on disk: `finished_before`) and `jobs_records` (finished top-l
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +23,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from pydantic_core import from_json, to_json
 
 from model_service.disk import disk_full, is_full
 from model_service.errors import (
@@ -179,12 +180,17 @@ def _parse(row: sqlite3.Row) -> Job | None:
     """The job a row holds, or None (logged once per job) when its JSON cannot be read:
     one damaged row must not make every list, the runner or retention fail."""
     try:
-        return Job.from_row(json.loads(row["data"]))
+        return Job.from_row(from_json(row["data"]))
     except (ValueError, KeyError, TypeError) as exc:  # bad JSON, unknown status, fields
         if row["id"] not in _UNREADABLE:
             _UNREADABLE.add(row["id"])
             log.error("job row unreadable; left out", job_id=row["id"], error=repr(exc)[:300])
         return None
+
+
+def _row_text(job: Job) -> str:
+    """The record as JSON text (pydantic's encoder: a few times faster than `json`)."""
+    return to_json(job.to_row()).decode()
 
 
 def _readable(rows: list[sqlite3.Row]) -> list[Job]:
@@ -373,7 +379,7 @@ class SqliteJobStore:
                 job.id,
                 job.status.value,
                 job.created_at,
-                json.dumps(job.to_row()),
+                _row_text(job),
                 job.parent_id,
                 int(job.is_parent),
                 job.finished_at,
@@ -448,6 +454,9 @@ class SqliteJobStore:
     def claim_next(self) -> Job | None:
         """Oldest queued job whose dependencies all succeeded, moved to running (attempt
         counted), or None. Not synced: after a power loss the job is simply queued again."""
+        with self._guard():  # nothing to take (the usual answer): no write transaction
+            if self._db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, 1)).fetchone() is None:
+                return None
         with self._tx(durable=False) as db:
             while True:
                 row = db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, 1)).fetchone()
@@ -543,7 +552,7 @@ class SqliteJobStore:
 
     def _get(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else Job.from_row(json.loads(row["data"]))
+        return None if row is None else Job.from_row(from_json(row["data"]))
 
     def _require(self, db: sqlite3.Connection, job_id: str) -> Job:
         job = self._get(db, job_id)
@@ -557,7 +566,7 @@ class SqliteJobStore:
             "WHERE id = ?",
             (
                 job.status.value,
-                json.dumps(job.to_row()),
+                _row_text(job),
                 job.finished_at,
                 int(job.outputs_expired),
                 job.id,

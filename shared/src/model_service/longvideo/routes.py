@@ -5,7 +5,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from model_service.api.body import OffLoopJsonRoute
@@ -53,7 +53,7 @@ def build_router(state: ServiceState) -> APIRouter:
         @router.post(
             f"/v1/{noun}s", status_code=202, response_model=JobView, summary=f"Create a {noun}"
         )
-        async def create(request: Request, body: body_model, prefer: Prefer = None) -> JSONResponse:  # type: ignore[valid-type]
+        async def create(request: Request, body: body_model, prefer: Prefer = None) -> Response:  # type: ignore[valid-type]
             job, created = await submit(dump(body), None, state.base_url(request))
             return await job_response(state, request, job, created, prefer)
 
@@ -68,7 +68,7 @@ def build_router(state: ServiceState) -> APIRouter:
             job_id: JobId,
             body: body_model,  # type: ignore[valid-type]
             prefer: Prefer = None,
-        ) -> JSONResponse:
+        ) -> Response:
             job, created = await submit(dump(body), job_id, state.base_url(request))
             return await job_response(state, request, job, created, prefer)
 
