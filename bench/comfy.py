@@ -2,16 +2,18 @@
 measured in the same run.
 
 1. Wrapper overhead: one FastWan job through our API (`POST /v1/jobs` with
-   `Prefer: wait=60`, then `GET` of the mp4), and a weight-free workflow (EmptyImage ->
-   ImageInvert -> SaveImage) sent as a custom workflow (ALLOW_CUSTOM_WORKFLOWS), each
-   against the same graph sent to the same ComfyUI directly (websocket with a client
-   id, `POST /prompt`, wait for `executing` with `node: null`, `GET /history/{id}`,
-   `GET /view` of the output). The two sides
+   `Prefer: wait=60, return=representation`: the output in the answer), and a
+   weight-free workflow (EmptyImage -> ImageInvert -> SaveImage) sent as a custom
+   workflow (ALLOW_CUSTOM_WORKFLOWS), each against the same graph sent to the same
+   ComfyUI directly (websocket with a client id, `POST /prompt`, wait for `executing`
+   with `node: null`, `GET /history/{id}`, `GET /view` of the output). The two sides
    alternate run by run, each with its own seed, so ComfyUI's cache never answers for
-   the sampler. Backends: the stand-in ComfyUI (always; its model nodes are fakes, so
-   the run is almost all protocol), and, with `COMFYUI_TEST_DIR` (+ `COMFYUI_TEST_PYTHON`),
-   a real ComfyUI launched by the service in the tiny profile (the real workflow on tiny
-   weights, on CPU).
+   the sampler. The weight-free workflow runs once more while another process fsyncs
+   on the same disk (`disk_hammer`); the goals (PASS/MISS) are checked on the last
+   backend. Backends: the stand-in ComfyUI (always; its model nodes are fakes, so the
+   run is almost all protocol), and, with `COMFYUI_TEST_DIR` (+ `COMFYUI_TEST_PYTHON`),
+   a real ComfyUI launched by the service in the tiny profile (the real workflow on
+   tiny weights, on CPU).
 2. Downloader throughput: `model_service.provision` fetching three files from a local
    HTTP server (parallel, with size and sha256 checks), against a single-stream `curl`
    of the same files one after the other.
