@@ -42,4 +42,5 @@ class InputStaging:
 
     def discard(self) -> None:
         """Removes what is left of this request's own files (nothing after `commit`)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.exists():  # most jobs bring no file: no folder was made
+            shutil.rmtree(self.dir, ignore_errors=True)
