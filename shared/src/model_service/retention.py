@@ -1,7 +1,12 @@
 """Deletes job files and uploads older than OUTPUT_RETENTION_HOURS, and job records (with
 a long video's parts, deliveries and upload records) older than JOB_RECORD_RETENTION_DAYS.
 Files never outlive their record: with records kept shorter than outputs (or outputs kept
-forever, 0), files go at the record's time."""
+forever, 0), files go at the record's time.
+
+A pass runs in a worker thread (`asyncio.to_thread`). Its writes publish to the store's
+change feed like any other: marking outputs expired is an OTHER change (no listener wants
+it, so it costs nothing), and one a listener wanted would be handed to the event loop
+(`ChangeFeed.bind`); deleting records publishes nothing."""
 
 import asyncio
 import shutil
@@ -9,7 +14,7 @@ import time
 from pathlib import Path
 
 from model_service.jobs.record import Job
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import RetentionStore
 from model_service.logs import get_logger
 from model_service.settings import Settings
 
@@ -21,7 +26,9 @@ PAGE = 500  # jobs read per store call
 PRUNE_PAGE = 100
 
 
-def sweep(settings: Settings, store: JobStore, held_by: str = "", now: float | None = None) -> int:
+def sweep(
+    settings: Settings, store: RetentionStore, held_by: str = "", now: float | None = None
+) -> int:
     """One pass; returns how many jobs had their files deleted. `held_by`: in a fleet,
     this pod's URL (each pod deletes the files of the jobs it ran)."""
     now = now or time.time()
@@ -56,7 +63,7 @@ def files_cutoff(settings: Settings, now: float) -> float | None:
     return now - min(kept) if kept else None
 
 
-def _expire(settings: Settings, store: JobStore, held_by: str, cutoff: float) -> int:
+def _expire(settings: Settings, store: RetentionStore, held_by: str, cutoff: float) -> int:
     """Delete the files of this pod's jobs finished before `cutoff` and mark them."""
     expired = 0
     after: tuple[float, str] | None = None
@@ -76,7 +83,9 @@ def _expire(settings: Settings, store: JobStore, held_by: str, cutoff: float) ->
     return expired
 
 
-def prune(settings: Settings, store: JobStore, held_by: str = "", now: float | None = None) -> int:
+def prune(
+    settings: Settings, store: RetentionStore, held_by: str = "", now: float | None = None
+) -> int:
     """Delete the records of jobs finished more than JOB_RECORD_RETENTION_DAYS ago,
     PRUNE_PAGE graphs per store transaction, and their folders where this pod holds them
     (the others' are copies: `_copies` on their pods); then the old upload records.
@@ -99,7 +108,7 @@ def _mark_expired(record: Job) -> None:
     record.outputs_expired = True
 
 
-def _copies(settings: Settings, store: JobStore, held_by: str, cutoff: float) -> None:
+def _copies(settings: Settings, store: RetentionStore, held_by: str, cutoff: float) -> None:
     """A fleet pod also has files of jobs other pods ran: the inputs of the jobs it took
     the requests of, and the parts' files it fetched for a long video. Deleted once the
     job is finished (or its record gone) and the folder untouched since `cutoff`."""
@@ -121,7 +130,7 @@ def _last_change(folder: Path) -> float:
 
 
 async def step(
-    settings: Settings, store: JobStore, held_by: str = "", every_s: float = 600.0
+    settings: Settings, store: RetentionStore, held_by: str = "", every_s: float = 600.0
 ) -> None:
     """One pass of the retention task (`background.TaskHealth`), then its pause."""
     await asyncio.to_thread(sweep, settings, store, held_by)

@@ -15,9 +15,12 @@ On start-up, jobs the store still shows as running (the service was killed) are 
 again until they have been started `job_max_attempts` times; then they fail with
 `interrupted`. Jobs are idempotent by id, so running one again is safe.
 Where jobs come from is the `JobSource`: the embedded store, or a fleet's queue on Redis
-(then a dead pod's job is taken back by heartbeat, not on start-up). Every change goes to
-the event bus, the webhooks and the listeners registered with `on_change` (the graph
-coordinator of long videos, which also adds its step to a part's end: `on_part_outputs`).
+(then a dead pod's job is taken back by heartbeat, not on start-up). The store publishes
+every write (`model_service.jobs.feed`: the event bus, the webhooks and the graph
+coordinator follow it); the runner publishes progress itself, every step of a job to the
+bus and to the listeners registered with `on_progress` (the graph coordinator of long
+videos, which also adds its step to a part's end: `on_part_outputs`), and saves the
+latest step at most once a second.
 """
 
 from __future__ import annotations
@@ -50,19 +53,18 @@ from model_service.jobs.record import Job, JobEvent
 from model_service.jobs.retry import check_retryable, reset_for_retry
 from model_service.jobs.source import Claim, JobSource, RunnerLink
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import JobWriter, RunQueue
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 from model_service.settings import Settings
 from model_service.storage import OutputStore, StoredObject
-from model_service.webhooks import WebhookDispatcher
 from model_service.worker.protocol import JobDone, JobProgress, RunJob
 
 log = get_logger("model_service.runner")
 
 T = TypeVar("T")
-# hears every change the runner publishes: (the job as it is now, "status" or "progress")
-ChangeListener = Callable[[Job, str], None]
+# hears every progress step the runner publishes (the job as it is now, not saved yet)
+ProgressListener = Callable[[Job], None]
 # a long video's part ran: (part, its input as it ran, output folder, outputs) -> more
 # outputs and facts for its `info`, before its success is recorded
 PartOutputs = Callable[
@@ -78,10 +80,9 @@ class JobRunner:
         self,
         settings: Settings,
         engine: Engine,
-        store: JobStore,
+        store: RunQueue,
         bus: EventBus,
         metrics: Metrics,
-        webhooks: WebhookDispatcher,
         source: JobSource,
     ) -> None:
         self._settings = settings
@@ -89,7 +90,6 @@ class JobRunner:
         self._store = store
         self._bus = bus
         self._metrics = metrics
-        self._webhooks = webhooks
         self.source = source
         self.tasks = TaskHealth(metrics)  # this and the service's other background tasks
         self._task: asyncio.Task[None] | None = None
@@ -103,7 +103,7 @@ class JobRunner:
         # why no job can run here until an operator acts (no GPU, setup failed), once known
         self.blocked: str | None = None
         self._blocked_event = asyncio.Event()
-        self._listeners: list[ChangeListener] = []
+        self._progress_listeners: list[ProgressListener] = []
         self._part_outputs: PartOutputs | None = None  # the graph coordinator's (long videos)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -111,7 +111,7 @@ class JobRunner:
     async def start(self) -> None:
         if self.source.recovers_on_start:
             self.recover()
-        await self.source.start(RunnerLink(self.tasks, self.changed, self.cancel_here))
+        await self.source.start(RunnerLink(self.tasks, self.cancel_here))
         await self.engine.start()
         self._task = self.tasks.start("job-runner", self._take_next)
 
@@ -149,7 +149,6 @@ class JobRunner:
                 )
                 job = self._store.transition(job.id, JobStatus.FAILED, fail_with(error))
                 self._metrics.job_ended(job, was_running=False)
-                self._changed(job, "status")
                 log.warning("interrupted job failed", job_id=job.id, attempts=job.attempts)
             else:
                 self._store.transition(job.id, JobStatus.QUEUED)
@@ -163,10 +162,17 @@ class JobRunner:
     def wake(self) -> None:
         self.source.wake()
 
-    def on_change(self, listener: ChangeListener) -> None:
-        """`listener` hears of every change published from now on (after the event bus
-        and the webhooks)."""
-        self._listeners.append(listener)
+    def on_progress(self, listener: ProgressListener) -> None:
+        """`listener` hears of every progress published from now on (after the bus)."""
+        self._progress_listeners.append(listener)
+
+    def publish_progress(self, job: Job) -> None:
+        """The explicit progress path (no store write): a job's step as it comes (the
+        store gets the latest at most once a second), or a long video's summed progress.
+        To the event bus as a `progress` event, then to the `on_progress` listeners."""
+        self._bus.publish(JobEvent(job.id, "progress", job))
+        for listener in self._progress_listeners:
+            listener(job)
 
     def on_part_outputs(self, hook: PartOutputs) -> None:
         """`hook` runs after each long video's part that made outputs (the last one set)."""
@@ -184,9 +190,6 @@ class JobRunner:
 
     # --- public actions --------------------------------------------------------------
 
-    def changed(self, job: Job, kind: str = "status") -> None:
-        self._changed(job, kind)
-
     async def cancel(self, job_id: str) -> Job:
         """Idempotent. A queued job is canceled now; a running one at its next step
         (or the worker is killed after `cancel_grace_s`); a finished one is left as is."""
@@ -197,11 +200,10 @@ class JobRunner:
             except ServiceError:  # raced with the runner starting it
                 return await self.cancel(job_id)
             self._metrics.job_ended(job, was_running=False)
-            self._changed(job, "status")
             return job
         if job.status is JobStatus.RUNNING and not job.cancel_requested:
+            # published as a status event: a fleet's pod that runs it hears of it
             job = self._store.update(job_id, mark_cancel_requested)
-            self._bus.publish(JobEvent(job.id, "status", job))  # a fleet: the pod running it
             flight = self._in_engine.get(job_id)
             self.cancel_here(job_id)
             if flight is not None and not flight.started:  # taken ahead: it ends at once
@@ -230,7 +232,6 @@ class JobRunner:
         """A failed or canceled job queued again, as it was submitted (`jobs.retry`)."""
         check_retryable(self._store.get(job_id))
         job = self._store.transition(job_id, JobStatus.QUEUED, reset_for_retry)
-        self._changed(job, "status")
         self.wake()
         return job
 
@@ -282,7 +283,6 @@ class JobRunner:
 
     async def _execute(self, claim: Claim, slot: _Slot, flight: _InFlight) -> None:
         job = claim.job
-        self._changed(job, "status")
         output_dir = self._settings.job_dir(job.id) / "outputs"
         try:
             inputs = await self._inputs_of(job)
@@ -386,13 +386,12 @@ class JobRunner:
     async def _queue_again(self, claim: Claim) -> None:
         """Back to the queue, its attempt not counted (unless it ended meanwhile)."""
         try:
-            job = await self._until_stored(
+            await self._until_stored(
                 lambda: self._store.transition(claim.job.id, JobStatus.QUEUED, _give_back_attempt)
             )
         except ServiceError as exc:  # canceled meanwhile: nothing to queue
             log.warning("job not queued again", error=exc.message)
             return
-        self._changed(job, "status")
         if not claim.lost:
             await self.source.give_back(claim)
         self.wake()
@@ -532,7 +531,6 @@ class JobRunner:
         self._metrics.job_ended(job, was_running=started)
         if job.status is JobStatus.SUCCEEDED and job.started_at and job.finished_at:
             self.mean_run_s = 0.8 * self.mean_run_s + 0.2 * (job.finished_at - job.started_at)
-        self._changed(job, "status")
         # a job that failed says so at info; a success is per-job detail (debug)
         (log.debug if job.status is JobStatus.SUCCEEDED else log.info)(
             "job finished",
@@ -558,14 +556,7 @@ class JobRunner:
         return inputs
 
     def _progress_recorder(self, job: Job) -> _ProgressRecorder:
-        return _ProgressRecorder(job, self._store, lambda j: self._changed(j, "progress"))
-
-    def _changed(self, job: Job, kind: str) -> None:
-        self._bus.publish(JobEvent(job.id, kind, job))
-        if kind == "status" and job.status is not JobStatus.QUEUED:
-            self._webhooks.enqueue(job, job.status.value)
-        for listener in self._listeners:
-            listener(job, kind)
+        return _ProgressRecorder(job, self._store, self.publish_progress)
 
 
 @dataclass
@@ -596,7 +587,7 @@ class _ProgressRecorder:
     `_PROGRESS_SAVE_S` after it came (a write per step would cost the event loop a
     transaction per step, and a job that ends sooner needs none: its end records it)."""
 
-    def __init__(self, job: Job, store: JobStore, publish: Callable[[Job], None]) -> None:
+    def __init__(self, job: Job, store: JobWriter, publish: Callable[[Job], None]) -> None:
         self._job = job
         self._store = store
         self._publish = publish

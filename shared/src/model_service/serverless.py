@@ -32,7 +32,7 @@ from model_service.api.state import ServiceState
 from model_service.errors import ServiceError
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import JobReader
 from model_service.jobs.view import Output, job_view
 from model_service.logs import get_logger
 from model_service.service import ServiceSpec
@@ -218,7 +218,7 @@ async def _wait(state: ServiceState, job_id: str, progress: ProgressReporter) ->
     return state.store.get(job_id)
 
 
-def job_id_for(store: JobStore, runpod_id: str) -> str:
+def job_id_for(store: JobReader, runpod_id: str) -> str:
     """RunPod's id, so a job delivered again attaches to the first run. RunPod's `/retry`
     re-queues a failed or timed-out job under its id: that one runs again, as `<id>.2`..."""
     job_id, attempt = runpod_id, 1

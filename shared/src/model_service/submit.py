@@ -27,7 +27,7 @@ from model_service.errors import IdempotencyConflict, InvalidInput, QueueFull, U
 from model_service.fetch import SafeHttpClient
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import SubmitStore
 from model_service.media_refs import MediaKind, media_fields
 from model_service.offloop import off_loop
 from model_service.problems import invalid_input
@@ -75,7 +75,7 @@ class JobSubmitter:
         self,
         settings: Settings,
         input_model: type[BaseModel],
-        store: JobStore,
+        store: SubmitStore,
         http: SafeHttpClient,
         runner: JobRunner,
         check_input: Callable[[Any, Settings], None] | None = None,
@@ -160,8 +160,7 @@ class JobSubmitter:
                     await self.share_inputs(job_id, staging.final)
         finally:
             staging.discard()
-        if created:
-            self._runner.changed(job)
+        if created:  # the store published it
             await self._runner.source.submitted(job)
         # on disk before anyone is told (group commit, off the event loop); the runner
         # may begin the job meanwhile: a crash before the sync loses a job nobody knew of

@@ -5,6 +5,8 @@ drop it (one that comes while the store cannot be written waits in memory until 
 can). The dispatcher sends what is due, several at once but at most `PER_RECEIVER` to
 one receiver, so a slow receiver delays only its own; a failure is retried with
 exponential backoff and jitter up to `webhook_max_attempts`; a 410 Gone stops at once.
+Deliveries come from the store's change feed: each status change of a job that is not
+queued, for the events the job asked for (`model_service.jobs.feed`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from standardwebhooks.webhooks import Webhook
 from model_service.background import BACKOFF_S, describe, error_code
 from model_service.errors import ServiceError, StoreUnavailable
 from model_service.fetch import SafeHttpClient
+from model_service.jobs.feed import ChangeKind, JobChange
 from model_service.jobs.record import Job
-from model_service.jobs.store import Delivery, JobStore
+from model_service.jobs.status import JobStatus
+from model_service.jobs.store import Delivery, DeliveryStore
 from model_service.jobs.view import job_view
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
@@ -44,7 +48,7 @@ _DUE_READ = 200  # due deliveries read per pass (those of busy receivers are ski
 
 class WebhookDispatcher:
     def __init__(
-        self, settings: Settings, store: JobStore, http: SafeHttpClient, metrics: Metrics
+        self, settings: Settings, store: DeliveryStore, http: SafeHttpClient, metrics: Metrics
     ) -> None:
         self._settings = settings
         self._store = store
@@ -56,6 +60,11 @@ class WebhookDispatcher:
         self._sending: dict[str, asyncio.Task[None]] = {}  # delivery id -> its attempt
         self._per_receiver: Counter[str] = Counter()
         self._unsaved: list[tuple[Job, str]] = []  # came while the store was away
+        store.changes.subscribe(self._status_changed, ChangeKind.STATUS)
+
+    def _status_changed(self, change: JobChange) -> None:
+        if change.job.status is not JobStatus.QUEUED:
+            self.enqueue(change.job, change.job.status.value)
 
     def enqueue(self, job: Job, event: str) -> None:
         """Store a delivery for `job` if it asked for `event` (kept in memory while the

@@ -22,7 +22,7 @@ from model_service.jobs.graph import Composer, JobGraphs
 from model_service.jobs.record import JobKind
 from model_service.jobs.source import JobSource, LocalSource
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore, SqliteJobStore
+from model_service.jobs.store import JobStore, RunQueue, SqliteJobStore
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 from model_service.predictor import WorkerConfig
@@ -52,6 +52,9 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     else:
         store = SqliteJobStore(settings.db_path)
         bus = EventBus()
+    # the store publishes every write: to the bus first, then the webhooks (subscribed
+    # by WebhookDispatcher), then the graph coordinator (from its start)
+    bus.follow(store.changes)
     metrics = Metrics(
         spec.name,
         lambda: _or_nan(lambda: store.count(JobStatus.QUEUED)),
@@ -104,7 +107,7 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         source = FleetSource(settings, store, bus, metrics, queue, files, pod_url)
     else:
         source = LocalSource(settings, store)
-    runner = JobRunner(settings, engine, store, bus, metrics, webhooks, source)
+    runner = JobRunner(settings, engine, store, bus, metrics, source)
     submitter = JobSubmitter(
         settings, spec.input_model, store, http, runner, check_input=spec.check_input, custom=custom
     )
@@ -144,7 +147,7 @@ def _or_nan(read: Callable[[], float]) -> float:
         return math.nan
 
 
-def _oldest_queued_s(store: JobStore) -> float:
+def _oldest_queued_s(store: RunQueue) -> float:
     oldest = store.runnable(limit=1)
     return max(0.0, time.time() - oldest[0].created_at) if oldest else 0.0
 
@@ -154,6 +157,8 @@ async def running(state: ServiceState) -> AsyncIterator[None]:
     """The service's lifetime on the current event loop: runner, webhooks, retention
     (the HTTP app's lifespan, and the serverless worker's)."""
     tasks = state.runner.tasks  # each survives its own errors; /ready names one failing
+    # the store's writes are published on this loop (retention's, from its thread, too)
+    state.store.changes.bind(asyncio.get_running_loop())
     await state.bus.start(tasks)
     await state.runner.start()
     if state.graphs is not None:

@@ -35,7 +35,7 @@ from model_service.jobs.record import Job
 from model_service.jobs.redis_store import unreachable
 from model_service.jobs.source import Claim, RunnerLink
 from model_service.jobs.status import JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import RunQueue
 from model_service.logs import get_logger
 from model_service.metrics import Metrics
 from model_service.settings import Settings
@@ -70,7 +70,7 @@ class FleetSource:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: RunQueue,
         bus: EventBus,
         metrics: Metrics,
         queue: FleetQueue,
@@ -298,7 +298,7 @@ class FleetSource:
             job.started_at = None
 
         with contextlib.suppress(NotFound, _NotRunnable):
-            self.runner.changed(self._store.update(job_id, back))
+            self._store.update(job_id, back)
 
     async def _poisoned(self, job_id: str) -> None:
         attempts = await self._queue.attempts(job_id)
@@ -320,7 +320,6 @@ class FleetSource:
             job = self._store.update(job_id, fail)
             self._metrics.reclaims.labels("poisoned").inc()
             self._metrics.job_ended(job, was_running=False)
-            self.runner.changed(job)
             log.error("job failed as poison", job_id=job_id, attempts=attempts)
 
     async def _enqueue_runnable(self) -> None:

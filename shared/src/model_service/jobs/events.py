@@ -1,4 +1,10 @@
-"""In-process publish/subscribe of job changes (feeds server-sent events and waits)."""
+"""In-process publish/subscribe of job changes (feeds server-sent events and waits).
+
+What it carries: `status` events, from the store's change feed (`follow`: a status
+moved, a new attempt, a cancel requested), and `progress` events, published by the
+runner (every step of a job) and the graph coordinator (a long video's sum) through
+`JobRunner.publish_progress`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from model_service.jobs.feed import ChangeFeed, ChangeKind, JobChange
 from model_service.jobs.record import JobEvent
 
 if TYPE_CHECKING:
@@ -24,6 +31,14 @@ class EventBus:
 
     async def stop(self) -> None:
         pass
+
+    def follow(self, changes: ChangeFeed) -> None:
+        """Publish the store's status changes and cancel requests as `status` events (a
+        fleet: to the other pods too, so the pod that runs a job hears of its cancel)."""
+        changes.subscribe(self._changed, ChangeKind.STATUS, ChangeKind.CANCEL)
+
+    def _changed(self, change: JobChange) -> None:
+        self.publish(JobEvent(change.job.id, "status", change.job))
 
     def publish(self, event: JobEvent) -> None:
         for queue in self._subscribers.get(event.job_id, ()):

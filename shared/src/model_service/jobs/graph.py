@@ -15,7 +15,11 @@ The coordinator here keeps the parent's record in step with its children:
 
 Everything is level-triggered: `reconcile(parent)` reads the children from the store
 and does what their states call for, so it is safe to repeat, and a restart simply
-reconciles every open parent (a composition cut short by the restart runs again).
+reconciles every open parent (a composition cut short by the restart runs again). The
+coordinator hears of a part's status change from the store's change feed (from `start`
+to `stop`: `start` reconciles every open parent, so nothing before it is missed), and
+of its progress from the runner (`on_progress`); it publishes the parent's summed
+progress itself (`JobRunner.publish_progress`).
 
 In a fleet (QUEUE_URL) the parts run on any pod: their files travel through the job
 source (`share_outputs`, `local_inputs`, `local_outputs`); every pod reconciles (a write
@@ -31,7 +35,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,10 +49,11 @@ from model_service.errors import (
     ServiceError,
 )
 from model_service.jobs.changes import fail_with_dict, finish_now, mark_cancel_requested
+from model_service.jobs.feed import ChangeKind, JobChange
 from model_service.jobs.record import Job, JobKind, JobPlan
 from model_service.jobs.retry import RETRYABLE, check_retryable, reset_for_retry, reset_parent
 from model_service.jobs.status import TRANSITIONS, JobStatus
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import GraphStore
 from model_service.logs import get_logger
 from model_service.runner import JobRunner
 from model_service.settings import Settings
@@ -91,7 +96,7 @@ class JobGraphs:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: GraphStore,
         runner: JobRunner,
         composers: Mapping[JobKind, Composer],
         *,
@@ -107,7 +112,8 @@ class JobGraphs:
         self._locks: dict[str, asyncio.Lock] = {}
         self._composing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        runner.on_change(self.child_changed)
+        self._unsubscribe: Callable[[], None] | None = None  # from the change feed
+        runner.on_progress(self.child_progress)
         runner.on_part_outputs(self.after_run)
         if compositions is not None:
             compositions.bind(self)
@@ -115,7 +121,10 @@ class JobGraphs:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """After the runner recovered its jobs: bring every open parent up to date."""
+        """After the runner recovered its jobs: bring every open parent up to date, and
+        follow the parts' status changes from now on."""
+        if self._unsubscribe is None:
+            self._unsubscribe = self._store.changes.subscribe(self.child_changed, ChangeKind.STATUS)
         await self.reconcile_open()
         if self._compositions is not None:
             await self._compositions.start(self._runner.tasks)
@@ -125,6 +134,9 @@ class JobGraphs:
             await self.reconcile(parent.id)
 
     async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._compositions is not None:
             await self._compositions.stop()
         tasks = [*self._composing.values(), *self._tasks]
@@ -139,7 +151,6 @@ class JobGraphs:
     def submit(self, parent: Job, children: list[Job]) -> tuple[Job, bool]:
         parent, created = self._store.create_graph(parent, children)
         if created:
-            self._runner.changed(parent)
             self._runner.wake()
         return parent, created
 
@@ -195,22 +206,23 @@ class JobGraphs:
         async with self._lock(parent_id):
             for child in self._store.children(parent_id):
                 if child.status in RETRYABLE:
-                    child = self._store.transition(child.id, JobStatus.QUEUED, reset_for_retry)
-                    self._runner.changed(child)
+                    self._store.transition(child.id, JobStatus.QUEUED, reset_for_retry)
             parent = self._move(parent, JobStatus.QUEUED, reset_parent)
         self._runner.wake()
         await self.reconcile(parent_id)
         return self._store.get(parent_id)
 
-    # --- what the runner calls (registered with it) -------------------------------------
+    # --- what the store and the runner call (subscribed to them) ------------------------
 
-    def child_changed(self, child: Job, kind: str) -> None:
-        if child.parent_id is None:
-            return
-        if kind == "progress":
+    def child_changed(self, change: JobChange) -> None:
+        """A job's status changed (the store's change feed): its parent's may change."""
+        if change.job.parent_id is not None:
+            self._spawn(self.reconcile(change.job.parent_id))
+
+    def child_progress(self, child: Job) -> None:
+        """A running job's step (the runner's): its parent's summed progress."""
+        if child.parent_id is not None:
             self._publish_progress(child)
-        else:
-            self._spawn(self.reconcile(child.parent_id))
 
     async def after_run(
         self, child: Job, inputs: dict[str, Any], output_dir: Path, outputs: list[str]
@@ -379,7 +391,8 @@ class JobGraphs:
 
     def _move(self, parent: Job, target: JobStatus, change: Any = None) -> Job:
         """The parent to `target` (through `running` where the state machine needs it),
-        or only `change` saved when it is there already. Listeners hear of it."""
+        or only `change` saved when it is there already. Listeners hear of it (a status
+        change from the store's feed, a progress change from here)."""
         if parent.status is target:
             if change is None:
                 return parent
@@ -387,17 +400,15 @@ class JobGraphs:
             if (updated.progress_step, updated.progress_total) != (
                 parent.progress_step,
                 parent.progress_total,
-            ):
-                self._runner.changed(updated, "progress")
+            ):  # progress is published by its writer (a status change by the store)
+                self._runner.publish_progress(updated)
             return updated
         if (
             target not in TRANSITIONS[parent.status]
             and JobStatus.RUNNING in TRANSITIONS[parent.status]
         ):
             parent = self._store.transition(parent.id, JobStatus.RUNNING)
-            self._runner.changed(parent)
         parent = self._store.transition(parent.id, target, change)
-        self._runner.changed(parent)
         log.info("long video status", job_id=parent.id, status=target.value)
         return parent
 
@@ -407,7 +418,7 @@ class JobGraphs:
             return
         children = [child if c.id == child.id else c for c in self._store.children(parent.id)]
         step, total = _progress(children)
-        self._runner.changed(replace(parent, progress_step=step, progress_total=total), "progress")
+        self._runner.publish_progress(replace(parent, progress_step=step, progress_total=total))
 
     def _lock(self, parent_id: str) -> asyncio.Lock:
         return self._locks.setdefault(parent_id, asyncio.Lock())

@@ -41,6 +41,11 @@ the claim then re-checks it under WATCH. Reads that take ids from an index and t
 records (`page`, `children`, `running`, ...) are two steps: a job removed in between is
 left out, one changed in between is returned as it is now.
 
+Changes: every committed write of a job is published to `changes` (the change feed,
+`model_service.jobs.feed`) once its EXEC succeeded, with the job as that (last) try
+wrote it; a try that lost to a conflict publishes nothing. Other pods' writes reach
+this pod's listeners through the event bus's pub/sub (`model_service.fleet.events`).
+
 Durability: an acknowledged write is as durable as the Redis server's appendonly/fsync
 configuration makes it (`appendfsync always` for no loss; `everysec` may lose the last
 second on a power loss). `durable=False` is accepted and changes nothing here.
@@ -65,6 +70,7 @@ from model_service.errors import (
     NotFound,
     StoreUnavailable,
 )
+from model_service.jobs.feed import Before, ChangeFeed, ChangeKind, before, kind_of
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
 from model_service.jobs.store import Delivery, Page, Upload
@@ -142,6 +148,7 @@ class RedisJobStore:
     DELIVERY_LEASE_S = 120.0
 
     def __init__(self, url: str, namespace: str) -> None:
+        self.changes = ChangeFeed()
         self._prefix = f"{namespace}:"
         self._indexed = False  # N:indexed seen (`_ensure_indexes`)
         self._redis = redis.Redis.from_url(
@@ -208,7 +215,10 @@ class RedisJobStore:
             return parent, True
 
         keys = [self._key("job", job.id) for job in [parent, *children]]
-        return self._atomic(keys, body)
+        job, created = self._atomic(keys, body)
+        if created:
+            self.changes.publish(job, ChangeKind.STATUS)
+        return job, created
 
     @_guard
     def add_children(
@@ -216,18 +226,19 @@ class RedisJobStore:
     ) -> Job:
         """New children of an existing parent, and `change` to the parent, atomically."""
 
-        def body(pipe: Pipeline) -> Job:
+        def body(pipe: Pipeline) -> tuple[Job, Before]:
             stored = self._require(pipe, parent_id)
             self._check_new(pipe, children)
+            was = before(stored.job)
             change(stored.job)
             first_seq = self._reserve_seqs(len(children))
             pipe.multi()
             self._save(pipe, stored)
             self._insert(pipe, children, first_seq)
-            return stored.job
+            return stored.job, was
 
         keys = [self._key("job", job_id) for job_id in [parent_id, *(c.id for c in children)]]
-        return self._atomic(keys, body)
+        return self._published(*self._atomic(keys, body))
 
     @_guard
     def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job:
@@ -235,11 +246,12 @@ class RedisJobStore:
         parent."""
         deps_key, waiters_key = self._key("deps", child_id), self._key("waiters", child_id)
 
-        def body(pipe: Pipeline) -> Job:
+        def body(pipe: Pipeline) -> tuple[Job, Before]:
             stored = self._require(pipe, parent_id)
             child = self._load(pipe, child_id)
             deps = cast("set[str]", pipe.smembers(deps_key))
             waiters = cast("set[str]", pipe.smembers(waiters_key))
+            was = before(stored.job)
             change(stored.job)
             pipe.multi()
             self._save(pipe, stored)
@@ -250,10 +262,10 @@ class RedisJobStore:
             for waiter in waiters:
                 pipe.srem(self._key("deps", waiter), child_id)
             pipe.delete(deps_key, waiters_key)
-            return stored.job
+            return stored.job, was
 
         keys = [self._key("job", parent_id), self._key("job", child_id), deps_key, waiters_key]
-        return self._atomic(keys, body)
+        return self._published(*self._atomic(keys, body))
 
     @_guard
     def children(self, parent_id: str) -> list[Job]:
@@ -303,14 +315,15 @@ class RedisJobStore:
     def update(self, job_id: str, change: Callable[[Job], None], durable: bool = True) -> Job:
         """Apply `change` to the stored job and save it (a status it sets is indexed)."""
 
-        def body(pipe: Pipeline) -> Job:
+        def body(pipe: Pipeline) -> tuple[Job, Before]:
             stored = self._require(pipe, job_id)
+            was = before(stored.job)
             change(stored.job)
             pipe.multi()
             self._save(pipe, stored)
-            return stored.job
+            return stored.job, was
 
-        return self._atomic([self._key("job", job_id)], body)
+        return self._published(*self._atomic([self._key("job", job_id)], body))
 
     @_guard
     def transition(
@@ -322,21 +335,27 @@ class RedisJobStore:
     ) -> Job:
         """Move a job to `target` if the state machine allows it from its status now."""
 
-        def body(pipe: Pipeline) -> Job:
+        def body(pipe: Pipeline) -> tuple[Job, Before]:
             stored = self._require(pipe, job_id)
             job = stored.job
             if target not in TRANSITIONS[job.status]:
                 raise InvalidTransition(
                     f"job {job_id} cannot go from {job.status} to {target}", job_id=job_id
                 )
+            was = before(job)
             job.status = target
             if change is not None:
                 change(job)
             pipe.multi()
             self._save(pipe, stored)
-            return job
+            return job, was
 
-        return self._atomic([self._key("job", job_id)], body)
+        return self._published(*self._atomic([self._key("job", job_id)], body))
+
+    def _published(self, job: Job, was: Before) -> Job:
+        """`job` as a committed write left it, published to `changes`."""
+        self.changes.publish(job, kind_of(was, job))
+        return job
 
     @_guard
     def runnable(self, limit: int = 1000) -> list[Job]:
@@ -357,6 +376,7 @@ class RedisJobStore:
                 return None
             claimed = self._claim(found[0].id)
             if claimed is not None:
+                self.changes.publish(claimed, ChangeKind.STATUS)
                 return claimed
             # taken or changed by another process since the look: look again
 

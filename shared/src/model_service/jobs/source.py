@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from model_service.background import TaskHealth
 from model_service.jobs.record import Job
-from model_service.jobs.store import JobStore
+from model_service.jobs.store import RunQueue
 from model_service.settings import Settings
 
 
@@ -33,7 +33,6 @@ class RunnerLink:
     """What a source may ask of the runner that takes its jobs."""
 
     tasks: TaskHealth  # the service's background tasks: a source's own run among them
-    changed: Callable[[Job], None]  # a record changed: listeners and webhooks hear of it
     cancel_here: Callable[[str], None]  # stop this job if this process's engine holds it
 
 
@@ -91,7 +90,7 @@ class LocalSource:
 
     recovers_on_start = True
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: RunQueue) -> None:
         self._settings = settings
         self._store = store
         self._wake = asyncio.Event()

@@ -2,7 +2,13 @@
 
 Every change is one transaction that is on disk when the call returns, so a kill -9
 of the service loses nothing that was acknowledged. Status changes go through
-`transition`, which enforces the state machine.
+`transition`, which enforces the state machine. Every committed write of a job is
+published to the store's change feed (`changes`: `model_service.jobs.feed`), which the
+event bus, the webhooks and the graph coordinator follow; nobody publishes by hand.
+
+Who uses what: the protocols below split the interface by its users (`JobReader`,
+`JobWriter`, `RunQueue`, `GraphStore`, `RetentionStore`, `DeliveryStore`, `UploadStore`,
+`SubmitStore`); `JobStore` is all of them.
 
 Job graphs (long videos): a parent job and its children are written in one transaction;
 `job_deps` holds which job waits for which, and `claim_next` takes only a child whose
@@ -34,6 +40,7 @@ from model_service.errors import (
     ServiceError,
     StoreBusy,
 )
+from model_service.jobs.feed import ChangeFeed, ChangeKind, before, kind_of
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
 from model_service.jobs.wal_sync import BACKSTOP_PAGES, WalSync
@@ -130,25 +137,25 @@ class Upload:
     created_at: float
 
 
-class JobStore(Protocol):
-    """What the service needs of a job store: `SqliteJobStore` (one machine) or
-    `model_service.jobs.redis_store.RedisJobStore` (a fleet, QUEUE_URL). Every method is
-    one atomic change; `change` callbacks may run more than once (on a fresh copy)."""
+class JobReader(Protocol):
+    """Reading jobs (the API, the submitter, every other user below), and following
+    the writes (`changes`: `model_service.jobs.feed`)."""
 
-    def close(self) -> None: ...
-    def create(self, job: Job, durable: bool = True) -> tuple[Job, bool]: ...
-    async def sync(self) -> None: ...
-    def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]: ...
-    def add_children(
-        self, parent_id: str, children: list[Job], change: Callable[[Job], None]
-    ) -> Job: ...
-    def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job: ...
-    def children(self, parent_id: str) -> list[Job]: ...
-    def open_parents(self) -> list[Job]: ...
+    @property
+    def changes(self) -> ChangeFeed: ...
     def find(self, job_id: str) -> Job | None: ...
     def get(self, job_id: str) -> Job: ...
     def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page: ...
     def count(self, status: JobStatus) -> int: ...
+    def children(self, parent_id: str) -> list[Job]: ...
+
+
+class JobWriter(JobReader, Protocol):
+    """Creating and changing jobs (the API, the submitter, the runner). `change`
+    callbacks may run more than once (on a fresh copy)."""
+
+    def create(self, job: Job, durable: bool = True) -> tuple[Job, bool]: ...
+    async def sync(self) -> None: ...
     def update(self, job_id: str, change: Callable[[Job], None], durable: bool = True) -> Job: ...
     def transition(
         self,
@@ -157,14 +164,40 @@ class JobStore(Protocol):
         change: Callable[[Job], None] | None = None,
         durable: bool = True,
     ) -> Job: ...
+
+
+class RunQueue(JobWriter, Protocol):
+    """The queue the runner and its job source take jobs from."""
+
     def claim_next(self) -> Job | None: ...
     def runnable(self, limit: int = 1000) -> list[Job]: ...
     def running(self) -> list[Job]: ...
+
+
+class GraphStore(JobWriter, Protocol):
+    """Job graphs (long videos), for the graph coordinator."""
+
+    def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]: ...
+    def add_children(
+        self, parent_id: str, children: list[Job], change: Callable[[Job], None]
+    ) -> Job: ...
+    def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job: ...
+    def open_parents(self) -> list[Job]: ...
+
+
+class RetentionStore(JobWriter, Protocol):
+    """What retention reads and deletes (`model_service.retention`)."""
+
     def finished_before(
         self, cutoff: float, limit: int = 1000, after: tuple[float, str] | None = None
     ) -> list[Job]: ...
     def prune_finished(self, cutoff: float, limit: int = 500) -> list[tuple[str, str]]: ...
     def prune_uploads(self, cutoff: float, limit: int = 500) -> int: ...
+
+
+class DeliveryStore(JobReader, Protocol):
+    """Webhook deliveries (`model_service.webhooks`)."""
+
     def add_delivery(self, delivery: Delivery, due_at: float) -> None: ...
     def due_deliveries(self, now: float, limit: int = 20) -> list[Delivery]: ...
     def next_delivery_due(self) -> float | None: ...
@@ -172,8 +205,26 @@ class JobStore(Protocol):
         self, delivery_id: str, *, state: str, next_attempt_at: float, error: str | None
     ) -> None: ...
     def deliveries(self, job_id: str) -> list[dict[str, Any]]: ...
+
+
+class UploadStore(Protocol):
+    """Uploaded files' records (POST /v1/uploads, and the submitter's look-up)."""
+
     def add_upload(self, upload: Upload) -> None: ...
     def get_upload(self, upload_id: str) -> Upload | None: ...
+
+
+class SubmitStore(JobWriter, UploadStore, Protocol):
+    """The submitter's: new jobs, and the uploads their input names."""
+
+
+class JobStore(RunQueue, GraphStore, RetentionStore, DeliveryStore, UploadStore, Protocol):
+    """Everything: `SqliteJobStore` (one machine) or
+    `model_service.jobs.redis_store.RedisJobStore` (a fleet, QUEUE_URL), for the places
+    that need it all (the API's state, start-up). Every method is one atomic change;
+    every committed write of a job is published to `changes`."""
+
+    def close(self) -> None: ...
 
 
 def _parse(row: sqlite3.Row) -> Job | None:
@@ -201,9 +252,11 @@ _UNREADABLE: set[str] = set()
 
 
 class SqliteJobStore:
-    """Thread-safe; each method is one short transaction."""
+    """Thread-safe; each method is one short transaction. Each committed write of a job
+    is published to `changes` after the commit, outside the lock."""
 
     def __init__(self, path: Path) -> None:
+        self.changes = ChangeFeed()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -311,7 +364,8 @@ class SqliteJobStore:
                     )
                 return existing, False
             self._insert(db, job)
-            return job, True
+        self.changes.publish(job, ChangeKind.STATUS)
+        return job, True
 
     def create_graph(self, parent: Job, children: list[Job]) -> tuple[Job, bool]:
         """A parent and its children (with their `depends_on`) in one transaction;
@@ -327,7 +381,8 @@ class SqliteJobStore:
             self._insert(db, parent)
             for child in children:
                 self._insert(db, child)
-            return parent, True
+        self.changes.publish(parent, ChangeKind.STATUS)
+        return parent, True
 
     def add_children(
         self, parent_id: str, children: list[Job], change: Callable[[Job], None]
@@ -335,23 +390,27 @@ class SqliteJobStore:
         """New children of an existing parent, and `change` to the parent, atomically."""
         with self._tx() as db:
             parent = self._require(db, parent_id)
+            was = before(parent)
             change(parent)
             self._save(db, parent)
             for child in children:
                 self._insert(db, child)
-            return parent
+        self.changes.publish(parent, kind_of(was, parent))
+        return parent
 
     def remove_child(self, parent_id: str, child_id: str, change: Callable[[Job], None]) -> Job:
         """Delete a child job (its row and dependencies) and apply `change` to the parent."""
         with self._tx() as db:
             parent = self._require(db, parent_id)
+            was = before(parent)
             change(parent)
             self._save(db, parent)
             db.execute("DELETE FROM jobs WHERE id = ? AND parent_id = ?", (child_id, parent_id))
             db.execute(
                 "DELETE FROM job_deps WHERE job_id = ? OR depends_on = ?", (child_id, child_id)
             )
-            return parent
+        self.changes.publish(parent, kind_of(was, parent))
+        return parent
 
     def children(self, parent_id: str) -> list[Job]:
         """A parent's children in the order they were created."""
@@ -427,9 +486,11 @@ class SqliteJobStore:
         """Apply `change` to the stored job (no status change) and save it."""
         with self._tx(durable) as db:
             job = self._require(db, job_id)
+            was = before(job)
             change(job)
             self._save(db, job)
-            return job
+        self.changes.publish(job, kind_of(was, job))
+        return job
 
     def transition(
         self,
@@ -445,11 +506,13 @@ class SqliteJobStore:
                 raise InvalidTransition(
                     f"job {job_id} cannot go from {job.status} to {target}", job_id=job_id
                 )
+            was = before(job)
             job.status = target
             if change is not None:
                 change(job)
             self._save(db, job)
-            return job
+        self.changes.publish(job, kind_of(was, job))
+        return job
 
     def claim_next(self) -> Job | None:
         """Oldest queued job whose dependencies all succeeded, moved to running (attempt
@@ -474,7 +537,8 @@ class SqliteJobStore:
             job.attempts += 1
             job.progress_step = 0
             self._save(db, job)
-            return job
+        self.changes.publish(job, ChangeKind.STATUS)
+        return job
 
     def runnable(self, limit: int = 1000) -> list[Job]:
         """Queued non-parent jobs whose dependencies all succeeded, oldest first: what
@@ -519,7 +583,7 @@ class SqliteJobStore:
         deliveries, in one transaction. Returns each deleted job's (id, held_by), parts
         included; [] when nothing is left. Reads one page of `jobs_records` and those
         rows, never every job's JSON. Not synced: lost to a power cut, the next pass
-        deletes them again."""
+        deletes them again. Publishes nothing (no job is left to tell of)."""
         with self._tx(durable=False) as db:
             rows = db.execute(
                 _PRUNABLE, (cutoff, *_TERMINAL_PARAMS, *_TERMINAL_PARAMS, limit)

@@ -136,7 +136,6 @@ def build_router(state: ServiceState) -> APIRouter:
             record.finished_at = None
 
         job = state.store.transition(job_id, JobStatus.AWAITING_INPUT, reopen_plan)
-        state.runner.changed(job)
         return job_view(job, state.base_url(request), state.children(job))
 
     return router
