@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,19 @@ def test_each_write_publishes_the_job_it_saved_and_what_changed(store: JobStore)
         JobChange(canceling, ChangeKind.CANCEL),
         JobChange(ended, ChangeKind.STATUS),
     ]
+
+
+def test_a_claim_that_starts_now_records_the_start(store: JobStore) -> None:
+    store.create(new_job("a"))
+    changes = heard(store, ChangeKind.STATUS)
+    before = time.time()
+    claimed = store.claim_next(starts_now=True)
+    assert claimed is not None
+    assert claimed.attempts == 1
+    assert claimed.started_at is not None
+    assert claimed.started_at >= before
+    assert store.get("a").started_at == claimed.started_at
+    assert changes == [JobChange(claimed, ChangeKind.STATUS)]
 
 
 def test_graph_writes_publish_the_parent_and_deletions_nothing(store: JobStore) -> None:

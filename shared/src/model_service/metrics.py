@@ -119,10 +119,10 @@ class Metrics:
         ).set(1)
         self.registry.register(_GpuMemory())
 
-    def job_started(self, job: Job) -> None:
+    def job_started(self, created_at: float, started_at: float) -> None:
+        """The engine began a job created at `created_at` (epoch seconds)."""
         self.running.inc()
-        if job.started_at is not None:
-            self.queue_wait.observe(max(0.0, job.started_at - job.created_at))
+        self.queue_wait.observe(max(0.0, started_at - created_at))
 
     def job_ended(self, job: Job, was_running: bool) -> None:
         if was_running:

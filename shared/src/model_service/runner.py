@@ -21,6 +21,10 @@ coordinator follow it); the runner publishes progress itself, every step of a jo
 bus and to the listeners registered with `on_progress` (the graph coordinator of long
 videos, which also adds its step to a part's end: `on_part_outputs`), and saves the
 latest step at most once a second.
+A job the engine begins at once (it held no other job) costs two writes: its claim, which
+records its start, and its end (which puts the engine's own start time in its place); one
+taken ahead costs three: its start is written when the engine begins it. (A long job's
+progress adds a write a second.)
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class JobRunner:
         self.tasks = TaskHealth(metrics)  # this and the service's other background tasks
         self._task: asyncio.Task[None] | None = None
         # the engine holds at most the running job and JOBS_AHEAD prepared ones
-        self._slots = asyncio.Semaphore(1 + settings.effective_jobs_ahead)
+        self._slots = _Slots(1 + settings.effective_jobs_ahead)
         self._claims: dict[str, Claim] = {}  # every job this process holds, by id
         self._in_engine: dict[str, _InFlight] = {}  # those the engine holds now
         self._job_tasks: set[asyncio.Task[None]] = set()
@@ -253,7 +257,9 @@ class JobRunner:
                 self.blocked = self.engine.readiness[1]
                 self._blocked_event.set()
                 await asyncio.Event().wait()
-            claim = await self.source.take()
+            # the engine holds no other job (nor is one on its way there): the job begins
+            # at once, so the claim records its start (one write fewer)
+            claim = await self.source.take(starts_now=self._slots.taken == 1)
         except BaseException:
             self._slots.release()
             raise
@@ -268,7 +274,7 @@ class JobRunner:
 
     async def _execute_claim(self, claim: Claim) -> None:
         slot = _Slot(self._slots)
-        flight = _InFlight(claim.job.id)
+        flight = _InFlight(claim.job.id, claim.job.created_at, claim.start_recorded)
         try:
             with structlog.contextvars.bound_contextvars(job_id=claim.job.id):
                 try:
@@ -358,7 +364,8 @@ class JobRunner:
         return await asyncio.wait_for(asyncio.shield(future), self._settings.job_timeout_s)
 
     def _engine_started(self, flight: _InFlight) -> None:
-        """The engine began the job: its run time and timeout count from here."""
+        """The engine began the job: its run time and timeout count from here. Its start
+        is written now unless the claim wrote it (the engine was idle then)."""
         flight.started = True
         flight.started_event.set()
         now = time.time()
@@ -366,12 +373,15 @@ class JobRunner:
         def started(job: Job) -> None:
             job.started_at = now
 
-        try:
-            job = self._store.update(flight.job_id, started, durable=False)
-        except ServiceError as exc:  # the record keeps the claim's time
-            log.warning("cannot record the job's start", error=exc.message)
+        if flight.start_recorded:
+            self._metrics.job_started(flight.created_at, now)
         else:
-            self._metrics.job_started(job)
+            try:
+                self._store.update(flight.job_id, started, durable=False)
+            except ServiceError as exc:  # the record keeps the claim's time
+                log.warning("cannot record the job's start", error=exc.message)
+            else:
+                self._metrics.job_started(flight.created_at, now)
         if flight.canceling:  # canceled while it waited: it may not see the cancel
             self._arm_kill(flight.job_id)
 
@@ -477,7 +487,7 @@ class JobRunner:
             nonlocal tries
             tries += 1
             try:
-                self._finish(claim.job.id, done, failure, outputs, progress, stored, started)
+                self._finish(claim, done, failure, outputs, progress, stored, started)
             except InvalidTransition:
                 # a write whose reply was lost with the connection did land: recorded
                 if tries == 1 or not self._store.get(claim.job.id).status.is_terminal:
@@ -500,7 +510,7 @@ class JobRunner:
 
     def _finish(
         self,
-        job_id: str,
+        claim: Claim,
         done: JobDone | None,
         failure: ServiceError | None,
         outputs: list[str],
@@ -508,6 +518,7 @@ class JobRunner:
         stored: list[StoredObject],
         started: bool,
     ) -> None:
+        job_id = claim.job.id
         current = self._store.get(job_id)
         change: Callable[[Job], None]
         if failure is None and (current.cancel_requested or (done is not None and done.canceled)):
@@ -520,10 +531,13 @@ class JobRunner:
             assert done is not None
             status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info, stored)
         began = None if done is None else done.started_at
+        at_claim = claim.start_recorded
 
         def ended(job: Job) -> None:
-            if job.started_at is None and began is not None:  # its start was not heard
-                job.started_at = began
+            if began is not None and (job.started_at is None or at_claim):
+                job.started_at = began  # the engine's own time (not heard, or the claim's)
+            elif at_claim and not started:
+                job.started_at = None  # it never began (its input was gone, or canceled)
             _with_progress(change, progress)(job)
 
         # not fsynced: after a power loss the job runs again (see SqliteJobStore._tx)
@@ -564,17 +578,36 @@ class _InFlight:
     """A job the engine holds: waiting behind the running one, or running."""
 
     job_id: str
+    created_at: float  # the job's (the queue wait metric)
+    start_recorded: bool  # its claim recorded its start (the engine held no other job)
     started: bool = False
     canceling: bool = False
     started_event: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: asyncio.Event = field(default_factory=asyncio.Event)  # its end is recorded
 
 
+class _Slots:
+    """The engine's places: the running job and JOBS_AHEAD more. A job holds one from
+    before its claim until the engine gave it back (or it never reached the engine)."""
+
+    def __init__(self, count: int) -> None:
+        self._free = asyncio.Semaphore(count)
+        self.taken = 0
+
+    async def acquire(self) -> None:
+        await self._free.acquire()
+        self.taken += 1
+
+    def release(self) -> None:
+        self.taken -= 1
+        self._free.release()
+
+
 class _Slot:
     """One of the engine's places (`JobRunner._slots`), given back exactly once."""
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots: asyncio.Semaphore | None = slots
+    def __init__(self, slots: _Slots) -> None:
+        self._slots: _Slots | None = slots
 
     def release(self) -> None:
         if self._slots is not None:

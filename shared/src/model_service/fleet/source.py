@@ -145,7 +145,7 @@ class FleetSource:
 
     # --- running -----------------------------------------------------------------------
 
-    async def take(self) -> Claim | None:
+    async def take(self, starts_now: bool = False) -> Claim | None:
         try:
             lease = await self._queue.take(timeout_s=1.0)
         except _REDIS_ERRORS as exc:  # the runner's task is down (/ready) until it can
@@ -153,7 +153,7 @@ class FleetSource:
         if lease is None:
             return None
         try:
-            job = self._claim(lease)
+            job = self._claim(lease, starts_now)
         except StoreUnavailable as exc:  # no heartbeat: the sweep gives it to a pod later
             log.warning("cannot claim the job taken", job_id=lease.job_id, error=exc.message)
             await asyncio.sleep(1.0)
@@ -164,15 +164,16 @@ class FleetSource:
             return None
         return Claim(job, lease)
 
-    def _claim(self, lease: Lease) -> Job | None:
+    def _claim(self, lease: Lease, starts_now: bool) -> Job | None:
         """The record moved to running by this pod (a record still `running` is a dead
-        pod's attempt that the sweep queued again)."""
+        pod's attempt that the sweep queued again); its start recorded if `starts_now`."""
+        now = time.time() if starts_now else None
 
         def start(job: Job) -> None:
             if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING) or job.is_parent:
                 raise _NotRunnable
             job.status = JobStatus.RUNNING
-            job.started_at = None  # set when the engine begins it (it may wait first)
+            job.started_at = now  # else set when the engine begins it (it may wait first)
             job.attempts = lease.attempt
             job.progress_step = 0
             job.held_by = self.pod_url

@@ -73,7 +73,7 @@ from model_service.errors import (
 from model_service.jobs.feed import Before, ChangeFeed, ChangeKind, before, kind_of
 from model_service.jobs.record import Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
-from model_service.jobs.store import Delivery, Page, Upload
+from model_service.jobs.store import Delivery, Page, Upload, claim
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -367,20 +367,21 @@ class RedisJobStore:
         return [Job.from_row(json.loads(data)) for data in cast("list[str]", found)]
 
     @_guard
-    def claim_next(self) -> Job | None:
+    def claim_next(self, starts_now: bool = False) -> Job | None:
         """Oldest queued job whose dependencies all succeeded, moved to running (attempt
-        counted), or None. Two processes never claim the same job."""
+        counted), or None. Two processes never claim the same job. `starts_now`: the
+        engine begins it at once, so its start is recorded here (`store.claim`)."""
         while True:
             found = self.runnable(1)
             if not found:
                 return None
-            claimed = self._claim(found[0].id)
+            claimed = self._claim(found[0].id, starts_now)
             if claimed is not None:
                 self.changes.publish(claimed, ChangeKind.STATUS)
                 return claimed
             # taken or changed by another process since the look: look again
 
-    def _claim(self, job_id: str) -> Job | None:
+    def _claim(self, job_id: str, starts_now: bool) -> Job | None:
         deps_key = self._key("deps", job_id)
 
         def body(pipe: Pipeline) -> Job | None:
@@ -395,10 +396,7 @@ class RedisJobStore:
                 if status is not None and status != JobStatus.SUCCEEDED.value:
                     return None
             job = stored.job
-            job.status = JobStatus.RUNNING
-            job.started_at = None  # set when the engine begins it (it may wait first)
-            job.attempts += 1
-            job.progress_step = 0
+            claim(job, starts_now)
             pipe.multi()
             self._save(pipe, stored)
             return job

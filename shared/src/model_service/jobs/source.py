@@ -27,6 +27,12 @@ class Claim:
     lease: Any = None  # a fleet's queue lease (model_service.fleet.queue.Lease)
     lost: bool = False  # a fleet took it back meanwhile: the end is not ours to record
 
+    @property
+    def start_recorded(self) -> bool:
+        """The claim recorded the job's start (`take(starts_now=True)`): the engine began
+        it at once, so no second write says so."""
+        return self.job.started_at is not None
+
 
 @dataclass(frozen=True)
 class RunnerLink:
@@ -52,8 +58,10 @@ class JobSource(Protocol):
     async def submitted(self, job: Job) -> None:
         """A new job is stored."""
 
-    async def take(self) -> Claim | None:
-        """The next job to run, or None after waiting a while."""
+    async def take(self, starts_now: bool = False) -> Claim | None:
+        """The next job to run, or None after waiting a while. `starts_now`: the engine
+        holds no other job and begins this one at once, so the claim records its start
+        (else the runner writes it when the engine begins the job)."""
 
     def hold(
         self, claim: Claim, progress: Callable[[], tuple[int, int]]
@@ -110,9 +118,9 @@ class LocalSource:
     async def submitted(self, job: Job) -> None:
         self.wake()
 
-    async def take(self) -> Claim | None:
+    async def take(self, starts_now: bool = False) -> Claim | None:
         self._wake.clear()
-        job = self._store.claim_next()
+        job = self._store.claim_next(starts_now)
         if job is None:
             await self._wake.wait()
             return None

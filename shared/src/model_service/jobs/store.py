@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ class JobWriter(JobReader, Protocol):
 class RunQueue(JobWriter, Protocol):
     """The queue the runner and its job source take jobs from."""
 
-    def claim_next(self) -> Job | None: ...
+    def claim_next(self, starts_now: bool = False) -> Job | None: ...
     def runnable(self, limit: int = 1000) -> list[Job]: ...
     def running(self) -> list[Job]: ...
 
@@ -242,6 +243,15 @@ def _parse(row: sqlite3.Row) -> Job | None:
 def _row_text(job: Job) -> str:
     """The record as JSON text (pydantic's encoder: a few times faster than `json`)."""
     return to_json(job.to_row()).decode()
+
+
+def claim(job: Job, starts_now: bool) -> None:
+    """A queued job taken to run: running, its attempt counted, and its start now if the
+    engine begins it at once (else set when the engine begins it: it may wait first)."""
+    job.status = JobStatus.RUNNING
+    job.started_at = time.time() if starts_now else None
+    job.attempts += 1
+    job.progress_step = 0
 
 
 def _readable(rows: list[sqlite3.Row]) -> list[Job]:
@@ -514,9 +524,11 @@ class SqliteJobStore:
         self.changes.publish(job, kind_of(was, job))
         return job
 
-    def claim_next(self) -> Job | None:
+    def claim_next(self, starts_now: bool = False) -> Job | None:
         """Oldest queued job whose dependencies all succeeded, moved to running (attempt
-        counted), or None. Not synced: after a power loss the job is simply queued again."""
+        counted), or None. `starts_now`: the engine begins it at once (it holds no other
+        job), so its start is recorded here; else when the engine begins it. Not synced:
+        after a power loss the job is simply queued again."""
         with self._guard():  # nothing to take (the usual answer): no write transaction
             if self._db.execute(_RUNNABLE, (*_RUNNABLE_PARAMS, 1)).fetchone() is None:
                 return None
@@ -532,10 +544,7 @@ class SqliteJobStore:
                 db.execute(
                     "UPDATE jobs SET status = ? WHERE id = ?", (JobStatus.FAILED.value, row["id"])
                 )
-            job.status = JobStatus.RUNNING
-            job.started_at = None  # set when the engine begins it (it may wait first)
-            job.attempts += 1
-            job.progress_step = 0
+            claim(job, starts_now)
             self._save(db, job)
         self.changes.publish(job, ChangeKind.STATUS)
         return job
