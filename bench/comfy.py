@@ -18,7 +18,7 @@ measured in the same run.
    HTTP server (parallel, with size and sha256 checks), against a single-stream `curl`
    of the same files one after the other.
 
-Usage: `.venv/bin/python bench/comfy.py [--repeats 40] [--out build/bench-comfy.json]`
+Usage: `.venv/bin/python bench/comfy.py [--repeats 100] [--out build/bench-comfy.json]`
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ def run_download(root: Path, files: int, size_mb: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=40, help="timed runs per side (40)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed runs per side (100)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per side first")
     parser.add_argument("--files", type=int, default=3, help="files for the downloader")
     parser.add_argument("--size-mb", type=int, default=200, help="size of each file (MB)")
