@@ -9,8 +9,8 @@ measured in the same run.
    with `node: null`, `GET /history/{id}`, `GET /view` of the output). The two sides
    alternate run by run, each with its own seed, so ComfyUI's cache never answers for
    the sampler. The weight-free workflow runs once more while another process fsyncs
-   on the same disk (`disk_hammer`); the goals (PASS/MISS) are checked on the last
-   backend. Backends: the stand-in ComfyUI (always; its model nodes are fakes, so the
+   on the same disk (`disk_hammer`); the goals (PASS/MISS) are judged on the real
+   ComfyUI only. Backends: the stand-in ComfyUI (always; its model nodes are fakes, so the
    run is almost all protocol), and, with `COMFYUI_TEST_DIR` (+ `COMFYUI_TEST_PYTHON`),
    a real ComfyUI launched by the service in the tiny profile (the real workflow on
    tiny weights, on CPU).
@@ -271,9 +271,12 @@ def disk_hammer(root: Path) -> Iterator[None]:
 
 
 def goals(results: list[dict[str, Any]]) -> list[str]:
-    """PASS/MISS lines for the overhead goals, on the last backend measured (a real
-    ComfyUI when COMFYUI_TEST_DIR is set, else the stand-in)."""
+    """PASS/MISS lines for the overhead goals: they compare us with ComfyUI itself, so
+    only a real ComfyUI (COMFYUI_TEST_DIR) is judged; the stand-in's figures are shown,
+    not judged (it is a Python server of its own, whose outputs we fetch over /view)."""
     kind = results[-1]["backend"]
+    if kind != "real":
+        return ["goals: judged on a real ComfyUI only (set COMFYUI_TEST_DIR to a ComfyUI 0.33.0)"]
     quiet = next(r for r in results if r["backend"] == kind and r["job"] == WEIGHT_FREE)
     busy = next(r for r in results if r["backend"] == kind and r["job"] == BUSY_DISK)
     ok_median = quiet["added_median_ms"] < GOAL_MS

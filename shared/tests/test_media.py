@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from model_service.errors import InvalidInput
-from model_service.media import decode_image, encode_image, parse_data_uri
+from model_service.media import decode_image, encode_image, is_plain_rgb_png, parse_data_uri
 
 MAX_PIXELS = 40_000_000
 
@@ -217,3 +217,20 @@ def test_data_uri_to_image() -> None:
     )
     assert mime == "image/png"
     assert decode_image(data, field="image", max_pixels=16).size == (4, 4)
+
+
+def test_a_plain_rgb_png_is_recognised_and_others_are_not() -> None:
+    """Such a PNG is kept as sent (no second encode): it must decode to the same pixels."""
+    rgb = Image.new("RGB", (40, 30), (10, 200, 30))
+    plain = _save(rgb, "PNG")
+    assert is_plain_rgb_png(plain)
+    assert decode_image(plain, field="image", max_pixels=MAX_PIXELS).tobytes() == rgb.tobytes()
+    assert not is_plain_rgb_png(_save(rgb.convert("RGBA"), "PNG"))  # alpha: composited
+    assert not is_plain_rgb_png(_save(rgb.convert("P"), "PNG"))  # palette
+    assert not is_plain_rgb_png(_save(rgb.convert("L"), "PNG"))  # grey
+    assert not is_plain_rgb_png(_save(rgb, "PNG", transparency=(10, 200, 30)))  # tRNS
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: decode_image turns it
+    assert not is_plain_rgb_png(_save(rgb, "PNG", exif=exif.tobytes()))
+    assert not is_plain_rgb_png(_save(rgb, "JPEG"))
+    assert not is_plain_rgb_png(b"\x89PNG\r\n\x1a\n")  # cut short

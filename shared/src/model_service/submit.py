@@ -310,7 +310,10 @@ class JobSubmitter:
     def _decode_to_png(self, data: bytes, field: str, target: Path) -> None:
         image = media.decode_image(data, field=field, max_pixels=self._settings.max_image_pixels)
         target.parent.mkdir(parents=True, exist_ok=True)
-        image.save(target, format="PNG")
+        if media.is_plain_rgb_png(data):  # decoded fine, and already what we would write
+            target.write_bytes(data)
+        else:
+            image.save(target, format="PNG")
 
     async def read_reference(self, ref: str, field: str) -> bytes:
         """The bytes behind a URL, data URI or upload id."""
