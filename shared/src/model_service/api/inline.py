@@ -3,7 +3,6 @@ for a small image gets it with the job, with no second request."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 from pathlib import Path
@@ -11,9 +10,9 @@ from pathlib import Path
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.jobs.view import JobView
+from model_service.offloop import off_loop
 from model_service.settings import Settings
 
-_ON_LOOP_BYTES = 1 << 20  # encoded here below this; above, in a thread
 _PREFER_INLINE = re.compile(r"(?:^|[,;\s])return\s*=\s*representation\b", re.IGNORECASE)
 
 
@@ -37,22 +36,17 @@ async def with_inline_outputs(
         return None
     if sum(sizes) > settings.inline_outputs_max_bytes:  # left to their URLs
         return None
-    encode = _encoded if sum(sizes) <= _ON_LOOP_BYTES else _encoded_in_thread
+    total = sum(sizes)  # encoded here when small, in a thread when large (off_loop)
     try:
-        data = [await encode(folder / output.name, output.content_type) for output in view.outputs]
+        data = [
+            await off_loop(total, _data_uri, folder / output.name, output.content_type)
+            for output in view.outputs
+        ]
     except OSError:  # deleted meanwhile
         return None
     pairs = zip(view.outputs, data, strict=True)
     outputs = [output.model_copy(update={"data": uri}) for output, uri in pairs]
     return view.model_copy(update={"outputs": outputs})
-
-
-async def _encoded(path: Path, content_type: str | None) -> str:
-    return _data_uri(path, content_type)
-
-
-async def _encoded_in_thread(path: Path, content_type: str | None) -> str:
-    return await asyncio.to_thread(_data_uri, path, content_type)
 
 
 def _data_uri(path: Path, content_type: str | None) -> str:
