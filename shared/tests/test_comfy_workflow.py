@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from model_service.comfy.engine import output_nodes
 from model_service.comfy.workflow import Bind, Workflow
 
 GRAPH: dict[str, Any] = {
@@ -140,3 +141,23 @@ def test_local_output_is_taken_only_from_inside_comfyuis_output_folder(tmp_path:
     assert _local_output(root, output("missing.mp4")) is None  # then fetched over /view
     assert _local_output(root, output("secret.txt", subfolder="..")) is None
     assert _local_output(root, output("../../secret.txt")) is None
+
+
+def test_a_custom_graphs_output_nodes_come_from_object_info() -> None:
+    """The nodes whose files the engine expects on the websocket (so `/history` is not
+    read for a custom workflow): those whose class is an output node, nothing else."""
+    info = {
+        "EmptyImage": {"output_node": False},
+        "ImageInvert": {},
+        "SaveImage": {"output_node": True},
+        "PreviewImage": {"output_node": True},
+    }
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "5": {"class_type": "NotInstalled", "inputs": {}},
+    }
+    assert output_nodes(graph, info) == ["3", "4"]
+    assert output_nodes(graph, {}) == []

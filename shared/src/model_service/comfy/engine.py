@@ -495,14 +495,9 @@ class ComfyEngine:
         reported its files on the websocket, `/history` need not be read. None when
         ComfyUI's node list cannot be read (then `/history` is)."""
         try:
-            object_info = await self.object_info()
+            return output_nodes(graph, await self.object_info())
         except ServiceError:
             return None
-        return [
-            node_id
-            for node_id, node in graph.items()
-            if (object_info.get(node.get("class_type")) or {}).get("output_node")
-        ]
 
     async def _take_loras(
         self, values: dict[str, Any], held: contextlib.AsyncExitStack
@@ -735,6 +730,15 @@ def _last_frame_nodes(graph: dict[str, Any], workflow: Workflow, tag: str) -> di
                 graph[save]["inputs"]["filename_prefix"] = f"{prefix}_{tag}"
                 return {save: LAST_FRAME_STEM}
     return {}
+
+
+def output_nodes(graph: Mapping[str, Any], object_info: Mapping[str, Any]) -> list[str]:
+    """The ids of `graph`'s output nodes (their class has `output_node` in `/object_info`)."""
+    return [
+        node_id
+        for node_id, node in graph.items()
+        if (object_info.get(node.get("class_type")) or {}).get("output_node")
+    ]
 
 
 def _output_name(stem: str, index: int, output: OutputFile) -> str:
