@@ -101,6 +101,27 @@ def test_outputs_too_large_for_inline_are_left_to_their_urls(echo_service) -> No
         assert all("data" not in out for out in response.json()["outputs"])
 
 
+def test_a_plain_rgb_png_input_is_kept_as_sent_and_others_are_re_encoded(echo_service) -> None:
+    service = echo_service()
+    buffer = io.BytesIO()  # compressed otherwise than we would: a re-encode differs
+    Image.new("RGB", (48, 32), (10, 200, 30)).save(buffer, format="PNG", compress_level=0)
+    plain = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.new("RGBA", (48, 32), (10, 200, 30, 128)).save(buffer, format="PNG")
+    with service.client() as client:
+        kept = submit(client, image=data_uri(plain))["id"]
+        redone = submit(client, image=data_uri(buffer.getvalue()))["id"]
+        for job_id in (kept, redone):
+            wait_status(client, job_id, {"succeeded"})
+    inputs = [
+        service.data_dir / "jobs" / job_id / "inputs" / "image_0.png" for job_id in (kept, redone)
+    ]
+    assert inputs[0].read_bytes() == plain  # no second encode
+    written = Image.open(inputs[1])
+    assert written.mode == "RGB"  # transparency composited onto white, then encoded
+    assert written.getpixel((0, 0)) == (132, 227, 142)
+
+
 def test_put_is_idempotent_and_conflicts_on_a_different_body(echo_service) -> None:
     service = echo_service()
     with service.client() as client:
