@@ -4,7 +4,11 @@
    `Prefer: wait=60`, client wall time) against the same `QwenImageEditPredictor.predict`
    call made in this process on the same decoded input file. The direct call leaves out
    everything the service adds (HTTP, JSON, data URI decode, SQLite, worker IPC, logs):
-   the difference is the service's overhead.
+   the difference is the service's overhead. The client is the standard library's
+   `http.client` on one keep-alive connection, so that the figure is the service's, not a
+   client library's. The overhead is also split, pair by pair, into the time around the
+   model (free of the model's jitter) and the model's own slowdown inside the worker (the
+   job's `execution_*_at` against the direct `predict`).
 2. Job engine throughput: jobs/s from submit to `succeeded` with 1 and 8 concurrent
    clients (polling `GET /v1/jobs/{id}` every 10 ms, or waiting with `Prefer: wait`),
    against the same number of direct predictor calls run back to back.
@@ -14,13 +18,14 @@ WORKER_THREADS (its worker sets OMP_NUM_THREADS/MKL_NUM_THREADS from it before t
 loads, and reports torch's count in /v1/service, which is checked), and this process
 the same values plus `torch.set_num_threads`. Default: torch's own default here.
 
-Usage: `.venv/bin/python bench/run.py [--repeats 20] [--jobs 40] [--out build/bench.json]`
+Usage: `.venv/bin/python bench/run.py [--repeats 100] [--jobs 40] [--out build/bench.json]`
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import io
 import json
 import os
@@ -40,7 +45,7 @@ import httpx
 from PIL import Image
 
 from model_service import media
-from model_service.predictor import predict_now
+from model_service.predictor import prepare_inputs
 from model_service_testing.process import ServiceProcess
 from qwen_image_edit.manifest import get_variant
 from qwen_image_edit.schema import QwenEditInput
@@ -62,7 +67,9 @@ OVERHEAD_INPUT: dict[str, Any] = {
     "height": 64,
     "steps": 2,
     "seed": SEED,
-    "true_cfg_scale": 4.0,
+    # no negative pass: half the model time, so half its jitter, which on this shared VM
+    # (interquartile range ~25 % of a call) hides a few ms of overhead
+    "true_cfg_scale": 1.0,
 }
 THROUGHPUT_INPUT: dict[str, Any] = {
     "prompt": PROMPT,
@@ -153,17 +160,29 @@ class Direct:
         values["images"] = [str(self.image_path)]
         return values
 
-    def call(self, inputs: dict[str, Any]) -> float:
-        """One predict call (with the worker's output dir mkdir); wall seconds."""
+    def call(self, inputs: dict[str, Any]) -> DirectSample:
+        """One job's model work the way the worker does it, on this thread: the output
+        dir mkdir, `prepare`, `predict`, `finish`."""
         self.calls += 1
         output_dir = self.work_dir / f"job-{self.calls}" / "outputs"
         ctx = DirectContext(f"direct-{self.calls}", output_dir, int(inputs["seed"]))
         started = time.perf_counter()
         output_dir.mkdir(parents=True, exist_ok=True)
-        result = predict_now(self.predictor, inputs, ctx)
+        prepared = prepare_inputs(self.predictor, inputs)
+        predict_started = time.perf_counter()
+        result = self.predictor.predict(prepared, ctx)
+        predict_s = time.perf_counter() - predict_started
+        if result.finish is not None:
+            result.finish()
         elapsed = time.perf_counter() - started
         assert result.outputs == ["output_0.png"], result.outputs
-        return elapsed
+        return DirectSample(elapsed, predict_s)
+
+
+@dataclass
+class DirectSample:
+    wall_s: float
+    predict_s: float  # `predict` alone: what the worker reports as the job's execution
 
 
 def load_direct(
@@ -199,27 +218,45 @@ class ServiceSample:
     wall_s: float
     queue_wait_s: float
     run_s: float
+    predict_s: float  # the worker's `predict`, from the job's info (execution_*_at)
 
 
-def service_edit(client: httpx.Client, raw_input: dict[str, Any]) -> ServiceSample:
+class PlainClient:
+    """One keep-alive HTTP/1.1 connection (the standard library's `http.client`): the
+    lightest client, so that the figure is the service's and not the client library's
+    (httpx costs ~0.8 ms more a request here)."""
+
+    def __init__(self, url: str) -> None:
+        address = httpx.URL(url)
+        self._conn = http.client.HTTPConnection(address.host, address.port, timeout=WAIT_S + 30)
+
+    def post_json(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+        payload = json.dumps(body).encode()
+        self._conn.request("POST", path, payload, {"content-type": "application/json", **headers})
+        response = self._conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def service_edit(client: PlainClient, raw_input: dict[str, Any]) -> ServiceSample:
     started = time.perf_counter()
-    response = client.post(
-        "/v1/jobs", json={"input": raw_input}, headers={"Prefer": f"wait={WAIT_S}"}
-    )
+    status, job = client.post_json("/v1/jobs", {"input": raw_input}, {"Prefer": f"wait={WAIT_S}"})
     elapsed = time.perf_counter() - started
-    job = response.json()
-    if response.status_code != 200 or job.get("status") != "succeeded":
-        raise RuntimeError(f"job did not succeed: HTTP {response.status_code} {job}")
-    timings = job["timings"]
-    return ServiceSample(elapsed, timings["queue_wait_s"], timings["run_s"])
+    if status != 200 or job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed: HTTP {status} {job}")
+    timings, info = job["timings"], job["info"]
+    predict_s = info["execution_ended_at"] - info["execution_started_at"]
+    return ServiceSample(elapsed, timings["queue_wait_s"], timings["run_s"], predict_s)
 
 
 def bench_overhead(
-    direct: Direct, client: httpx.Client, data_uri: str, warmup: int, repeats: int
+    direct: Direct, client: PlainClient, data_uri: str, warmup: int, repeats: int
 ) -> dict[str, Any]:
     raw_input = {**OVERHEAD_INPUT, "image": data_uri}
     inputs = direct.prepared(raw_input)
-    direct_s: list[float] = []
+    calls: list[DirectSample] = []
     service: list[ServiceSample] = []
     # interleaved, so that drift (thermal, page cache, other load) hits both sides alike
     for i in range(warmup + repeats):
@@ -228,8 +265,9 @@ def bench_overhead(
         s = service_edit(client, raw_input)
         time.sleep(SETTLE_S)
         if i >= warmup:
-            direct_s.append(d)
+            calls.append(d)
             service.append(s)
+    direct_s = [d.wall_s for d in calls]
     direct_ms = median_ms(direct_s)
     service_ms = median_ms([s.wall_s for s in service])
     run_ms = median_ms([s.run_s for s in service])
@@ -237,6 +275,7 @@ def bench_overhead(
     overhead_ms = round(service_ms - direct_ms, 2)
     allowed_ms = GOAL_MS
     direct_q = quartiles_ms(direct_s)
+    pairs = list(zip(service, calls, strict=True))
     return {
         "input": {k: v for k, v in raw_input.items() if k != "image"} | {"image": "64x48 PNG"},
         "warmup": warmup,
@@ -248,15 +287,24 @@ def bench_overhead(
         "overhead_ms": overhead_ms,
         "ratio": round(service_ms / direct_ms, 4),
         # median of (service - direct) over the interleaved pairs: less sensitive to drift
-        "overhead_paired_median_ms": median_ms(
-            [s.wall_s - d for s, d in zip(service, direct_s, strict=True)]
-        ),
+        "overhead_paired_median_ms": median_ms([s.wall_s - d.wall_s for s, d in pairs]),
         "allowed_overhead_ms": allowed_ms,
         "goal": f"service adds under {GOAL_MS:g} ms",
         "verdict": "PASS" if overhead_ms < allowed_ms else "MISS",
         "direct_p25_p75_ms": direct_q,
         "noisy": direct_q[1] > NOISY_SPREAD * direct_q[0],
         "service_p25_p75_ms": quartiles_ms([s.wall_s for s in service]),
+        # the overhead in two parts, each a median over the pairs: what the service does
+        # around the model (free of the model's own jitter), and how much slower the same
+        # `predict` ran inside the worker (the CPUs it shares with the API process)
+        "split_paired_median_ms": {
+            "around_the_model": median_ms(
+                [(s.wall_s - s.predict_s) - (d.wall_s - d.predict_s) for s, d in pairs]
+            ),
+            "predict_in_worker_minus_direct": median_ms(
+                [s.predict_s - d.predict_s for s, d in pairs]
+            ),
+        },
         # from the job's own timings (server clock): where the overhead goes
         "breakdown_median_ms": {
             "queue_wait": queue_ms,
@@ -399,8 +447,8 @@ def bench_throughput(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per side (20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per side first (3)")
+    parser.add_argument("--repeats", type=int, default=100, help="timed runs per side (100)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per side first (5)")
     parser.add_argument("--jobs", type=int, default=40, help="jobs per throughput setting (40)")
     parser.add_argument(
         "--clients", default="1,8", help="concurrent clients per throughput setting (1,8)"
@@ -427,7 +475,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def print_overhead(result: dict[str, Any]) -> None:
-    print("\n== 1. service overhead: one tiny edit (steps=2, 64x64, cfg 4) ==")
+    print("\n== 1. service overhead: one tiny edit (steps=2, 64x64, cfg 1) ==")
     print(f"direct predictor call, median   {result['direct_median_ms']:9.2f} ms")
     print(f"service POST wait=60, median    {result['service_median_ms']:9.2f} ms")
     print(
@@ -442,6 +490,12 @@ def print_overhead(result: dict[str, Any]) -> None:
     print(
         f"  p25-p75: direct {spread_d[0]:.2f}-{spread_d[1]:.2f} ms, "
         f"service {spread_s[0]:.2f}-{spread_s[1]:.2f} ms"
+    )
+    split = result["split_paired_median_ms"]
+    print(
+        f"  of which around the model (HTTP, store, IPC, files) {split['around_the_model']:.2f} "
+        f"ms; predict in the worker minus in this process "
+        f"{split['predict_in_worker_minus_direct']:.2f} ms"
     )
     for name, value in result["breakdown_median_ms"].items():
         print(f"  {BREAKDOWN_LABELS[name]:<52} {value:8.2f} ms")
@@ -539,7 +593,11 @@ def main() -> None:
             worker_threads = model_info.get("torch_threads")
             if worker_threads != threads:
                 raise RuntimeError(f"worker runs {worker_threads} torch threads, not {threads}")
-            overhead = bench_overhead(direct, client, data_uri, args.warmup, args.repeats)
+        plain = PlainClient(service.url)
+        try:
+            overhead = bench_overhead(direct, plain, data_uri, args.warmup, args.repeats)
+        finally:
+            plain.close()
         print_overhead(overhead)
         throughput = bench_throughput(direct, service.url, data_uri, args.jobs, clients, modes)
         print_throughput(throughput)

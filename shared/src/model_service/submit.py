@@ -304,7 +304,9 @@ class JobSubmitter:
             return target
         size, channels = media.image_header(data, field=field)  # no pixel decoded yet
         async with self.decoding.hold(size, channels, field, request):
-            await asyncio.to_thread(self._decode_to_png, data, field, target)
+            # a thumbnail is decoded and written in place: the thread hop costs more
+            pixels_bytes = size[0] * size[1] * channels
+            await off_loop(pixels_bytes, self._decode_to_png, data, field, target)
         return target
 
     def _decode_to_png(self, data: bytes, field: str, target: Path) -> None:
