@@ -7,19 +7,18 @@ SERVICE ?= qwen-image-edit-nunchaku
 PROFILE ?= full
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= --quiet --disable-pip-version-check
+# The service folders with a Python package (every folder with a pyproject.toml but shared/):
+# installed editable by `make setup`, nothing to list by hand (README, "Adding a service").
+SERVICE_PACKAGES := $(filter-out shared,$(patsubst %/pyproject.toml,%,$(wildcard */pyproject.toml)))
 
 .PHONY: setup demo test serve bench bench-gpu lint docs clean redis chromium
 
 setup: $(STAMP)
 
-$(STAMP): requirements-test.txt shared/pyproject.toml shared/client/pyproject.toml \
-		shared/testing/pyproject.toml \
-		qwen-image-edit-nunchaku/pyproject.toml \
-		fastwan2.2-5b-network-storage/pyproject.toml wan2.2-14b-loras-v1/pyproject.toml \
-		infinite-talk-v1/pyproject.toml
+$(STAMP): requirements-test.txt $(wildcard */pyproject.toml shared/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
-	$(PY) -m pip install $(PIP_FLAGS) -r requirements-test.txt
+	$(PY) -m pip install $(PIP_FLAGS) -r requirements-test.txt $(foreach p,$(SERVICE_PACKAGES),-e ./$(p))
 	touch $(STAMP)
 
 demo: setup
@@ -68,7 +67,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(VENV)/bin/hadolint $(wildcard */Dockerfile)
+	$(VENV)/bin/hadolint $(wildcard */Dockerfile shared/docker/*.Dockerfile)
 	$(VENV)/bin/actionlint $(wildcard .github/workflows/*.yml)
 
 docs: setup
@@ -82,3 +81,8 @@ clean:
 .PHONY: image-smoke
 image-smoke:
 	scripts/image_smoke.sh $(SERVICE)
+
+# docker-compose.yml is generated from the service folders' image.toml (scripts/services.py)
+.PHONY: compose
+compose:
+	python3 scripts/services.py compose > docker-compose.yml

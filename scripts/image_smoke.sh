@@ -8,13 +8,20 @@
 #   1. tools   debootstrap, buildah, podman (installed with apt-get when missing and root)
 #   2. base    debootstrap bookworm (minbase + python3, python3-venv, ca-certificates),
 #              imported as $SMOKE_BASE_IMAGE; skipped when that image exists
-#   3. build   buildah bud --isolation chroot, the base passed as BASE_IMAGE, CPU torch from
-#              the host's package index (TORCH_* build args), WITH_NUNCHAKU=0 (Qwen), ComfyUI
-#              from a local git repo made from $SMOKE_COMFYUI_SRC (ComfyUI images)
+#   3. build   buildah bud --isolation chroot of the service's Dockerfile with its build
+#              arguments (scripts/services.py: its image.toml), the base passed as BASE_IMAGE,
+#              CPU torch from the host's package index (TORCH_* build args), WITH_NUNCHAKU=0
+#              (Qwen); ComfyUI images: ComfyUI from a local git repo made from
+#              $SMOKE_COMFYUI_SRC, and the test custom node scripts/smoke_custom_node/
+#              smoke_invert from its folder (CUSTOM_NODES)
 #   4. run     buildah from + buildah run --isolation chroot --network host, the image's own
-#              entrypoint, user and environment, with PROFILE=tiny and a free PORT
+#              entrypoint, user and environment, with PROFILE=tiny and a free PORT, on volume
+#              folders owned by root (as a RunPod network volume is): /data, and for the
+#              ComfyUI images /runpod-volume (MODELS_DIR is under it)
 #   5. checks  GET /health; a tiny job (POST /v1/jobs, Prefer: wait) that must succeed and
-#              whose first output must download (every service but the packed one)
+#              whose first output must download (every service but the packed one); ComfyUI
+#              images: a custom workflow that uses the custom node, whose output must be the
+#              inverted colour; the volume folders now belong to uid 10001
 #
 # The host's pip configuration (index, extra indexes, find-links, constraints, CA bundle) is
 # given to the build as read-only bind mounts (buildah bud --volume): it is used by the RUN
@@ -34,6 +41,7 @@
 #                        torch for the build (defaults per service, below)
 #   SMOKE_JOB=0          only /health (ComfyUI images: ComfyUI is not started, COMFYUI_URL
 #                        points at a closed port)
+#   SMOKE_CUSTOM_NODE=0  ComfyUI images: build without the test custom node, skip its workflow
 #   SMOKE_BUILD_ARGS     more `--build-arg K=V ...` for buildah bud
 #   SMOKE_HEALTH_TIMEOUT, SMOKE_JOB_TIMEOUT   seconds (default 180, 900)
 #   SMOKE_KEEP=1         keep the container after the run (default: buildah rm)
@@ -50,6 +58,9 @@ SMOKE_MIRROR="${SMOKE_MIRROR:-}"
 SMOKE_COMFYUI_SRC="${SMOKE_COMFYUI_SRC:-/tmp/comfyui}"
 SMOKE_COMFYUI_REF="${SMOKE_COMFYUI_REF:-v0.33.0}"
 SMOKE_JOB="${SMOKE_JOB:-1}"
+SMOKE_CUSTOM_NODE="${SMOKE_CUSTOM_NODE:-1}"
+SMOKE_NODE=./scripts/smoke_custom_node/smoke_invert  # the custom node (test data)
+APP_UID=10001
 SMOKE_HEALTH_TIMEOUT="${SMOKE_HEALTH_TIMEOUT:-180}"
 SMOKE_JOB_TIMEOUT="${SMOKE_JOB_TIMEOUT:-900}"
 LOGS="$SMOKE_DIR/logs"
@@ -61,29 +72,26 @@ die() {
     exit 1
 }
 
-# --- which service, and what it needs ---------------------------------------------------------
-case "$SERVICE" in
-    qwen-image-edit-nunchaku)
-        KIND=qwen PORT_IN=8000
-        # A CPU torch for CPython 3.11 (bookworm's python3) that the host's pip finds
-        # (here: /opt/wheels/torch-2.13.0+cpu-cp311-...). Nunchaku needs CUDA: left out.
-        : "${SMOKE_TORCH_VERSION:=2.13.0}" "${SMOKE_TORCH_CUDA=cpu}"
-        ;;
-    fastwan2.2-5b-network-storage | wan2.2-14b-loras-v1 | infinite-talk-v1)
-        KIND=comfy PORT_IN=8189
-        # ComfyUI needs torch, torchvision and torchaudio of one release: PyPI's 2.9.1 set (a
-        # CUDA build; ComfyUI runs it with --cpu), no local version suffix.
-        : "${SMOKE_TORCH_VERSION:=2.9.1}" "${SMOKE_TORCHVISION_VERSION:=0.24.1}" \
-            "${SMOKE_TORCH_CUDA=}"
-        ;;
-    fastwan2.2-5b-packed)
-        die "fastwan2.2-5b-packed is the network-storage image plus ~18 GB of weights fetched at build time; smoke-test fastwan2.2-5b-network-storage instead" ;;
-    "")
-        die "no service: scripts/image_smoke.sh <service> (or make image-smoke SERVICE=<service>)" ;;
-    *)
-        [ -f "$SERVICE/Dockerfile" ] || die "unknown service '$SERVICE' (no $SERVICE/Dockerfile)"
-        die "no smoke recipe for '$SERVICE' in scripts/image_smoke.sh" ;;
-esac
+# --- which service, and what it needs (scripts/services.py: its image.toml) ----------------
+[ -n "$SERVICE" ] || die "no service: scripts/image_smoke.sh <service> (or make image-smoke SERVICE=<service>)"
+DOCKERFILE="$(python3 scripts/services.py show "$SERVICE" dockerfile 2>&1)" \
+    || die "$DOCKERFILE (service folders: $(python3 scripts/services.py list | tr '\n' ' '))"
+PORT_IN="$(python3 scripts/services.py show "$SERVICE" port)"
+mapfile -t SERVICE_BUILD_ARGS < <(python3 scripts/services.py build-args "$SERVICE")
+if [ "$(python3 scripts/services.py show "$SERVICE" baked)" = 1 ]; then
+    die "$SERVICE has its weights baked in at build time (BAKE_WEIGHTS=1, many GB); smoke-test the service whose code it packs instead"
+elif [ "$(python3 scripts/services.py show "$SERVICE" comfyui)" = 1 ]; then
+    KIND=comfy
+    # ComfyUI needs torch, torchvision and torchaudio of one release: PyPI's 2.9.1 set (a
+    # CUDA build; ComfyUI runs it with --cpu), no local version suffix.
+    : "${SMOKE_TORCH_VERSION:=2.9.1}" "${SMOKE_TORCHVISION_VERSION:=0.24.1}" \
+        "${SMOKE_TORCH_CUDA=}"
+else  # a Dockerfile of its own: Qwen (diffusers)
+    KIND=qwen
+    # A CPU torch for CPython 3.11 (bookworm's python3) that the host's pip finds
+    # (here: /opt/wheels/torch-2.13.0+cpu-cp311-...). Nunchaku needs CUDA: left out.
+    : "${SMOKE_TORCH_VERSION:=2.13.0}" "${SMOKE_TORCH_CUDA=cpu}"
+fi
 IMAGE="localhost/$SERVICE:smoke"
 mkdir -p "$LOGS"
 
@@ -131,8 +139,11 @@ fi
 # --- 3. build ------------------------------------------------------------------------------------
 STAGE=build
 # --format docker: the OCI format ignores SHELL, and the Dockerfiles' RUN steps need bash.
-build=(buildah bud --isolation chroot --layers --format docker -f "$SERVICE/Dockerfile" -t "$IMAGE"
+build=(buildah bud --isolation chroot --layers --format docker -f "$DOCKERFILE" -t "$IMAGE"
     --build-arg "BASE_IMAGE=$SMOKE_BASE_IMAGE")
+for arg in "${SERVICE_BUILD_ARGS[@]}"; do
+    build+=(--build-arg "$arg")
+done
 
 # The host's pip settings, as one pip.conf mounted at /etc/pip.conf, and every local file or
 # folder it names mounted read-only at the same path (the CA bundle at a path of its own, so
@@ -214,6 +225,15 @@ else
     build+=(--volume "$repo:/run/image-smoke/comfyui.git:ro"
         --build-arg COMFYUI_REPO=/run/image-smoke/comfyui.git
         --build-arg "COMFYUI_REF=$SMOKE_COMFYUI_REF")
+    # an empty hf_token secret: the Dockerfile's weights stage mounts it (BuildKit skips a
+    # missing secret; this spares buildah the question)
+    : > "$SMOKE_DIR/hf_token"
+    build+=(--secret "id=hf_token,src=$SMOKE_DIR/hf_token")
+    # the custom node from its folder in the build context (comfy-node-install)
+    if [ "$SMOKE_CUSTOM_NODE" = 1 ]; then
+        [ -f "$SMOKE_NODE/__init__.py" ] || die "no custom node at $SMOKE_NODE"
+        build+=(--build-arg "CUSTOM_NODES=$SMOKE_NODE")
+    fi
 fi
 # shellcheck disable=SC2206
 build+=(${SMOKE_BUILD_ARGS:-} .)
@@ -254,7 +274,19 @@ cleanup() {
 trap cleanup EXIT
 
 env_args=(--env PROFILE=tiny --env "PORT=$port" --env LOG_FORMAT=json --env TINI_SUBREAPER=1)
+# Volume folders owned by root, as a RunPod network volume is: the entrypoint must give them
+# to uid $APP_UID (the service's user) before the service writes there.
+volumes="$SMOKE_DIR/volumes/$SERVICE"
+rm -rf "$volumes"
+mkdir -p "$volumes/data"
+run_mounts=(--volume "$volumes/data:/data")
 if [ "$KIND" = comfy ]; then
+    mkdir -p "$volumes/runpod-volume"
+    run_mounts+=(--volume "$volumes/runpod-volume:/runpod-volume")
+fi
+chown -R 0:0 "$volumes" && chmod -R 755 "$volumes"
+if [ "$KIND" = comfy ]; then
+    [ "$SMOKE_CUSTOM_NODE" = 1 ] && env_args+=(--env ALLOW_CUSTOM_WORKFLOWS=1)
     cport="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     if [ "$SMOKE_JOB" = 1 ]; then
         env_args+=(--env "COMFYUI_PORT=$cport")
@@ -268,7 +300,7 @@ mapfile -t entrypoint < <(buildah inspect --format '{{range .OCIv1.Config.Entryp
 user="$(buildah inspect --format '{{.OCIv1.Config.User}}' "$ctr")"
 
 say "starting ${entrypoint[*]} as user ${user:-root} on 127.0.0.1:$port (log: $LOGS/$SERVICE-run.log)"
-setsid buildah run --isolation chroot --network host "$ctr" -- "${entrypoint[@]}" \
+setsid buildah run --isolation chroot --network host "${run_mounts[@]}" "$ctr" -- "${entrypoint[@]}" \
     > "$LOGS/$SERVICE-run.log" 2>&1 < /dev/null &
 run_pid=$!
 
@@ -294,11 +326,17 @@ else
     STAGE=job
     say "tiny job (timeout $SMOKE_JOB_TIMEOUT s)"
     start=$SECONDS
-    if ! python3 - "$base" "$SERVICE" "$SMOKE_JOB_TIMEOUT" "$SMOKE_DIR/$SERVICE-output" << 'EOF'
+    # ComfyUI images built with the test custom node: then also a custom workflow that uses it
+    custom_workflow=""
+    [ "$KIND" = comfy ] && [ "$SMOKE_CUSTOM_NODE" = 1 ] \
+        && custom_workflow=scripts/smoke_custom_node/workflow.json
+    if ! python3 - "$base" "$SERVICE" "$SMOKE_JOB_TIMEOUT" "$SMOKE_DIR/$SERVICE-output" \
+            "$custom_workflow" << 'EOF'
 import json, struct, sys, time, urllib.error, urllib.request, uuid, zlib
 from urllib.parse import urljoin
 
 base, service, timeout, target = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+custom_workflow = sys.argv[5]
 
 def call(method, path, body=None, headers=None, raw=False):
     request = urllib.request.Request(urljoin(base, path), data=body, method=method, headers=headers or {})
@@ -308,6 +346,37 @@ def call(method, path, body=None, headers=None, raw=False):
             return (data, response.headers.get("Content-Type", "")) if raw else json.loads(data)
     except urllib.error.HTTPError as error:
         sys.exit(f"{method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')[:2000]}")
+
+def run_job(job_input):
+    """POST /v1/jobs and wait: the finished job, which must have succeeded with outputs."""
+    headers = {"Content-Type": "application/json", "Prefer": "wait=60"}
+    job = call("POST", "/v1/jobs", json.dumps({"input": job_input}).encode(), headers)
+    print(f"job {job['id']}: {job['status']}", flush=True)
+    deadline = time.monotonic() + timeout
+    while job["status"] not in ("succeeded", "failed", "canceled", "cancelled"):
+        if time.monotonic() > deadline:
+            sys.exit(f"job {job['id']} still {job['status']} after {timeout:.0f} s")
+        time.sleep(2)
+        job = call("GET", f"/v1/jobs/{job['id']}")
+    if job["status"] != "succeeded":
+        sys.exit(f"job {job['id']} {job['status']}: {json.dumps(job.get('error'))}")
+    if not job.get("outputs"):
+        sys.exit(f"job {job['id']} succeeded without outputs: {json.dumps(job)[:2000]}")
+    return job
+
+def first_pixel(png):  # the first pixel of an 8-bit RGB(A) PNG
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", None
+    while pos < len(png):
+        length = int.from_bytes(png[pos:pos + 4], "big")
+        kind, data = png[pos + 4:pos + 8], png[pos + 8:pos + 8 + length]
+        header = data if kind == b"IHDR" else header
+        idat += data if kind == b"IDAT" else b""
+        pos += 12 + length
+    assert header[8] == 8 and header[9] in (2, 6), f"not 8-bit RGB(A): {header[8:10]}"
+    row = zlib.decompress(idat)
+    # row 0, pixel 0: every PNG filter predicts it from zeros, so its bytes are the pixel's
+    return tuple(row[1:4])
 
 def png(width, height):
     rows = b"".join(b"\x00" + bytes((30, 60, 160)) * width for _ in range(height))
@@ -337,19 +406,7 @@ elif service == "infinite-talk-v1":  # a face and 0.6 s of a 220 Hz tone in burs
 else:  # FastWan and Wan2.2-14B: text-to-video
     job_input = {"prompt": "x", "width": 64, "height": 64, "num_frames": 9}
 
-headers = {"Content-Type": "application/json", "Prefer": "wait=60"}
-job = call("POST", "/v1/jobs", json.dumps({"input": job_input}).encode(), headers)
-print(f"job {job['id']}: {job['status']}", flush=True)
-deadline = time.monotonic() + timeout
-while job["status"] not in ("succeeded", "failed", "canceled", "cancelled"):
-    if time.monotonic() > deadline:
-        sys.exit(f"job {job['id']} still {job['status']} after {timeout:.0f} s")
-    time.sleep(2)
-    job = call("GET", f"/v1/jobs/{job['id']}")
-if job["status"] != "succeeded":
-    sys.exit(f"job {job['id']} {job['status']}: {json.dumps(job.get('error'))}")
-if not job.get("outputs"):
-    sys.exit(f"job {job['id']} succeeded without outputs: {json.dumps(job)[:2000]}")
+job = run_job(job_input)
 output = job["outputs"][0]
 data, content_type = call("GET", output["url"], raw=True)
 magic = {"image/png": data[:8] == b"\x89PNG\r\n\x1a\n", "video/mp4": data[4:8] == b"ftyp"}
@@ -360,6 +417,16 @@ with open(path, "wb") as f:
     f.write(data)
 print(f"job {job['id']} succeeded; output {output['name']} {output.get('content_type')} "
       f"{len(data)} bytes -> {path}; timings {json.dumps(job.get('timings'))}")
+
+if custom_workflow:  # EmptyImage -> SmokeInvert (the custom node) -> SaveImage
+    workflow = json.load(open(custom_workflow))
+    job = run_job({"workflow": workflow})
+    color = workflow["1"]["inputs"]["color"]
+    want = tuple(255 - ((color >> shift) & 0xFF) for shift in (16, 8, 0))
+    got = first_pixel(call("GET", job["outputs"][0]["url"], raw=True)[0])
+    if any(abs(g - w) > 1 for g, w in zip(got, want)):  # 255 * (1 - x) may round down
+        sys.exit(f"SmokeInvert gave {got}, not the inverse of {color:#08x}: {want}")
+    print(f"job {job['id']} (custom node) succeeded: SmokeInvert turned {color:#08x} into {got}")
 EOF
     then
         die "the tiny job failed (last lines of $LOGS/$SERVICE-run.log below)
@@ -367,7 +434,20 @@ $(tail -n 25 "$LOGS/$SERVICE-run.log")"
     fi
     say "tiny job passed in $((SECONDS - start)) s"
     checked="/health and a tiny job"
+    [ -n "$custom_workflow" ] && checked="$checked, a workflow with a custom node"
 fi
+
+STAGE=volumes
+# The root-owned volume folders, and what the service wrote in them, now belong to its user.
+# (/data is DATA_DIR itself; under /runpod-volume, MODELS_DIR and HF_HOME are taken, not its root)
+not_ours="$(find "$volumes" -mindepth 2 -maxdepth 3 ! -uid "$APP_UID" -print | head -n 5)"
+[ "$(stat -c %u "$volumes/data")" = "$APP_UID" ] || not_ours="$volumes/data $not_ours"
+[ -z "$not_ours" ] || die "not given to uid $APP_UID by the entrypoint: $not_ours"
+if [ "$SMOKE_JOB" = 1 ] && [ -z "$(find "$volumes/data" -mindepth 1 -uid "$APP_UID" -print -quit)" ]; then
+    die "the service wrote nothing in /data (as uid $APP_UID)"
+fi
+say "root-owned volume folders taken by uid $APP_UID: $(ls "$volumes" | tr '\n' ' ')"
+checked="$checked, on root-owned volumes"
 
 STAGE=done
 say "PASSED: $SERVICE built on $SMOKE_BASE_IMAGE in $build_s s ($size), served $checked; not proven: CUDA base image, CUDA torch, GPU kernels, Nunchaku"

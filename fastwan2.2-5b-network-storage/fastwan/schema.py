@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model_service.lora_input import LoraSpec, loras_field
 from model_service.media_refs import ImageRef
 from model_service.video_size import check_frame_count, resolve_size
 
@@ -62,6 +63,10 @@ class FastWanInput(BaseModel):
         "(σ 1.0, 0.757, 0.522: FastVideo's DMD timesteps 1000/757/522).",
     )
     cfg: float = Field(1.0, ge=1.0, le=20.0, description="Guidance; 1 skips the negative pass.")
+    loras: list[LoraSpec] = loras_field(
+        "Your LoRAs for this job (trained for Wan2.2 TI2V-5B), chained onto the model in "
+        "order; downloaded once into the LoRA cache."
+    )
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."
     )

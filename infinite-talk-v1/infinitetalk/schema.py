@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model_service.lora_input import LoraSpec, loras_field
 from model_service.media_refs import AudioRef, ImageRef
 
 FPS = 25  # InfiniteTalk's audio features are 25 per second: one per frame
@@ -77,6 +78,11 @@ class InfiniteTalkInput(BaseModel):
     )
     mask_2: ImageRef | None = Field(
         None, description="With second_audio: white where the second speaker is."
+    )
+    loras: list[LoraSpec] = loras_field(
+        "Your LoRAs for this job (trained for Wan2.1 I2V 14B), chained onto the model after "
+        "the lightx2v step-distill LoRA, before the InfiniteTalk patch; downloaded once into "
+        "the LoRA cache."
     )
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."

@@ -12,6 +12,7 @@ and are dropped. The result is cut to the audio's length and the audio is muxed 
 from __future__ import annotations
 
 import math
+import wave
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from infinitetalk.schema import FPS, MOTION_FRAMES, RESOLUTIONS, InfiniteTalkInp
 from model_service.api.legacy_video import video_routers
 from model_service.audio import audio_duration, normalize_loudness
 from model_service.comfy.engine import ComfyServiceSpec
-from model_service.comfy.workflow import Bind, Graph, Workflow
+from model_service.comfy.workflow import Bind, Graph, Workflow, chain_loras
 from model_service.service import ServiceSpec
 
 HERE = Path(__file__).parent
@@ -33,6 +34,7 @@ MANIFEST = HERE / "manifest.json"
 AUDIO, PATCH, IMAGE, WINDOW, SAMPLER, NOISE, DECODE, TRIM, VIDEO = (
     "5", "3", "11", "12", "13", "16", "18", "19", "20",
 )  # fmt: skip
+LIGHTX2V = "2"  # LoraLoaderModelOnly of the step-distill LoRA, on the UNETLoader ("1")
 # Two people need InfiniteTalk's multi-person weights (per-person audio routing): the
 # authors' README multi-person example loads `multi/infinitetalk.safetensors`, ComfyUI's
 # two-speaker template (video_wan2_1_infinitetalk.json) this file.
@@ -252,6 +254,29 @@ def add_clip_vision(graph: Graph) -> None:
     graph[WINDOW]["inputs"]["clip_vision_output"] = ["42", 0]
 
 
+def apply_loras(graph: Graph, values: Mapping[str, Any]) -> None:
+    """The job's LoRAs (their ComfyUI names filled in by the engine) as a chain of
+    LoraLoaderModelOnly on the Wan2.1 I2V 14B model after the lightx2v LoRA, feeding every
+    window's WanInfiniteTalkToVideo (which adds the InfiniteTalk patch to the model it
+    gets): where ComfyUI's template has its one model LoRA (comfyui-workflow-templates-json
+    video_wan2_1_infinitetalk.json: UNETLoader 13 -> LoraLoaderModelOnly 179 (lightx2v)
+    -> WanInfiniteTalkToVideo 129 `model`). Run after the windows are chained: new node
+    ids then follow every other node's."""
+    loras = values.get("loras") or []
+    if not loras:
+        return
+    chosen = [(str(lora["lora_name"]), float(lora["strength"])) for lora in loras]
+    windows = [
+        node
+        for node in graph.values()
+        if node["class_type"] == "WanInfiniteTalkToVideo"
+        and node["inputs"].get("model") == [LIGHTX2V, 0]
+    ]
+    chain_loras(graph, LIGHTX2V, (WINDOW, "model"), chosen)
+    for window in windows:
+        window["inputs"]["model"] = graph[WINDOW]["inputs"]["model"]
+
+
 def _media_after_adjust(graph: Graph, values: Mapping[str, Any]) -> None:
     if not values.get("encoder_audio"):  # no normalised copy (`plan` not run): the speech
         graph["40"]["inputs"]["audio"] = graph[AUDIO]["inputs"]["audio"]
@@ -265,6 +290,7 @@ def _media_after_adjust(graph: Graph, values: Mapping[str, Any]) -> None:
         )
         graph["32"]["inputs"]["image"] = values["mask_1"]
         graph["33"]["inputs"]["image"] = values["mask_2"]
+    apply_loras(graph, values)
 
 
 TALK = Workflow.load(
@@ -293,6 +319,26 @@ TALK = Workflow.load(
 )
 
 
+def warmup_input(scratch: Path) -> dict[str, Any]:
+    """The warm-up job (WARMUP): one face and 0.2 s of a tone, so one window of 5 frames
+    at 64x64 and 2 steps. It runs every loader a job's graph has (Wan2.1 I2V 14B with the
+    InfiniteTalk patch and the lightx2v LoRA, wav2vec2, UMT5, the VAE) with the same
+    inputs, so ComfyUI keeps the models loaded and its loader nodes cached."""
+    image, audio = scratch / "face.png", scratch / "speech.wav"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(image)
+    rate = 16000
+    tone = (int(8000 * math.sin(2 * math.pi * 220 * i / rate)) for i in range(rate // 5))
+    with wave.open(str(audio), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"".join(sample.to_bytes(2, "little", signed=True) for sample in tone))
+    values = InfiniteTalkInput(
+        image=str(image), audio=str(audio), width=64, height=64, steps=2, seed=0
+    )
+    return values.model_dump(mode="json")
+
+
 SERVICE = ServiceSpec(
     name="infinite-talk-v1",
     title="InfiniteTalk",
@@ -312,5 +358,8 @@ SERVICE = ServiceSpec(
         manifest=MANIFEST,
         download_at_start=True,
         derive=plan,
+        warmup_input=warmup_input,
+        lora_field="loras",
+        lora_base="Wan2.1 I2V 14B (480p)",
     ),
 )

@@ -27,6 +27,7 @@ import torch
 from model_service.errors import SetupFailed
 from model_service.predictor import WorkerConfig
 
+from .job_loras import misfit
 from .manifest import (
     LIGHTNING_DIRNAME,
     LIGHTNING_SCHEDULER_CONFIG,
@@ -192,22 +193,11 @@ def fuse_lora(pipe: Any, path: Path) -> None:
 def _check_lora_fits(transformer: Any, state_dict: dict[str, Any], path: Path) -> None:
     """Every LoRA pair names a layer of this transformer, of its shape: a LoRA for
     another model would otherwise load partly (diffusers only logs) or not at all."""
-    layers = dict(transformer.named_modules())
-    downs = [key for key in state_dict if key.endswith(".lora_A.weight")]
-    if not downs:
-        raise SetupFailed(f"{path} holds no LoRA weights diffusers can read", path=str(path))
-    for key in downs:
-        name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-        up = state_dict[key.replace(".lora_A.", ".lora_B.")]
-        shape = (up.shape[0], state_dict[key].shape[1])
-        layer = layers.get(name)
-        if layer is None or tuple(getattr(layer, "weight", torch.empty(0)).shape) != shape:
-            found = "no such layer" if layer is None else f"layer is {tuple(layer.weight.shape)}"
-            raise SetupFailed(
-                f"the LoRA {path} does not fit this transformer: {name} is {shape} in the "
-                f"LoRA, {found} in the model",
-                path=str(path),
-            )
+    problem = misfit(transformer, state_dict)
+    if problem is not None:
+        raise SetupFailed(
+            f"the LoRA {path} does not fit this transformer: {problem}", path=str(path)
+        )
 
 
 # --- tiny -------------------------------------------------------------------------

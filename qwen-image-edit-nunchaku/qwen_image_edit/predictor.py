@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,12 @@ import diffusers
 import torch
 from PIL import Image, ImageOps
 
-from model_service.errors import InvalidInput, OutOfMemory, SetupFailed
+from model_service.errors import InvalidInput, LoraInvalid, OutOfMemory, SetupFailed
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
 
+from . import job_loras
 from .manifest import ModelVariant, parse_model_variant
-from .pipeline_loader import LoadedPipeline, load_pipeline
+from .pipeline_loader import NUNCHAKU_FP4, NUNCHAKU_INT4, LoadedPipeline, load_pipeline
 
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
@@ -27,6 +29,9 @@ class QwenImageEditPredictor:
 
     def __init__(self) -> None:
         self._loaded: LoadedPipeline | None = None
+        self._config: WorkerConfig | None = None
+        self._fetcher: job_loras.LoraFetcher | None = None  # built by the first LoRA job
+        self._fetcher_lock = threading.Lock()
 
     def setup(self, config: WorkerConfig) -> SetupResult:
         try:
@@ -34,6 +39,7 @@ class QwenImageEditPredictor:
         except ValueError as exc:
             raise SetupFailed(str(exc)) from None
         loaded = self._loaded = load_pipeline(config, choice)
+        self._config = config
         return SetupResult(
             info={
                 "variant": choice.name,
@@ -53,12 +59,17 @@ class QwenImageEditPredictor:
                 "torch_version": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
                 "diffusers_version": diffusers.__version__,
+                "job_loras": _lora_refusal(loaded) is None,
             }
         )
 
     def prepare(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Open and decode the input images (CPU work, while the previous job runs)."""
-        images = _open_images(_image_paths(inputs), self._require_loaded().variant)
+        """Open and decode the input images and fetch the job's LoRAs into the cache
+        (CPU and network work, while the previous job runs)."""
+        loaded = self._require_loaded()
+        images = _open_images(_image_paths(inputs), loaded.variant)
+        if inputs.get(job_loras.FIELD):
+            self._lora_fetcher(loaded).prefetch(inputs[job_loras.FIELD])
         return inputs | {DECODED_IMAGES: images}
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
@@ -72,8 +83,14 @@ class QwenImageEditPredictor:
         cfg = loaded.default_true_cfg_scale if cfg is None else float(cfg)
         ctx.check_canceled()
         kwargs = _call_kwargs(inputs, images, loaded, steps, cfg, ctx)
+        loras = inputs.get(job_loras.FIELD) or []
         try:
-            outputs = loaded(**kwargs)
+            if loras:
+                fetcher = self._lora_fetcher(loaded)
+                with fetcher.hold(loras) as held, job_loras.applied(loaded.pipe, held):
+                    outputs = loaded(**kwargs)
+            else:
+                outputs = loaded(**kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise OutOfMemory(
@@ -84,14 +101,43 @@ class QwenImageEditPredictor:
         width, height = outputs[0].size
         return PredictResult(
             outputs=_output_names(len(outputs), output_format),
-            info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg},
+            info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg}
+            | ({"loras": len(loras)} if loras else {}),
             finish=partial(_save, outputs, ctx.output_dir, output_format),
         )
+
+    def _lora_fetcher(self, loaded: LoadedPipeline) -> job_loras.LoraFetcher:
+        """The LoRA cache, for a transformer that takes job LoRAs (else `LoraInvalid`)."""
+        refusal = _lora_refusal(loaded)
+        if refusal is not None:
+            raise LoraInvalid(refusal, field=f"input.{job_loras.FIELD}")
+        with self._fetcher_lock:
+            if self._fetcher is None:
+                assert self._config is not None
+                self._fetcher = job_loras.LoraFetcher(
+                    Path(self._config.models_dir), self._config.options
+                )
+            return self._fetcher
 
     def _require_loaded(self) -> LoadedPipeline:
         if self._loaded is None:
             raise RuntimeError("predict() called before setup()")
         return self._loaded
+
+
+def _lora_refusal(loaded: LoadedPipeline) -> str | None:
+    """Why this transformer takes no job LoRAs, or None. Nunchaku's 4-bit transformer
+    (NunchakuQwenImageTransformer2DModel) is no diffusers PEFT model and its released
+    versions have no LoRA API for Qwen-Image (nunchaku-tech/nunchaku#754, closed
+    unmerged; ComfyUI-nunchaku#704: "Not yet")."""
+    if loaded.transformer_kind not in (NUNCHAKU_INT4, NUNCHAKU_FP4):
+        return None
+    return (
+        f"input.{job_loras.FIELD}: this service runs Nunchaku's 4-bit Qwen-Image transformer "
+        f"({loaded.transformer_kind}), which cannot take LoRAs; send the job without "
+        "`loras`, or run the service with the bf16 transformer (a GPU Nunchaku does not "
+        "support, such as H100/H200, or MODELS_DIR without the Nunchaku file)"
+    )
 
 
 def _image_paths(inputs: dict[str, Any]) -> list[str]:

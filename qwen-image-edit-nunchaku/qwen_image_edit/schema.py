@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model_service.lora_input import LoraSpec, loras_field
 from model_service.media_refs import ImageRef
 
 MAX_INPUT_IMAGES = 3  # Edit-2509 and 2511 (QwenImageEditPlusPipeline) take up to three.
@@ -38,6 +39,11 @@ class QwenEditInput(BaseModel):
         le=20.0,
         description="Guidance (default: the loaded weights' own: 4, or 1 with Lightning); 1 "
         "turns the negative pass off (faster).",
+    )
+    loras: list[LoraSpec] = loras_field(
+        "Your LoRAs for this job (Qwen-Image / Qwen-Image-Edit LoRAs), applied to the "
+        "transformer with diffusers at their strengths, removed after the job. Not on "
+        "Nunchaku's 4-bit transformer (refused with `lora_invalid`)."
     )
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."

@@ -1,5 +1,6 @@
 """The service's declaration: the shared library builds the API and worker from it."""
 
+from pathlib import Path
 from typing import Any
 
 from model_service.errors import InvalidInput
@@ -22,12 +23,24 @@ def _check_input(data: QwenEditInput, settings: Settings) -> None:
         )
 
 
+def _models_root(settings: Settings) -> Path:
+    base = settings.models_dir.absolute()
+    return base / "tiny" if settings.profile == "tiny" else base
+
+
 def _worker_options(settings: Settings) -> dict[str, Any]:
     # MODEL_VARIANT carries the Lightning choice too (`edit-2509-lightning-8`): the shared
     # settings have no field of the service's own, and a fleet keys its queue by it.
     return {
         "model_variant": parse_model_variant(settings.model_variant).name,
         "cpu_offload": settings.cpu_offload,
+        # the job LoRAs' cache and where they may come from (qwen_image_edit.job_loras);
+        # the cache's folder as on the ComfyUI services (`loras/cache` under MODELS_DIR,
+        # or its `tiny` folder in PROFILE=tiny), so `GET /v1/loras` lists it
+        "lora_cache_dir": str(_models_root(settings) / "loras" / "cache"),
+        "lora_cache_gb": settings.lora_cache_gb,
+        "fetch_allow_networks": [str(n) for n in settings.fetch_allow_networks],
+        "hf_endpoint": settings.hf_endpoint,
     }
 
 

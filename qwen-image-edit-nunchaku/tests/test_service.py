@@ -166,6 +166,12 @@ def test_service_info_says_what_runs(service: ServiceProcess) -> None:
         assert info["profile"] == "tiny"
         assert info["model"]["transformer_kind"] == "float32-cpu"
         assert "random-weight" in info["model"]["reason"]
+        # the info metric: the loaded variant and its transformer's kind
+        metric = (
+            f'model_service_info{{model="{info["model"]["variant"]}",precision="float32-cpu",'
+            f'service="{info["name"]}",version="{info["version"]}"}} 1.0'
+        )
+        assert metric in client.get("/metrics").text
         schema = client.get("/openapi.json").json()
         assert "QwenEditInput" in schema["components"]["schemas"]
 

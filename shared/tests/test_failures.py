@@ -30,7 +30,9 @@ def test_worker_crash_fails_the_job_and_a_new_worker_runs_the_next(echo_service)
         after = wait_status(client, submit(client), {"succeeded"})
         assert after["status"] == "succeeded"
         assert service.worker_pids() != first_pid
-        assert 'worker_restarts_total{reason="died"} 1.0' in client.get("/metrics").text
+        assert (
+            'model_service_worker_restarts_total{reason="died"} 1.0' in client.get("/metrics").text
+        )
 
 
 def test_worker_killed_from_outside_mid_job(echo_service) -> None:

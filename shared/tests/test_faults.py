@@ -92,9 +92,10 @@ def test_a_locked_store_stops_nothing_for_good(echo_service, tmp_path: Path) -> 
             payloads = hook.wait(2, timeout=60)  # the sender outlived the lock too
             assert sorted(p["type"] for p in payloads) == ["job.running", "job.succeeded"]
             metrics = client.get("/metrics").text
-            assert 'background_task_up{task="job-runner"} 1.0' in metrics
-            assert 'background_task_failures_total{error_code="store_busy",task="job-runner"}' in (
-                metrics
+            assert 'model_service_background_task_up{task="job-runner"} 1.0' in metrics
+            assert (
+                'model_service_background_task_failures_total{error_code="store_busy",task="job-runner"}'
+                in (metrics)
             )
     finally:
         hook.close()
@@ -177,5 +178,7 @@ def test_a_worker_that_dies_idle_is_replaced_at_once(echo_service) -> None:
         while service.worker_pids() in ([pid], []) or client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline, client.get("/ready").json()
             time.sleep(0.1)
-        assert 'worker_restarts_total{reason="died"} 1.0' in client.get("/metrics").text
+        assert (
+            'model_service_worker_restarts_total{reason="died"} 1.0' in client.get("/metrics").text
+        )
         assert wait_status(client, submit(client), {"succeeded"})["attempts"] == 1

@@ -160,7 +160,7 @@ def test_job_of_a_killed_pod_finishes_on_another(fleet: Fleet) -> None:
     assert done["outputs"][0]["url"].startswith(survivor.url)
     assert fleet.runs()[job["id"]] == {"start": 2, "end": 1}
     metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
-    assert 'fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
+    assert 'model_service_fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
 
 
 def test_a_killed_pods_job_is_taken_back_while_others_wait(fleet: Fleet) -> None:
@@ -187,8 +187,8 @@ def test_a_killed_pods_job_is_taken_back_while_others_wait(fleet: Fleet) -> None
     assert failed == {}, failed  # (error, attempts, one of the first two) of each
     assert jobs[first[0]]["attempts"] == 2
     metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
-    assert 'fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
-    assert 'background_task_up{task="fleet-sweep"} 1.0' in metrics
+    assert 'model_service_fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
+    assert 'model_service_background_task_up{task="fleet-sweep"} 1.0' in metrics
 
 
 def _holder(fleet: Fleet, job_id: str) -> str:
@@ -299,7 +299,7 @@ def test_full_queue_answers_429_with_retry_after(fleet: Fleet) -> None:
     wait_all([pod], [running["id"], *queued], {"canceled"}, timeout=30)
     assert httpx.post(f"{pod.url}/v1/jobs", json={"input": {"steps": 1}}).status_code == 202
     metrics = httpx.get(f"{pod.url}/metrics", timeout=5).text
-    assert "jobs_queued_oldest_seconds" in metrics
+    assert "model_service_jobs_queued_oldest_seconds" in metrics
 
 
 def test_redis_down_answers_503_and_recovers(fleet: Fleet) -> None:
@@ -314,7 +314,7 @@ def test_redis_down_answers_503_and_recovers(fleet: Fleet) -> None:
     # not ready while Redis is away (issue 24: it stayed 200), the failing task named
     deadline = time.monotonic() + 60
     while (ready := httpx.get(f"{pod.url}/ready", timeout=10)).status_code != 503 or (
-        'background_task_up{task="fleet-sweep"} 0.0'
+        'model_service_background_task_up{task="fleet-sweep"} 0.0'
         not in httpx.get(f"{pod.url}/metrics", timeout=10).text
     ):
         assert time.monotonic() < deadline
@@ -342,4 +342,6 @@ def test_a_stopping_pod_hands_its_job_back_without_counting_it(fleet: Fleet) -> 
     assert done["attempts"] == 1  # the stopped pod's attempt is not counted
     assert done["outputs"][0]["url"].startswith(survivor.url)
     metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
-    assert 'fleet_reclaims_total{outcome="requeued"}' not in metrics  # handed back, not swept
+    assert (
+        'model_service_fleet_reclaims_total{outcome="requeued"}' not in metrics
+    )  # handed back, not swept

@@ -73,7 +73,7 @@ async def composing(graphs: Graphs, parent_id: str) -> None:
 
 def reclaims(compositions: FleetCompositions, outcome: str) -> float:
     value = compositions._metrics.registry.get_sample_value(
-        "fleet_reclaims_total", {"outcome": outcome}
+        "model_service_fleet_reclaims_total", {"outcome": outcome}
     )
     return value or 0.0
 

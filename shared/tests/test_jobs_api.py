@@ -300,11 +300,18 @@ def test_metrics_count_jobs_by_status_and_code(echo_service) -> None:
         wait_status(client, submit(client)["id"], {"succeeded"})
         wait_status(client, submit(client, behaviour="error")["id"], {"failed"})
         text = client.get("/metrics").text
-        assert 'jobs_total{error_code="",status="succeeded"} 1.0' in text
-        assert 'jobs_total{error_code="model_error",status="failed"} 1.0' in text
-        assert "job_queue_wait_seconds_bucket" in text
-        assert "http_request_duration_seconds_bucket" in text
-        assert "jobs_queued 0.0" in text
+        assert 'model_service_jobs_total{error_code="",status="succeeded"} 1.0' in text
+        assert 'model_service_jobs_total{error_code="model_error",status="failed"} 1.0' in text
+        assert "model_service_job_queue_wait_seconds_bucket" in text
+        assert "model_service_http_request_duration_seconds_bucket" in text
+        assert "model_service_jobs_queued 0.0" in text
+        # one prefix on every metric; the info metric names what runs (the echo model)
+        names = [line.split("{")[0].split(" ")[0] for line in text.splitlines()]
+        assert all(n.startswith("model_service_") for n in names if n and n != "#"), names
+        assert (
+            'model_service_info{model="echo",precision="",service="echo",version="0.0.1"} 1.0'
+            in text
+        )
 
 
 def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(echo_service) -> None:
@@ -317,10 +324,12 @@ def test_metrics_show_the_engine_busy_time_and_gaps_between_queued_jobs(echo_ser
     samples = {
         line.split(" ")[0]: float(line.split(" ")[1])
         for line in text.splitlines()
-        if line.startswith(("engine_busy_seconds_total", "job_gap_seconds_count"))
+        if line.startswith(
+            ("model_service_engine_busy_seconds_total", "model_service_job_gap_seconds_count")
+        )
     }
-    assert samples["engine_busy_seconds_total"] >= 3 * 0.2  # three jobs of 2 x 0.1 s
-    assert samples["job_gap_seconds_count"] == 2  # the second and third waited
+    assert samples["model_service_engine_busy_seconds_total"] >= 3 * 0.2  # three jobs of 2 x 0.1 s
+    assert samples["model_service_job_gap_seconds_count"] == 2  # the second and third waited
 
 
 def _job_log_events(service: Any, job_id: str) -> tuple[set[tuple[str, str]], list[dict]]:

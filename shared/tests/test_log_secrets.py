@@ -10,16 +10,26 @@ import pytest
 
 from model_service.logs import REDACTED, Redactor
 from model_service.settings import Settings
+from model_service.weights import Tokens
 
 KEY = "key-8f3a1c-do-not-log"
 OTHER_KEY = "key-77aa9e-nor-this"
 WEBHOOK_SECRET = "whsec_c2VjcmV0LXNpZ25pbmctc2VjcmV0"
 HF_TOKEN = "hf_tokenvalue0123456789"
-SECRETS = (KEY, OTHER_KEY, WEBHOOK_SECRET, HF_TOKEN, "c2VjcmV0LXNpZ25pbmctc2VjcmV0")
+CIVITAI_TOKEN = "civitai-0a1b2c3d4e5f-key"
+SECRETS = (
+    KEY,
+    OTHER_KEY,
+    WEBHOOK_SECRET,
+    HF_TOKEN,
+    CIVITAI_TOKEN,
+    "c2VjcmV0LXNpZ25pbmctc2VjcmV0",
+)
 SECRET_ENV = {
     "API_KEYS": f"{KEY},{OTHER_KEY}",
     "WEBHOOK_SECRET": WEBHOOK_SECRET,
     "HF_TOKEN": HF_TOKEN,
+    "CIVITAI_TOKEN": CIVITAI_TOKEN,
 }
 
 
@@ -73,12 +83,34 @@ def test_a_store_error_logs_no_secret(echo_service):
 
 
 def test_secret_settings_are_not_shown() -> None:
-    settings = Settings(api_keys=f"{KEY},{OTHER_KEY}", webhook_secret=WEBHOOK_SECRET)
+    settings = Settings(
+        api_keys=f"{KEY},{OTHER_KEY}", webhook_secret=WEBHOOK_SECRET, civitai_token=CIVITAI_TOKEN
+    )
     for shown in (repr(settings), str(settings), settings.model_dump_json()):
         assert KEY not in shown
         assert WEBHOOK_SECRET not in shown
+        assert CIVITAI_TOKEN not in shown
     assert KEY in settings.secret_values()
     assert WEBHOOK_SECRET in settings.secret_values()
+    assert CIVITAI_TOKEN in settings.secret_values()  # the redactor hides it in every line
+
+
+def test_weight_tokens_are_not_shown_and_go_to_their_own_hosts() -> None:
+    tokens = Tokens(hf=HF_TOKEN, civitai=CIVITAI_TOKEN)
+    assert HF_TOKEN not in repr(tokens)
+    assert CIVITAI_TOKEN not in repr(tokens)
+    civitai = {"Authorization": f"Bearer {CIVITAI_TOKEN}"}
+    assert tokens.headers_for("https://civitai.com/api/download/models/1") == civitai
+    assert tokens.headers_for("https://huggingface.co/o/r/resolve/main/x.safetensors") == {
+        "Authorization": f"Bearer {HF_TOKEN}"
+    }
+    for elsewhere in (
+        "https://example.com/x.safetensors",
+        "https://civitai.com.evil.example/x",
+        "https://notcivitai.com/api/download/models/1",
+        "https://b2.civitai-delivery.example/file?sig=1",
+    ):
+        assert tokens.headers_for(elsewhere) == {}
 
 
 @pytest.mark.parametrize(

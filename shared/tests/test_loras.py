@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import os
 import socket
@@ -15,15 +16,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import SecretStr
 from safetensors.numpy import save
+from structlog.testing import capture_logs
 
 from model_service.errors import LoraInvalid, LoraUnavailable
 from model_service.fetch import SafeHttpClient
-from model_service.loras import LoraCache, LoraSource, parse_lora_source
+from model_service.loras import LoraCache, LoraSource, list_cached, parse_lora_source
 from model_service_testing.hub_standin import Server, serve
 
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 FIELD = "loras[0].source"
+CIVITAI_TOKEN = "civitai-key-5e1f0c-do-not-log"
 
 
 def lora(seed: int = 0, *, width: int = 4096, names: tuple[str, ...] | None = None) -> bytes:
@@ -159,6 +163,31 @@ def test_parse_refuses(value: str) -> None:
     assert caught.value.status_code == 422
 
 
+def test_parse_accepts_civitai_download_urls() -> None:
+    source = src("https://civitai.com/api/download/models/123456?type=Model&format=SafeTensor")
+    assert (
+        source.url == "https://civitai.com/api/download/models/123456?type=Model&format=SafeTensor"
+    )
+    assert source.filename == "civitai_123456.safetensors"
+    assert source.describe() == "https://civitai.com/api/download/models/123456?…"
+    assert src("https://civitai.com/api/download/models/7").filename == "civitai_7.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("https://civitai.com/models/123/some-lora", "not a CivitAI download URL"),
+        ("https://civitai.com/api/download/models/abc", "not a CivitAI download URL"),
+        (f"https://civitai.com/api/download/models/1?token={CIVITAI_TOKEN}", "remove the token"),
+        (f"https://civitai.com/api/download/models/1?TOKEN={CIVITAI_TOKEN}", "remove the token"),
+    ],
+)
+def test_parse_refuses_civitai_pages_and_tokens_in_urls(value: str, expected: str) -> None:
+    with pytest.raises(LoraInvalid, match=expected) as caught:
+        src(value)
+    assert CIVITAI_TOKEN not in caught.value.message
+
+
 # --- downloading and caching ---------------------------------------------------------------
 
 
@@ -187,7 +216,11 @@ def test_downloads_once_then_serves_from_the_cache(server: Server, tmp_path: Pat
 
     asyncio.run(main())
     assert len(server.gets_of("/f/wan.safetensors")) == 1
-    assert sorted(p.name for p in root.iterdir()) == [f"{source.key}_wan.safetensors"]
+    assert sorted(p.name for p in root.iterdir()) == [".meta", f"{source.key}_wan.safetensors"]
+    (listed,) = list_cached(root)
+    assert listed.name == f"cache/{source.key}_wan.safetensors"
+    assert listed.source == source.describe()
+    assert (listed.size_bytes, listed.sha256) == (len(data), hashlib.sha256(data).hexdigest())
 
 
 def test_concurrent_acquires_share_one_download(server: Server, tmp_path: Path) -> None:
@@ -343,16 +376,17 @@ def test_http_errors_are_unavailable_with_the_status(server: Server, tmp_path: P
     down = src(f"https://127.0.0.1:{closed_port()}/x.safetensors")
 
     async def main() -> None:
-        async with open_cache(tmp_path / "cache") as cache:
+        async with open_cache(tmp_path / "cache", retries=0) as cache:
             with pytest.raises(LoraUnavailable) as caught:
                 await cache.acquire(missing, field=FIELD)
             assert caught.value.message == (
                 f"{FIELD}: cannot download LoRA {missing.describe()}: the server answered "
-                "HTTP 404; check that the URL is right and publicly readable"
+                "HTTP 404 (not found); check the URL in the LoRA source"
             )
             assert caught.value.details["status"] == 404
-            with pytest.raises(LoraUnavailable, match="HTTP 503; check the URL, or try again"):
+            with pytest.raises(LoraUnavailable, match="answered HTTP 503; gave up") as caught:
                 await cache.acquire(broken, field=FIELD)
+            assert caught.value.details["status"] == 503
             with pytest.raises(LoraUnavailable, match="could not connect"):
                 await cache.acquire(down, field=FIELD)
             assert cache.stats() == {"files": 0, "bytes": 0, "max_bytes": 2**30, "in_use": 0}
@@ -476,3 +510,116 @@ def test_lru_order_survives_a_restart(server: Server, tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert len(server.gets_of("/f/a.safetensors")) == 1
+
+
+# --- CivitAI, resuming, the listing ------------------------------------------------------------
+
+
+@pytest.fixture
+def storage() -> Iterator[Server]:
+    """A second origin: the signed storage a CivitAI download redirects to."""
+    with serve() as running:
+        yield running
+
+
+def civitai_source(server: Server, model_id: int) -> LoraSource:
+    """A CivitAI download URL whose requests go to the loopback stand-in."""
+    path = f"/api/download/models/{model_id}"
+    return replace(src(f"https://civitai.com{path}?type=Model"), url=server.url + path)
+
+
+def test_civitai_download_sends_the_token_and_follows_the_redirect(
+    server: Server, storage: Server, tmp_path: Path
+) -> None:
+    data = lora(50)
+    signed = storage.add("/b2/file.safetensors", data) + "?X-Amz-Signature=abc"
+    server.knobs.redirect["/api/download/models/42"] = signed
+    source = civitai_source(server, 42)
+    root = tmp_path / "cache"
+
+    async def main() -> None:
+        async with open_cache(root, civitai_token=SecretStr(CIVITAI_TOKEN)) as cache:
+            with await cache.acquire(source, field=FIELD) as handle:
+                assert handle.path.read_bytes() == data
+                assert handle.name == f"cache/{source.key}_civitai_42.safetensors"
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    assert server.auth_of("/api/download/models/42") == [f"Bearer {CIVITAI_TOKEN}"]
+    assert storage.auth_of("/b2/file.safetensors") == [None]  # not to the storage
+    (listed,) = list_cached(root)
+    assert listed.source == "https://civitai.com/api/download/models/42?…"
+    assert CIVITAI_TOKEN not in repr(logs)
+    assert CIVITAI_TOKEN not in (root / ".meta" / f"{source.stored_name}.json").read_text()
+
+
+@pytest.mark.parametrize("token", [None, CIVITAI_TOKEN])
+def test_civitai_refusal_says_to_set_the_token_and_never_shows_it(
+    server: Server, tmp_path: Path, token: str | None
+) -> None:
+    server.knobs.status["/api/download/models/43"] = (401, {})
+    source = civitai_source(server, 43)
+
+    async def main() -> None:
+        async with open_cache(tmp_path / "cache", civitai_token=token) as cache:
+            with pytest.raises(LoraUnavailable, match="set CIVITAI_TOKEN") as caught:
+                await cache.acquire(source, field=FIELD)
+            error = caught.value.to_dict()
+            assert error["status"] == 401
+            assert CIVITAI_TOKEN not in repr(error)
+
+    with capture_logs() as logs:
+        asyncio.run(main())
+    assert CIVITAI_TOKEN not in repr(logs)
+    expected = None if token is None else f"Bearer {token}"
+    assert server.auth_of("/api/download/models/43") == [expected]
+
+
+def test_the_token_goes_to_civitai_only(server: Server, tmp_path: Path) -> None:
+    data = lora(51)
+    source = http_source(server, "/f/plain.safetensors", data)
+
+    async def main() -> None:
+        async with open_cache(tmp_path / "cache", civitai_token=CIVITAI_TOKEN) as cache:
+            (await cache.acquire(source, field=FIELD)).release()
+
+    asyncio.run(main())
+    assert server.auth_of("/f/plain.safetensors") == [None]
+
+
+def test_a_cut_download_resumes_with_range(server: Server, tmp_path: Path) -> None:
+    data = lora(52, width=32768)
+    source = http_source(server, "/f/cut.safetensors", data)
+    server.knobs.cut_after["/f/cut.safetensors"] = 196_608  # 3 chunks of 64 KiB
+
+    async def main() -> None:
+        async with open_cache(tmp_path / "cache") as cache:
+            with await cache.acquire(source, field=FIELD) as handle:
+                assert handle.path.read_bytes() == data
+
+    asyncio.run(main())
+    assert server.gets_of("/f/cut.safetensors") == [None, "bytes=196608-"]
+    assert server.knobs.served == len(data)
+
+
+def test_get_v1_loras_lists_the_cache(server: Server, tmp_path: Path, echo_service: Any) -> None:
+    models = tmp_path / "models"
+    data = lora(53)
+    source = http_source(server, "/f/listed.safetensors", data)
+
+    async def main() -> None:
+        async with open_cache(models / "loras" / "cache") as cache:
+            (await cache.acquire(source, field=FIELD)).release()
+
+    asyncio.run(main())
+    service = echo_service(env={"MODELS_DIR": str(models), "LORA_CACHE_GB": "2"})
+    with service.client() as client:
+        body = client.get("/v1/loras").json()
+        assert "/v1/loras" in client.get("/openapi.json").json()["paths"]
+    (listed,) = body["loras"]
+    assert listed["name"] == f"cache/{source.stored_name}"
+    assert listed["source"] == source.describe()
+    assert listed["size_bytes"] == len(data) == body["total_bytes"]
+    assert listed["sha256"] == hashlib.sha256(data).hexdigest()
+    assert listed["last_used"].endswith("+00:00")
+    assert body["max_bytes"] == 2_000_000_000

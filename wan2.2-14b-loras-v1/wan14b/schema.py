@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model_service.errors import LoraInvalid
-from model_service.loras import parse_lora_source
+from model_service.lora_input import LoraSpec as BaseLoraSpec
+from model_service.lora_input import loras_field
 from model_service.media_refs import ImageRef
 from model_service.video_size import check_frame_count, resolve_size
 
@@ -19,7 +19,6 @@ PRESETS: dict[str, tuple[int, int]] = {
 }
 MAX_PIXELS = 1280 * 720
 MAX_FRAMES = 121  # the experts were trained on 81; longer clips lose coherence
-MAX_LORAS = 8
 # Defaults per mode, as ComfyUI's Wan2.2 14B templates (comfyui-workflow-templates-json
 # 0.1.47: video_wan2_2_14B_{t2v,i2v,flf2v}.json) set them.
 LIGHTNING = {"steps": 4, "split_step": 2, "cfg": 1.0, "shift": 5.0}  # lightx2v 4-step LoRAs
@@ -50,30 +49,13 @@ WAN_NEGATIVE = (
 )
 
 
-class LoraSpec(BaseModel):
-    """A LoRA applied to this job only, downloaded once into the service's LoRA cache."""
+class LoraSpec(BaseLoraSpec):
+    """A LoRA applied to this job only (`source`, `strength`: model_service.lora_input),
+    on one expert or both."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(
-        ...,
-        max_length=2048,
-        description="`hf://<owner>/<repo>/<path>.safetensors[@revision]` or an http(s) URL "
-        "of a .safetensors file.",
-    )
-    strength: float = Field(1.0, ge=-5.0, le=5.0, description="Weight of the LoRA.")
     applies_to: Literal["high", "low", "both"] = Field(
         "both", description="Which expert gets it: the high-noise, the low-noise, or both."
     )
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str) -> str:
-        try:
-            parse_lora_source(value, field="source")
-        except LoraInvalid as exc:
-            raise ValueError(exc.message) from None
-        return value
 
 
 class Wan14bInput(BaseModel):
@@ -142,9 +124,7 @@ class Wan14bInput(BaseModel):
         description="Flow shift of both samplers. Default 5 (8 for first-last-frame "
         "without lightning).",
     )
-    loras: list[LoraSpec] = Field(
-        default_factory=list, max_length=MAX_LORAS, description="Your LoRAs for this job."
-    )
+    loras: list[LoraSpec] = loras_field("Your LoRAs for this job.")
     seed: int | None = Field(
         None, ge=0, le=2**32 - 1, description="Absent: random; the seed used is returned."
     )

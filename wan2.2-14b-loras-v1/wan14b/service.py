@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from model_service.api.legacy_video import video_routers
 from model_service.comfy.engine import ComfyServiceSpec
 from model_service.comfy.workflow import Bind, Graph, Workflow, chain_loras
@@ -94,6 +96,18 @@ def choose(values: Mapping[str, Any]) -> str:
     return "flf" if values.get("end_image") is not None else "i2v"
 
 
+def warmup_input(scratch: Path) -> dict[str, Any]:
+    """The warm-up job (WARMUP): image-to-video (what every segment of a chain or travel
+    runs) at the smallest size, 5 frames, 2 steps split 1 + 1, so both experts run. It
+    loads the files an i2v job uses (both i2v experts with the built-in lightning LoRAs,
+    the UMT5 text encoder, the VAE) with the same loader inputs, so ComfyUI keeps them
+    loaded and its loader nodes cached; a text-to-video job loads its own two experts."""
+    image = scratch / "start.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(image)
+    values = Wan14bInput(prompt="warm-up", width=64, height=64, num_frames=5, steps=2, seed=0)
+    return {**values.model_dump(mode="json"), "start_image": str(image)}
+
+
 SERVICE = ServiceSpec(
     name="wan2.2-14b-loras-v1",
     title="Wan2.2-14B with LoRAs",
@@ -116,6 +130,7 @@ SERVICE = ServiceSpec(
         lora_field="loras",
         lora_base="Wan2.2 A14B",
         derive=SIZE_FROM_IMAGE,
+        warmup_input=warmup_input,
     ),
     long_video=LongVideoSpec(
         image_field="start_image", end_image_field="end_image", size_from_image=SIZE_FROM_IMAGE

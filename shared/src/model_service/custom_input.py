@@ -10,6 +10,8 @@ from typing import Any
 
 from model_service.errors import InvalidInput
 
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a custom input's file name
+
 
 def is_custom(raw_input: Any) -> bool:
     """A job's input that brings a workflow (not the service's typed input)."""
@@ -22,4 +24,15 @@ def off_error() -> InvalidInput:
         "ComfyUI services started with ALLOW_CUSTOM_WORKFLOWS=1 (read the README's security "
         "note first). Send the service's own input instead (GET /docs)",
         field="input.workflow",
+    )
+
+
+def images_error() -> InvalidInput:
+    """A custom input with worker-comfyui's `images` list: say where it goes instead."""
+    return InvalidInput(
+        "input.images: worker-comfyui's `images` list is not taken here; give the graph's "
+        'input files as `files` ({"x.png": "data:image/png;base64,..." | https URL | upload '
+        "id}), or send the worker-comfyui request unchanged to POST "
+        "/v1/compat/worker-comfyui/runsync (serverless: as the job's input, without `files`)",
+        field="input.images",
     )

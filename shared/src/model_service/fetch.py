@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -185,6 +185,24 @@ class SafeHttpClient:
             follow_redirects=False,
             timeout=timeout_s,
         )
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    async def open_stream(
+        self, url: str, *, field: str, headers: Mapping[str, str]
+    ) -> httpx.Response:
+        """One checked GET that follows no redirect, its body unread (the caller reads
+        and closes it): for downloads that follow redirects and resume themselves
+        (`model_service.weights`), each hop coming back here to be checked."""
+        self.check_url(url, field=field)
+        request = self._client.build_request("GET", url, headers=dict(headers))
+        return await self._send(request, field, _UPLOAD_HINT)
 
     def check_url(self, url: str, *, field: str) -> None:
         """Checks a URL without network access (DNS included); raises `UrlNotAllowed`.

@@ -1,8 +1,10 @@
-"""A disk cache of LoRA files that jobs name by source (`hf://...` or an `https` URL).
+"""A disk cache of LoRA files that jobs name by source (`hf://...`, an `https` URL or a
+CivitAI download URL), on the one download of `model_service.weights`.
 
 - A LoRA is stored as `root/<key>_<filename>`, where `key` is a hash of its normalized
   source. `root` lies inside ComfyUI's `loras` folder, so a workflow names the file
-  `<root.name>/<key>_<filename>`.
+  `<root.name>/<key>_<filename>`. Beside it, `root/.meta/<file>.json` says where it came
+  from, its size and sha256 (`GET /v1/loras`).
 - A file gets its final name only once it is complete and checked (a safetensors file
   holding LoRA tensors, not over `max_file_bytes`): it is written to a `.part` file, or a
   staging folder for Hub downloads, then renamed. Leftovers are removed at start-up.
@@ -18,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import re
@@ -27,13 +27,15 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
+from pydantic import SecretStr
 
 from model_service.errors import (
     FetchFailed,
@@ -44,171 +46,109 @@ from model_service.errors import (
 )
 from model_service.fetch import SafeHttpClient
 from model_service.logs import get_logger
+from model_service.settings import Settings
+from model_service.weights.fetch import (
+    DownloadFailed,
+    Tokens,
+    download_url,
+    hub_download,
+    verify,
+)
+from model_service.weights.sources import LoraSource, parse_lora_source
+
+__all__ = [
+    "CachedLora",
+    "LoraCache",
+    "LoraHandle",
+    "LoraSource",
+    "list_cached",
+    "parse_lora_source",
+]
 
 log = get_logger("model_service.loras")
 
-_SUFFIX = ".safetensors"
-_MAX_SOURCE_LEN = 2048
-_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
-_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _CACHED_NAME = re.compile(r"[0-9a-f]{16}_.+\.safetensors")
 _STAGING = ".staging"
-_FORMS = (
-    "use hf://<owner>/<repo>/<path/to/file.safetensors>[@<revision>] "
-    "or an https:// URL of a .safetensors file"
-)
+_META = ".meta"
+_WHERE = "the LoRA source"
 
 
-# --- sources -------------------------------------------------------------------------
+def cache_dir(settings: Settings) -> Path:
+    """A service's LoRA cache: `loras/cache` under the models ComfyUI reads (MODELS_DIR,
+    or its `tiny` folder in PROFILE=tiny, as `comfy.engine.models_dir_for` says)."""
+    base = settings.models_dir.absolute()
+    return (base / "tiny" if settings.profile == "tiny" else base) / "loras" / "cache"
+
+
+# --- what is cached ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LoraSource:
-    """Where a LoRA comes from: a Hub file (`repo_id`, `path`, `revision`) or a `url`."""
-
-    normalized: str  # `hf://owner/repo/path@revision`, or the https URL
-    filename: str  # the file's base name, made safe for disk and ComfyUI
-    url: str | None = None
-    repo_id: str | None = None
-    path: str | None = None
-    revision: str | None = None
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.normalized.encode()).hexdigest()[:16]
-
-    @property
-    def stored_name(self) -> str:
-        return f"{self.key}_{self.filename}"
-
-    def describe(self) -> str:
-        """For messages and logs; a URL's query (often a signature) is left out."""
-        if self.url is None:
-            return self.normalized
-        parts = urlsplit(self.url)
-        return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) + (
-            "?…" if parts.query else ""
-        )
+class CachedLora:
+    name: str  # as a workflow names it: `<root.name>/<key>_<filename>`
+    source: str | None  # as `LoraSource.describe()` shows it; None for files of old versions
+    size_bytes: int
+    sha256: str | None
+    last_used: str  # ISO 8601, UTC: the file's mtime
+    downloaded_at: str | None
 
 
-def _safe_filename(name: str) -> str:
-    stem = _UNSAFE_CHARS.sub("_", name[: -len(_SUFFIX)]).strip("._") or "lora"
-    return stem[:100] + _SUFFIX
+def list_cached(root: Path) -> list[CachedLora]:
+    """The finished files under `root`, most recently used first (reads no file body)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+        for entry in entries:
+            if not (_CACHED_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            meta: dict[str, object] = {}
+            with contextlib.suppress(OSError, ValueError):
+                meta = json.loads((root / _META / f"{entry.name}.json").read_text())
+            found.append(
+                (
+                    st.st_mtime_ns,
+                    CachedLora(
+                        name=f"{root.name}/{entry.name}",
+                        source=_str_or_none(meta.get("source")),
+                        size_bytes=st.st_size,
+                        sha256=_str_or_none(meta.get("sha256")),
+                        last_used=_iso(st.st_mtime),
+                        downloaded_at=_str_or_none(meta.get("downloaded_at")),
+                    ),
+                )
+            )
+    return [lora for _, lora in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
-def _check_path(path: str, value: str, field: str) -> list[str]:
-    """The segments of a file path: non-empty, no `.`/`..`, ends in `.safetensors`."""
-    segments = path.split("/")
-    if not segments[-1].lower().endswith(_SUFFIX):
-        raise LoraInvalid(
-            f"{field}: {value!r} does not name a .safetensors file; {_FORMS}", field=field
-        )
-    if any(s in ("", ".", "..") or "\\" in s or not s.isprintable() for s in segments):
-        raise LoraInvalid(
-            f"{field}: {value!r} has an empty, '.' or '..' path segment or odd characters; "
-            f"{_FORMS}",
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+def _for_field(exc: DownloadFailed, field: str, source: LoraSource) -> ServiceError:
+    """`DownloadFailed` as this field's LoraInvalid or LoraUnavailable (each waiter of
+    one shared download gets its own)."""
+    if exc.kind == "invalid":
+        return exc.as_error(
+            LoraInvalid,
+            f"{field}: LoRA {source.describe()} is not usable",
             field=field,
+            source=source.describe(),
         )
-    return segments
-
-
-def _parse_hub(value: str, field: str) -> LoraSource:
-    body = value[len("hf://") :]
-    revision = "main"
-    suffix = re.fullmatch(r"(.+\.safetensors)@([^@]+)", body, flags=re.IGNORECASE)
-    if suffix:  # hf://owner/repo/file.safetensors@rev
-        body, revision = suffix.group(1), suffix.group(2)
-    owner, _, rest = body.partition("/")
-    repo, _, path = rest.partition("/")
-    if "@" in repo and not suffix:  # hf://owner/repo@rev/file.safetensors (HfFileSystem)
-        repo, _, revision = repo.partition("@")
-    if not (_HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(repo)):
-        raise LoraInvalid(
-            f"{field}: {value!r} does not start with a valid <owner>/<repo>; {_FORMS}",
-            field=field,
-        )
-    if not _REVISION.fullmatch(revision) or ".." in revision or "//" in revision:
-        raise LoraInvalid(
-            f"{field}: {revision!r} is not a valid revision (a branch, tag or commit); {_FORMS}",
-            field=field,
-        )
-    segments = _check_path(path, value, field)
-    repo_id = f"{owner}/{repo}"
-    return LoraSource(
-        normalized=f"hf://{repo_id}/{path}@{revision}",
-        filename=_safe_filename(segments[-1]),
-        repo_id=repo_id,
-        path=path,
-        revision=revision,
-    )
-
-
-def _parse_url(value: str, field: str) -> LoraSource:
-    try:
-        parts = urlsplit(value)
-        host, port = parts.hostname, parts.port
-    except ValueError as exc:
-        raise LoraInvalid(f"{field}: not a valid URL ({exc}); {_FORMS}", field=field) from None
-    if not host or parts.username is not None or parts.password is not None:
-        raise LoraInvalid(
-            f"{field}: the URL needs a host and no user:password@; {_FORMS}", field=field
-        )
-    segments = _check_path(unquote(parts.path).removeprefix("/"), value, field)
-    shown = f"[{host}]" if ":" in host else host
-    scheme = parts.scheme.lower()
-    netloc = shown if port in (None, {"https": 443, "http": 80}[scheme]) else f"{shown}:{port}"
-    url = urlunsplit((scheme, netloc, parts.path, parts.query, ""))
-    return LoraSource(normalized=url, filename=_safe_filename(segments[-1]), url=url)
-
-
-def parse_lora_source(value: str, *, field: str) -> LoraSource:
-    """Parses `hf://<owner>/<repo>/<path>[@<revision>]` or an http(s) `.safetensors` URL.
-
-    Raises `LoraInvalid` naming `field`. Checks only the form; no network access.
-    """
-    value = value.strip()
-    if len(value) > _MAX_SOURCE_LEN:
-        raise LoraInvalid(f"{field}: longer than {_MAX_SOURCE_LEN} characters", field=field)
-    scheme = value.partition("://")[0].lower()
-    if scheme == "hf":
-        return _parse_hub(value, field)
-    if scheme in ("https", "http"):  # which addresses may be fetched: SafeHttpClient's rules
-        return _parse_url(value, field)
-    raise LoraInvalid(f"{field}: {value[:200]!r} is not a LoRA source; {_FORMS}", field=field)
-
-
-# --- failures shared by every waiter of one download -----------------------------------
-
-
-class _Failure(Exception):
-    """A download failure without a field name; each waiter raises it with its own."""
-
-    def __init__(self, error: type[ServiceError], text: str, **details: Any) -> None:
-        super().__init__(text)
-        self.error, self.text, self.details = error, text, details
-
-    def for_field(self, field: str, source: LoraSource) -> ServiceError:
-        return self.error(
-            f"{field}: {self.text}", field=field, source=source.describe(), **self.details
-        )
-
-
-def _unavailable(source: LoraSource, reason: str, advice: str, **details: Any) -> _Failure:
-    return _Failure(
-        LoraUnavailable, f"cannot download LoRA {source.describe()}: {reason}; {advice}", **details
-    )
-
-
-def _invalid(source: LoraSource, problem: str, advice: str) -> _Failure:
-    return _Failure(LoraInvalid, f"LoRA {source.describe()} is not usable: {problem}; {advice}")
-
-
-def _too_large(source: LoraSource, size: int | None, limit: int) -> _Failure:
-    what = f"it is {size} bytes" if size is not None else "it is too large"
-    return _invalid(
-        source, f"{what}, over the limit of {limit} bytes", "use a smaller LoRA (a lower rank)"
+    return exc.as_error(
+        LoraUnavailable,
+        f"{field}: cannot download LoRA {source.describe()}",
+        field=field,
+        source=source.describe(),
     )
 
 
@@ -217,117 +157,44 @@ def _http_reason(exc: ServiceError) -> str:
     return exc.message.removeprefix("lora: ").split("; ")[0]
 
 
-def _hub_failure(exc: Exception, source: LoraSource) -> _Failure:
-    import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+class _SafeOpener:
+    """The weights download's opener on `SafeHttpClient`: every hop checked (SSRF)."""
 
-    repo, status = source.repo_id, None
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        status = exc.response.status_code
-    if isinstance(exc, GatedRepoError):
-        reason = f"the repository {repo} is gated"
-        advice = (
-            "use a LoRA from a public repository, or ask the operator to accept its terms "
-            "with the account of the service's HF_TOKEN"
-        )
-    elif isinstance(exc, RepositoryNotFoundError) or status in (401, 403):
-        reason = f"the repository {repo} was not found on the Hugging Face Hub or is private"
-        advice = "check <owner>/<repo> in the source; private repositories are not supported"
-    elif isinstance(exc, RevisionNotFoundError):
-        reason = f"revision {source.revision!r} does not exist in {repo}"
-        advice = "check the @<revision> of the source (a branch, tag or commit)"
-    elif isinstance(exc, LocalEntryNotFoundError | httpx2.TransportError):
-        # hf_hub_download says LocalEntryNotFound when the Hub cannot be reached
-        reason = f"the Hugging Face Hub could not be reached ({type(exc).__name__}: {exc})"
-        advice = "try again later"
-    elif isinstance(exc, EntryNotFoundError):
-        reason = f"{source.path!r} is not in {repo} at revision {source.revision!r}"
-        advice = "check the file path in the source"
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-        advice = "try again later"
-    return _unavailable(source, reason, advice, status=status)
+    def __init__(self, http: SafeHttpClient) -> None:
+        self._http = http
+
+    async def open(self, url: str, headers: Mapping[str, str]) -> httpx.Response:
+        try:
+            return await self._http.open_stream(url, field="lora", headers=headers)
+        except UrlNotAllowed as exc:
+            raise DownloadFailed(
+                "unavailable",
+                f"the address is not allowed ({_http_reason(exc)})",
+                "host the LoRA on a public https server or the Hugging Face Hub",
+            ) from None
+        except FetchFailed as exc:
+            raise DownloadFailed(
+                "unavailable", _http_reason(exc), "check the URL, or try again later"
+            ) from None
 
 
-# --- file checks (run in a thread) ---------------------------------------------------------
-
-
-def _check_lora_file(path: Path, source: LoraSource, max_bytes: int) -> int:
-    """The file's size, if it is a safetensors file with LoRA tensors; else `_Failure`."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise _too_large(source, size, max_bytes)
-    not_safetensors = _invalid(
-        source,
-        "it is not a safetensors file",
-        "give the address of the LoRA's .safetensors file itself, not a web page",
-    )
-    with path.open("rb") as f:
-        head = f.read(8)
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 2 <= header_len <= min(size - 8, _MAX_HEADER_BYTES):
-            raise not_safetensors
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError too
-        raise not_safetensors from None
-    if not isinstance(header, dict):
-        raise not_safetensors
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    data_len, end = size - 8 - header_len, 0
-    for info in tensors.values():
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_len
-        ):
-            raise _invalid(
-                source,
-                f"its header names data beyond its {size} bytes (a truncated file?)",
-                "check that the source serves the complete file",
-            )
-        end = max(end, offsets[1])
-    if end != data_len:
-        raise _invalid(
-            source,
-            f"its size ({size} bytes) does not match its header",
-            "check that the source serves the complete, unmodified file",
-        )
+def _check_lora_file(path: Path, max_bytes: int, digest: str | None) -> tuple[int, str]:
+    """(size, sha256) of a safetensors file with LoRA tensors; else `DownloadFailed`."""
+    checked = verify(path, where=_WHERE, max_bytes=max_bytes, digest=digest, hash_it=True)
+    tensors = [name for name in checked.header if name != "__metadata__"]
     if not any("lora" in name.lower() for name in tensors):
-        examples = ", ".join(repr(n) for n in list(tensors)[:3]) or "none"
-        raise _invalid(
-            source,
+        examples = ", ".join(repr(n) for n in tensors[:3]) or "none"
+        raise DownloadFailed(
+            "invalid",
             f"it holds no LoRA tensors (no tensor name contains 'lora'; tensors: {examples})",
             "give a LoRA file (lora_down/lora_up or lora_A/lora_B weights), not a full model",
         )
-    return size
+    return checked.size, checked.sha256
 
 
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _silent_tqdm() -> type[Any]:
-    """A tqdm class for `hf_hub_download` that draws no progress bars."""
-    from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
-
-    class _Silent(hf_tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-    return _Silent
 
 
 # --- the cache ---------------------------------------------------------------------------
@@ -367,9 +234,10 @@ class LoraCache:
     """LoRA files under `root`, at most `max_bytes` of them beyond those in use.
 
     `http` fetches `http(s)` sources straight into the cache folder (nothing held in
-    memory); give it a `max_bytes` of at least `max_file_bytes` and a `timeout_s` that
-    allows such a file (the smaller limit applies). `hf://` sources go through
-    `huggingface_hub` with `hf_endpoint` and `hf_token`.
+    memory; the smaller of its `max_bytes` and `max_file_bytes` applies, and its
+    `timeout_s` to the whole download). `hf://` sources go through `huggingface_hub` with
+    `hf_endpoint` and `hf_token` (None: the HF_TOKEN huggingface_hub finds); CivitAI URLs
+    get `civitai_token` (`Authorization: Bearer`, to civitai.com only).
     """
 
     def __init__(
@@ -381,6 +249,8 @@ class LoraCache:
         hf_endpoint: str | None = None,
         hf_token: str | None = None,
         max_file_bytes: int = 2 * 2**30,
+        civitai_token: SecretStr | str | None = None,
+        retries: int = 2,
     ) -> None:
         self.root = root.resolve()
         self.max_bytes = max_bytes
@@ -388,12 +258,19 @@ class LoraCache:
         self._http = http
         self._hf_endpoint = hf_endpoint
         self._hf_token = hf_token
+        if isinstance(civitai_token, SecretStr):
+            civitai_token = civitai_token.get_secret_value()
+        self._tokens = Tokens(civitai=civitai_token or None)
+        self._retries = retries
         self._pins: Counter[str] = Counter()  # file name -> handles holding it
         self._downloads: dict[str, asyncio.Task[None]] = {}  # file name -> its one download
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.root / _STAGING, ignore_errors=True)
         for part in self.root.glob("*.part"):
             _remove(part)
+        for meta in (self.root / _META).glob("*.json"):
+            if not (self.root / meta.stem).is_file():
+                _remove(meta)
         self._evict()
 
     # --- using files ---
@@ -437,6 +314,10 @@ class LoraCache:
             for handle in handles:
                 handle.release()
 
+    def entries(self) -> list[CachedLora]:
+        """What is cached, most recently used first."""
+        return list_cached(self.root)
+
     def stats(self) -> dict[str, int]:
         files = self._files()
         return {
@@ -472,8 +353,8 @@ class LoraCache:
             task.add_done_callback(partial(self._download_done, path.name))
         try:
             await asyncio.shield(task)  # a waiter's cancel leaves the download to the others
-        except _Failure as exc:
-            raise exc.for_field(field, source) from None
+        except DownloadFailed as exc:
+            raise _for_field(exc, field, source) from None
 
     def _download_done(self, name: str, task: asyncio.Task[None]) -> None:
         self._downloads.pop(name, None)
@@ -484,11 +365,15 @@ class LoraCache:
         started = time.monotonic()
         part = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
+            digest = None
             if source.url is not None:
-                await self._fetch_url(source, source.url, part)
+                digest = await self._fetch_url(source, source.url, part)
             else:
                 await asyncio.to_thread(self._fetch_hub, source, part)
-            size = await asyncio.to_thread(_check_lora_file, part, source, self.max_file_bytes)
+            size, sha256 = await asyncio.to_thread(
+                _check_lora_file, part, self.max_file_bytes, digest
+            )
+            self._write_meta(path, source, size, sha256)
             os.replace(part, path)
         finally:
             _remove(part)
@@ -501,59 +386,61 @@ class LoraCache:
         )
         self._evict()
 
-    async def _fetch_url(self, source: LoraSource, url: str, part: Path) -> None:
+    async def _fetch_url(self, source: LoraSource, url: str, part: Path) -> str | None:
+        """Into `part`, resumed after a cut; the sha256. A CivitAI source gets the token
+        (by its own address: tests serve it elsewhere), its redirect targets do not."""
         try:
-            await self._http.download(url, part, field="lora")
-        except UrlNotAllowed as exc:
-            raise _unavailable(
-                source,
-                f"the address is not allowed ({_http_reason(exc)})",
-                "host the LoRA on a public https server or the Hugging Face Hub",
+            async with asyncio.timeout(self._http.timeout_s):
+                return await download_url(
+                    _SafeOpener(self._http),
+                    url,
+                    part,
+                    where=_WHERE,
+                    headers=self._tokens.headers_for(source.normalized),
+                    named=source.normalized,
+                    max_bytes=min(self.max_file_bytes, self._http.max_bytes),
+                    sha256=True,
+                    retries=self._retries,
+                )
+        except TimeoutError:
+            raise DownloadFailed(
+                "unavailable",
+                f"the download took longer than {self._http.timeout_s:g} s",
+                "use a faster host or a smaller LoRA",
             ) from None
-        except FetchFailed as exc:
-            if "limit_bytes" in exc.details:
-                raise _too_large(source, None, exc.details["limit_bytes"]) from None
-            status = exc.details.get("status")
-            advice = (
-                "check that the URL is right and publicly readable"
-                if status is not None and status < 500
-                else "check the URL, or try again later"
-            )
-            raise _unavailable(source, _http_reason(exc), advice, status=status) from None
 
     def _fetch_hub(self, source: LoraSource, part: Path) -> None:
-        """Runs in a thread: size check, `hf_hub_download` to a staging folder, move to `part`."""
-        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-
+        """Runs in a thread: `hub_download` (size checked first) to staging, moved to `part`."""
         assert source.repo_id is not None
         assert source.path is not None
+        assert source.revision is not None
         stage = self.root / _STAGING / part.name
         try:
-            url = hf_hub_url(
-                source.repo_id, source.path, revision=source.revision, endpoint=self._hf_endpoint
-            )
-            meta = get_hf_file_metadata(url, token=self._hf_token, endpoint=self._hf_endpoint)
-            if meta.size is not None and meta.size > self.max_file_bytes:
-                raise _too_large(source, meta.size, self.max_file_bytes)
-            downloaded = hf_hub_download(
+            downloaded = hub_download(
                 source.repo_id,
                 source.path,
-                revision=source.revision,
-                endpoint=self._hf_endpoint,
+                source.revision,
+                stage,
                 token=self._hf_token,
-                local_dir=stage,
-                tqdm_class=_silent_tqdm(),
+                endpoint=self._hf_endpoint,
+                where=_WHERE,
+                max_bytes=self.max_file_bytes,
             )
-            assert isinstance(downloaded, str)
             os.replace(downloaded, part)
-        except _Failure:
-            raise
-        except Exception as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise
-            raise _hub_failure(exc, source) from exc
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    def _write_meta(self, path: Path, source: LoraSource, size: int, sha256: str) -> None:
+        meta = {
+            "source": source.describe(),  # a URL's query (a signature, say) left out
+            "size_bytes": size,
+            "sha256": sha256,
+            "downloaded_at": _iso(time.time()),
+        }
+        folder = self.root / _META
+        with contextlib.suppress(OSError):  # a listing without it still works
+            folder.mkdir(exist_ok=True)
+            (folder / f"{path.name}.json").write_text(json.dumps(meta))
 
     # --- eviction ---
 
@@ -578,6 +465,7 @@ class LoraCache:
             if self._pins[name] > 0:
                 continue
             _remove(self.root / name)
+            _remove(self.root / _META / f"{name}.json")
             total -= size
             log.info("LoRA evicted from the cache", file=name, bytes=size)
         if total > self.max_bytes:

@@ -12,6 +12,9 @@ awaited; its progress goes to `runpod.serverless.progress_update`. RunPod stops 
 (`/cancel`, execution timeout) by cancelling the handler's task: the handler cancels our
 job through the runner and re-raises. A `cuda_error` also returns `refresh_worker`, so
 RunPod replaces the worker.
+
+A worker-comfyui request (`{"workflow", "images"}`, no `files`) runs as our custom workflow
+and is answered in worker-comfyui's shape (`model_service.compat.worker_comfyui`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import structlog
 
 from model_service.api.app import build_state, running
 from model_service.api.state import ServiceState
+from model_service.compat import worker_comfyui
 from model_service.errors import ServiceError
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
@@ -51,6 +55,7 @@ REFRESH_CODES = frozenset({"cuda_error"})  # the worker process is poisoned: rep
 _RERUN = frozenset({JobStatus.FAILED, JobStatus.CANCELED})
 
 ProgressSend = Callable[[dict[str, Any], dict[str, Any]], None]
+Failure = Callable[[dict[str, Any], bool], dict[str, Any]]  # (error, refresh_worker) -> result
 
 
 def serve(spec: ServiceSpec, settings: Settings) -> None:
@@ -107,17 +112,22 @@ class ServerlessWorker:
 
     async def handler(self, job: dict[str, Any]) -> dict[str, Any]:
         """One RunPod job: `{"id", "input"}` -> our result, or `{"error": ...}`."""
+        raw_input = job.get("input")
+        compat = worker_comfyui.is_request(worker_comfyui.parsed(raw_input))
+        fail: Failure = worker_comfyui.failure if compat else _failure
         state = await asyncio.shield(self._start())  # a cancelled job must not cancel it
         try:
+            if compat:
+                raw_input = worker_comfyui.to_custom_input(worker_comfyui.parsed(raw_input))
             record, _created = await state.submitter.submit(
-                job.get("input"),
+                raw_input,
                 job_id=job_id_for(state.store, str(job["id"])),
                 webhook=None,  # RunPod calls the request's own webhook
                 webhook_events=None,
                 base_url=self._settings.public_url or "",
             )
         except ServiceError as exc:
-            return _failure(exc.to_dict())
+            return fail(exc.to_dict(), False)
         with structlog.contextvars.bound_contextvars(job_id=record.id):
             progress = ProgressReporter(job, self._send_progress)
             try:
@@ -134,15 +144,23 @@ class ServerlessWorker:
                     "message": f"this worker cannot run jobs: {exc}; RunPod replaces it, "
                     "retry the job",
                 }
-                return _failure(error, refresh_worker=True)
-            return await self._result(record)
+                return fail(error, True)
+            return await self._result(record, compat)
 
-    async def _result(self, job: Job) -> dict[str, Any]:
+    async def _result(self, job: Job, compat: bool = False) -> dict[str, Any]:
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error or {"code": "canceled", "message": "the job was canceled"}
-            return _failure(error, refresh_worker=error.get("code") in REFRESH_CODES)
+            refresh = error.get("code") in REFRESH_CODES
+            return (worker_comfyui.failure if compat else _failure)(error, refresh)
         view = job_view(job, self._settings.public_url or "")
         directory = self._settings.job_dir(job.id) / "outputs"
+        if compat:
+            listed = await asyncio.to_thread(
+                worker_comfyui.images, view.outputs, directory, MAX_INLINE_BYTES
+            )
+            if listed is None:
+                return worker_comfyui.failure(worker_comfyui.too_large(MAX_INLINE_BYTES))
+            return worker_comfyui.answer(listed)
         outputs = await asyncio.to_thread(result_outputs, view.outputs, directory)
         result = {
             "status": job.status.value,

@@ -10,14 +10,36 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # credentials read from the environment by libraries (huggingface_hub, boto3, runpod):
 # never settings here, but kept out of the logs too
 SECRET_ENV = ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RUNPOD_API_KEY")
+
+
+def bucket_settings(endpoint_url: str) -> dict[str, object]:
+    """The S3_* settings a worker-comfyui BUCKET_ENDPOINT_URL stands for. runpod's
+    `rp_upload` (which worker-comfyui calls) hands the URL to boto3 as the endpoint and
+    uploads to `<job id>/<file>` with a 7-day presigned URL."""
+    url = urlsplit(endpoint_url.strip())
+    host = url.hostname or ""
+    found: dict[str, object] = {"s3_prefix": "", "s3_presign_s": 7 * 24 * 3600}
+    if host.endswith(".amazonaws.com") and ".s3." in host:  # <bucket>.s3.<region>.amazonaws.com
+        bucket, _, rest = host.partition(".s3.")
+        found["s3_bucket"] = bucket
+        region = rest.split(".")[0]
+        if region != "amazonaws":
+            found["s3_region"] = region
+        return found
+    found["s3_endpoint_url"] = f"{url.scheme}://{url.netloc}"
+    segment = url.path.strip("/").split("/")[0]
+    if segment:
+        found["s3_bucket"] = segment
+    return found
 
 
 def _split_csv(value: object) -> object:
@@ -48,7 +70,8 @@ class Settings(BaseSettings):
     hf_endpoint: str | None = Field(
         None,
         description="A Hugging Face Hub mirror to download models from (default: "
-        "huggingface.co). `HF_TOKEN` is read as huggingface_hub reads it.",
+        "huggingface.co). `HF_TOKEN` is read as huggingface_hub reads it (model files and "
+        "`hf://` LoRAs: private or gated repositories its account may read).",
     )
     model_variant: str | None = Field(
         None,
@@ -101,6 +124,13 @@ class Settings(BaseSettings):
         gt=0,
         description="How long the launched ComfyUI may take to answer before it is killed "
         "and started again.",
+    )
+    warmup: bool = Field(
+        True,
+        description="ComfyUI services: once ComfyUI is up and the model files are present, "
+        "run one small prompt of the service's own workflow so that ComfyUI loads the "
+        "models; `/ready` is 200 only after it (stage `warming up`), and the first job pays "
+        "no load time. A failed warm-up is logged and the service becomes ready anyway.",
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_format: Literal["auto", "json", "console"] = Field(
@@ -169,6 +199,13 @@ class Settings(BaseSettings):
         description="Disk cap of the cache of LoRAs that requests name "
         "(MODELS_DIR/loras/cache); least recently used LoRAs are deleted beyond it.",
     )
+    civitai_token: SecretStr | None = Field(
+        None,
+        description="A CivitAI API key (civitai.com, Account settings, API Keys) for LoRAs "
+        "given as CivitAI download URLs (`https://civitai.com/api/download/models/<id>`; "
+        "many need a login): sent as `Authorization: Bearer` to civitai.com only, not to "
+        "the storage it redirects to; never logged or stored with a job.",
+    )
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Largest decoded image (width x height) accepted."
     )
@@ -208,6 +245,22 @@ class Settings(BaseSettings):
         le=7 * 24 * 3600,
         description="Presigned GET URLs valid this long; 0: plain object URLs (public "
         "buckets, or clients with their own credentials).",
+    )
+    bucket_endpoint_url: str | None = Field(
+        None,
+        description="worker-comfyui's S3 variable, read into the S3_* settings: "
+        "`https://<bucket>.s3.<region>.amazonaws.com` gives S3_BUCKET and S3_REGION on AWS; "
+        "another URL gives S3_ENDPOINT_URL, and S3_BUCKET from its first path segment "
+        "(`http://minio:9000/<bucket>`) unless set. Keys are then `<job id>/<name>` "
+        "(S3_PREFIX empty) and URLs presigned for 7 days (S3_PRESIGN_S), as worker-comfyui "
+        "does, unless those are set.",
+    )
+    bucket_access_key_id: str | None = Field(
+        None, description="With BUCKET_ENDPOINT_URL: the access key id (else AWS_ACCESS_KEY_ID)."
+    )
+    bucket_secret_access_key: SecretStr | None = Field(
+        None,
+        description="With BUCKET_ENDPOINT_URL: its secret key (else AWS_SECRET_ACCESS_KEY).",
     )
     queue_url: str | None = Field(
         None,
@@ -263,6 +316,22 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(15.0, gt=0, description="Time allowed per webhook attempt.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bucket_endpoint(cls, data: object) -> object:
+        """worker-comfyui's BUCKET_ENDPOINT_URL as the S3_* settings it stands for (those
+        set explicitly win)."""
+        if not isinstance(data, dict) or not data.get("bucket_endpoint_url"):
+            return data
+        merged = {**bucket_settings(str(data["bucket_endpoint_url"])), **data}
+        if not merged.get("s3_bucket"):
+            raise ValueError(
+                "BUCKET_ENDPOINT_URL names no bucket: give it as "
+                "https://<bucket>.s3.<region>.amazonaws.com or <endpoint>/<bucket>, or set "
+                "S3_BUCKET"
+            )
+        return merged
+
     @field_validator("custom_workflow_nodes_allow", "custom_workflow_nodes_deny", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:
@@ -313,6 +382,10 @@ class Settings(BaseSettings):
         values = [key.get_secret_value() for key in self.api_keys]
         if self.webhook_secret is not None:
             values.append(self.webhook_secret.get_secret_value())
+        if self.civitai_token is not None:
+            values.append(self.civitai_token.get_secret_value())
+        if self.bucket_secret_access_key is not None:
+            values.append(self.bucket_secret_access_key.get_secret_value())
         values += [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
         return values
 

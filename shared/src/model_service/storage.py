@@ -108,6 +108,8 @@ class OutputStore:
         self.presign_s = presign_s
         self._endpoint = settings.s3_endpoint_url
         self._region = settings.s3_region
+        secret = settings.bucket_secret_access_key  # worker-comfyui's BUCKET_*; else AWS_*
+        self._keys = (settings.bucket_access_key_id, secret and secret.get_secret_value())
 
     @classmethod
     def for_job(cls, settings: Settings, request: dict[str, Any] | None) -> OutputStore | None:
@@ -166,7 +168,7 @@ class OutputStore:
         return f"https://{self.bucket}.{host}/{quote(key)}"
 
     def _client(self) -> Any:
-        return _client(self._endpoint, self._region)
+        return _client(self._endpoint, self._region, *self._keys)
 
     def _failure(self, name: str, exc: Exception) -> StorageFailed:
         code, detail = _s3_error(exc)
@@ -182,8 +184,14 @@ class OutputStore:
 
 
 @functools.cache
-def _client(endpoint: str | None, region: str | None) -> Any:
-    """One S3 client per endpoint (clients are thread-safe; making one takes ~0.1 s)."""
+def _client(
+    endpoint: str | None,
+    region: str | None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> Any:
+    """One S3 client per endpoint (clients are thread-safe; making one takes ~0.1 s);
+    without keys, boto3 finds its own (AWS_* variables, ...)."""
     import boto3  # type: ignore[import-untyped]
     from botocore.config import Config  # type: ignore[import-untyped]
 
@@ -198,7 +206,14 @@ def _client(endpoint: str | None, region: str | None) -> Any:
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     session = boto3.session.Session()  # the default session is not thread-safe
-    return session.client("s3", endpoint_url=endpoint, region_name=region, config=Config(**options))
+    return session.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=Config(**options),
+    )
 
 
 def _s3_error(exc: BaseException) -> tuple[str, str]:

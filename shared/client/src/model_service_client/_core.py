@@ -9,7 +9,7 @@ import mimetypes
 import os
 import re
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +54,9 @@ _HTTP_CODES = {
 _SERVICE_PATH = re.compile(r"^/v1/jobs/[^/]+/")  # another pod of a fleet: same API keys
 
 ProgressCallback = Callable[["Job"], object]
+# a chain's segment: its own fields (`prompt`, `negative_prompt`, `num_frames`, `seed`,
+# `loras`: what the service lets a segment set), or just its prompt
+Segment = Mapping[str, Any] | str
 
 
 @dataclass(frozen=True)
@@ -316,12 +319,36 @@ def submit_request(
     body: dict[str, Any] = {"input": input}
     if webhook is not None:
         body["webhook"] = webhook
+    return create_request("/v1/jobs", body, job_id, wait_s)
+
+
+def create_request(
+    collection: str, body: dict[str, Any], job_id: str | None, wait_s: float
+) -> tuple[str, str, dict[str, Any], dict[str, str]]:
+    """method, path, JSON body and headers of a creation in `collection` (`/v1/jobs`,
+    `/v1/chains`, `/v1/travels`): POST, or PUT with your own id."""
     headers = {}
     if wait_s > 0:
         headers["Prefer"] = f"wait={min(max(1, round(wait_s)), MAX_PREFER_WAIT_S)}"
     if job_id is None:
-        return "POST", "/v1/jobs", body, headers
-    return "PUT", job_path(job_id), body, headers
+        return "POST", collection, body, headers
+    return "PUT", f"{collection}/{quote(job_id, safe='')}", body, headers
+
+
+def long_video_body(**fields: Any) -> dict[str, Any]:
+    """The body of a chain or a travel: the fields given (None: the service's default)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def segments_of(segments: Sequence[Segment]) -> list[dict[str, Any]]:
+    """A chain's segments: objects as given, a string as `{"prompt": it}`."""
+    if isinstance(segments, (str, dict)):
+        raise TypeError("segments is a list (of segment objects or prompts)")
+    return [{"prompt": s} if isinstance(s, str) else dict(s) for s in segments]
+
+
+def chain_path(job_id: str, suffix: str) -> str:
+    return f"/v1/chains/{quote(job_id, safe='')}{suffix}"
 
 
 def runpod_submit_request(

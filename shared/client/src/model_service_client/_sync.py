@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +22,7 @@ from model_service_client._core import (
     JobEvent,
     JobPage,
     ProgressCallback,
+    Segment,
     ServiceError,
     Waiter,
 )
@@ -124,6 +125,101 @@ class Client(_Base):
         """Creates a job (`job_id`: your own id, PUT: repeating it is safe). `wait_s`
         (at most 90): the answer waits that long for the job to finish."""
         method, path, body, headers = _core.submit_request(input, job_id, webhook, wait_s)
+        response = self._request(
+            method, path, json=body, headers=headers, timeout=self.timeout + wait_s
+        )
+        return Job.from_json(response.json())
+
+    def chain(
+        self,
+        input: dict[str, Any],
+        segments: Sequence[Segment],
+        *,
+        interactive: bool | None = None,
+        colour_correction: bool | None = None,
+        colour_strength: float | None = None,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
+        storage: dict[str, Any] | None = None,
+        wait_s: float = 0,
+    ) -> Job:
+        """Creates a chain (a long video; image-to-video services): `input` as for
+        `submit`, with the start image, holds what every segment shares; `segments`, in
+        order, each a prompt or an object of its own fields (`prompt`, `num_frames`,
+        `seed`, ...), each starting from the last frame of the one before. `interactive`:
+        the chain then waits in `awaiting_input` for `add_segments`, `delete_last_segment`
+        or `finalize`. Options left None take the service's defaults. Returns the chain's
+        job: `wait`, `events`, `cancel`, `retry` and `download` (the final video) work on
+        it as on any job."""
+        body = _core.long_video_body(
+            input=input,
+            segments=_core.segments_of(segments),
+            interactive=interactive,
+            colour_correction=colour_correction,
+            colour_strength=colour_strength,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else [*webhook_events],
+            storage=storage,
+        )
+        return self._create("/v1/chains", body, job_id, wait_s)
+
+    def travel(
+        self,
+        input: dict[str, Any],
+        images: Sequence[str | os.PathLike[str] | bytes],
+        *,
+        prompts: Sequence[str] | None = None,
+        overlap: int | None = None,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
+        storage: dict[str, Any] | None = None,
+        wait_s: float = 0,
+    ) -> Job:
+        """Creates a travel (a long video between `images`; image-to-video services):
+        legs from image to image (Wan2.2-14B: first-last-frame, N-1 legs) or starting at
+        each image (FastWan: N legs). An image is a URL, a data URI or an upload id (a
+        string), or a local file (a `Path`) or bytes, uploaded first. `prompts`: one per
+        leg (default: `input["prompt"]`); `overlap`: frames cross-faded between legs.
+        Returns the travel's job, as `chain`."""
+        refs = [image if isinstance(image, str) else self.upload(image) for image in images]
+        body = _core.long_video_body(
+            input=input,
+            images=refs,
+            prompts=None if prompts is None else [*prompts],
+            overlap=overlap,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else [*webhook_events],
+            storage=storage,
+        )
+        return self._create("/v1/travels", body, job_id, wait_s)
+
+    def add_segments(self, job_id: str, segments: Sequence[Segment]) -> Job:
+        """Interactive chain: queues the next segment(s) (prompts or objects)."""
+        body = {"segments": _core.segments_of(segments)}
+        path = _core.chain_path(job_id, "/segments")
+        return Job.from_json((self._request("POST", path, json=body)).json())
+
+    def delete_last_segment(self, job_id: str) -> Job:
+        """Interactive chain awaiting input: deletes its last segment (to redo it)."""
+        path = _core.chain_path(job_id, "/segments/last")
+        return Job.from_json((self._request("DELETE", path)).json())
+
+    def finalize(self, job_id: str) -> Job:
+        """Interactive chain: stitches its segments into the final video."""
+        path = _core.chain_path(job_id, "/finalize")
+        return Job.from_json((self._request("POST", path)).json())
+
+    def reopen(self, job_id: str) -> Job:
+        """A finished interactive chain: awaits input again, to add segments."""
+        path = _core.chain_path(job_id, "/reopen")
+        return Job.from_json((self._request("POST", path)).json())
+
+    def _create(
+        self, collection: str, body: dict[str, Any], job_id: str | None, wait_s: float
+    ) -> Job:
+        method, path, body, headers = _core.create_request(collection, body, job_id, wait_s)
         response = self._request(
             method, path, json=body, headers=headers, timeout=self.timeout + wait_s
         )

@@ -56,47 +56,171 @@ def main(
     ctx.obj = _Options(url, key)
 
 
+_InputArg = Annotated[str, typer.Argument(help="The job's input: a JSON object")]
+_FileOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help="KEY=PATH: upload PATH and put its upload id in the input under KEY "
+        "(KEY[]=PATH: appended to a list). Repeatable.",
+    ),
+]
+_WaitOpt = Annotated[bool, typer.Option("--wait", help="Wait for the job, with a progress bar")]
+_IdOpt = Annotated[str | None, typer.Option("--id", help="Your own job id (repeating it is safe)")]
+_WebhookOpt = Annotated[
+    str | None, typer.Option("--webhook", help="https URL called on the job's events")
+]
+_OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="Wait, then download the outputs (the final video) to this folder"
+    ),
+]
+
+
 @app.command()
 def submit(
     ctx: typer.Context,
-    input: Annotated[str, typer.Argument(help="The job's input: a JSON object")] = "{}",
-    file: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--file",
-            "-f",
-            help="KEY=PATH: upload PATH and put its upload id in the input under KEY "
-            "(KEY[]=PATH: appended to a list). Repeatable.",
-        ),
-    ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job, with a progress bar")] = (
-        False
-    ),
-    job_id: Annotated[
-        str | None, typer.Option("--id", help="Your own job id (repeating it is safe)")
-    ] = None,
+    input: _InputArg = "{}",
+    file: _FileOpt = None,
+    wait: _WaitOpt = False,
+    job_id: _IdOpt = None,
 ) -> None:
     """Create a job; print it as JSON."""
-    try:
-        data = json.loads(input)
-    except ValueError as exc:
-        _fail(f"the input is not JSON: {exc}")
-    if not isinstance(data, dict):
-        _fail("the input must be a JSON object")
+    data = _json_object(input, "the input")
     files = [_file_option(option) for option in file or []]
     with _client(ctx) as client:
-        for key, path in files:
-            upload_id = client.upload(path)
-            if key.endswith("[]"):
-                values = data.setdefault(key[:-2], [])
-                if not isinstance(values, list):
-                    _fail(f"--file {key}=...: input {key[:-2]!r} is not a list")
-                values.append(upload_id)
-            else:
-                data[key] = upload_id
+        _add_files(client, data, files)
         job = client.submit(data, job_id=job_id)
         if wait:
             job = _follow(client, job.id)
+    _print_job(job)
+
+
+@app.command()
+def chain(
+    ctx: typer.Context,
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="The input every segment shares (as for submit), with the start image: "
+            "a JSON object"
+        ),
+    ] = "{}",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="One segment with this prompt. Repeatable, in order."),
+    ] = None,
+    segment: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--segment",
+            "-s",
+            help="One segment: a JSON object of its own fields (prompt, negative_prompt, "
+            "num_frames, seed, loras). Repeatable, in order; not with --prompt.",
+        ),
+    ] = None,
+    file: _FileOpt = None,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive",
+            help="Await input after the last segment (the console or the API add, delete "
+            "and finalize)",
+        ),
+    ] = False,
+    colour_correction: Annotated[
+        bool | None,
+        typer.Option(
+            "--colour-correction/--no-colour-correction",
+            help="Match each segment's colours to the start image (the service's default: on)",
+            show_default=False,
+        ),
+    ] = None,
+    colour_strength: Annotated[
+        float | None,
+        typer.Option("--colour-strength", min=0.0, max=1.0, help="0 to 1 (default 1)"),
+    ] = None,
+    wait: _WaitOpt = False,
+    dest: _OutOpt = None,
+    job_id: _IdOpt = None,
+    webhook: _WebhookOpt = None,
+) -> None:
+    """Create a chain (a long video: each segment starts from the last frame of the one
+    before); print it as JSON."""
+    if prompt and segment:
+        _fail("give the segments as --prompt or as --segment, not both")
+    segments: list[str | dict[str, Any]] = [
+        *(prompt or []),
+        *(_json_object(text, "--segment") for text in segment or []),
+    ]
+    if not segments:
+        _fail("a chain needs segments: --prompt TEXT (or --segment JSON), once per segment")
+    data = _json_object(input, "the input")
+    files = [_file_option(option) for option in file or []]
+    with _client(ctx) as client:
+        _add_files(client, data, files)
+        job = client.chain(
+            data,
+            segments,
+            interactive=interactive or None,
+            colour_correction=colour_correction,
+            colour_strength=colour_strength,
+            job_id=job_id,
+            webhook=webhook,
+        )
+        job = _finish(client, job, wait, dest)
+    _print_job(job)
+
+
+@app.command()
+def travel(
+    ctx: typer.Context,
+    input: Annotated[
+        str, typer.Argument(help="The input every leg shares (as for submit): a JSON object")
+    ] = "{}",
+    image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--image",
+            "-i",
+            help="An image to travel through: a local file (uploaded), an https URL, a data "
+            "URI or an upload id. Repeatable, in order; at least 2.",
+        ),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt", "-p", help="One leg's prompt. Repeatable, in order (default: the input's)"
+        ),
+    ] = None,
+    overlap: Annotated[
+        int | None,
+        typer.Option(
+            "--overlap", min=0, max=64, help="Frames cross-faded between legs (default 4)"
+        ),
+    ] = None,
+    file: _FileOpt = None,
+    wait: _WaitOpt = False,
+    dest: _OutOpt = None,
+    job_id: _IdOpt = None,
+    webhook: _WebhookOpt = None,
+) -> None:
+    """Create a travel (a long video through images); print it as JSON."""
+    images = image or []
+    if len(images) < 2:
+        _fail("a travel needs at least 2 images: --image PATH_OR_URL, once per image")
+    data = _json_object(input, "the input")
+    files = [_file_option(option) for option in file or []]
+    with _client(ctx) as client:
+        _add_files(client, data, files)
+        # a local file is uploaded; anything else (URL, data URI, upload id) goes as is
+        refs = [Path(ref) if Path(ref).is_file() else ref for ref in images]
+        job = client.travel(
+            data, refs, prompts=prompt, overlap=overlap, job_id=job_id, webhook=webhook
+        )
+        job = _finish(client, job, wait, dest)
     _print_job(job)
 
 
@@ -212,6 +336,41 @@ def _follow(client: Client, job_id: str) -> Job:
             bar.update(task, completed=job.progress, description=f"{job.id} {job.status}")
 
         return client.wait(job_id, on_progress=show)
+
+
+def _finish(client: Client, job: Job, wait: bool, dest: Path | None) -> Job:
+    """`--wait`: the job once done; `--out`: that, and its outputs downloaded (the files
+    written go to stderr, the job to stdout)."""
+    if not (wait or dest is not None):
+        return job
+    job = _follow(client, job.id)
+    if dest is not None and job.status == "succeeded":
+        for path in client.download(job, dest):
+            err.print(f"wrote {path}", highlight=False, markup=False)
+    return job
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        _fail(f"{what} is not JSON: {exc}")
+    if not isinstance(data, dict):
+        _fail(f"{what} must be a JSON object")
+    return data
+
+
+def _add_files(client: Client, data: dict[str, Any], files: list[tuple[str, Path]]) -> None:
+    """Uploads each `--file KEY=PATH` and puts its id in `data` under KEY."""
+    for key, path in files:
+        upload_id = client.upload(path)
+        if key.endswith("[]"):
+            values = data.setdefault(key[:-2], [])
+            if not isinstance(values, list):
+                _fail(f"--file {key}=...: input {key[:-2]!r} is not a list")
+            values.append(upload_id)
+        else:
+            data[key] = upload_id
 
 
 def _print_job(job: Job) -> None:

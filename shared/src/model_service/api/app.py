@@ -11,7 +11,8 @@ from functools import partial
 from fastapi import FastAPI
 
 from model_service import disk, gpu, retention
-from model_service.api import console, jobs, probes, uploads
+from model_service.api import console, jobs, loras, probes, uploads
+from model_service.api import worker_comfyui as worker_comfyui_api
 from model_service.api.middleware import ObserveMiddleware, install_error_handlers
 from model_service.api.state import ServiceState
 from model_service.engine import Engine, WorkerEngine
@@ -24,7 +25,7 @@ from model_service.jobs.source import JobSource, LocalSource
 from model_service.jobs.status import JobStatus
 from model_service.jobs.store import JobStore, RunQueue, SqliteJobStore
 from model_service.logs import get_logger
-from model_service.metrics import Metrics
+from model_service.metrics import Metrics, model_labels, weights_facts
 from model_service.predictor import WorkerConfig
 from model_service.runner import JobRunner
 from model_service.service import ServiceSpec
@@ -88,6 +89,13 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     else:
         assert spec.predictor is not None
         engine = WorkerEngine(spec.predictor, worker_config, metrics, blocker)
+    # the info metric: what `/v1/service` says of the model, or the ComfyUI manifest's facts
+    weights = (
+        weights_facts(spec.comfy.manifest, [w.graph for w in spec.comfy.workflows.values()])
+        if spec.comfy is not None
+        else {}
+    )
+    metrics.describe(spec.version, lambda: model_labels(engine.info, weights))
     source: JobSource
     pod_url = None
     if settings.queue_url:
@@ -222,6 +230,8 @@ def create_app(spec: ServiceSpec, settings: Settings) -> FastAPI:
     app.include_router(probes.build_router(state))
     app.include_router(jobs.build_router(state))
     app.include_router(uploads.build_router(state))
+    app.include_router(loras.build_router(state))  # GET /v1/loras
+    app.include_router(worker_comfyui_api.build_router(state))  # RunPod worker-comfyui clients
     app.include_router(console.build_router())  # the web console, GET /
     if state.graphs is not None:
         from model_service.longvideo import routes as long_video_routes

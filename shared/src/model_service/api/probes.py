@@ -41,10 +41,20 @@ def build_router(state: ServiceState) -> APIRouter:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/ready", summary="Readiness: 200 when a job can run, else 503 with the reason")
+    @router.get(
+        "/ready",
+        summary="Readiness: 200 when a job can run, else 503 with the reason; a ComfyUI "
+        "service adds its start-up `stage` (generating tiny models, downloading models, "
+        "starting ComfyUI, checking workflows, warming up, ready) and each stage's seconds",
+    )
     async def ready() -> JSONResponse:
         ok, reason = state.runner.readiness
-        return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok, "reason": reason}
+        # only the ComfyUI engine has stages (a worker's start is one: loading the model)
+        startup = getattr(state.runner.engine, "startup", None)
+        if isinstance(startup, dict):
+            body.update(startup)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @router.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

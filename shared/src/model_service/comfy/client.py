@@ -15,6 +15,11 @@
 4. a hard timeout interrupts our prompt and raises `ComfyTimeout`; cancelling the task
    that awaits `run()` interrupts or dequeues the prompt too.
 
+Images an output node sends over the websocket (`SaveImageWebsocket`) are binary frames
+with no prompt or node id: they belong to the node our prompt's last `executing` named,
+and are outputs only when that node is an output node (`expect_outputs`); a sampler's
+latent previews (the same frames, sent while a sampler runs) are dropped.
+
 Cancelling only ever touches our prompt: a pending prompt is deleted from the queue, a
 running one is interrupted with `POST /interrupt {"prompt_id"}` (never a global one).
 """
@@ -77,6 +82,22 @@ _WS_LOST = "_ws_lost"  # internal events pushed to a run's queue
 _CANCELED = "_canceled"
 _FORGET_AFTER_S = 0.25  # consumed history entries are deleted in batches this often
 _END_GRACE_S = 0.5  # after a terminal event, how long to wait for `executing` node=null
+_WS_IMAGE = "_ws_image"  # internal event: an image frame came while our prompt ran
+_WS_MAX_MESSAGE = 1 << 30  # full-size images come as single frames (aiohttp's default: 4 MB)
+# Binary frames: a big-endian uint32 event type, then the payload (ComfyUI 0.33.0
+# server.py:1302 `encode_bytes`; types in protocol.py `BinaryEventTypes`).
+# PREVIEW_IMAGE (1): a uint32 image format (1 JPEG, 2 PNG), then the encoded image
+# (server.py:1311-1333 `send_image`; what SaveImageWebsocket's ProgressBar preview and
+# latent previews become, main.py:436 `hijack_progress`, for clients that do not announce
+# `supports_preview_metadata`, as we do not).
+# PREVIEW_IMAGE_WITH_METADATA (4): a uint32 length, that much JSON ({node_id, prompt_id,
+# image_type, ...}), then the image (server.py:1335-1370; comfy_execution/progress.py:225).
+_BINARY_PREVIEW_IMAGE = 1
+_BINARY_PREVIEW_WITH_METADATA = 4
+_IMAGE_SUFFIXES = {1: ".jpg", 2: ".png", "image/jpeg": ".jpg", "image/png": ".png"}
+# nodes known to send their images over the websocket: kept when the caller did not say
+# which nodes are outputs (`expect_outputs` None)
+WS_IMAGE_NODES = frozenset({"SaveImageWebsocket"})
 
 
 @dataclass(frozen=True)
@@ -87,7 +108,8 @@ class OutputFile:
     kind_key: str  # the history key it was listed under: images, gifs, videos, audio, ...
     filename: str
     subfolder: str
-    type: str  # output | temp | input
+    type: str  # output | temp | input | websocket (sent over the socket: `data`)
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def relpath(self) -> str:
@@ -263,6 +285,9 @@ class _Watch:
     messages: list[list[Any]] = field(default_factory=list)  # as in the history's status
     on_start: Callable[[], None] | None = None  # once, when ComfyUI begins the prompt
     began: bool = False
+    node: str | None = None  # the node ComfyUI runs now (the last `executing`)
+    images: list[OutputFile] = field(default_factory=list)  # sent over the websocket
+    gap: bool = False  # the websocket dropped after the prompt began: frames may be lost
 
     def begin(self) -> None:
         if not self.began:
@@ -282,7 +307,9 @@ class _Watch:
             self.messages.append([event, data])
         if event in ("execution_start", "executing", "progress", *TERMINAL_EVENTS):
             self.begin()  # a missed `execution_start` (socket drop): any later sign counts
-        if event == "executed":
+        if event == _WS_IMAGE:
+            self._image(data)
+        elif event == "executed":
             node, output = data.get("node"), data.get("output")
             if node is not None and isinstance(output, dict):
                 self.outputs[str(node)] = output
@@ -290,6 +317,7 @@ class _Watch:
             self.cached = [str(n) for n in data.get("nodes") or []]
         elif event == "executing":
             node = data.get("node")
+            self.node = None if node is None else str(node)
             if node is None:
                 return True  # ended, and the history entry is written
             await self._node_started(str(node))
@@ -318,10 +346,42 @@ class _Watch:
         sends it for cached output nodes too). Saves the `/history` round trip."""
         if not self.succeeded or self.expect_outputs is None:
             return None
-        if not self.expect_outputs <= self.outputs.keys():
+        if not self.expect_outputs <= self.outputs.keys() | {f.node_id for f in self.images}:
             return None
         status = {"status_str": "success", "completed": True, "messages": self.messages}
         return {"outputs": self.outputs, "status": status, "from_websocket": True}
+
+    def _image(self, data: dict[str, Any]) -> None:
+        """Keep an image frame when an output node sent it (not a sampler's preview)."""
+        node_id = data.get("node") or self.node
+        node = self.graph.get(node_id or "")
+        class_type = node.get("class_type") if isinstance(node, dict) else None
+        wanted = (
+            node_id in self.expect_outputs
+            if self.expect_outputs is not None
+            else class_type in WS_IMAGE_NODES
+        )
+        if node_id is None or not wanted:
+            return
+        count = sum(1 for f in self.images if f.node_id == node_id) + 1
+        self.images.append(
+            OutputFile(
+                node_id=node_id,
+                kind_key="images",
+                filename=f"{class_type or 'websocket'}_{count:05d}_{data['suffix']}",
+                subfolder="",
+                type="websocket",
+                data=data["image"],
+            )
+        )
+
+    def lost_images(self) -> bool:
+        """The socket dropped while the prompt ran, and a node that sends its images
+        over it is in the graph: some of them may never have come."""
+        return self.gap and any(
+            isinstance(node, dict) and node.get("class_type") in WS_IMAGE_NODES
+            for node in self.graph.values()
+        )
 
     async def _node_started(self, node_id: str) -> None:
         if node_id not in self.started:
@@ -383,6 +443,7 @@ class ComfyClient:
         self._closed = False
         self._background: set[asyncio.Task[None]] = set()
         self._to_forget: list[str] = []  # history entries to delete (batched)
+        self._executing: str | None = None  # our prompt that ComfyUI runs now
 
     async def __aenter__(self) -> ComfyClient:
         return self
@@ -635,12 +696,33 @@ class ComfyClient:
                 entry = await self._history_with_retry(watch.prompt_id)
             elif event is None or event[0] in (_WS_LOST, _CANCELED):
                 entry = await self._check(watch)
+                if event is not None and event[0] == _WS_LOST:  # after it began: a gap
+                    watch.gap = watch.gap or watch.began or entry is not None
+                if entry is not None:
+                    await self._settle(watch)
             elif await watch.handle(*event):
                 entry = watch.entry_from_events() or await self._history_with_retry(watch.prompt_id)
             else:
                 continue
             if entry is not None:
                 return entry
+
+    async def _settle(self, watch: _Watch) -> None:
+        """The poll found the prompt done (our loop was late, or the socket quiet): the
+        events already received, images sent over the socket among them, still count;
+        with the socket up, the rest follow until `executing` null (each within a grace)."""
+        connected = self._ws_connected is not None and self._ws_connected.is_set()
+        while True:
+            if not watch.events.empty():
+                event: tuple[str, dict[str, Any]] | None = watch.events.get_nowait()
+            elif connected:
+                event = await watch.next(_END_GRACE_S)
+            else:
+                return
+            if event is None:
+                return
+            if event[0] not in (_WS_LOST, _CANCELED) and await watch.handle(*event):
+                return
 
     async def _history_with_retry(self, prompt_id: str) -> dict[str, Any] | None:
         """ComfyUI announces the end before it writes the history entry: wait for it."""
@@ -727,7 +809,13 @@ class ComfyClient:
                 with contextlib.suppress(ServiceError):
                     await self.free(unload_models=True, free_memory=True)
             raise error
-        return RunResult(watch.prompt_id, self.outputs(entry), entry, watch.cached, duration_s)
+        if watch.lost_images():
+            raise ComfyOutputMissing(
+                "the connection to ComfyUI's websocket dropped while the prompt ran, and "
+                "images sent over it may be lost; retry the job"
+            )
+        files = sorted(self.outputs(entry) + watch.images, key=lambda f: node_order(f.node_id))
+        return RunResult(watch.prompt_id, files, entry, watch.cached, duration_s)
 
     def _forget(self, prompt_id: str) -> None:
         """Delete the history entry soon, in one request with the others that ended
@@ -775,7 +863,9 @@ class ComfyClient:
         delay = 0.1
         while not self._closed:
             try:
-                async with self._http().ws_connect(self._ws_url(), heartbeat=10.0) as ws:
+                async with self._http().ws_connect(
+                    self._ws_url(), heartbeat=10.0, max_msg_size=_WS_MAX_MESSAGE
+                ) as ws:
                     assert self._ws_connected is not None
                     self._ws_connected.set()
                     delay, self._ws_error = 0.1, None
@@ -801,6 +891,8 @@ class ComfyClient:
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 self._dispatch(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                self._binary(msg.data)
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 return
 
@@ -809,9 +901,22 @@ class ComfyClient:
         if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
             return
         data: dict[str, Any] = message["data"]
-        prompt_id = data.get("prompt_id")
+        prompt_id, event = data.get("prompt_id"), str(message.get("type"))
+        if event == "executing" or event in TERMINAL_EVENTS:
+            running = event == "executing" and data.get("node") is not None
+            self._executing = prompt_id if running and isinstance(prompt_id, str) else None
         if isinstance(prompt_id, str) and prompt_id in self._watches:
-            self._watches[prompt_id].events.put_nowait((str(message.get("type")), data))
+            self._watches[prompt_id].events.put_nowait((event, data))
+
+    def _binary(self, frame: bytes) -> None:
+        """An image frame, to our prompt that runs now (layout: `_BINARY_PREVIEW_IMAGE`)."""
+        image = _image_frame(frame)
+        if image is None:
+            return
+        prompt_id = image.pop("prompt_id", None) or self._executing
+        watch = self._watches.get(prompt_id or "")
+        if watch is not None:
+            watch.events.put_nowait((_WS_IMAGE, image))
 
     def _notify(self, prompt_id: str, event: str) -> None:
         watch = self._watches.get(prompt_id)
@@ -826,6 +931,26 @@ def _json_or_none(text: str, content_type: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+def _image_frame(frame: bytes) -> dict[str, Any] | None:
+    """{image, suffix[, node, prompt_id]} from a binary image frame; None for other frames."""
+    if len(frame) < 8:
+        return None
+    event, word = int.from_bytes(frame[:4], "big"), int.from_bytes(frame[4:8], "big")
+    if event == _BINARY_PREVIEW_IMAGE and word in (1, 2):
+        return {"image": bytes(frame[8:]), "suffix": _IMAGE_SUFFIXES[word]}
+    if event == _BINARY_PREVIEW_WITH_METADATA:
+        meta = _json_or_none(bytes(frame[8 : 8 + word]).decode(errors="replace"), "json")
+        if not isinstance(meta, dict) or meta.get("image_type") not in _IMAGE_SUFFIXES:
+            return None
+        suffix = _IMAGE_SUFFIXES[meta["image_type"]]
+        image: dict[str, Any] = {"image": bytes(frame[8 + word :]), "suffix": suffix}
+        for key, name in (("node_id", "node"), ("prompt_id", "prompt_id")):
+            if isinstance(meta.get(key), str):
+                image[name] = meta[key]
+        return image
+    return None
 
 
 def _queue_ids(queue: dict[str, Any]) -> tuple[set[str], set[str]]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from model_service.comfy.workflow import combo_choices, is_link, node_order
+from model_service.custom_input import FILE_NAME_PATTERN, images_error
 from model_service.errors import InvalidInput
 from model_service.media_refs import MediaKind
 from model_service.settings import Settings
@@ -33,7 +34,7 @@ FILE_INPUTS: dict[tuple[str, str], MediaKind] = {
 MAX_NODES = 1000
 MAX_FILES = 32
 
-FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+FileName = Annotated[str, StringConstraints(pattern=FILE_NAME_PATTERN)]
 
 
 class WorkflowNode(BaseModel):
@@ -59,6 +60,15 @@ class CustomWorkflowInput(BaseModel):
         max_length=MAX_FILES,
         description="The graph's input files by name: https URL, data URI or upload id.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_worker_comfyui(cls, data: Any) -> Any:
+        """worker-comfyui's `images` gets an answer naming `files` (InvalidInput is not a
+        ValueError: pydantic lets it through as it is)."""
+        if isinstance(data, dict) and "images" in data:
+            raise images_error()
+        return data
 
 
 class CustomWorkflows:

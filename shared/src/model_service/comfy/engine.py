@@ -8,7 +8,14 @@ Start-up, in the background (each stage shows in `/ready`):
 2. ComfyUI: launched by the supervisor (or watched at COMFYUI_URL);
 3. checks: each workflow against ComfyUI's `/object_info`: a missing node class, input
    or model file keeps `/ready` at 503 naming it (checked again every few seconds
-   while something is missing, and after each ComfyUI restart).
+   while something is missing, and after each ComfyUI restart);
+4. warm-up (WARMUP, when the service declares a `warmup_input`): one small prompt of the
+   service's own workflow, run like a job but not one (no job record, webhook or job
+   metric; its outputs deleted), so that ComfyUI loads the models before `/ready` says
+   200 and the first job pays no load time. Again after a ComfyUI restart; a failure is
+   logged and the service becomes ready anyway (a job then meets the real error).
+
+`startup` (shown by `/ready`) names the stage and how long each one took.
 
 A job: its LoRAs are fetched into the LoRA cache, its media inputs are uploaded to ComfyUI
 (`/upload/image`), the workflow is bound to its values, each LoRA is checked against the
@@ -31,6 +38,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -99,6 +107,10 @@ class ComfyServiceSpec:
     # more values from the job's own (local) files before they go to ComfyUI, e.g. the
     # frame count and windows an audio file's length asks for; merged into the values
     derive: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    # the warm-up job's input (WARMUP): given a scratch folder for the files it needs,
+    # the values a job of the service's own workflow gets (as its input model dumps
+    # them), at the smallest size; None: no warm-up
+    warmup_input: Callable[[Path], Mapping[str, Any]] | None = None
 
     def build_engine(
         self, settings: Settings, metrics: Metrics, blocker: str | None
@@ -151,12 +163,17 @@ class ComfyEngine:
                 ),
                 hf_endpoint=settings.hf_endpoint,
                 max_file_bytes=MAX_LORA_BYTES,
+                civitai_token=settings.civitai_token,
             )
             if spec.lora_field
             else None
         )
         self._recheck_s = recheck_s
         self._stage = "starting"
+        self._started_at = time.monotonic()
+        self._stages: list[list[Any]] = []  # [name, began (monotonic), ended or None]
+        self._warmup = settings.warmup and spec.warmup_input is not None
+        self._warmed_run = -1  # the supervisor restart count the warm-up ran for
         self._blocker: str | None = None  # a workflow check failed: what is missing
         self._fatal = blocker  # cannot work until an operator acts (e.g. no GPU)
         self._trouble: str | None = None  # a bug stopped the preparation: starting over
@@ -186,7 +203,41 @@ class ComfyEngine:
             return False, self._blocker
         if self._checked_run != self._supervisor.restarts:
             return False, "checking the workflows against ComfyUI"
+        if self._warmup and self._warmed_run != self._supervisor.restarts:
+            return False, "warming up: ComfyUI loads the models with a small prompt (WARMUP)"
         return True, "ready"
+
+    @property
+    def startup(self) -> dict[str, Any]:
+        """The start-up stage now and each stage's duration so far, for `/ready`."""
+        now = time.monotonic()
+        ok, _ = self.readiness
+        stage = "ready" if ok else "failed" if self._fatal else self._phase()
+        return {
+            "stage": stage,
+            "stages": [
+                {"stage": name, "s": round((ended or now) - began, 2)}
+                for name, began, ended in self._stages
+            ],
+            "since_start_s": round(now - self._started_at, 2),
+        }
+
+    def _phase(self) -> str:
+        return self._stages[-1][0] if self._stages else "starting"
+
+    def _enter(self, stage: str) -> None:
+        """A new start-up stage (`ready` ends them; a ComfyUI restart starts them again)."""
+        if self._stages and self._stages[-1][0] == stage:
+            return
+        now = time.monotonic()
+        if self._stages and self._stages[-1][2] is None:
+            self._stages[-1][2] = now
+        if stage == "ready":
+            took = {name: round(ended - began, 2) for name, began, ended in self._stages[-8:]}
+            log.info("ComfyUI engine ready", since_start_s=round(now - self._started_at, 2), **took)
+        self._stages.append([stage, now, now if stage == "ready" else None])
+        del self._stages[:-20]  # a service restarting ComfyUI often keeps the latest
+        self._notify()
 
     @property
     def info(self) -> dict[str, Any]:
@@ -257,6 +308,7 @@ class ComfyEngine:
     async def _prepare(self) -> None:
         await self._provide_models()
         self._stage = "comfyui"
+        self._enter("starting ComfyUI")
         await self._supervisor.start()
         while True:
             if self._supervisor.state is ComfyState.FAILED:
@@ -264,16 +316,73 @@ class ComfyEngine:
                 self._notify()
                 return
             if not await self._supervisor.wait_ready(self._recheck_s):
+                self._enter("starting ComfyUI")  # again, after a restart
                 continue
             self._trouble = None
             runs = self._supervisor.restarts
             if self._checked_run != runs or self._blocker is not None:
+                self._enter("checking workflows")
                 await self._check_workflows(runs)
+            checked = self._checked_run == runs and self._blocker is None
+            if checked and self._warmup and self._warmed_run != runs:
+                self._enter("warming up")
+                await self._warm_up(runs)
+            if self.readiness[0]:
+                self._enter("ready")
             await asyncio.sleep(_BLOCKED_RECHECK_S if self._blocker else self._recheck_s)
+
+    async def _warm_up(self, runs: int) -> None:
+        """One prompt of the service's own workflow at `warmup_input` (the smallest size),
+        as a job would run it but not as one: no job record, webhook or job metric, its
+        outputs and scratch files deleted. ComfyUI keeps the loaded models (and the
+        loaders' cached outputs) for the jobs that follow."""
+        assert self._spec.warmup_input is not None
+        scratch = self._settings.data_dir.absolute() / "warmup"
+        began = time.monotonic()
+        try:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+            (scratch / "inputs").mkdir(parents=True)
+            inputs = dict(await asyncio.to_thread(self._spec.warmup_input, scratch / "inputs"))
+            prompt_id = str(uuid.uuid4())
+            job = RunJob(f"warmup-{prompt_id[:8]}", inputs, str(scratch / "outputs"), 0)
+            task = asyncio.current_task()
+            assert task is not None
+            running = _Running(
+                job.job_id,
+                f"warmup-{prompt_id[:8]}",
+                prompt_id,
+                task,
+                on_started=lambda: None,
+                after=None,
+                queued=asyncio.get_running_loop().create_future(),
+            )
+            done = await self._run(job, running, lambda _progress: None)
+            log.info(
+                "warm-up done: the models are loaded",
+                warmup_s=round(time.monotonic() - began, 2),
+                comfy_execution_s=done.info.get("comfy_execution_s"),
+            )
+        except (ServiceError, OSError, ValueError, TimeoutError) as exc:
+            # ready anyway: the jobs then meet (and report) the real error themselves
+            message = exc.message if isinstance(exc, ServiceError) else repr(exc)
+            log.error(
+                "warm-up failed; the service becomes ready without it and the first job "
+                "loads the models. Read the error (and ComfyUI's log lines above); set "
+                "WARMUP=0 to skip the warm-up",
+                error=message,
+                warmup_s=round(time.monotonic() - began, 2),
+            )
+            self._warmup = False  # not again after a restart: no crash loop of warm-ups
+            if isinstance(exc, ComfyCudaError):  # the process is poisoned, as after a job
+                asyncio.get_running_loop().create_task(self._supervisor.restart("CUDA error"))
+        finally:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+        self._warmed_run = runs
 
     async def _provide_models(self) -> None:
         if self._settings.profile == "tiny":
             self._stage = "generating the tiny test models"
+            self._enter("generating tiny models")
             from model_service.comfy.tiny_weights import materialize
 
             entries = [(f.tiny, f.path(self._models_dir)) for f in self._manifest.files if f.tiny]
@@ -293,6 +402,7 @@ class ComfyEngine:
             if not missing:
                 return
             total = sum(f.size_bytes for f in missing)
+            self._enter("downloading models")
             self._stage = (
                 f"downloading {len(missing)} model file(s), {total / 1e9:.1f} GB, to "
                 f"{self._models_dir}"
@@ -627,7 +737,11 @@ class ComfyEngine:
 
     async def _take_output(self, output: OutputFile, dest: Path) -> None:
         """Move the file out of ComfyUI's output folder when it is ours and on this
-        machine (a rename: no copy, and ComfyUI's folder does not grow); else `/view`."""
+        machine (a rename: no copy, and ComfyUI's folder does not grow); else `/view`.
+        An image sent over the websocket (`SaveImageWebsocket`) is written as it came."""
+        if output.data is not None:
+            await asyncio.to_thread(_write_whole, dest, output.data)
+            return
         source = _local_output(self._supervisor.output_dir, output)
         if source is not None:
             try:
@@ -802,6 +916,12 @@ def _local_output(root: Path | None, output: OutputFile) -> Path | None:
     if not path.is_relative_to(root.resolve()) or not path.is_file():
         return None
     return path
+
+
+def _write_whole(dest: Path, data: bytes) -> None:
+    partial = dest.with_name(dest.name + ".part")
+    partial.write_bytes(data)
+    os.replace(partial, dest)
 
 
 def _execution_times(result: RunResult) -> dict[str, Any]:

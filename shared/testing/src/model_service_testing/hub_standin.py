@@ -1,6 +1,7 @@
 """A file server on loopback that also answers like the Hugging Face Hub
 (`/<org>/<repo>/resolve/<rev>/<path>` with `X-Repo-Commit` and `ETag`), with faults:
-cuts, ignored ranges, wrong bytes, error statuses, slow chunks. For provisioning tests."""
+cuts, ignored ranges, wrong bytes, error statuses, redirects, slow chunks. For the
+weights tests (provisioning, the LoRA cache)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ COMMIT = "a" * 40
 
 
 def blob(seed: int, size: int = SIZE) -> bytes:
-    """Random bytes that start like a safetensors file (8-byte header length, JSON)."""
-    header = json.dumps({"__metadata__": {"seed": str(seed)}}).encode()
-    body = random.Random(seed).randbytes(size - 8 - len(header))  # noqa: S311 - test data
-    return len(header).to_bytes(8, "little") + header + body
+    """A valid safetensors file of exactly `size` bytes: one U8 tensor of random bytes."""
+
+    def header(n: int) -> bytes:
+        tensor = {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}
+        return json.dumps({"__metadata__": {"seed": str(seed)}, "data": tensor}).encode()
+
+    room = len(header(size))  # n < size: its header is no longer; padded with spaces
+    n = size - 8 - room
+    body = random.Random(seed).randbytes(n)  # noqa: S311 - test data
+    return room.to_bytes(8, "little") + header(n).ljust(room) + body
 
 
 def sha(data: bytes) -> str:
@@ -47,6 +54,7 @@ class Knobs:
     ignore_range: set[str] = field(default_factory=set)
     wrong_bytes: set[str] = field(default_factory=set)  # same size, other contents
     status: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
+    redirect: dict[str, str] = field(default_factory=dict)  # path -> Location (302)
     chunk_delay_s: float = 0.0  # per 64 KiB: slow downloads
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,6 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
         with k.lock:
             k.gets.append((key, range_header))
             k.auth.append(self.headers.get("Authorization"))
+        if key in k.redirect:
+            self._error(302, {"Location": k.redirect[key]})
+            return
         if key in k.status:
             self._error(*k.status[key])
             return
@@ -151,6 +162,10 @@ class Server(NamedTuple):
 
     def gets_of(self, path: str) -> list[str | None]:
         return [r for p, r in self.knobs.gets if p == path]
+
+    def auth_of(self, path: str) -> list[str | None]:
+        """The Authorization header of each GET of `path`."""
+        return [a for (p, _), a in zip(self.knobs.gets, self.knobs.auth, strict=True) if p == path]
 
 
 @contextmanager

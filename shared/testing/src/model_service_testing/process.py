@@ -53,6 +53,7 @@ class ServiceProcess:
             "HOST": "127.0.0.1",
             "DATA_DIR": str(data_dir),
             "LOG_FORMAT": "json",
+            "WARMUP": "0",  # the ComfyUI services' warm-up: on only in the tests of it
             **(env or {}),
         }
         if pythonpath:
@@ -122,6 +123,29 @@ class ServiceProcess:
             check=False,
         ).stdout
         return [int(pid) for pid in out.split()]
+
+
+def watch_ready(service: ServiceProcess, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """`/ready`'s answers until 200 (the last), one per change of status or stage, each
+    with its `status` code added."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(service.url + "/ready", timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        body = {**response.json(), "status": response.status_code}
+        if not seen or (seen[-1]["status"], seen[-1].get("stage")) != (
+            body["status"],
+            body.get("stage"),
+        ):
+            seen.append(body)
+        if response.status_code == 200:
+            return seen
+        time.sleep(0.05)
+    raise TimeoutError(f"/ready not 200 after {timeout} s: {seen[-3:]}; {service.log()[-3000:]}")
 
 
 def wait_status(

@@ -2,13 +2,15 @@
 
 The weight-free core nodes run for real on Pillow images (`EmptyImage`, `LoadImage`,
 `ImageInvert`, `RepeatImageBatch`, `ImageBatch`, `ImageFromBatch`, `SaveImage`,
-`PreviewImage`, `CreateVideo`, `SaveVideo`, `SaveAnimatedWEBP`, and `ColorTransfer`'s
+`PreviewImage`, `SaveImageWebsocket` (each image a binary PNG frame on the websocket),
+`CreateVideo`, `SaveVideo`, `SaveAnimatedWEBP`, and `ColorTransfer`'s
 `reinhard_lab` method with `per_frame` statistics) and on PyAV-decoded audio
 (`LoadAudio`); `SaveVideo` writes a real H.264 MP4 with the `ffmpeg` binary when it is on
 PATH, else with PyAV, which also muxes the video's audio as AAC (as ComfyUI does). Every
 other node known to the catalogue is a fake: it passes placeholders along (carrying width,
 height, length and steps so that a later real node can make frames of the right size),
-and sampler-like nodes emit one progress message per step.
+and sampler-like nodes emit one progress message per step (and, with the `previews` knob,
+a JPEG latent-preview frame after each, as ComfyUI does with a `--preview-method`).
 
 Wan's image-to-video latent nodes keep their start (and end) image in the placeholder, so
 the decoded frames can be checked from the saved video alone: frame 0 is the start image
@@ -48,6 +50,8 @@ META_KEYS = ("width", "height", "length", "batch_size", "steps", "fps")
 MAX_FAKE_FRAMES = 512
 SLOW_TICK_S = 0.05
 DEFAULT_SIZE = 64
+# IS_CHANGED returns the time: never taken from the cache
+ALWAYS_CHANGED = frozenset({"SaveImageWebsocket"})
 
 
 @dataclass
@@ -119,6 +123,9 @@ class NodeContext:
     slow_s: float = 0.0
     video_encoder: str = "auto"
     drift: float = 0.0  # colour drift of frames made from a start image, at the last frame
+    # a binary image frame to the prompt's client: (format "PNG" | "JPEG", image)
+    send_image: Callable[[str, Image.Image], Awaitable[None]] | None = None
+    previews: bool = False  # samplers send a latent preview after each step
 
 
 @dataclass
@@ -493,6 +500,17 @@ async def save_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     return NodeResult((Frames(frames),), {"images": items})
 
 
+async def save_image_websocket(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
+    """ComfyUI's custom_nodes/websocket_image_save.py: each image as the preview of a
+    progress bar update (`update_absolute(step, n, ("PNG", image, None))`), no UI."""
+    frames = as_frames(inputs["images"])
+    for step, frame in enumerate(frames):
+        await ctx.progress(step, len(frames))
+        if ctx.send_image is not None:
+            await ctx.send_image("PNG", frame)
+    return NodeResult(())
+
+
 async def preview_image(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
     frames = as_frames(inputs["images"])
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))  # noqa: S311
@@ -575,6 +593,7 @@ REAL_NODES: dict[str, NodeFunc] = {
     "ColorTransfer": color_transfer,
     "SaveImage": save_image,
     "PreviewImage": preview_image,
+    "SaveImageWebsocket": save_image_websocket,
     "CreateVideo": create_video,
     "SaveVideo": save_video,
     "SaveAnimatedWEBP": save_animated_webp,
@@ -733,6 +752,8 @@ async def _fake_node(ctx: NodeContext, inputs: dict[str, Any]) -> NodeResult:
         if ctx.step_delay_s > 0:
             await asyncio.sleep(ctx.step_delay_s)
         await ctx.progress(step, steps)
+        if ctx.previews and ctx.send_image is not None:  # a latent preview (max 512 px)
+            await ctx.send_image("JPEG", Image.new("RGB", (16, 16), (step * 37 % 256, 90, 40)))
     outputs: list[Any] = [Placeholder(str(t), dict(meta)) for t in ctx.return_types]
     if ctx.class_type == "WanInfiniteTalkToVideo":  # trim_image, which real nodes consume
         extending = inputs.get("previous_frames") is not None

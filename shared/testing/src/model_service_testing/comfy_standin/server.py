@@ -10,17 +10,20 @@ pinned ComfyUI's, vendored beside this module: `snapshot.OBJECT_INFO`), runs one
 prompt at a time in queue order, and sends the real websocket sequence (`status`,
 `execution_start`, `execution_cached`, `executing`, `progress`, `progress_state`,
 `executed`, `execution_success` | `execution_error` | `execution_interrupted`, then
-`executing` with `node: null`), including ComfyUI's race: `execution_success` goes out
-before the history entry is written (widen it with `history_delay_s`).
+`executing` with `node: null`; binary image frames as ComfyUI's `send_image` makes them
+for a client without `supports_preview_metadata`), including ComfyUI's race:
+`execution_success` goes out before the history entry is written (widen it with
+`history_delay_s`).
 
 Weight-free core nodes run for real (see `nodes`); every other known node is a
 fake that passes placeholders and emits sampler progress. Test knobs (constructor or
 `POST /standin/config`): `step_delay_s`, `slow_nodes` {class: seconds},
 `fail_nodes` {class or node id: {exception_type, message}}, `crash_nodes` [class or node
 id] (the process exits with `os._exit(1)` when one starts), `history_delay_s`, `cache`,
-`drift` (colour drift of frames made from a start image, at the last frame).
-`GET /standin/stats` lists the `/free`, `/interrupt` and `/history/{id}` calls it received
-and the prompts it accepted;
+`drift` (colour drift of frames made from a start image, at the last frame), `previews`
+(samplers send a JPEG latent-preview frame per step).
+`GET /standin/stats` lists the `/free`, `/interrupt` and `/history/{id}` calls it received,
+the prompts it accepted and the nodes each one run took from the cache;
 `POST /standin/drop_websockets` closes every websocket (a network blip).
 
 Written from the protocol as observed (ComfyUI 0.33.0's `server.py` and `execution.py`
@@ -34,12 +37,14 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
+import io
 import json
 import logging
 import mimetypes
 import os
 import platform
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -52,10 +57,12 @@ from typing import Any
 
 import httpx
 from aiohttp import WSMsgType, web
+from PIL import Image
 
 from model_service.comfy.workflow import is_link
 from model_service_testing.comfy_standin.graph import Catalog, Validator, expand_inputs
 from model_service_testing.comfy_standin.nodes import (
+    ALWAYS_CHANGED,
     Dirs,
     InjectedFailure,
     NodeContext,
@@ -103,6 +110,7 @@ class Knobs:
     history_delay_s: float = 0.0
     cache: bool = True
     drift: float = 0.0  # colour drift of frames made from a start image (standin_nodes)
+    previews: bool = False  # latent previews from samplers (binary frames)
 
     def update(self, data: dict[str, Any]) -> None:
         if data.get("reset"):
@@ -114,7 +122,7 @@ class Knobs:
                 self.fail_nodes = {k: FailSpec(**v) for k, v in value.items()}
             elif key in ("step_delay_s", "history_delay_s", "drift"):
                 setattr(self, key, float(value))
-            elif key in ("slow_nodes", "crash_nodes", "cache"):
+            elif key in ("slow_nodes", "crash_nodes", "cache", "previews"):
                 setattr(self, key, value)
             elif key != "reset":
                 raise ValueError(f"unknown stand-in knob {key!r}")
@@ -188,6 +196,7 @@ class Standin:
             "interrupt": [],
             "history_reads": [],
             "prompts": [],  # every graph it accepted, as received
+            "cached": [],  # [prompt id, the node ids it took from the cache], per prompt run
         }
         self.number = 0
         self.task_counter = 0
@@ -281,6 +290,12 @@ class Standin:
         for ws in targets:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_json({"type": event, "data": data})
+
+    async def send_bytes(self, frame: bytes, sid: str | None) -> None:
+        ws = self.sockets.get(sid or "")
+        if ws is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_bytes(frame)
 
     def queue_info(self) -> dict[str, Any]:
         return {"exec_info": {"queue_remaining": len(self.pending) + len(self.running)}}
@@ -670,6 +685,7 @@ class Execution:
         self.cached = [
             n for n in self.prompt if use_cache and self._signature(n) in self.server.cache
         ]
+        self.server.stats["cached"].append([self.prompt_id, list(self.cached)])
         await self.message("execution_cached", {"nodes": self.cached, "prompt_id": self.prompt_id})
         for node_id in self._order():
             if not await self._step(node_id):
@@ -713,8 +729,11 @@ class Execution:
                 k: ["link", self._signature(v[0]), v[1]] if is_link(v) else v
                 for k, v in sorted(node.get("inputs", {}).items())
             }
+            volatile = uuid.uuid4().hex if node["class_type"] in ALWAYS_CHANGED else None
             text = json.dumps(
-                [node["class_type"], inputs, self._file_stamp(node)], sort_keys=True, default=str
+                [node["class_type"], inputs, self._file_stamp(node), volatile],
+                sort_keys=True,
+                default=str,
             )
             self._signatures[node_id] = hashlib.sha256(text.encode()).hexdigest()
         return self._signatures[node_id]
@@ -810,8 +829,18 @@ class Execution:
             slow_s=float(knobs.slow_nodes.get(node_id) or knobs.slow_nodes.get(class_type) or 0.0),
             video_encoder=self.server.config.video_encoder,
             drift=knobs.drift,
+            send_image=self._send_image,
+            previews=knobs.previews,
         )
         return await run_node(ctx, inputs)
+
+    async def _send_image(self, image_format: str, image: Image.Image) -> None:
+        """ComfyUI's PREVIEW_IMAGE frame: event 1, format 1 (JPEG) or 2 (PNG), the image
+        (its server.py `send_image`, `encode_bytes`), to the prompt's client only."""
+        frame = io.BytesIO()
+        frame.write(struct.pack(">II", 1, 1 if image_format == "JPEG" else 2))
+        image.save(frame, format=image_format, quality=95, compress_level=1)
+        await self.server.send_bytes(frame.getvalue(), self.client_id)
 
     def _check_interrupt(self) -> None:
         if self.server.interrupted:

@@ -1,0 +1,1 @@
+"""Other services' request and answer shapes, translated onto our jobs."""
