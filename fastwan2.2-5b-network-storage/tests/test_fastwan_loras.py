@@ -18,10 +18,10 @@ from fastwan.service import MANIFEST, SHIFT, TI2V, UNET
 from model_service.comfy.tiny_weights import write_tiny
 from model_service.provision import Manifest
 from model_service_testing.comfy_standin import StandinProcess
-from model_service_testing.hub_standin import Server, serve
+from model_service_testing.hub_standin import Server
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri, video_frames
-from model_service_testing.process import ServiceProcess
+from model_service_testing.process import ServiceProcess, run_waiting
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
 FILES = Manifest.load(MANIFEST).files
@@ -103,12 +103,6 @@ def test_bad_loras_are_refused_with_the_reason(loras: list[Any], problem: str) -
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[Server]:
-    with serve() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def standin(comfy_standin: StartStandin) -> StandinProcess:
     return comfy_standin(models=MODELS)
 
@@ -137,13 +131,6 @@ def client(service: ServiceProcess, standin: StandinProcess) -> Iterator[httpx.C
         yield http
 
 
-def _run(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
-    assert response.status_code == 200, response.text
-    job: dict[str, Any] = response.json()
-    return job
-
-
 def test_job_loras_are_downloaded_once_and_reach_comfyui(
     client: httpx.Client, standin: StandinProcess, hub: Server, tmp_path: Path
 ) -> None:
@@ -154,7 +141,7 @@ def test_job_loras_are_downloaded_once_and_reach_comfyui(
         {"source": "hf://someone/fastwan-loras/motion.safetensors", "strength": 0.5},
     ]
     for payload in ({}, {"start_image": png_data_uri()}):
-        job = _run(client, {"prompt": "p", **SMALL, **payload, "loras": loras})
+        job = run_waiting(client, {"prompt": "p", **SMALL, **payload, "loras": loras})
         assert job["status"] == "succeeded", job.get("error")
         chain = lora_chain(standin.stats()["prompts"][-1])
         assert [strength for _, strength in chain] == [0.8, 0.5]
@@ -164,7 +151,7 @@ def test_job_loras_are_downloaded_once_and_reach_comfyui(
     assert len(hub.gets_of("/loras/fw_style.safetensors")) == 1, "downloaded once, then cached"
     cached = list((standin.base_dir / "models" / "loras" / "cache").glob("*.safetensors"))
     assert len(cached) == 2
-    plain = _run(client, {"prompt": "p", **SMALL})
+    plain = run_waiting(client, {"prompt": "p", **SMALL})
     assert plain["status"] == "succeeded", plain.get("error")
     assert lora_chain(standin.stats()["prompts"][-1]) == [], "the next job has none"
 
@@ -174,7 +161,7 @@ def test_an_unreachable_lora_fails_the_job_before_comfyui_works(
 ) -> None:
     source = f"{hub.url}/loras/gone.safetensors"
     before = len(standin.stats()["prompts"])
-    job = _run(client, {"prompt": "p", **SMALL, "loras": [{"source": source}]})
+    job = run_waiting(client, {"prompt": "p", **SMALL, "loras": [{"source": source}]})
     assert job["status"] == "failed"
     assert job["error"]["code"] == "lora_unavailable", job["error"]
     assert len(standin.stats()["prompts"]) == before, "nothing was queued in ComfyUI"
@@ -197,8 +184,8 @@ def test_a_lora_applies_on_a_real_comfyui(
     url = hub.add("/loras/tiny_real.safetensors", _lora_bytes(tmp_path, 3))
     with tiny_service.client() as http:
         payload = {"prompt": "a red fox", "seed": 1, **SMALL}
-        plain = _run(http, payload)
-        with_lora = _run(http, {**payload, "loras": [{"source": url, "strength": 4.0}]})
+        plain = run_waiting(http, payload)
+        with_lora = run_waiting(http, {**payload, "loras": [{"source": url, "strength": 4.0}]})
         assert plain["status"] == with_lora["status"] == "succeeded", with_lora.get("error")
         videos = [http.get(job["outputs"][0]["url"]).content for job in (plain, with_lora)]
         assert video_frames(videos[0]) != video_frames(videos[1])

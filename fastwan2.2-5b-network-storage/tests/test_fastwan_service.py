@@ -28,7 +28,7 @@ from model_service.provision import Manifest
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri, video_facts, video_frames
-from model_service_testing.process import ServiceProcess, wait_status
+from model_service_testing.process import ServiceProcess, run_waiting, wait_status
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 
 FILES = Manifest.load(MANIFEST).files
@@ -51,13 +51,6 @@ def client(service: ServiceProcess, standin: StandinProcess) -> Iterator[httpx.C
     standin.configure(reset=True)
     with service.client() as http:
         yield http
-
-
-def _run(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
-    assert response.status_code == 200, response.text
-    job: dict[str, Any] = response.json()
-    return job
 
 
 # --- the graph each input builds (no server needed) ------------------------------------
@@ -131,12 +124,12 @@ def test_a_portrait_start_image_makes_a_portrait_video(client: httpx.Client) -> 
     """No size given: the video takes the image's shape at the 720p budget by Wan2.2's own
     rule (TI2V-5B `best_output_size`), not a landscape crop of a portrait photo."""
     portrait = png_data_uri(size=(480, 832))
-    job = _run(client, {"prompt": "p", "start_image": portrait, "num_frames": 5, "fps": 8})
+    job = run_waiting(client, {"prompt": "p", "start_image": portrait, "num_frames": 5, "fps": 8})
     assert job["status"] == "succeeded", job.get("error")
     assert job["info"]["derived"] == {"width": 704, "height": 1248}
     facts = video_facts(client.get(job["outputs"][0]["url"]).content)
     assert (facts["width"], facts["height"]) == (704, 1248)
-    given = _run(client, {"prompt": "p", "start_image": portrait, **SMALL})  # a size wins
+    given = run_waiting(client, {"prompt": "p", "start_image": portrait, **SMALL})  # a size wins
     assert "derived" not in given["info"]
     facts = video_facts(client.get(given["outputs"][0]["url"]).content)
     assert (facts["width"], facts["height"]) == (64, 64)
@@ -169,7 +162,7 @@ def test_manifest_names_every_model_the_workflow_loads() -> None:
 
 
 def test_text_to_video_job_returns_an_h264_mp4(client: httpx.Client) -> None:
-    job = _run(client, {"prompt": "a red fox", "seed": 11, **SMALL})
+    job = run_waiting(client, {"prompt": "a red fox", "seed": 11, **SMALL})
     assert job["status"] == "succeeded", job.get("error")
     assert job["outputs"][0]["name"] == "video.mp4"
     assert job["info"]["workflow"] == "ti2v"
@@ -185,7 +178,7 @@ def test_text_to_video_job_returns_an_h264_mp4(client: httpx.Client) -> None:
 def test_image_to_video_uploads_the_start_image(
     client: httpx.Client, standin: StandinProcess
 ) -> None:
-    job = _run(client, {"prompt": "a red fox", "start_image": png_data_uri(), **SMALL})
+    job = run_waiting(client, {"prompt": "a red fox", "start_image": png_data_uri(), **SMALL})
     assert job["status"] == "succeeded", job
     uploaded = list((standin.base_dir / "input" / "jobs").glob("*_start_image.png"))
     assert uploaded, "the start image never reached ComfyUI's input folder"
@@ -195,8 +188,8 @@ def test_image_to_video_uploads_the_start_image(
 
 
 def test_a_random_seed_is_chosen_and_returned(client: httpx.Client) -> None:
-    first = _run(client, {"prompt": "waves", **SMALL})
-    second = _run(client, {"prompt": "waves", **SMALL})
+    first = run_waiting(client, {"prompt": "waves", **SMALL})
+    second = run_waiting(client, {"prompt": "waves", **SMALL})
     assert first["status"] == second["status"] == "succeeded"
     assert isinstance(first["seed"], int)
     assert first["seed"] != second["seed"]
@@ -234,14 +227,14 @@ def test_cancel_interrupts_only_our_prompt(client: httpx.Client, standin: Standi
     assert interrupts, "ComfyUI was never asked to interrupt"
     assert all(call.get("prompt_id") for call in interrupts), interrupts  # never a global one
     standin.configure(reset=True)
-    assert _run(client, {"prompt": "after cancel", **SMALL})["status"] == "succeeded"
+    assert run_waiting(client, {"prompt": "after cancel", **SMALL})["status"] == "succeeded"
 
 
 def test_execution_error_names_the_node(client: httpx.Client, standin: StandinProcess) -> None:
     standin.configure(
         fail_nodes={"VAEDecode": {"exception_type": "RuntimeError", "message": "bad latent"}}
     )
-    job = _run(client, {"prompt": "fails", **SMALL})
+    job = run_waiting(client, {"prompt": "fails", **SMALL})
     assert job["status"] == "failed"
     error = job["error"]
     assert error["code"] == "comfy_execution_error"
@@ -257,7 +250,7 @@ def test_out_of_memory_has_its_own_code_and_frees_memory(
             "SamplerCustomAdvanced": {"exception_type": "torch.OutOfMemoryError", "message": ""}
         }
     )
-    job = _run(client, {"prompt": "too big", **SMALL})
+    job = run_waiting(client, {"prompt": "too big", **SMALL})
     assert job["status"] == "failed"
     assert job["error"]["code"] == "out_of_memory"
     assert standin.stats()["free"], "ComfyUI was not asked to free its memory"
@@ -317,7 +310,7 @@ def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
     own.start(timeout=60)
     try:
         with own.client() as http:
-            job = _run(http, {"prompt": "boom", **SMALL})
+            job = run_waiting(http, {"prompt": "boom", **SMALL})
             assert job["status"] == "failed", job
             assert job["error"]["code"] == "backend_crashed", job["error"]
             assert "Retry" in job["error"]["message"] or "retry" in job["error"]["message"]
@@ -327,7 +320,7 @@ def test_comfyui_crash_fails_the_job_and_the_next_job_succeeds(
             restarted.start()
             try:
                 own.wait_for("/ready", 60)
-                assert _run(http, {"prompt": "fine", **SMALL})["status"] == "succeeded"
+                assert run_waiting(http, {"prompt": "fine", **SMALL})["status"] == "succeeded"
             finally:
                 restarted.stop()
     finally:
@@ -374,14 +367,14 @@ def tiny_service(tiny_comfy_service: StartComfyService) -> ServiceProcess:
 @needs_real_comfyui
 def test_tiny_text_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> None:
     with tiny_service.client() as http:
-        job = _run(http, {"prompt": "a red fox", "seed": 1, **SMALL, "num_frames": 17})
+        job = run_waiting(http, {"prompt": "a red fox", "seed": 1, **SMALL, "num_frames": 17})
         assert job["status"] == "succeeded", job.get("error")
         video = http.get(job["outputs"][0]["url"]).content
         facts = video_facts(video)
         assert facts["codec"] == "h264"
         assert (facts["width"], facts["height"], facts["frames"]) == (64, 64, 17)
         assert facts["fps"] == pytest.approx(8.0)
-        other = _run(http, {"prompt": "a red fox", "seed": 2, **SMALL, "num_frames": 17})
+        other = run_waiting(http, {"prompt": "a red fox", "seed": 2, **SMALL, "num_frames": 17})
         assert video_frames(http.get(other["outputs"][0]["url"]).content) != video_frames(video)
         ready = http.get("/ready").json()
         assert ready["ready"] is True
@@ -393,8 +386,8 @@ def test_tiny_text_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> N
 @needs_real_comfyui
 def test_tiny_image_to_video_on_a_real_comfyui(tiny_service: ServiceProcess) -> None:
     with tiny_service.client() as http:
-        red = _run(http, {"prompt": "x", "seed": 3, "start_image": png_data_uri(), **SMALL})
-        blue = _run(
+        red = run_waiting(http, {"prompt": "x", "seed": 3, "start_image": png_data_uri(), **SMALL})
+        blue = run_waiting(
             http,
             {"prompt": "x", "seed": 3, "start_image": png_data_uri((20, 40, 220)), **SMALL},
         )

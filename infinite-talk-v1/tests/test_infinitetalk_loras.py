@@ -23,7 +23,7 @@ from infinitetalk.service import LIGHTX2V, MANIFEST, TALK, WINDOW
 from model_service.comfy.tiny_weights import write_tiny
 from model_service.provision import Manifest
 from model_service_testing.comfy_standin import StandinProcess
-from model_service_testing.hub_standin import Server, serve
+from model_service_testing.hub_standin import Server
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import data_uri, video_frames
 from model_service_testing.process import ServiceProcess, place_sparse_models
@@ -149,12 +149,6 @@ def test_bad_loras_are_refused_with_the_reason(loras: list[Any], problem: str) -
 
 
 # --- the service against the stand-in ComfyUI -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def hub() -> Iterator[Server]:
-    with serve() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

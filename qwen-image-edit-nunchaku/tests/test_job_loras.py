@@ -22,7 +22,7 @@ from safetensors.torch import save
 
 from model_service.errors import LoraInvalid, LoraUnavailable
 from model_service.predictor import WorkerConfig, predict_now
-from model_service_testing.hub_standin import Server, serve
+from model_service_testing.hub_standin import Server
 from model_service_testing.process import ServiceProcess
 from qwen_image_edit import pipeline_loader
 from qwen_image_edit.predictor import QwenImageEditPredictor
@@ -67,12 +67,6 @@ def tiny_lora(
     assert tensors
     assert all(".lora_A." in k or ".lora_B." in k for k in tensors)
     return save(tensors)
-
-
-@pytest.fixture(scope="module")
-def hub() -> Iterator[Server]:
-    with serve() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,10 @@ from model_service.comfy.workflow import Workflow
 from model_service.metrics import Metrics
 from model_service.settings import Settings
 from model_service_testing.comfy_standin import StandinProcess
-from model_service_testing.hub_standin import COMMIT, Server, blob, serve, sha
+from model_service_testing.hub_standin import COMMIT, Server, blob, sha
+
+# huggingface_hub in this process calls the Hub look-alike
+pytestmark = pytest.mark.usefixtures("hub_reachable")
 
 VAE = "tiny_vae.safetensors"
 UNET = "tiny_unet.safetensors"
@@ -28,12 +31,6 @@ GRAPH = {
     "3": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1}},
     "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
 }
-
-
-@pytest.fixture
-def hub() -> Iterator[Server]:
-    with serve() as running:
-        yield running
 
 
 @pytest.fixture

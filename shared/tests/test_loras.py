@@ -25,6 +25,9 @@ from model_service.fetch import SafeHttpClient
 from model_service.loras import LoraCache, LoraSource, list_cached, parse_lora_source
 from model_service_testing.hub_standin import Server, serve
 
+# huggingface_hub in this process calls the Hub look-alike
+pytestmark = pytest.mark.usefixtures("hub_reachable")
+
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 FIELD = "loras[0].source"
 CIVITAI_TOKEN = "civitai-key-5e1f0c-do-not-log"

@@ -29,6 +29,9 @@ from model_service.provision import (
 )
 from model_service_testing.hub_standin import COMMIT, Server, blob, serve, sha
 
+# huggingface_hub in this process calls the Hub look-alike
+pytestmark = pytest.mark.usefixtures("hub_reachable")
+
 SHARED_SRC = Path(__file__).resolve().parents[1] / "src"
 
 

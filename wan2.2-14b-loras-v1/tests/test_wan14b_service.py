@@ -27,10 +27,10 @@ from model_service.comfy.workflow import sampler_steps
 from model_service.provision import Manifest
 from model_service_testing.comfy_sigmas import schedule
 from model_service_testing.comfy_standin import StandinProcess
-from model_service_testing.hub_standin import Server, serve
+from model_service_testing.hub_standin import Server
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri, video_frames
-from model_service_testing.process import ServiceProcess, place_sparse_models
+from model_service_testing.process import ServiceProcess, place_sparse_models, run_waiting
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 from wan14b.schema import WAN_NEGATIVE, Wan14bInput
 from wan14b.service import FLF, I2V, MANIFEST, T2V, choose
@@ -315,12 +315,6 @@ def test_manifest_names_every_model_the_workflows_load() -> None:
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[Server]:
-    with serve() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def standin(comfy_standin: StartStandin) -> StandinProcess:
     process = comfy_standin()
     place_sparse_models(process.base_dir / "models", FILES)  # "downloaded"
@@ -352,13 +346,6 @@ def client(service: ServiceProcess, standin: StandinProcess) -> Iterator[httpx.C
         yield http
 
 
-def _run(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
-    assert response.status_code == 200, response.text
-    job: dict[str, Any] = response.json()
-    return job
-
-
 def _last_prompt(standin: StandinProcess) -> dict[str, Any]:
     prompt: dict[str, Any] = standin.stats()["prompts"][-1]
     return prompt
@@ -376,7 +363,7 @@ def test_a_portrait_start_image_makes_a_portrait_video(client: httpx.Client) -> 
     (image2video.py), not the 832x480 landscape crop of a portrait photo."""
     portrait = png_data_uri(size=(480, 832))
     for extra in ({}, {"end_image": png_data_uri((0, 0, 255), size=(480, 832))}):
-        job = _run(
+        job = run_waiting(
             client, {"prompt": "p", "start_image": portrait, "num_frames": 5, "fps": 8, **extra}
         )
         assert job["status"] == "succeeded", job.get("error")
@@ -391,7 +378,7 @@ def test_each_mode_returns_an_h264_mp4(client: httpx.Client, standin: StandinPro
         ({"start_image": png_data_uri()}, "i2v"),
         ({"start_image": png_data_uri(), "end_image": png_data_uri((0, 0, 255))}, "flf"),
     ):
-        job = _run(client, {"prompt": "a red fox", **SMALL, **payload})
+        job = run_waiting(client, {"prompt": "a red fox", **SMALL, **payload})
         assert job["status"] == "succeeded", job.get("error")
         assert job["info"]["workflow"] == mode
         assert _video_facts(client.get(job["outputs"][0]["url"]).content) == ("h264", 64, 64, 9)
@@ -435,7 +422,9 @@ def test_job_loras_are_downloaded_once_and_reach_comfyui(
         {"source": "hf://someone/wan-loras/motion.safetensors", "applies_to": "both"},
     ]
     for _ in range(2):
-        job = _run(client, {"prompt": "p", "start_image": png_data_uri(), **SMALL, "loras": loras})
+        job = run_waiting(
+            client, {"prompt": "p", "start_image": png_data_uri(), **SMALL, "loras": loras}
+        )
         assert job["status"] == "succeeded", job.get("error")
         sent = _last_prompt(standin)
         names = [
@@ -455,7 +444,7 @@ def test_the_lora_cache_stays_under_its_cap(
 ) -> None:
     for seed in range(10, 14):
         url = hub.add(f"/loras/cap{seed}.safetensors", _lora_bytes(tmp_path, seed) + b"")
-        job = _run(client, {"prompt": "p", **SMALL, "loras": [{"source": url}]})
+        job = run_waiting(client, {"prompt": "p", **SMALL, "loras": [{"source": url}]})
         assert job["status"] == "succeeded", job.get("error")
     cache = standin.base_dir / "models" / "loras" / "cache"
     assert sum(p.stat().st_size for p in cache.glob("*.safetensors")) <= 2_500_000
@@ -473,7 +462,7 @@ def test_a_bad_lora_fails_the_job_before_comfyui_works(
         hub.add("/loras/readme.safetensors", b"this is not a safetensors file at all")
     source = f"{hub.url}/loras/" + ("gone" if setup == "missing" else "readme") + ".safetensors"
     before = len(standin.stats()["prompts"])
-    job = _run(client, {"prompt": "p", **SMALL, "loras": [{"source": source}]})
+    job = run_waiting(client, {"prompt": "p", **SMALL, "loras": [{"source": source}]})
     assert job["status"] == "failed"
     assert job["error"]["code"] == code, job["error"]
     assert source in job["error"]["message"] or "readme" in job["error"]["message"]
@@ -509,7 +498,7 @@ def test_loras_that_fit_pass_the_check_in_each_format(
         {"source": hub.add("/fit/ab.safetensors", _renamed_lora(tmp_path, 33, lora_a_b))},
     ]
     for mode in ({}, {"start_image": png_data_uri()}):
-        job = _run(client, {"prompt": "p", **SMALL, **mode, "loras": loras})
+        job = run_waiting(client, {"prompt": "p", **SMALL, **mode, "loras": loras})
         assert job["status"] == "succeeded", job.get("error")
 
 
@@ -542,7 +531,7 @@ def test_a_lora_that_does_not_fit_fails_the_job_before_comfyui_works(
     }[made]()
     source = hub.add(f"/misfit/{made}.safetensors", data)
     before = len(standin.stats()["prompts"])
-    job = _run(
+    job = run_waiting(
         client,
         {"prompt": "p", **SMALL, "loras": [{"source": source, "applies_to": "high"}]},
     )
@@ -569,7 +558,7 @@ def test_the_distill_pair_is_fetched_into_the_cache_and_replaces_the_built_in_on
         name = f"wan2.2_i2v_A14b_{expert}_noise_lora_rank64_lightx2v_4step_1022.safetensors"
         hub.add(f"/hub/lightx2v/Wan2.2-Distill-Loras/{name}", _lora_bytes(tmp_path, seed))
     payload = {"prompt": "p", "start_image": png_data_uri(), **SMALL, "lightning_loras": "distill"}
-    job = _run(client, payload)
+    job = run_waiting(client, payload)
     assert job["status"] == "succeeded", job.get("error")
     names = [
         n["inputs"]["lora_name"]
@@ -666,7 +655,7 @@ def test_tiny_modes_with_loras_on_a_real_comfyui(
             ("i2v_plain", {"start_image": red, "loras": []}),
         ):
             payload = {"prompt": "a fox", "seed": 5, **size, "loras": loras, **extra}
-            job = _run(http, payload)
+            job = run_waiting(http, payload)
             assert job["status"] == "succeeded", (name, job.get("error"))
             data = http.get(job["outputs"][0]["url"]).content
             assert _video_facts(data) == ("h264", 64, 64, 17), name
@@ -688,15 +677,15 @@ def test_tiny_loras_that_do_not_fit_fail_on_a_real_comfyui(
     fits = hub.add("/tiny/loha_160.safetensors", _loha_bytes(tmp_path, 52, "wan_lora"))
     size = {"width": 64, "height": 64, "num_frames": 5, "fps": 16}
     with tiny_service.client() as http:
-        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": other_size}]})
+        job = run_waiting(http, {"prompt": "a fox", **size, "loras": [{"source": other_size}]})
         assert job["status"] == "failed"
         assert job["error"]["code"] == "lora_invalid", job["error"]
         assert "model_file" in job["error"], "refused by the check, before ComfyUI"
 
-        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
+        job = run_waiting(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
         assert job["status"] == "succeeded", job.get("error")
 
-        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": slips}]})
+        job = run_waiting(http, {"prompt": "a fox", **size, "loras": [{"source": slips}]})
         assert job["status"] == "failed", "ComfyUI ran it without the LoRA"
         error = job["error"]
         assert error["code"] == "lora_invalid", error
@@ -705,5 +694,5 @@ def test_tiny_loras_that_do_not_fit_fail_on_a_real_comfyui(
         assert "is invalid" in error["message"]
         assert "use LoRAs trained for Wan2.2 A14B" in error["message"]
 
-        job = _run(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
+        job = run_waiting(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
         assert job["status"] == "succeeded", "the next job does not inherit the lines"

@@ -148,6 +148,14 @@ def watch_ready(service: ServiceProcess, timeout: float = 60.0) -> list[dict[str
     raise TimeoutError(f"/ready not 200 after {timeout} s: {seen[-3:]}; {service.log()[-3000:]}")
 
 
+def run_waiting(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
+    """`POST /v1/jobs` with `Prefer: wait=60`: the job once it ended (HTTP 200)."""
+    response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
 def wait_status(
     client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 60.0
 ) -> dict[str, Any]:

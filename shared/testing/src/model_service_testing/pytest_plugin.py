@@ -30,6 +30,7 @@ import pytest
 
 from model_service_testing import machine
 from model_service_testing.comfy_standin import StandinProcess
+from model_service_testing.hub_standin import Server, serve
 from model_service_testing.process import (
     RedisServer,
     ServiceProcess,
@@ -146,6 +147,24 @@ def start_probed_service(
         return tiny_comfy_service(name, env), log
 
     return start
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[Server]:
+    """A Hugging Face Hub look-alike and plain file server on loopback (model files, LoRAs)."""
+    with serve() as running:
+        yield running
+
+
+@pytest.fixture
+def hub_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub may call the Hub look-alike from this process: some test modules set
+    HF_HUB_OFFLINE=1 at import (for their own pipelines), and huggingface_hub reads it once,
+    at its own import, whichever module collected first."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture
