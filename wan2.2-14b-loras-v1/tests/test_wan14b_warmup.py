@@ -11,7 +11,7 @@ import httpx
 from model_service.provision import Manifest
 from model_service_testing.machine import needs_real_comfyui
 from model_service_testing.media import png_data_uri
-from model_service_testing.process import ServiceProcess, place_sparse_models, watch_ready
+from model_service_testing.process import start_warming, watch_ready
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 from wan14b.service import MANIFEST
 
@@ -23,17 +23,9 @@ def test_warm_up_runs_i2v_and_the_first_job_finds_the_models_loaded(
     comfy_standin: StartStandin, tmp_path: Path
 ) -> None:
     standin = comfy_standin()
-    place_sparse_models(standin.base_dir / "models", Manifest.load(MANIFEST).files)
-    service = ServiceProcess(
-        "model_service.cli",
-        tmp_path / "data",
-        env={
-            "COMFYUI_URL": standin.url,
-            "MODELS_DIR": str(standin.base_dir / "models"),
-            "WARMUP": "1",
-        },
-        args=["serve", "wan2.2-14b-loras-v1"],
-    ).start(wait_ready=False)
+    files = Manifest.load(MANIFEST).files
+    models = standin.base_dir / "models"
+    service = start_warming("wan2.2-14b-loras-v1", standin.url, models, tmp_path / "data", files)
     try:
         ready = watch_ready(service)[-1]
         assert "warming up" in [stage["stage"] for stage in ready["stages"]]

@@ -148,6 +148,20 @@ def watch_ready(service: ServiceProcess, timeout: float = 60.0) -> list[dict[str
     raise TimeoutError(f"/ready not 200 after {timeout} s: {seen[-3:]}; {service.log()[-3000:]}")
 
 
+def start_warming(
+    name: str, standin_url: str, models_dir: Path, data_dir: Path, files: Iterable[ModelFile]
+) -> ServiceProcess:
+    """ComfyUI service `name` on a ComfyUI at `standin_url`, its model files in place and
+    WARMUP=1, started without waiting for /ready (watch it with `watch_ready`)."""
+    place_sparse_models(models_dir, files)
+    return ServiceProcess(
+        "model_service.cli",
+        data_dir,
+        env={"COMFYUI_URL": standin_url, "MODELS_DIR": str(models_dir), "WARMUP": "1"},
+        args=["serve", name],
+    ).start(wait_ready=False)
+
+
 def run_waiting(client: httpx.Client, payload: dict[str, Any]) -> dict[str, Any]:
     """`POST /v1/jobs` with `Prefer: wait=60`: the job once it ended (HTTP 200)."""
     response = client.post("/v1/jobs", json={"input": payload}, headers={"Prefer": "wait=60"})
