@@ -79,7 +79,7 @@ def fill(store: SqliteJobStore, path: Path, jobs: int, due: int, old: int) -> li
         Job("template", JobStatus.QUEUED, {"prompt": "a fox"}, {"prompt": "a fox"}, 7, "h")
     )
     store.close()
-    base = template().to_row()
+    base, request = template().state_row(), json.dumps(template().request_row())
     now = time.time()
     ids = [f"job{index:07d}" for index in range(jobs)]
     db = sqlite3.connect(path)
@@ -112,6 +112,7 @@ def fill(store: SqliteJobStore, path: Path, jobs: int, due: int, old: int) -> li
                 "succeeded",
                 finished,
                 json.dumps(row),
+                request,
                 finished,
                 int(expired),
                 parent,
@@ -136,8 +137,8 @@ def _insert(
     deliveries: Sequence[tuple[object, ...]],
 ) -> None:
     db.executemany(
-        "INSERT INTO jobs (id, status, created_at, data, finished_at, outputs_expired, "
-        "parent_id, is_parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, status, created_at, data, request, finished_at, "
+        "outputs_expired, parent_id, is_parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
     db.executemany("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)", deps)
@@ -162,10 +163,10 @@ def before(settings: Settings, store: SqliteJobStore) -> int:
     cutoff = time.time() - settings.output_retention_hours * 3600
     with store._guard():  # as the old finished_before held it
         rows = store._db.execute(
-            "SELECT data FROM jobs WHERE status IN (?, ?, ?)",
+            "SELECT data, request FROM jobs WHERE status IN (?, ?, ?)",
             tuple(status.value for status in TERMINAL),
         ).fetchall()
-    jobs = [Job.from_row(json.loads(row["data"])) for row in rows]
+    jobs = [Job.from_row(json.loads(row["data"]) | json.loads(row["request"])) for row in rows]
     due = [j for j in jobs if j.finished_at and j.finished_at < cutoff and not j.outputs_expired]
     for job in due:
         shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)

@@ -16,7 +16,8 @@
 Both sides run torch with the same number of intra-op threads: the service gets
 WORKER_THREADS (its worker sets OMP_NUM_THREADS/MKL_NUM_THREADS from it before torch
 loads, and reports torch's count in /v1/service, which is checked), and this process
-the same values plus `torch.set_num_threads`. Default: torch's own default here.
+the same values plus `torch.set_num_threads`. Default: the service's own default in
+the tiny profile (all cores but one, so that the API process keeps a core).
 
 Usage: `.venv/bin/python bench/run.py [--repeats 100] [--jobs 40] [--out build/bench.json]`
 """
@@ -463,7 +464,8 @@ def parse_args() -> argparse.Namespace:
         "--threads",
         type=int,
         default=None,
-        help="torch threads for worker and direct call (default: torch's own default)",
+        help="torch threads for worker and direct call (default: the service's own in the "
+        "tiny profile, all cores but one)",
     )
     parser.add_argument(
         "--out", type=Path, default=REPO / "build" / "bench.json", help="JSON results file"
@@ -548,7 +550,8 @@ def main() -> None:
     modes = ["poll", "wait"] if args.mode == "both" else [args.mode]
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     default_threads, default_interop = torch_default_threads(base_env)
-    threads = args.threads or default_threads
+    # as the service picks without WORKER_THREADS (api/app.py), set here on both sides
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     # before this process imports torch (load_direct), like the worker inherits them
     os.environ.update({"HF_HUB_OFFLINE": "1", **thread_env})

@@ -26,7 +26,7 @@ from model_service.worker.protocol import JobDone, RunJob
 
 
 class CountingStore(SqliteJobStore):
-    """Records each write of a job: (method, job id)."""
+    """Records each write of a job, and the runner's reads by id: (method, job id)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -36,10 +36,19 @@ class CountingStore(SqliteJobStore):
         self.writes.append(("update", job_id))
         return super().update(job_id, change, durable)
 
+    def get(self, job_id: str) -> Job:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop: not the runner
+            task = None
+        if task is not None and task.get_name() == "job":  # a read on the runner's job path
+            self.writes.append(("get", job_id))
+        return super().get(job_id)
+
     def transition(
         self,
         job_id: str,
-        target: JobStatus,
+        target: JobStatus | Callable[[Job], JobStatus],
         change: Callable[[Job], None] | None = None,
         durable: bool = True,
     ) -> Job:

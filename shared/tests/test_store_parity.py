@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -752,5 +754,92 @@ def test_redis_indexes_are_built_once_for_records_written_before_them(redis_url:
     finish(store, "later", 100.0)
     raw.delete(f"{NAMESPACE}:finished")
     assert RedisJobStore(redis_url, NAMESPACE).finished_before(200.0) == []
+    raw.close()
+    store.close()
+
+
+# --- the request kept apart from the state --------------------------------------------
+
+
+def big_job(job_id: str) -> Job:
+    graph = {str(n): {"class_type": "KSampler", "inputs": {"seed": n}} for n in range(2000)}
+    job = new_job(job_id)
+    job.input, job.prepared_input = {"workflow": graph}, {"workflow": graph}
+    job.webhook, job.webhook_events = "https://h.test/", ["job.succeeded"]
+    return job
+
+
+def stored_record(store: Store, job_id: str) -> tuple[str, str]:
+    """The job's (state, request) text as the store holds them."""
+    if isinstance(store, SqliteJobStore):
+        row = store._db.execute("SELECT data, request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row["data"], row["request"]
+    assert isinstance(store, RedisJobStore)
+    data, request = store._redis.hmget(store._key("job", job_id), ["data", "request"])
+    return str(data), str(request)
+
+
+def test_a_change_writes_the_state_and_leaves_the_request_as_written(store: Store) -> None:
+    """A 2000-node workflow is written once, with the job; a claim, a progress write and
+    the end save only the small state, and every read has the whole job."""
+    store.create(big_job("a"))
+    _, request = stored_record(store, "a")
+    assert len(request) > 50_000
+    store.claim_next()
+    store.update("a", set_field("progress_step", 3), durable=False)
+    store.transition("a", JobStatus.SUCCEEDED, set_field("outputs", ["o.png"]))
+    state, request_after = stored_record(store, "a")
+    assert request_after == request
+    assert len(state) < 2_000
+    assert "workflow" not in state
+    job = store.get("a")
+    assert job.input == big_job("a").input
+    assert job.prepared_input == big_job("a").prepared_input
+    assert (job.webhook, job.webhook_events) == ("https://h.test/", ["job.succeeded"])
+    assert (job.status, job.progress_step, job.outputs) == (JobStatus.SUCCEEDED, 3, ["o.png"])
+    assert ids(store.page(None, 10, None).jobs) == ["a"]
+
+
+def test_sqlite_store_of_one_record_per_job_is_split_on_open(tmp_path: Path) -> None:
+    """A store from before the split (the whole job in `data`, no `request` column):
+    opening it moves each job's request out of `data`; its jobs read and run as before."""
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    store.create(big_job("old"))
+    store.close()
+    whole = json.dumps(big_job("old").to_row())
+    with sqlite3.connect(path) as db:  # as the store was before: no request column
+        db.execute("ALTER TABLE jobs DROP COLUMN request")
+        db.execute("UPDATE jobs SET data = ?", (whole,))
+    store = SqliteJobStore(path)
+    state, request = stored_record(store, "old")
+    assert "workflow" not in state
+    assert json.loads(request) == big_job("old").request_row()
+    claimed = store.claim_next()
+    assert claimed is not None
+    assert claimed.prepared_input == big_job("old").prepared_input
+    store.transition("old", JobStatus.SUCCEEDED)
+    assert store.get("old").input == big_job("old").input
+    store.close()
+
+
+def test_redis_record_of_one_field_per_job_is_split_on_its_first_change(redis_url: str) -> None:
+    """A job written before the split (the whole job in `data`, no `request` field)
+    reads whole, and its first change writes the request apart."""
+    store = RedisJobStore(redis_url, NAMESPACE)
+    store.create(big_job("old"))
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    key = f"{NAMESPACE}:job:old"
+    raw.hset(key, "data", json.dumps(big_job("old").to_row()))
+    raw.hdel(key, "request")
+    assert store.get("old").input == big_job("old").input
+    claimed = store.claim_next()
+    assert claimed is not None
+    assert claimed.prepared_input == big_job("old").prepared_input
+    state, request = stored_record(store, "old")
+    assert "workflow" not in state
+    assert json.loads(request) == big_job("old").request_row()
+    store.transition("old", JobStatus.SUCCEEDED)
+    assert store.get("old").input == big_job("old").input
     raw.close()
     store.close()

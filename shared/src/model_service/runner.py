@@ -270,7 +270,10 @@ class JobRunner:
         task = asyncio.create_task(self._execute_claim(claim), name="job")
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
-        await asyncio.sleep(0)  # the job goes to the engine before we look for the next
+        # the job goes to the engine before we look for the next: one loop turn for the
+        # job's task (it starts the engine's), one for the engine's (it sends the job)
+        for _ in range(2):
+            await asyncio.sleep(0)
 
     async def _execute_claim(self, claim: Claim) -> None:
         slot = _Slot(self._slots)
@@ -519,11 +522,8 @@ class JobRunner:
         started: bool,
     ) -> None:
         job_id = claim.job.id
-        current = self._store.get(job_id)
         change: Callable[[Job], None]
-        if failure is None and (current.cancel_requested or (done is not None and done.canceled)):
-            status, change = JobStatus.CANCELED, finish_now
-        elif failure is not None:
+        if failure is not None:
             status, change = JobStatus.FAILED, fail_with(failure, outputs)
         elif done is not None and done.error is not None:
             status, change = JobStatus.FAILED, fail_with_dict(done.error)
@@ -533,15 +533,22 @@ class JobRunner:
         began = None if done is None else done.started_at
         at_claim = claim.start_recorded
 
+        def outcome(job: Job) -> JobStatus:
+            """Canceled when a cancel reached the job (the store says if one came)."""
+            canceled = job.cancel_requested or (done is not None and done.canceled)
+            return JobStatus.CANCELED if failure is None and canceled else status
+
         def ended(job: Job) -> None:
             if began is not None and (job.started_at is None or at_claim):
                 job.started_at = began  # the engine's own time (not heard, or the claim's)
             elif at_claim and not started:
                 job.started_at = None  # it never began (its input was gone, or canceled)
-            _with_progress(change, progress)(job)
+            canceled = job.status is JobStatus.CANCELED
+            _with_progress(finish_now if canceled else change, progress)(job)
 
-        # not fsynced: after a power loss the job runs again (see SqliteJobStore._tx)
-        job = self._store.transition(job_id, status, ended, durable=False)
+        # one read and one write, not fsynced: after a power loss the job runs again (see
+        # SqliteJobStore._tx)
+        job = self._store.transition(job_id, outcome, ended, durable=False)
         self._metrics.job_ended(job, was_running=started)
         if job.status is JobStatus.SUCCEEDED and job.started_at and job.finished_at:
             self.mean_run_s = 0.8 * self.mean_run_s + 0.2 * (job.finished_at - job.started_at)

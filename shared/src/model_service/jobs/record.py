@@ -79,6 +79,17 @@ class Job:
         data["kind"] = str(self.kind)
         return data
 
+    def state_row(self) -> dict[str, Any]:
+        """`to_row` without the request's fields: what a change after `create` saves."""
+        data = {name: getattr(self, name) for name in STATE_FIELDS}
+        data["status"] = self.status.value
+        data["kind"] = str(self.kind)
+        return data
+
+    def request_row(self) -> dict[str, Any]:
+        """The request's fields, written once with the new job."""
+        return {name: getattr(self, name) for name in REQUEST_FIELDS}
+
     @classmethod
     def from_row(cls, data: dict[str, Any]) -> Job:
         data = dict(data)
@@ -98,3 +109,17 @@ class JobEvent:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Job))
+# What the request fixed, never changed after the job is created (a custom workflow's
+# graph can be 100 KB, twice): the stores keep it apart from the state, so a change
+# (claim, progress, the end) reads and writes the small state alone.
+REQUEST_FIELDS = (
+    "input",
+    "prepared_input",
+    "request_hash",
+    "webhook",
+    "webhook_events",
+    "base_url",
+    "storage",
+    "inputs_from",
+)
+STATE_FIELDS = tuple(name for name in _FIELD_NAMES if name not in REQUEST_FIELDS)

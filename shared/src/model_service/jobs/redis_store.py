@@ -99,7 +99,7 @@ while #found < limit do
       end
     end
     if ready then
-      found[#found + 1] = redis.call('HGET', prefix .. 'job:' .. id, 'data')
+      found[#found + 1] = redis.call('HMGET', prefix .. 'job:' .. id, 'data', 'request')
       if #found >= limit then break end
     end
   end
@@ -131,6 +131,12 @@ def _guard(method: Callable[P, T]) -> Callable[P, T]:
     return guarded
 
 
+def _job(data: str, request: str | None) -> Job:
+    """A job from its hash: the state (`data`) and the request, kept apart so that a
+    change writes the small state alone (an older store's `data` holds both)."""
+    return Job.from_row({**json.loads(data), **json.loads(request or "{}")})
+
+
 @dataclass
 class _Stored:
     """A job as read, with the index fields its record holds."""
@@ -140,6 +146,7 @@ class _Stored:
     seq: int
     parent: str
     is_parent: bool
+    whole: bool = False  # its hash holds the request inside `data` (an older store)
 
 
 class RedisJobStore:
@@ -279,8 +286,10 @@ class RedisJobStore:
 
     @_guard
     def find(self, job_id: str) -> Job | None:
-        data = cast("str | None", self._redis.hget(self._key("job", job_id), "data"))
-        return None if data is None else Job.from_row(json.loads(data))
+        data, request = cast(
+            "list[str | None]", self._redis.hmget(self._key("job", job_id), ["data", "request"])
+        )
+        return None if data is None else _job(data, request)
 
     def get(self, job_id: str) -> Job:
         job = self.find(job_id)
@@ -329,21 +338,23 @@ class RedisJobStore:
     def transition(
         self,
         job_id: str,
-        target: JobStatus,
+        target: JobStatus | Callable[[Job], JobStatus],
         change: Callable[[Job], None] | None = None,
         durable: bool = True,
     ) -> Job:
-        """Move a job to `target` if the state machine allows it from its status now."""
+        """Move a job to `target` if the state machine allows it from its status now
+        (`target` may be chosen from the job as stored: one read, in the transaction)."""
 
         def body(pipe: Pipeline) -> tuple[Job, Before]:
             stored = self._require(pipe, job_id)
             job = stored.job
-            if target not in TRANSITIONS[job.status]:
+            status = target(job) if callable(target) else target
+            if status not in TRANSITIONS[job.status]:
                 raise InvalidTransition(
-                    f"job {job_id} cannot go from {job.status} to {target}", job_id=job_id
+                    f"job {job_id} cannot go from {job.status} to {status}", job_id=job_id
                 )
             was = before(job)
-            job.status = target
+            job.status = status
             if change is not None:
                 change(job)
             pipe.multi()
@@ -364,7 +375,7 @@ class RedisJobStore:
         found = self._runnable_script(
             keys=[self._key("work", "queued")], args=[self._prefix, limit]
         )
-        return [Job.from_row(json.loads(data)) for data in cast("list[str]", found)]
+        return [_job(data, request) for data, request in cast("list[list[str]]", found)]
 
     @_guard
     def claim_next(self, starts_now: bool = False) -> Job | None:
@@ -569,12 +580,12 @@ class RedisJobStore:
             # so a job changed since makes the EXEC fail and this run again
             reader = self._redis.pipeline(transaction=False)
             for job_id in job_ids:
-                reader.hget(self._key("job", job_id), "data")
+                reader.hmget(self._key("job", job_id), ["data", "request"])
             rows = reader.execute()
             pipe.multi()
-            for data in rows:
+            for data, request in rows:
                 if data is not None:
-                    self._retention_index(pipe, Job.from_row(json.loads(data)))
+                    self._retention_index(pipe, _job(data, request))
 
         self._atomic([self._key("job", job_id) for job_id in job_ids], body)
 
@@ -593,18 +604,22 @@ class RedisJobStore:
     # --- job records ------------------------------------------------------------
 
     def _load(self, pipe: Pipeline, job_id: str) -> _Stored | None:
-        data, status, seq, parent, is_parent = cast(
+        data, request, status, seq, parent, is_parent = cast(
             "list[str | None]",
-            pipe.hmget(self._key("job", job_id), ["data", "status", "seq", "parent", "is_parent"]),
+            pipe.hmget(
+                self._key("job", job_id),
+                ["data", "request", "status", "seq", "parent", "is_parent"],
+            ),
         )
         if data is None:
             return None
         return _Stored(
-            Job.from_row(json.loads(data)),
+            _job(data, request),
             str(status),
             int(seq or 0),
             parent or "",
             is_parent == "1",
+            whole=request is None,
         )
 
     def _require(self, pipe: Pipeline, job_id: str) -> _Stored:
@@ -634,7 +649,8 @@ class RedisJobStore:
             pipe.hset(
                 self._key("job", job.id),
                 mapping={
-                    "data": json.dumps(job.to_row()),
+                    "data": json.dumps(job.state_row()),
+                    "request": json.dumps(job.request_row()),
                     "status": status,
                     "seq": seq,
                     "parent": job.parent_id or "",
@@ -658,9 +674,10 @@ class RedisJobStore:
     def _save(self, pipe: Pipeline, stored: _Stored) -> None:
         """Queue the write of a changed job and its move between status indexes."""
         job, old, new = stored.job, stored.status, stored.job.status.value
-        pipe.hset(
-            self._key("job", job.id), mapping={"data": json.dumps(job.to_row()), "status": new}
-        )
+        record = {"data": json.dumps(job.state_row()), "status": new}
+        if stored.whole:  # written before the request was kept apart: split it now
+            record["request"] = json.dumps(job.request_row())
+        pipe.hset(self._key("job", job.id), mapping=record)
         if old in _TERMINAL_VALUES or new in _TERMINAL_VALUES:  # else in neither set
             self._retention_index(pipe, job)
         if old == new:
@@ -695,9 +712,9 @@ class RedisJobStore:
             return []
         with self._redis.pipeline() as pipe:
             for job_id in job_ids:
-                pipe.hget(self._key("job", job_id), "data")
+                pipe.hmget(self._key("job", job_id), ["data", "request"])
             rows = pipe.execute()
-        return [Job.from_row(json.loads(data)) for data in rows if data is not None]
+        return [_job(data, request) for data, request in rows if data is not None]
 
     # --- webhook deliveries ------------------------------------------------------
 

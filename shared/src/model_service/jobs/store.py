@@ -42,7 +42,7 @@ from model_service.errors import (
     StoreBusy,
 )
 from model_service.jobs.feed import ChangeFeed, ChangeKind, before, kind_of
-from model_service.jobs.record import Job
+from model_service.jobs.record import REQUEST_FIELDS, STATE_FIELDS, Job
 from model_service.jobs.status import TERMINAL, TRANSITIONS, JobStatus
 from model_service.jobs.wal_sync import BACKSTOP_PAGES, WalSync
 from model_service.logs import get_logger
@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS uploads (
 log = get_logger("model_service.store")
 
 _RUNNABLE = (
-    "SELECT id, data FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
+    "SELECT id, data, request FROM jobs AS j WHERE status = ? AND is_parent = 0 AND NOT EXISTS ("
     " SELECT 1 FROM job_deps AS d JOIN jobs AS dep ON dep.id = d.depends_on"
     " WHERE d.job_id = j.id AND dep.status != ?"
     ") ORDER BY seq LIMIT ?"
@@ -161,7 +161,7 @@ class JobWriter(JobReader, Protocol):
     def transition(
         self,
         job_id: str,
-        target: JobStatus,
+        target: JobStatus | Callable[[Job], JobStatus],
         change: Callable[[Job], None] | None = None,
         durable: bool = True,
     ) -> Job: ...
@@ -228,11 +228,16 @@ class JobStore(RunQueue, GraphStore, RetentionStore, DeliveryStore, UploadStore,
     def close(self) -> None: ...
 
 
+def _job(row: sqlite3.Row) -> Job:
+    """The job of a row: its state (`data`) and its request, stored apart."""
+    return Job.from_row({**from_json(row["data"]), **from_json(row["request"] or "{}")})
+
+
 def _parse(row: sqlite3.Row) -> Job | None:
     """The job a row holds, or None (logged once per job) when its JSON cannot be read:
     one damaged row must not make every list, the runner or retention fail."""
     try:
-        return Job.from_row(from_json(row["data"]))
+        return _job(row)
     except (ValueError, KeyError, TypeError) as exc:  # bad JSON, unknown status, fields
         if row["id"] not in _UNREADABLE:
             _UNREADABLE.add(row["id"])
@@ -240,9 +245,9 @@ def _parse(row: sqlite3.Row) -> Job | None:
         return None
 
 
-def _row_text(job: Job) -> str:
-    """The record as JSON text (pydantic's encoder: a few times faster than `json`)."""
-    return to_json(job.to_row()).decode()
+def _text(value: dict[str, Any]) -> str:
+    """JSON text (pydantic's encoder: a few times faster than `json`)."""
+    return to_json(value).decode()
 
 
 def claim(job: Job, starts_now: bool) -> None:
@@ -308,6 +313,15 @@ class SqliteJobStore:
                 "WHERE parent_id IS NULL"
             )
             db.execute("CREATE INDEX IF NOT EXISTS deliveries_job ON webhook_deliveries (job_id)")
+            if "request" not in columns:  # the request apart from the state (`_save`)
+                db.execute("ALTER TABLE jobs ADD COLUMN request TEXT")
+                state = ", ".join("?" * len(STATE_FIELDS))
+                request = ", ".join("?" * len(REQUEST_FIELDS))
+                db.execute(  # placeholders only: the paths are parameters
+                    f"UPDATE jobs SET request = json_remove(data, {state}), "  # noqa: S608
+                    f"data = json_remove(data, {request})",
+                    [f"$.{name}" for name in (*STATE_FIELDS, *REQUEST_FIELDS)],
+                )
             db.execute("CREATE INDEX IF NOT EXISTS uploads_created ON uploads (created_at)")
 
     def close(self) -> None:
@@ -426,7 +440,7 @@ class SqliteJobStore:
         """A parent's children in the order they were created."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT id, data FROM jobs WHERE parent_id = ? ORDER BY seq", (parent_id,)
+                "SELECT id, data, request FROM jobs WHERE parent_id = ? ORDER BY seq", (parent_id,)
             ).fetchall()
         return _readable(rows)
 
@@ -434,21 +448,22 @@ class SqliteJobStore:
         """Parents that are not finished (their children may need the coordinator)."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT id, data FROM jobs WHERE is_parent = 1 AND status NOT IN (?, ?, ?) "
-                "ORDER BY seq",
+                "SELECT id, data, request FROM jobs WHERE is_parent = 1 "
+                "AND status NOT IN (?, ?, ?) ORDER BY seq",
                 tuple(status.value for status in TERMINAL),
             ).fetchall()
         return _readable(rows)
 
     def _insert(self, db: sqlite3.Connection, job: Job) -> None:
         db.execute(
-            "INSERT INTO jobs (id, status, created_at, data, parent_id, is_parent, finished_at, "
-            "outputs_expired) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, status, created_at, data, request, parent_id, is_parent, "
+            "finished_at, outputs_expired) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id,
                 job.status.value,
                 job.created_at,
-                _row_text(job),
+                _text(job.state_row()),
+                _text(job.request_row()),
                 job.parent_id,
                 int(job.is_parent),
                 job.finished_at,
@@ -472,7 +487,7 @@ class SqliteJobStore:
 
     def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page:
         """Newest first. `cursor` is the `next_cursor` of the previous page."""
-        query = "SELECT seq, id, data FROM jobs WHERE seq < ?"
+        query = "SELECT seq, id, data, request FROM jobs WHERE seq < ?"
         params: list[Any] = [cursor if cursor is not None else 2**62]
         if status is not None:
             query += " AND status = ?"
@@ -505,19 +520,21 @@ class SqliteJobStore:
     def transition(
         self,
         job_id: str,
-        target: JobStatus,
+        target: JobStatus | Callable[[Job], JobStatus],
         change: Callable[[Job], None] | None = None,
         durable: bool = True,
     ) -> Job:
-        """Move a job to `target` if the state machine allows it from its status now."""
+        """Move a job to `target` if the state machine allows it from its status now
+        (`target` may be chosen from the job as stored: one read, in the transaction)."""
         with self._tx(durable) as db:
             job = self._require(db, job_id)
-            if target not in TRANSITIONS[job.status]:
+            status = target(job) if callable(target) else target
+            if status not in TRANSITIONS[job.status]:
                 raise InvalidTransition(
-                    f"job {job_id} cannot go from {job.status} to {target}", job_id=job_id
+                    f"job {job_id} cannot go from {job.status} to {status}", job_id=job_id
                 )
             was = before(job)
-            job.status = target
+            job.status = status
             if change is not None:
                 change(job)
             self._save(db, job)
@@ -560,7 +577,8 @@ class SqliteJobStore:
         """Jobs the runner is running (parents are not run by the runner)."""
         with self._guard():
             rows = self._db.execute(
-                "SELECT id, data FROM jobs WHERE status = ? AND is_parent = 0 ORDER BY seq",
+                "SELECT id, data, request FROM jobs WHERE status = ? AND is_parent = 0 "
+                "ORDER BY seq",
                 (JobStatus.RUNNING.value,),
             ).fetchall()
         return _readable(rows)
@@ -572,7 +590,7 @@ class SqliteJobStore:
         first, at most `limit`, after the (finished_at, id) `after` (the last of the page
         before): one page from the `jobs_retention` index, not every job's JSON."""
         query = (
-            "SELECT id, data FROM jobs WHERE outputs_expired = 0 AND finished_at < ? "
+            "SELECT id, data, request FROM jobs WHERE outputs_expired = 0 AND finished_at < ? "
             "AND status IN (?, ?, ?)"
         )
         params: list[Any] = [cutoff, *(status.value for status in TERMINAL)]
@@ -624,8 +642,8 @@ class SqliteJobStore:
             ).rowcount
 
     def _get(self, db: sqlite3.Connection, job_id: str) -> Job | None:
-        row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else Job.from_row(from_json(row["data"]))
+        row = db.execute("SELECT data, request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
 
     def _require(self, db: sqlite3.Connection, job_id: str) -> Job:
         job = self._get(db, job_id)
@@ -634,12 +652,13 @@ class SqliteJobStore:
         return job
 
     def _save(self, db: sqlite3.Connection, job: Job) -> None:
+        """The job's state; its request, written by `_insert`, never changes."""
         db.execute(
             "UPDATE jobs SET status = ?, data = ?, finished_at = ?, outputs_expired = ? "
             "WHERE id = ?",
             (
                 job.status.value,
-                _row_text(job),
+                _text(job.state_row()),
                 job.finished_at,
                 int(job.outputs_expired),
                 job.id,
