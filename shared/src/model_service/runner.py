@@ -51,7 +51,15 @@ from model_service.errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
-from model_service.jobs.changes import fail_with, fail_with_dict, finish_now, mark_cancel_requested
+from model_service.jobs.changes import (
+    fail_with,
+    fail_with_dict,
+    finish_now,
+    give_back_attempt,
+    mark_cancel_requested,
+    succeed_with,
+    with_progress,
+)
 from model_service.jobs.events import EventBus
 from model_service.jobs.record import Job, JobEvent
 from model_service.jobs.retry import check_retryable, reset_for_retry
@@ -130,7 +138,7 @@ class JobRunner:
         await self.engine.stop(abandon_running=bool(interrupted))
         for job in interrupted:  # a clean stop (SIGTERM) is not the job's fault
             with contextlib.suppress(ServiceError):
-                self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
+                self._store.transition(job.id, JobStatus.QUEUED, give_back_attempt)
             log.warning("service stopping: running job queued again", job_id=job.id)
         for claim in claims:
             if not claim.lost:
@@ -142,7 +150,7 @@ class JobRunner:
         """Requeue or fail the jobs that were running when the service last died."""
         for job in self._store.running():
             if job.started_at is None:  # taken ahead, never begun: not counted
-                self._store.transition(job.id, JobStatus.QUEUED, _give_back_attempt)
+                self._store.transition(job.id, JobStatus.QUEUED, give_back_attempt)
                 log.warning("job taken ahead queued again", job_id=job.id)
             elif job.attempts >= self._settings.job_max_attempts:
                 error = Interrupted(
@@ -400,7 +408,7 @@ class JobRunner:
         """Back to the queue, its attempt not counted (unless it ended meanwhile)."""
         try:
             await self._until_stored(
-                lambda: self._store.transition(claim.job.id, JobStatus.QUEUED, _give_back_attempt)
+                lambda: self._store.transition(claim.job.id, JobStatus.QUEUED, give_back_attempt)
             )
         except ServiceError as exc:  # canceled meanwhile: nothing to queue
             log.warning("job not queued again", error=exc.message)
@@ -529,7 +537,10 @@ class JobRunner:
             status, change = JobStatus.FAILED, fail_with_dict(done.error)
         else:
             assert done is not None
-            status, change = JobStatus.SUCCEEDED, _succeed(outputs, done.info, stored)
+            status, change = (
+                JobStatus.SUCCEEDED,
+                succeed_with(outputs, done.info, {obj.name: asdict(obj) for obj in stored}),
+            )
         began = None if done is None else done.started_at
         at_claim = claim.start_recorded
 
@@ -544,7 +555,7 @@ class JobRunner:
             elif at_claim and not started:
                 job.started_at = None  # it never began (its input was gone, or canceled)
             canceled = job.status is JobStatus.CANCELED
-            _with_progress(finish_now if canceled else change, progress)(job)
+            with_progress(finish_now if canceled else change, progress)(job)
 
         # one read and one write, not fsynced: after a power loss the job runs again (see
         # SqliteJobStore._tx)
@@ -664,33 +675,3 @@ def _list_outputs(output_dir: Path, done: JobDone | None) -> list[str]:
     if done is None or done.error is not None or done.canceled:
         return []
     return [name for name in done.outputs if (output_dir / name).is_file()]
-
-
-def _with_progress(
-    change: Callable[[Job], None], progress: tuple[int, int]
-) -> Callable[[Job], None]:
-    """`change`, plus the last progress the engine reported (it may not be saved yet)."""
-
-    def both(job: Job) -> None:
-        job.progress_step, job.progress_total = progress
-        change(job)
-
-    return both
-
-
-def _give_back_attempt(job: Job) -> None:
-    job.attempts = max(0, job.attempts - 1)
-    job.started_at = None
-
-
-def _succeed(
-    outputs: list[str], info: dict[str, Any], stored: list[StoredObject]
-) -> Callable[[Job], None]:
-    def change(job: Job) -> None:
-        job.finished_at = time.time()
-        job.outputs = outputs
-        job.stored_outputs = {obj.name: asdict(obj) for obj in stored}
-        job.info = {**job.info, **info}
-        job.progress_step = max(job.progress_step, job.progress_total)
-
-    return change

@@ -33,3 +33,36 @@ def fail_with_dict(
             job.outputs = outputs
 
     return change
+
+
+def succeed_with(
+    outputs: list[str], info: dict[str, Any], stored_outputs: dict[str, dict[str, Any]]
+) -> Callable[[Job], None]:
+    """Succeeded with `outputs` (file names), the model's `info` and the bucket objects."""
+
+    def change(job: Job) -> None:
+        job.finished_at = time.time()
+        job.outputs = outputs
+        job.stored_outputs = stored_outputs
+        job.info = {**job.info, **info}
+        job.progress_step = max(job.progress_step, job.progress_total)
+
+    return change
+
+
+def with_progress(
+    change: Callable[[Job], None], progress: tuple[int, int]
+) -> Callable[[Job], None]:
+    """`change`, plus the last progress the engine reported (it may not be saved yet)."""
+
+    def both(job: Job) -> None:
+        job.progress_step, job.progress_total = progress
+        change(job)
+
+    return both
+
+
+def give_back_attempt(job: Job) -> None:
+    """Queued again uncounted: it never began."""
+    job.attempts = max(0, job.attempts - 1)
+    job.started_at = None
