@@ -14,13 +14,14 @@ from PIL import Image, ImageOps
 from model_service.errors import InvalidInput, LoraInvalid, OutOfMemory, SetupFailed
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
 
-from . import job_loras
+from . import inpaint, job_loras
 from .manifest import ModelVariant, parse_model_variant
 from .pipeline_loader import NUNCHAKU_FP4, NUNCHAKU_INT4, LoadedPipeline, load_pipeline
 
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
 DECODED_IMAGES = "decoded_images"  # the inputs' key for `prepare`'s opened images
+INPAINT = "inpaint"  # the inputs' key for `prepare`'s inpaint (input image and blend)
 
 
 class QwenImageEditPredictor:
@@ -68,9 +69,14 @@ class QwenImageEditPredictor:
         (CPU and network work, while the previous job runs)."""
         loaded = self._require_loaded()
         images = _open_images(_image_paths(inputs), loaded.variant)
+        masked: inpaint.Inpaint | None = None
+        if inputs.get("mask"):
+            with Image.open(inputs["mask"]) as mask:
+                feather = int(inputs.get("mask_feather", 8))
+                images[0], masked = inpaint.prepare(images[0], mask, feather)
         if inputs.get(job_loras.FIELD):
             self._lora_fetcher(loaded).prefetch(inputs[job_loras.FIELD])
-        return inputs | {DECODED_IMAGES: images}
+        return inputs | {DECODED_IMAGES: images, INPAINT: masked}
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:
         """The edit on the GPU; the images are encoded and written by `finish`."""
@@ -82,7 +88,12 @@ class QwenImageEditPredictor:
         cfg = inputs.get("true_cfg_scale")
         cfg = loaded.default_true_cfg_scale if cfg is None else float(cfg)
         ctx.check_canceled()
+        masked: inpaint.Inpaint | None = inputs.get(INPAINT)
         kwargs = _call_kwargs(inputs, images, loaded, steps, cfg, ctx)
+        if masked is not None and kwargs["width"] is None:
+            # the edited image's aspect (not the last input's, as the pipeline would)
+            width, height = masked.original.size
+            kwargs["width"], kwargs["height"] = inpaint.model_size(width / height)
         loras = inputs.get(job_loras.FIELD) or []
         try:
             if loras:
@@ -99,11 +110,14 @@ class QwenImageEditPredictor:
             ) from exc
         output_format = inputs.get("output_format") or "png"
         width, height = outputs[0].size
+        if masked is not None and inputs.get("width") is None:
+            width, height = masked.original.size  # blended at the input's size
         return PredictResult(
             outputs=_output_names(len(outputs), output_format),
             info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg}
-            | ({"loras": len(loras)} if loras else {}),
-            finish=partial(_save, outputs, ctx.output_dir, output_format),
+            | ({"loras": len(loras)} if loras else {})
+            | ({"inpaint": {"mask_feather": int(inputs.get("mask_feather", 8))}} if masked else {}),
+            finish=partial(_save, outputs, ctx.output_dir, output_format, masked, (width, height)),
         )
 
     def _lora_fetcher(self, loaded: LoadedPipeline) -> job_loras.LoraFetcher:
@@ -194,7 +208,16 @@ def _output_names(count: int, output_format: str) -> list[str]:
     return [f"output_{i}.{ext}" for i in range(count)]
 
 
-def _save(images: list[Image.Image], output_dir: Path, output_format: str) -> None:
+def _save(
+    images: list[Image.Image],
+    output_dir: Path,
+    output_format: str,
+    masked: inpaint.Inpaint | None = None,
+    size: tuple[int, int] | None = None,
+) -> None:
+    """Encode and write the images (an inpaint's blended over its input first, at `size`)."""
+    if masked is not None:
+        images = [masked.blend(image, size) for image in images]
     pil_format, _ = _PIL_FORMATS[output_format]
     options: dict[str, Any] = {} if pil_format == "PNG" else {"quality": _LOSSY_QUALITY}
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,23 @@ class QwenEditInput(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="File format of the images."
     )
+    mask: ImageRef | None = Field(
+        None,
+        description="Inpaint: white (value > 128) marks where to change the first input "
+        "image (scaled to its size if it differs). The model sees that image with the "
+        "masked area painted green; its result is blended back through the mask, so "
+        "every pixel farther than `mask_feather` px from the mask is the input's own "
+        "(byte for byte with output_format png and no width/height). Say in the prompt "
+        "what goes there.",
+    )
+    mask_feather: int = Field(
+        8,
+        ge=0,
+        le=128,
+        multiple_of=2,
+        description="Inpaint: px outside the mask over which the result fades into the "
+        "input (0: a hard edge).",
+    )
 
     @model_validator(mode="after")
     def _one_image_source(self) -> QwenEditInput:

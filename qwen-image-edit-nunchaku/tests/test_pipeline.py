@@ -13,6 +13,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/huggingface_hub import
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -317,3 +318,47 @@ def _no_leaked_patch() -> Iterator[None]:
 
     assert plus_module.calculate_dimensions.__name__ == "calculate_dimensions"
     assert plus_module.calculate_dimensions.__module__ == plus_module.__name__
+
+
+def _noise_png(path: Path, size: tuple[int, int], seed: int) -> str:
+    pixels = torch.randint(
+        0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed)
+    )
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("size", [None, (64, 48)], ids=["input-size", "width-height"])
+def test_inpaint_keeps_every_pixel_beyond_the_feather(
+    plus: QwenImageEditPredictor, tmp_path: Path, size: tuple[int, int] | None
+) -> None:
+    """The model gets the green composite; the PNG it writes is the input's, byte for
+    byte, farther than `mask_feather` px from the mask, at the input's size."""
+    image = _noise_png(tmp_path / "in.png", (72, 40), seed=3)
+    mask = Image.new("L", (36, 20), 0)  # half the size: scaled to the image
+    mask.paste(255, (10, 5, 20, 12))
+    mask.save(tmp_path / "mask.png")
+    width, height = size or (None, None)
+    inputs = _inputs([image], mask=str(tmp_path / "mask.png"), mask_feather=6)
+    inputs |= {"width": width, "height": height, "num_images": 2}
+    prepared = plus.prepare(inputs)
+    model_sees = np.asarray(prepared[DECODED_IMAGES][0])
+    assert (model_sees[10:24, 20:40] == [0, 255, 0]).all()
+    out = tmp_path / "out"
+    result = plus.predict(prepared, FakeContext(out))
+    assert result.finish is not None
+    result.finish()
+    assert result.info["inpaint"] == {"mask_feather": 6}
+    expected_size = size or (72, 40)
+    assert (result.info["width"], result.info["height"]) == expected_size
+    with Image.open(image) as original:
+        original_pixels = np.asarray(original.convert("RGB"))
+    far = np.ones((40, 72), dtype=bool)
+    far[10 - 6 : 24 + 6, 20 - 6 : 40 + 6] = False  # the mask (scaled x2) and its feather
+    for name in result.outputs:
+        with Image.open(out / name) as written:
+            assert written.size == expected_size
+            pixels = np.asarray(written.convert("RGB"))
+        if size is None:
+            assert (pixels[far] == original_pixels[far]).all()
+        assert (pixels[12:22, 22:38] != original_pixels[12:22, 22:38]).any()

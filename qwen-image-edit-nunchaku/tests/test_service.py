@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -288,3 +289,35 @@ def test_service_info_says_which_lightning_is_loaded(
         base = client.get("/v1/service").json()["model"]
     assert (base["variant"], base["lightning"], len(base["weights"])) == ("edit-2509", None, 1)
     assert base["scheduler"].startswith("the model's own")
+
+
+def test_inpaint_over_http_keeps_the_pixels_outside_the_mask(service: ServiceProcess) -> None:
+    """`mask` turns the edit into an inpaint: the PNG that comes back is the input's, byte
+    for byte, farther than `mask_feather` px from the mask; an odd feather is a 422."""
+    pixels = np.random.default_rng(5).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    mask = Image.new("L", (56, 40), 0)
+    mask.paste(255, (20, 10, 36, 24))
+    mask_buffer = io.BytesIO()
+    mask.save(mask_buffer, format="PNG")
+    body = {
+        "image": data_uri(buffer.getvalue()),
+        "mask": data_uri(mask_buffer.getvalue()),
+        "mask_feather": 4,
+        "prompt": "a red ball",
+        "seed": 3,
+    }
+    with service.client() as client:
+        job = edit(client, **body)
+        assert job["status"] == "succeeded", job
+        assert job["info"]["inpaint"] == {"mask_feather": 4}
+        assert (job["info"]["width"], job["info"]["height"]) == (56, 40)
+        out = np.asarray(Image.open(io.BytesIO(client.get(job["outputs"][0]["url"]).content)))
+        far = np.ones((40, 56), dtype=bool)
+        far[10 - 4 : 24 + 4, 20 - 4 : 36 + 4] = False
+        assert (out[far] == pixels[far]).all()
+        assert (out[10:24, 20:36] != pixels[10:24, 20:36]).any()
+        odd = client.post("/v1/jobs", json={"input": body | {"mask_feather": 3}})
+        assert odd.status_code == 422
+        assert "mask_feather" in odd.text
