@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,10 @@ from PIL import Image, ImageOps
 from model_service.errors import InvalidInput, LoraInvalid, OutOfMemory, SetupFailed
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
 
-from . import inpaint, job_loras
+from . import hires, inpaint, job_loras
 from .manifest import ModelVariant, parse_model_variant
 from .pipeline_loader import NUNCHAKU_FP4, NUNCHAKU_INT4, LoadedPipeline, load_pipeline
+from .schema import HIRES_DENOISE, HIRES_STEPS
 
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
@@ -89,19 +93,22 @@ class QwenImageEditPredictor:
         cfg = loaded.default_true_cfg_scale if cfg is None else float(cfg)
         ctx.check_canceled()
         masked: inpaint.Inpaint | None = inputs.get(INPAINT)
-        kwargs = _call_kwargs(inputs, images, loaded, steps, cfg, ctx)
+        second = _hires_of(inputs)
+        total = steps + (second.steps if second else 0)
+        kwargs = _call_kwargs(inputs, images, loaded, steps, cfg, ctx, total)
         if masked is not None and kwargs["width"] is None:
             # the edited image's aspect (not the last input's, as the pipeline would)
             width, height = masked.original.size
             kwargs["width"], kwargs["height"] = inpaint.model_size(width / height)
         loras = inputs.get(job_loras.FIELD) or []
         try:
-            if loras:
-                fetcher = self._lora_fetcher(loaded)
-                with fetcher.hold(loras) as held, job_loras.applied(loaded.pipe, held):
-                    outputs = loaded(**kwargs)
-            else:
+            with contextlib.ExitStack() as scope:
+                if loras:
+                    held = scope.enter_context(self._lora_fetcher(loaded).hold(loras))
+                    scope.enter_context(job_loras.applied(loaded.pipe, held))
                 outputs = loaded(**kwargs)
+                if second is not None:
+                    outputs = loaded(**_second_pass(kwargs, second, outputs, loaded, ctx, total))
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise OutOfMemory(
@@ -110,13 +117,16 @@ class QwenImageEditPredictor:
             ) from exc
         output_format = inputs.get("output_format") or "png"
         width, height = outputs[0].size
-        if masked is not None and inputs.get("width") is None:
-            width, height = masked.original.size  # blended at the input's size
+        if masked is not None and inputs.get("width") is None:  # at the input's size
+            width, height = masked.original.size
+            if second is not None:
+                width, height = round(width * second.scale), round(height * second.scale)
         return PredictResult(
             outputs=_output_names(len(outputs), output_format),
             info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg}
             | ({"loras": len(loras)} if loras else {})
-            | ({"inpaint": {"mask_feather": int(inputs.get("mask_feather", 8))}} if masked else {}),
+            | ({"inpaint": {"mask_feather": int(inputs.get("mask_feather", 8))}} if masked else {})
+            | ({"hires": asdict(second)} if second else {}),
             finish=partial(_save, outputs, ctx.output_dir, output_format, masked, (width, height)),
         )
 
@@ -175,6 +185,48 @@ def _open_images(paths: list[str], variant: ModelVariant) -> list[Image.Image]:
     return images
 
 
+def _progress(ctx: JobContext, done_before: int, total: int) -> Callable[..., dict[str, Any]]:
+    """The pipeline's step callback: the job's progress over both passes."""
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        ctx.progress(done_before + step + 1, total)  # raises JobCanceled: let it go
+        return tensors
+
+    return on_step_end
+
+
+def _hires_of(inputs: dict[str, Any]) -> hires.Hires | None:
+    if not inputs.get("hires_scale"):
+        return None
+    return hires.Hires(
+        float(inputs["hires_scale"]),
+        int(inputs.get("hires_steps") or HIRES_STEPS),
+        float(inputs.get("hires_denoise") or HIRES_DENOISE),
+    )
+
+
+def _second_pass(
+    first: dict[str, Any],
+    second: hires.Hires,
+    images: list[Image.Image],
+    loaded: LoadedPipeline,
+    ctx: JobContext,
+    total: int,
+) -> dict[str, Any]:
+    """The hires pass's arguments: the first pass's, at the larger size, from its images
+    upscaled and noised (`hires.Hires`), over the schedule's last steps."""
+    ctx.check_canceled()
+    width, height = second.size(*images[0].size)
+    return first | {
+        "width": width,
+        "height": height,
+        "num_inference_steps": second.steps,
+        "sigmas": second.schedule(),
+        "latents": second.start_latents(loaded.pipe, images, first["generator"]),
+        "callback_on_step_end": _progress(ctx, total - second.steps, total),
+    }
+
+
 def _call_kwargs(
     inputs: dict[str, Any],
     images: list[Image.Image],
@@ -182,11 +234,8 @@ def _call_kwargs(
     steps: int,
     cfg: float,
     ctx: JobContext,
+    total: int,
 ) -> dict[str, Any]:
-    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        ctx.progress(step + 1, steps)  # raises JobCanceled on cancel/timeout: let it go
-        return tensors
-
     return {
         # Edit takes one image; Edit Plus a list of up to three.
         "image": images if loaded.variant.max_input_images > 1 else images[0],
@@ -199,7 +248,7 @@ def _call_kwargs(
         "height": inputs.get("height"),
         "width": inputs.get("width"),
         "generator": torch.Generator(device=loaded.device).manual_seed(ctx.seed),
-        "callback_on_step_end": on_step_end,
+        "callback_on_step_end": _progress(ctx, 0, total),
     }
 
 

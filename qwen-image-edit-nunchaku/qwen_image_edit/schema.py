@@ -10,6 +10,10 @@ from model_service.lora_input import LoraSpec, loras_field
 from model_service.media_refs import ImageRef
 
 MAX_INPUT_IMAGES = 3  # Edit-2509 and 2511 (QwenImageEditPlusPipeline) take up to three.
+# The hires pass's defaults: the Headless-Wan2GP worker's Qwen hires fix (hires_steps=6,
+# hires_denoise=0.5; qwen_image_edit/hires.py)
+HIRES_STEPS = 6
+HIRES_DENOISE = 0.5
 
 
 class QwenEditInput(BaseModel):
@@ -70,6 +74,23 @@ class QwenEditInput(BaseModel):
         "every pixel farther than `mask_feather` px from the mask is the input's own "
         "(byte for byte with output_format png and no width/height). Say in the prompt "
         "what goes there.",
+    )
+    hires_scale: float | None = Field(
+        None,
+        gt=1.0,
+        le=2.0,
+        description="Hires: a second pass at this many times the size (in multiples of 16) "
+        "refining the first pass's result, scaled up (bicubic) and partly noised again.",
+    )
+    hires_steps: int = Field(
+        HIRES_STEPS, ge=1, le=50, description="Hires: the second pass's steps."
+    )
+    hires_denoise: float = Field(
+        HIRES_DENOISE,
+        ge=0.05,
+        le=1.0,
+        description="Hires: how much of the upscaled picture is redone (0.05: a light touch; "
+        "1: from noise).",
     )
     mask_feather: int = Field(
         8,

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from model_service.errors import InvalidInput, JobCanceled, SetupFailed
 from model_service.predictor import WorkerConfig, predict_now
-from qwen_image_edit import manifest, pipeline_loader, tiny_model
+from qwen_image_edit import hires, manifest, pipeline_loader, tiny_model
 from qwen_image_edit.pipeline_loader import (
     choose_offload,
     load_pipeline,
@@ -362,3 +362,79 @@ def test_inpaint_keeps_every_pixel_beyond_the_feather(
         if size is None:
             assert (pixels[far] == original_pixels[far]).all()
         assert (pixels[12:22, 22:38] != original_pixels[12:22, 22:38]).any()
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+@pytest.mark.parametrize("variant", ["plus", "edit"])
+def test_hires_runs_a_second_pass_at_the_larger_size(
+    variant: str, images: list[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """hires_scale 2: 64x48, then 128x96 from it; progress counts both passes; the pass
+    begins where the scheduler's own shifted schedule says (`start_sigma`). On Edit-2509
+    (QwenImageEditPlusPipeline) and the first Edit (QwenImageEditPipeline)."""
+    plus: QwenImageEditPredictor = request.getfixturevalue(variant)
+    ctx = FakeContext(tmp_path)
+    inputs = _inputs(images[:1], hires_scale=2.0, num_images=2, seed=None)
+    result = predict_now(plus, inputs, ctx)
+    assert result.info["hires"] == {"scale": 2.0, "steps": 6, "denoise": 0.5}
+    assert (result.info["width"], result.info["height"]) == (128, 96)
+    assert ctx.calls == [(step, 8) for step in range(1, 9)]
+    for name in result.outputs:
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (128, 96)
+    second = hires.Hires(2.0)
+    assert second.schedule() == pytest.approx(list(np.linspace(1.0, 1 / 12, 12)[6:]))
+    pipe = plus._require_loaded().pipe
+    assert float(pipe.scheduler.sigmas[0]) == pytest.approx(
+        second.start_sigma(pipe.scheduler, (128 // 16) * (96 // 16), torch.device("cpu"))
+    )
+
+
+def test_hires_starts_from_the_first_pass_upscaled_and_noised(
+    plus: QwenImageEditPredictor, images: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second pass's latents are the first pass's images, scaled up (bicubic) and
+    encoded, plus unit Gaussian noise at the schedule's first sigma (denoise 0.1: a low
+    one, and the latents follow the picture). (Pixels cannot show it: the
+    tiny random VAE's decoder is no inverse of its encoder.)"""
+    calls: list[tuple[dict[str, Any], list[Image.Image]]] = []
+    original = pipeline_loader.LoadedPipeline.__call__
+
+    def recording(self: pipeline_loader.LoadedPipeline, **kwargs: Any) -> list[Any]:
+        outputs = original(self, **kwargs)
+        calls.append((kwargs, outputs))
+        return outputs
+
+    monkeypatch.setattr(pipeline_loader.LoadedPipeline, "__call__", recording)
+    inputs = _inputs(images[:1], seed=11, hires_scale=2.0, hires_denoise=0.1)
+    predict_now(plus, inputs, FakeContext(tmp_path))
+    (_, first_images), (second_kwargs, _) = calls
+    pipe = plus._require_loaded().pipe
+    sigma = float(pipe.scheduler.sigmas[0])  # where the pipeline began the second pass
+    assert 0.0 < sigma < 0.5
+    upscaled = first_images[0].resize((128, 96), Image.Resampling.BICUBIC)
+    pixels = pipe.image_processor.preprocess(upscaled, 96, 128).unsqueeze(2)
+    with torch.no_grad():
+        clean = pipe._encode_vae_image(pixels, torch.Generator().manual_seed(0))
+    clean = pipe._pack_latents(clean, 1, clean.shape[1], clean.shape[3], clean.shape[4])
+    latents = second_kwargs["latents"]
+    assert latents.shape == clean.shape
+    noise = (latents - (1 - sigma) * clean) / sigma
+    assert abs(float(noise.mean())) < 0.1
+    assert 0.9 < float(noise.std()) < 1.1
+    correlation = torch.corrcoef(torch.stack([latents.flatten(), clean.flatten()]))[0, 1]
+    assert float(correlation) > 0.5  # pure noise: about 0
+
+
+@pytest.mark.parametrize(
+    ("scale", "size", "expected"),
+    [(2.0, (64, 48), (128, 96)), (1.5, (1024, 768), (1536, 1152)), (1.3, (100, 60), (128, 80))],
+)
+def test_hires_size_is_scaled_in_multiples_of_16(
+    scale: float, size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    assert hires.Hires(scale).size(*size) == expected

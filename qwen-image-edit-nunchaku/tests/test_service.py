@@ -321,3 +321,35 @@ def test_inpaint_over_http_keeps_the_pixels_outside_the_mask(service: ServicePro
         odd = client.post("/v1/jobs", json={"input": body | {"mask_feather": 3}})
         assert odd.status_code == 422
         assert "mask_feather" in odd.text
+
+
+def test_hires_with_a_mask_and_two_images_over_http(service: ServiceProcess) -> None:
+    """The second pass, an inpaint and num_images together: 64x64, then 96x96 (x1.5),
+    every image blended; two jobs of one seed give the same bytes."""
+    mask = Image.new("L", (64, 48), 0)  # the image's size (the edit makes 64x64)
+    mask.paste(255, (8, 8, 40, 30))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    body = {
+        "mask": data_uri(buffer.getvalue()),
+        "width": 64,
+        "height": 64,
+        "hires_scale": 1.5,
+        "hires_steps": 2,
+        "num_images": 2,
+        "seed": 9,
+    }
+    with service.client() as client:
+        job = edit(client, **body)
+        assert job["status"] == "succeeded", job
+        assert job["info"]["hires"] == {"scale": 1.5, "steps": 2, "denoise": 0.5}
+        assert (job["progress"]["step"], job["progress"]["total"]) == (4, 4)
+        sizes = [Image.open(io.BytesIO(client.get(o["url"]).content)).size for o in job["outputs"]]
+        assert sizes == [(96, 96), (96, 96)]
+        again = edit(client, **body)
+        assert [client.get(o["url"]).content for o in again["outputs"]] == [
+            client.get(o["url"]).content for o in job["outputs"]
+        ]
+        refused = client.post("/v1/jobs", json={"input": body | {"hires_scale": 2.5}})
+        assert refused.status_code == 422
+        assert "hires_scale" in refused.text
