@@ -33,6 +33,7 @@ from model_service import disk
 from model_service.errors import CudaError, JobCanceled, ModelError, OutOfMemory, ServiceError
 from model_service.logs import configure_logging, get_logger
 from model_service.predictor import Predictor, PredictResult, WorkerConfig, prepare_inputs
+from model_service.worker import gpu_peak
 from model_service.worker.protocol import (
     CancelJob,
     FromWorker,
@@ -251,8 +252,12 @@ class _Pipeline:
         ctx = _JobContext(run, canceled, self._pipe)
         started_at = time.time()
         self._pipe.send(JobStarted(run.job_id, started_at))
+        gpu_peak.reset()
         try:
             result = self._predictor.predict(prepared.inputs, ctx)
+            peak = gpu_peak.peak_gb()
+            if peak is not None:  # in the job's info beside the model's own facts
+                result.info["peak_vram_gb"] = peak
         except JobCanceled:
             log.info("job canceled at a step boundary")
             return JobDone(run.job_id, canceled=True, started_at=started_at, ended_at=time.time())
