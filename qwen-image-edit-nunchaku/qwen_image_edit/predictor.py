@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from model_service.errors import InvalidInput, LoraInvalid, OutOfMemory, SetupFailed
 from model_service.predictor import JobContext, PredictResult, SetupResult, WorkerConfig
 
-from . import hires, inpaint, job_loras
+from . import hires, inpaint, job_loras, references
 from .manifest import ModelVariant, parse_model_variant
 from .pipeline_loader import NUNCHAKU_FP4, NUNCHAKU_INT4, LoadedPipeline, load_pipeline
 from .schema import HIRES_DENOISE, HIRES_STEPS
@@ -72,7 +72,10 @@ class QwenImageEditPredictor:
         """Open and decode the input images and fetch the job's LoRAs into the cache
         (CPU and network work, while the previous job runs)."""
         loaded = self._require_loaded()
-        images = _open_images(_image_paths(inputs), loaded.variant)
+        refs = references.of_inputs(inputs)
+        images = _open_images(_image_paths(inputs) + [ref.path for ref in refs], loaded.variant)
+        for index, ref in enumerate(refs, start=len(images) - len(refs)):
+            images[index] = references.scaled(images[index], ref.strength)
         masked: inpaint.Inpaint | None = None
         if inputs.get("mask"):
             with Image.open(inputs["mask"]) as mask:
@@ -96,6 +99,10 @@ class QwenImageEditPredictor:
         second = _hires_of(inputs)
         total = steps + (second.steps if second else 0)
         kwargs = _call_kwargs(inputs, images, loaded, steps, cfg, ctx, total)
+        refs = references.of_inputs(inputs)
+        if refs:  # they are the last pictures the model gets
+            first = len(images) - len(refs) + 1
+            kwargs["prompt"] = references.completed_prompt(inputs["prompt"], refs, first)
         if masked is not None and kwargs["width"] is None:
             # the edited image's aspect (not the last input's, as the pipeline would)
             width, height = masked.original.size
@@ -126,7 +133,8 @@ class QwenImageEditPredictor:
             info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg}
             | ({"loras": len(loras)} if loras else {})
             | ({"inpaint": {"mask_feather": int(inputs.get("mask_feather", 8))}} if masked else {})
-            | ({"hires": asdict(second)} if second else {}),
+            | ({"hires": asdict(second)} if second else {})
+            | (_references_info(refs, kwargs["prompt"]) if refs else {}),
             finish=partial(_save, outputs, ctx.output_dir, output_format, masked, (width, height)),
         )
 
@@ -193,6 +201,12 @@ def _progress(ctx: JobContext, done_before: int, total: int) -> Callable[..., di
         return tensors
 
     return on_step_end
+
+
+def _references_info(refs: list[references.Reference], prompt: str) -> dict[str, Any]:
+    """What the job's references did: each one's role and strength, the prompt used."""
+    used = [{"role": ref.role, "strength": ref.strength} for ref in refs]
+    return {"references": used, "prompt": prompt}
 
 
 def _hires_of(inputs: dict[str, Any]) -> hires.Hires | None:

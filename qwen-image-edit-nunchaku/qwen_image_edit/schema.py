@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -10,6 +10,7 @@ from model_service.lora_input import LoraSpec, loras_field
 from model_service.media_refs import ImageRef
 
 MAX_INPUT_IMAGES = 3  # Edit-2509 and 2511 (QwenImageEditPlusPipeline) take up to three.
+MAX_REFERENCES = 2  # they share those places with the input images
 # The hires pass's defaults: the Headless-Wan2GP worker's Qwen hires fix (hires_steps=6,
 # hires_denoise=0.5; qwen_image_edit/hires.py)
 HIRES_STEPS = 6
@@ -75,6 +76,22 @@ class QwenEditInput(BaseModel):
         "(byte for byte with output_format png and no width/height). Say in the prompt "
         "what goes there.",
     )
+    references: list[ImageRef] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_REFERENCES,
+        description="Style, subject or scene references (1-2 images, Edit-2509/2511): given "
+        "to the model after the input images, each with its `reference_roles` entry; the "
+        "prompt is completed from the roles.",
+    )
+    reference_roles: list[Literal["style", "subject", "scene"]] | None = Field(
+        None, description="One per reference: what to take from it."
+    )
+    reference_strengths: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
+        None,
+        description="One per reference, 0-1 (default 1): how much of it the model gets "
+        "(its contrast around mid-grey is scaled by it).",
+    )
     hires_scale: float | None = Field(
         None,
         gt=1.0,
@@ -109,4 +126,14 @@ class QwenEditInput(BaseModel):
             raise ValueError("give both `width` and `height`, or neither")
         if self.image is not None:
             self.images, self.image = [self.image], None
+        count = len(self.references or [])
+        if len(self.reference_roles or []) != count:
+            raise ValueError("give one `reference_roles` entry per reference")
+        if self.reference_strengths is not None and len(self.reference_strengths) != count:
+            raise ValueError("give one `reference_strengths` entry per reference, or none")
+        if len(self.images or []) + count > MAX_INPUT_IMAGES:
+            raise ValueError(
+                f"input images and references together take at most {MAX_INPUT_IMAGES} "
+                "places in the model's image list"
+            )
         return self

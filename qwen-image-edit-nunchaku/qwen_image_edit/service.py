@@ -21,6 +21,13 @@ def _check_input(data: QwenEditInput, settings: Settings) -> None:
             "edit-2511",
             field="input.images",
         )
+    if data.references and count + len(data.references) > variant.max_input_images:
+        raise InvalidInput(
+            f"input.references: the {variant.name} model takes {variant.max_input_images} "
+            f"image(s) in all, got {count} and {len(data.references)} reference(s); "
+            "run MODEL_VARIANT=edit-2509 or edit-2511 for references",
+            field="input.references",
+        )
 
 
 def _models_root(settings: Settings) -> Path:

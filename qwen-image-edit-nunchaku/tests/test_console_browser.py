@@ -54,7 +54,12 @@ def test_console_is_public_and_names_the_image_fields(service: ServiceProcess) -
         assert anonymous.get("/v1/service").status_code == 401
     with service.client() as client:
         info = client.get("/v1/service").json()
-    assert info["media"] == {"image": "image", "images": "image", "mask": "image"}
+    assert info["media"] == {
+        "image": "image",
+        "images": "image",
+        "mask": "image",
+        "references": "image",
+    }
     assert info["long_video"] is None
     width = info["input_schema"]["properties"]["width"]["anyOf"][0]
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 2048, 16)

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from model_service.errors import InvalidInput, JobCanceled, SetupFailed
 from model_service.predictor import WorkerConfig, predict_now
-from qwen_image_edit import hires, manifest, pipeline_loader, tiny_model
+from qwen_image_edit import hires, manifest, pipeline_loader, references, tiny_model
 from qwen_image_edit.pipeline_loader import (
     choose_offload,
     load_pipeline,
@@ -438,3 +438,30 @@ def test_hires_size_is_scaled_in_multiples_of_16(
     scale: float, size: tuple[int, int], expected: tuple[int, int]
 ) -> None:
     assert hires.Hires(scale).size(*size) == expected
+
+
+def test_references_follow_the_inputs_scaled_and_named_in_the_prompt(
+    plus: QwenImageEditPredictor, images: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A style reference at strength 0.5: the pipeline gets the input image, then the
+    reference with half its contrast; the prompt ends with the style sentence naming
+    Picture 2; the job's info says what was used."""
+    calls: list[dict[str, Any]] = []
+    original = pipeline_loader.LoadedPipeline.__call__
+
+    def recording(self: pipeline_loader.LoadedPipeline, **kwargs: Any) -> list[Any]:
+        calls.append(kwargs)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(pipeline_loader.LoadedPipeline, "__call__", recording)
+    inputs = _inputs(images[:1], references=[images[1]], reference_roles=["style"])
+    inputs["reference_strengths"] = [0.5]
+    result = predict_now(plus, inputs, FakeContext(tmp_path))
+    (kwargs,) = calls
+    given = kwargs["image"]
+    assert [image.size for image in given] == [(96, 80), (48, 112)]
+    assert given[1].getpixel((0, 0)) == (round(128 + 0.5 * (20 - 128)), 174, 109)
+    expected = "make the sky blue " + references.TEMPLATES["style"].format(n=2)
+    assert kwargs["prompt"] == expected
+    assert result.info["references"] == [{"role": "style", "strength": 0.5}]
+    assert result.info["prompt"] == expected

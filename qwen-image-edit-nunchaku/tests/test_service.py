@@ -353,3 +353,31 @@ def test_hires_with_a_mask_and_two_images_over_http(service: ServiceProcess) -> 
         refused = client.post("/v1/jobs", json={"input": body | {"hires_scale": 2.5}})
         assert refused.status_code == 422
         assert "hires_scale" in refused.text
+
+
+def test_references_over_http(service: ServiceProcess) -> None:
+    """A subject and a style reference on the default Edit-2509: the job runs with the
+    prompt completed from their roles; a reference without its role is a 422."""
+    with service.client() as client:
+        refs = [data_uri(png((0, 90, 200))), data_uri(png((250, 250, 0)))]
+        job = edit(
+            client,
+            references=refs,
+            reference_roles=["subject", "style"],
+            reference_strengths=[1.0, 0.4],
+            width=64,
+            height=64,
+            seed=4,
+        )
+        assert job["status"] == "succeeded", job
+        assert job["info"]["references"] == [
+            {"role": "subject", "strength": 1.0},
+            {"role": "style", "strength": 0.4},
+        ]
+        assert "Picture 2" in job["info"]["prompt"]
+        assert "Picture 3" in job["info"]["prompt"]
+        assert job["input"]["reference_roles"] == ["subject", "style"]
+        body = {"input": {"image": data_uri(png()), "prompt": "x", "references": refs[:1]}}
+        refused = client.post("/v1/jobs", json=body)
+        assert refused.status_code == 422
+        assert "reference_roles" in refused.text
