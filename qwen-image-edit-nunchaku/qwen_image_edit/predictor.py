@@ -103,6 +103,9 @@ class QwenImageEditPredictor:
         if refs:  # they are the last pictures the model gets
             first = len(images) - len(refs) + 1
             kwargs["prompt"] = references.completed_prompt(inputs["prompt"], refs, first)
+            if kwargs["width"] is None:  # the last input image's aspect, not a reference's
+                width, height = images[first - 2].size
+                kwargs["width"], kwargs["height"] = inpaint.model_size(width / height)
         if masked is not None and kwargs["width"] is None:
             # the edited image's aspect (not the last input's, as the pipeline would)
             width, height = masked.original.size

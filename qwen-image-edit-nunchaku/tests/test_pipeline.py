@@ -465,3 +465,9 @@ def test_references_follow_the_inputs_scaled_and_named_in_the_prompt(
     assert kwargs["prompt"] == expected
     assert result.info["references"] == [{"role": "style", "strength": 0.5}]
     assert result.info["prompt"] == expected
+    # without width/height: the input image's aspect (96x80), not the reference's (48x112)
+    calls.clear()
+    inputs |= {"width": None, "height": None}
+    result = predict_now(plus, inputs, FakeContext(tmp_path / "default-size"))
+    assert (calls[0]["width"], calls[0]["height"]) == (1120, 928)
+    assert (result.info["width"], result.info["height"]) == (1120, 928)
