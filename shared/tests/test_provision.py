@@ -580,3 +580,26 @@ def test_manifest_round_trips_through_json(tmp_path: Path) -> None:
     assert Manifest.load(path) == manifest
     with pytest.raises(ValueError, match="appears twice"):
         Manifest("wan", (manifest.files[0], manifest.files[0]))
+
+
+def test_cli_download_sends_the_civitai_token_to_provision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model-service download` hands CIVITAI_TOKEN to the download (which sends it to
+    civitai.com only, `Tokens.headers_for`), as the services' own start does."""
+    import model_service.provision as provisioning
+    from model_service import cli
+
+    seen: dict[str, Any] = {}
+
+    async def fake_provision(manifest: Manifest, models_dir: Path, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise provisioning.ProvisionError("stop here")
+
+    path = tmp_path / "manifest.json"
+    Manifest("svc", (url_file("https://civitai.com/api/download/models/1", blob(1)),)).save(path)
+    monkeypatch.setattr(provisioning, "provision", fake_provision)
+    monkeypatch.setenv("CIVITAI_TOKEN", "civitai-secret")
+    with pytest.raises(SystemExit, match="stop here"):
+        cli.run_download(path, tmp_path / "models", 1)
+    assert seen["civitai_token"] == "civitai-secret"

@@ -94,6 +94,9 @@ def run_download(manifest_path: Path, models_dir: Path | None, parallel: int) ->
                 parallel=parallel,
                 hf_token=get_token(),
                 hf_endpoint=settings.hf_endpoint,
+                civitai_token=(
+                    settings.civitai_token.get_secret_value() if settings.civitai_token else None
+                ),
             )
         )
     except ProvisionError as exc:
