@@ -95,7 +95,9 @@ def test_a_comfyui_service_names_its_model_and_precision(
     service = comfy_service("fastwan2.2-5b-packed", comfy_standin(models=models))
     with service.client() as client:
         text = client.get("/metrics").text
-        version = client.get("/v1/service").json()["version"]
+        info = client.get("/v1/service").json()
+        version = info["version"]
+    assert (info["model"]["model"], info["model"]["precision"]) == ("fastwan2.2-5b", "bf16")
     assert (
         'model_service_info{model="fastwan2.2-5b",precision="bf16",'
         f'service="fastwan2.2-5b-packed",version="{version}"}} 1.0'

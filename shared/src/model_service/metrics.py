@@ -215,6 +215,10 @@ class Metrics:
         self._info.version = version
         self._info.model = model
 
+    def model_facts(self) -> dict[str, str]:
+        """The info metric's `model` and `precision` now (those known)."""
+        return {key: value for key, value in self._info.model().items() if value}
+
     def job_started(self, created_at: float, started_at: float) -> None:
         """The engine began a job created at `created_at` (epoch seconds)."""
         self.running.inc()

@@ -75,7 +75,9 @@ def build_router(state: ServiceState) -> APIRouter:
             profile=state.settings.profile,
             ready=ok,
             reason=reason,
-            model=state.runner.worker_info,
+            # what the engine says; the model's name and precision where it says none
+            # (a ComfyUI service: its manifest's name, its diffusion models' dtype)
+            model=state.metrics.model_facts() | state.runner.worker_info,
             gpus=[info.__dict__ for info in gpu.probe()],
             min_vram_gb=state.spec.min_vram_gb,
             input_schema=described.input_schema,
