@@ -30,6 +30,7 @@ class Inpaint:
 
     original: Image.Image
     alpha: Image.Image
+    feather: int
 
     def blend(self, generated: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
         """The model's picture inside the mask, the input's outside it, at `size` (the
@@ -85,4 +86,5 @@ def feathered_alpha(mask: Image.Image, feather: int) -> Image.Image:
 def prepare(image: Image.Image, mask: Image.Image, feather: int) -> tuple[Image.Image, Inpaint]:
     """The model's input (the green composite) and what the output is blended with."""
     binary = binary_mask(mask, image.size)
-    return green_composite(image, binary), Inpaint(image, feathered_alpha(binary, feather))
+    alpha = feathered_alpha(binary, feather)
+    return green_composite(image, binary), Inpaint(image, alpha, feather)

@@ -20,7 +20,7 @@ from model_service.predictor import JobContext, PredictResult, SetupResult, Work
 from . import hires, inpaint, job_loras, references
 from .manifest import ModelVariant, parse_model_variant
 from .pipeline_loader import NUNCHAKU_FP4, NUNCHAKU_INT4, LoadedPipeline, load_pipeline
-from .schema import HIRES_DENOISE, HIRES_STEPS
+from .schema import HIRES_DENOISE, HIRES_STEPS, MASK_FEATHER
 
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
@@ -79,7 +79,7 @@ class QwenImageEditPredictor:
         masked: inpaint.Inpaint | None = None
         if inputs.get("mask"):
             with Image.open(inputs["mask"]) as mask:
-                feather = int(inputs.get("mask_feather", 8))
+                feather = int(inputs.get("mask_feather", MASK_FEATHER))
                 images[0], masked = inpaint.prepare(images[0], mask, feather)
         if inputs.get(job_loras.FIELD):
             self._lora_fetcher(loaded).prefetch(inputs[job_loras.FIELD])
@@ -135,7 +135,7 @@ class QwenImageEditPredictor:
             outputs=_output_names(len(outputs), output_format),
             info={"width": width, "height": height, "steps": steps, "true_cfg_scale": cfg}
             | ({"loras": len(loras)} if loras else {})
-            | ({"inpaint": {"mask_feather": int(inputs.get("mask_feather", 8))}} if masked else {})
+            | ({"inpaint": {"mask_feather": masked.feather}} if masked else {})
             | ({"hires": asdict(second)} if second else {})
             | (_references_info(refs, kwargs["prompt"]) if refs else {}),
             finish=partial(_save, outputs, ctx.output_dir, output_format, masked, (width, height)),

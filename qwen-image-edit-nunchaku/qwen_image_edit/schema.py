@@ -15,6 +15,7 @@ MAX_REFERENCES = 2  # they share those places with the input images
 # hires_denoise=0.5; qwen_image_edit/hires.py)
 HIRES_STEPS = 6
 HIRES_DENOISE = 0.5
+MASK_FEATHER = 8  # px (qwen_image_edit/inpaint.py)
 
 
 class QwenEditInput(BaseModel):
@@ -110,7 +111,7 @@ class QwenEditInput(BaseModel):
         "1: from noise).",
     )
     mask_feather: int = Field(
-        8,
+        MASK_FEATHER,
         ge=0,
         le=128,
         multiple_of=2,

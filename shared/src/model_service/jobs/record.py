@@ -91,6 +91,12 @@ class Job:
         return {name: getattr(self, name) for name in REQUEST_FIELDS}
 
     @classmethod
+    def from_parts(cls, state: dict[str, Any], request: dict[str, Any] | None) -> Job:
+        """A job from its state and its request as the stores keep them apart (an older
+        store's state holds both, and its request is None)."""
+        return cls.from_row({**state, **(request or {})})
+
+    @classmethod
     def from_row(cls, data: dict[str, Any]) -> Job:
         data = dict(data)
         data["status"] = JobStatus(data["status"])

@@ -134,7 +134,7 @@ def _guard(method: Callable[P, T]) -> Callable[P, T]:
 def _job(data: str, request: str | None) -> Job:
     """A job from its hash: the state (`data`) and the request, kept apart so that a
     change writes the small state alone (an older store's `data` holds both)."""
-    return Job.from_row({**json.loads(data), **json.loads(request or "{}")})
+    return Job.from_parts(json.loads(data), json.loads(request) if request else None)
 
 
 @dataclass

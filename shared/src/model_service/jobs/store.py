@@ -230,7 +230,8 @@ class JobStore(RunQueue, GraphStore, RetentionStore, DeliveryStore, UploadStore,
 
 def _job(row: sqlite3.Row) -> Job:
     """The job of a row: its state (`data`) and its request, stored apart."""
-    return Job.from_row({**from_json(row["data"]), **from_json(row["request"] or "{}")})
+    request = row["request"]
+    return Job.from_parts(from_json(row["data"]), from_json(request) if request else None)
 
 
 def _parse(row: sqlite3.Row) -> Job | None:
