@@ -1,6 +1,8 @@
 """The web console: served without a key, built from GET /v1/service's description of
 the input; driven in a real headless Chromium against the echo service."""
 
+import base64
+import io
 import json
 import re
 import tomllib
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import pytest
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from model_service.api.console import CONSOLE_DIR, CONSOLE_FILES, describe_input
@@ -213,6 +216,68 @@ def test_polling_when_the_event_stream_fails(echo_service, page) -> None:
     )
 
 
+def _png(size: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_a_jobs_input_is_shown_named_in_the_history_and_reused(echo_service, page) -> None:
+    """Issue 26: the input beside the result, the history by prompt not bare id, and "use
+    settings" filling the form again (a data URI, shown shortened, must be chosen again;
+    an upload id is reused)."""
+    service = echo_service()
+    with httpx.Client(base_url=service.url) as client:
+        upload = client.post("/v1/uploads", files={"file": ("a.png", _png(8))}).json()
+        data_uri = "data:image/png;base64," + base64.b64encode(_png(64)).decode()
+        by_upload = client.post(
+            "/v1/jobs", json={"input": {"text": "a red fox", "steps": 3, "image": upload["id"]}}
+        ).json()
+        by_data = client.post(
+            "/v1/jobs",
+            json={"input": {"text": "x" * 150, "image": data_uri, "behaviour": "error"}},
+        ).json()
+    page.goto(service.url + "/")
+    fox = page.locator(f"tr[data-job-id='{by_upload['id']}']")
+    assert fox.get_by_test_id("job-label").inner_text() == "a red fox"
+    long_label = page.locator(f"tr[data-job-id='{by_data['id']}']").get_by_test_id("job-label")
+    assert long_label.inner_text() == "x" * 80
+
+    fox.click()
+    page.wait_for_selector(f"[data-testid=job-id]:text-is('{by_upload['id']}')")
+    shown = page.get_by_test_id("job-input")
+    assert shown.locator("dd[data-field=text]").inner_text() == "a red fox"
+    assert shown.locator("dd[data-field=steps]").inner_text() == "3"
+    assert shown.locator("dd[data-field=image]").inner_text() == upload["id"]
+    page.get_by_test_id("field-text").fill("something else")
+    page.get_by_test_id("field-steps").fill("9")
+    page.get_by_test_id("job").get_by_test_id("reuse").click()
+    assert page.get_by_test_id("field-text").input_value() == "a red fox"
+    assert page.get_by_test_id("field-steps").input_value() == "3"
+    assert page.locator("#f-image-ref").input_value() == upload["id"]
+    assert page.get_by_test_id("submit-state").inner_text() == f"the settings of {by_upload['id']}"
+    page.get_by_test_id("submit").click()  # the same settings run again
+    page.wait_for_selector(
+        f"[data-testid=job][data-status=succeeded]:not(:has-text('{by_upload['id']}'))"
+    )
+    again = page.get_by_test_id("job-input")
+    assert again.locator("dd[data-field=image]").inner_text() == upload["id"]
+    assert again.locator("dd[data-field=steps]").inner_text() == "3"
+
+    page.locator(f"tr[data-job-id='{by_data['id']}']").click()
+    page.wait_for_selector(f"[data-testid=job-id]:text-is('{by_data['id']}')")
+    assert "chars)" in page.get_by_test_id("job-input").locator("dd[data-field=image]").inner_text()
+    page.get_by_test_id("job").get_by_test_id("reuse").click()
+    assert page.locator("#f-image-ref").input_value() == ""
+    assert page.get_by_test_id("field-behaviour").input_value() == '"error"'
+    assert page.get_by_test_id("field-steps").input_value() == "2", "unset: the default"
+    assert (
+        page.get_by_test_id("submit-state")
+        .inner_text()
+        .endswith("choose again (sent as data): image")
+    )
+
+
 def test_long_video_chain_controls(echo_service, page) -> None:
     """The chain UI against the echo service with the long-video routes mocked in the page
     (the echo service has none; the real routes are tested with the video services)."""
@@ -223,6 +288,8 @@ def test_long_video_chain_controls(echo_service, page) -> None:
     def job() -> dict[str, Any]:
         part = {"status": "succeeded", "progress": 1.0, "seed": 1, "video": None, "error": None}
         parts = [{**part, "id": f"p{i}", "index": i} for i in range(chain["parts"])]
+        if chain["parts"] == 2 and chain["status"] == "awaiting_input":
+            parts[1] = {**parts[1], "status": "running", "progress": 0.4}
         return {**chain["record"], "kind": "chain", "status": chain["status"], "parts": parts}
 
     def service_info(route) -> None:
@@ -241,7 +308,8 @@ def test_long_video_chain_controls(echo_service, page) -> None:
         body = json.loads(route.request.post_data or "{}")
         seen.append(("create", body))
         # a real job record as the template (its id, timings, links)
-        chain["record"] = httpx.post(service.url + "/v1/jobs", json={"input": {}}).json()
+        record = httpx.post(service.url + "/v1/jobs", json={"input": {}}).json()
+        chain["record"] = {**record, "input": body}  # a chain shows its request
         route.fulfill(status=202, json=job())
 
     def events(route) -> None:  # one event, then the stream ends: the page polls
@@ -262,6 +330,12 @@ def test_long_video_chain_controls(echo_service, page) -> None:
         chain["parts"] = 2
         route.fulfill(json=job())
 
+    def delete_last(route) -> None:
+        assert route.request.method == "DELETE"
+        seen.append(("delete", None))
+        chain["parts"] = 1
+        route.fulfill(json=job())
+
     def finalize(route) -> None:
         seen.append(("finalize", None))
         chain["status"] = "succeeded"
@@ -273,6 +347,7 @@ def test_long_video_chain_controls(echo_service, page) -> None:
     page.route(re.compile(r".*/v1/jobs/[^/]+/events$"), events)
     page.route("**/v1/chains/*/segments", segments)
     page.route("**/v1/chains/*/finalize", finalize)
+    page.route("**/v1/chains/*/segments/last", delete_last)
     page.goto(service.url + "/")
     page.wait_for_selector("[data-testid=field-text]")
     page.get_by_test_id("mode-chain").check()
@@ -292,7 +367,70 @@ def test_long_video_chain_controls(echo_service, page) -> None:
     page.wait_for_selector("[data-testid=job-parts] li >> nth=1")
     assert seen[1] == ("segments", {"segments": [{"prompt": "the cat jumps"}]})
     assert page.get_by_test_id("segment-prompt").input_value() == ""
+    # progress counts segments: the second one runs at 40 %, not "step 200 / 200"
+    assert page.get_by_test_id("job-progress-text").inner_text().startswith("segment 2 / 2 (40%)")
+    page.get_by_test_id("delete-segment").click()  # to redo it
+    page.wait_for_selector("[data-testid=job-parts] li >> nth=1", state="detached")
+    assert seen[2] == ("delete", None)
+    assert page.get_by_test_id("job-progress-text").inner_text().startswith("1 segment done")
     page.get_by_test_id("finalize").click()
     page.wait_for_selector("[data-testid=job][data-status=succeeded]")
-    assert seen[2] == ("finalize", None)
+    assert seen[3] == ("finalize", None)
     assert not page.get_by_test_id("chain-controls").is_visible()
+    page.get_by_test_id("job").get_by_test_id("reuse").click()  # a chain's settings: its mode
+    assert page.get_by_test_id("mode-chain").is_checked()
+    assert page.get_by_test_id("field-text").input_value() == "a cat"
+
+
+def test_travel_mode_sends_the_images_and_a_prompt_per_leg(echo_service, page) -> None:
+    service = echo_service()
+    sent: list[dict[str, Any]] = []
+
+    def service_info(route) -> None:
+        info = route.fetch().json()
+        info["long_video"] = {
+            "chains": True,
+            "travels": True,
+            "image_field": "image",
+            "end_image_field": "image",
+            "frames_field": "steps",
+            "segment_fields": ["text"],
+        }
+        route.fulfill(json=info)
+
+    def create_travel(route) -> None:
+        body = json.loads(route.request.post_data or "{}")
+        sent.append(body)
+        record = httpx.post(service.url + "/v1/jobs", json={"input": {}}).json()
+        travel = {**record, "id": "travel-1", "kind": "travel", "input": body, "parts": []}
+        route.fulfill(status=202, json=travel)  # an id the service lacks: its events 404
+
+    page.route("**/v1/service", service_info)
+    page.route("**/v1/travels", create_travel)
+    page.goto(service.url + "/")
+    page.wait_for_selector("[data-testid=field-text]")
+    assert not page.locator("#travel-box").is_visible()
+    page.get_by_test_id("mode-travel").check()
+    assert page.locator("#travel-box").is_visible()
+    assert "first and last frame" in page.get_by_test_id("mode-hint").inner_text()
+    page.locator("#travel-images-ref").fill("upl_a upl_b  https://example.com/c.png")
+    page.get_by_test_id("travel-prompts").fill("a boat\n\n  it docks  \n")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job]:visible")
+    assert sent == [
+        {
+            "input": {"text": "hello", "steps": 2, "step_s": 0, "behaviour": "ok"},
+            "images": ["upl_a", "upl_b", "https://example.com/c.png"],
+            "prompts": ["a boat", "it docks"],
+        }
+    ]
+    page.get_by_test_id("travel-prompts").fill("")
+    page.get_by_test_id("mode-job").check()
+    page.get_by_test_id("job").get_by_test_id("reuse").click()
+    assert page.get_by_test_id("mode-travel").is_checked()
+    assert page.locator("#travel-images-ref").input_value().split() == [
+        "upl_a",
+        "upl_b",
+        "https://example.com/c.png",
+    ]
+    assert page.get_by_test_id("travel-prompts").input_value() == "a boat\nit docks"

@@ -160,7 +160,8 @@ def test_job_of_a_killed_pod_finishes_on_another(fleet: Fleet) -> None:
     assert done["outputs"][0]["url"].startswith(survivor.url)
     assert fleet.runs()[job["id"]] == {"start": 2, "end": 1}
     metrics = httpx.get(f"{survivor.url}/metrics", timeout=5).text
-    assert 'model_service_fleet_reclaims_total{outcome="requeued"} 1.0' in metrics
+    reclaims = [line for line in metrics.splitlines() if "fleet_reclaims_total{" in line]
+    assert 'model_service_fleet_reclaims_total{outcome="requeued"} 1.0' in reclaims, reclaims
 
 
 def test_a_killed_pods_job_is_taken_back_while_others_wait(fleet: Fleet) -> None:

@@ -9,9 +9,10 @@
   const KEY = "model-service-api-key";
   const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
   let service = null; // GET /v1/service
-  let fields = []; // [{name, read: async () => value | undefined}]
+  let fields = []; // [{name, read: async () => value | undefined, write: (value) => bool}]
   let current = null; // the job shown: {id, job, abort, timer, outputs}
   let historySeq = 0;
+  let travelImages = null; // the travel mode's images: {read, write}
   const objectUrls = [];
 
   class ApiError extends Error {
@@ -174,7 +175,7 @@
       class: "ref",
       id: `${attrs.id}-ref`,
       "aria-label": `${attrs.name}: URL or upload id`,
-      placeholder: many ? "or https URLs / upload ids, one per line" : "or an https URL / upload id",
+      placeholder: many ? "or https URLs / upload ids, separated by spaces" : "or an https URL / upload id",
     });
     const preview = el("div", { class: "preview", "data-testid": `preview-${attrs.name}` });
     file.onchange = () => {
@@ -194,7 +195,17 @@
       if (!text) return undefined;
       return many ? text.split(/\s+/) : text;
     }
-    return { control: el("div", { class: "media" }, file, ref, preview), read };
+    function write(value) {
+      // a job's URLs and upload ids are reusable; a data URI is shown shortened, and a
+      // long video's part names its image "(image N)": not
+      file.value = "";
+      preview.replaceChildren();
+      const refs = value == null ? [] : [value].flat();
+      const usable = refs.filter((r) => !/^(data:|\()/.test(String(r)));
+      ref.value = usable.join(" ");
+      return usable.length === refs.length;
+    }
+    return { control: el("div", { class: "media" }, file, ref, preview), read, write };
   }
 
   function widget(name, schema, id) {
@@ -206,11 +217,19 @@
         el("option", { value: JSON.stringify(value), selected: value === schema.default }, String(value)),
       );
       const select = el("select", attrs, schema.default == null ? el("option", { value: "" }, "—") : null, ...options);
-      return { control: select, read: async () => (select.value === "" ? undefined : JSON.parse(select.value)) };
+      const write = (value) => {
+        select.value = value === undefined ? (schema.default == null ? "" : JSON.stringify(schema.default)) : JSON.stringify(value);
+        return true;
+      };
+      return { control: select, read: async () => (select.value === "" ? undefined : JSON.parse(select.value)), write };
     }
     if (schema.type === "boolean") {
       const box = el("input", { ...attrs, type: "checkbox", checked: schema.default === true });
-      return { control: box, read: async () => box.checked };
+      const write = (value) => {
+        box.checked = (value === undefined ? schema.default : value) === true;
+        return true;
+      };
+      return { control: box, read: async () => box.checked, write };
     }
     if (schema.type === "integer" || schema.type === "number") {
       const input = el("input", {
@@ -226,19 +245,32 @@
         if (input.validity.badInput) throw localError(name, "not a number", "not_a_number");
         return input.value === "" ? undefined : Number(input.value);
       }
-      return { control: input, read };
+      const write = (value) => {
+        input.value = String((value === undefined ? schema.default : value) ?? "");
+        return true;
+      };
+      return { control: input, read, write };
     }
     if (schema.type === "string") {
       const long = (schema.maxLength || 0) > 200 || name.includes("prompt");
       const input = long
         ? el("textarea", { ...attrs, rows: 3, maxlength: schema.maxLength })
         : el("input", { ...attrs, type: "text", maxlength: schema.maxLength });
-      if (schema.default != null) input.value = schema.default;
-      return { control: input, read: async () => (input.value === "" ? undefined : input.value) };
+      const write = (value) => {
+        input.value = (value === undefined ? schema.default : value) ?? "";
+        return true;
+      };
+      write(undefined);
+      return { control: input, read: async () => (input.value === "" ? undefined : input.value), write };
     }
     // arrays of objects (e.g. LoRAs) and anything else: JSON
     const area = el("textarea", { ...attrs, rows: 3, class: "json", spellcheck: "false", placeholder: jsonPlaceholder(schema) });
-    if (schema.default != null && JSON.stringify(schema.default) !== "[]") area.value = JSON.stringify(schema.default);
+    const write = (value) => {
+      const shown = value === undefined ? schema.default : value;
+      area.value = shown == null || JSON.stringify(shown) === "[]" ? "" : JSON.stringify(shown);
+      return true;
+    };
+    write(undefined);
     async function read() {
       if (!area.value.trim()) return undefined;
       try {
@@ -247,7 +279,7 @@
         throw localError(name, `not valid JSON: ${err.message}`);
       }
     }
-    return { control: el("div", {}, area, itemHint(schema)), read };
+    return { control: el("div", {}, area, itemHint(schema)), read, write };
   }
 
   function buildForm() {
@@ -258,8 +290,8 @@
       ...Object.entries(schema.properties || {}).map(([name, prop]) => {
         const [resolved] = resolve(prop);
         const id = `f-${name}`;
-        const { control, read } = widget(name, resolved, id);
-        fields.push({ name, read });
+        const { control, read, write } = widget(name, resolved, id);
+        fields.push({ name, read, write });
         const wide = !["INPUT", "SELECT"].includes(control.tagName) || control.type === "text";
         return el(
           "div",
@@ -274,8 +306,46 @@
     $("mode").hidden = !lv;
     if (lv) {
       $("segment-prompt-box").hidden = !lv.segment_fields.includes("prompt");
-      $("chain-hint").textContent = `Segments, each starting from the last frame of the one before (needs ${lv.image_field}); add segments while it waits, then finalize.`;
+      $("mode-travel-label").hidden = !lv.travels;
+      const images = mediaWidget("image", true, { id: "travel-images", name: "images", "data-testid": "travel-images" });
+      $("travel-images-box").replaceChildren(images.control);
+      travelImages = images;
+      modeChanged();
     }
+  }
+
+  const mode = () => (service.long_video ? document.querySelector("input[name=mode]:checked").value : "job");
+
+  function modeChanged() {
+    const lv = service.long_video;
+    const hints = {
+      job: "",
+      chain: `Segments, each starting from the last frame of the one before (needs ${lv.image_field}); add segments while it waits, then finalize.`,
+      travel: lv.end_image_field
+        ? "A leg from each image to the next (first and last frame), joined into one video."
+        : "A leg starting at each image, joined into one video.",
+    };
+    $("mode-hint").textContent = hints[mode()];
+    $("travel-box").hidden = mode() !== "travel";
+  }
+  for (const radio of document.querySelectorAll("input[name=mode]")) radio.onchange = modeChanged;
+
+  // the settings of `job` back in the form (its mode too): run it again, or change a field
+  function reuse(job) {
+    const long = job.kind !== "job";
+    const input = (long ? job.input.input : job.input) || {};
+    const lost = fields.filter((field) => !field.write(input[field.name])).map((field) => field.name);
+    if (service.long_video) {
+      $(`mode-${long ? job.kind : "job"}`).checked = true;
+      modeChanged();
+      if (job.kind === "travel") {
+        if (!travelImages.write(job.input.images)) lost.push("images");
+        $("travel-prompts").value = (job.input.prompts || []).join("\n");
+      }
+    }
+    const again = lost.length ? `; choose again (sent as data): ${lost.join(", ")}` : "";
+    $("submit-state").textContent = `the settings of ${job.id}${again}`;
+    $("new-job").scrollIntoView({ block: "nearest" });
   }
 
   $("job-form").onsubmit = async (event) => {
@@ -290,10 +360,17 @@
         const value = await field.read(); // files are uploaded here: their id is the value
         if (value !== undefined) input[field.name] = value;
       }
-      const chain = service.long_video && $("mode-chain").checked;
-      const job = chain
-        ? await api("v1/chains", { method: "POST", body: { input, segments: [{}], interactive: true } })
-        : await api("v1/jobs", { method: "POST", body: { input } });
+      let job;
+      if (mode() === "chain") {
+        job = await api("v1/chains", { method: "POST", body: { input, segments: [{}], interactive: true } });
+      } else if (mode() === "travel") {
+        const body = { input, images: (await travelImages.read()) || [] };
+        const prompts = $("travel-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+        if (prompts.length) body.prompts = prompts;
+        job = await api("v1/travels", { method: "POST", body });
+      } else {
+        job = await api("v1/jobs", { method: "POST", body: { input } });
+      }
       show(job);
       refreshHistory();
     } catch (err) {
@@ -317,6 +394,7 @@
     $("part-view").replaceChildren();
     $("job-error").hidden = true;
     current = { id: job.id, job: null, abort: new AbortController(), timer: 0, outputs: null };
+    renderInput(job);
     render(job);
     if (!TERMINAL.has(job.status)) watch(current);
   }
@@ -336,8 +414,7 @@
     $("job-status").textContent = job.status.replace("_", " ");
     $("job-status").className = `status ${job.status}`;
     $("job-progress").value = job.progress.fraction;
-    const steps = job.progress.total ? `step ${job.progress.step} / ${job.progress.total} · ` : "";
-    $("job-progress-text").textContent = `${steps}${Math.round(job.progress.fraction * 100)}%`;
+    $("job-progress-text").textContent = `${progressText(job)}${Math.round(job.progress.fraction * 100)}%`;
     const t = job.timings;
     $("job-meta").textContent = [
       job.seed != null ? `seed ${job.seed}` : null,
@@ -349,11 +426,39 @@
     if (job.error) showError($("job-error"), job);
     else if (before !== job.status) $("job-error").hidden = true;
     $("chain-controls").hidden = !(job.kind === "chain" && job.status === "awaiting_input");
+    $("delete-segment").hidden = !job.parts?.length;
     renderParts(job);
     renderOutputs(job);
     const row = document.querySelector(`tr[data-job-id="${CSS.escape(job.id)}"]`);
     if (row) fillRow(row, job);
     if (before !== undefined && before !== job.status) refreshHistory();
+  }
+
+  // a long video counts its parts, not the steps of all of them together
+  function progressText(job) {
+    const parts = job.parts || [];
+    if (!parts.length) return job.progress.total ? `step ${job.progress.step} / ${job.progress.total} · ` : "";
+    const word = job.kind === "travel" ? "leg" : "segment";
+    const done = parts.filter((part) => part.status === "succeeded").length;
+    if (done === parts.length) return `${done} ${word}${done === 1 ? "" : "s"} done · `;
+    const running = parts.find((part) => part.status !== "succeeded");
+    return `${word} ${done + 1} / ${parts.length} (${Math.round(running.progress * 100)}%) · `;
+  }
+
+  const shown = (value) => {
+    const text = typeof value === "string" ? value : JSON.stringify(value);
+    return text.length > 400 ? `${text.slice(0, 400)}…` : text;
+  };
+
+  // what the job was asked: the service's fields (a long video's shared input first)
+  function renderInput(job) {
+    const long = job.kind !== "job" && job.input.input;
+    const entries = long
+      ? [...Object.entries(job.input.input), ...Object.entries(job.input).filter(([name]) => name !== "input")]
+      : Object.entries(job.input);
+    $("job-input").replaceChildren(
+      ...entries.flatMap(([name, value]) => [el("dt", {}, name), el("dd", { "data-field": name }, shown(value))]),
+    );
   }
 
   function renderParts(job) {
@@ -464,7 +569,7 @@
   // --- actions and history ------------------------------------------------------------
 
   function actions(job) {
-    const out = [];
+    const out = [button("Use settings", () => reuse(job), "reuse")];
     if (!TERMINAL.has(job.status)) out.push(button("Cancel", () => act(job.id, "cancel"), "cancel"));
     if (job.status === "failed" || job.status === "canceled") {
       out.push(button("Retry", () => act(job.id, "retry"), "retry"));
@@ -472,9 +577,9 @@
     return out;
   }
 
-  async function act(id, verb, path = jobPath(id, `/${verb}`), body = undefined) {
+  async function act(id, verb, path = jobPath(id, `/${verb}`), body = undefined, method = "POST") {
     try {
-      const job = await api(path, { method: "POST", body });
+      const job = await api(path, { method, body });
       if (verb === "retry") show(job);
       else render(job);
       return true;
@@ -492,12 +597,15 @@
     const path = `v1/chains/${encodeURIComponent(current.id)}/segments`;
     if (await act(current.id, "segments", path, body)) $("segment-prompt").value = "";
   };
+  $("delete-segment").onclick = () =>
+    act(current.id, "delete-segment", `v1/chains/${encodeURIComponent(current.id)}/segments/last`, undefined, "DELETE");
   $("finalize").onclick = () => act(current.id, "finalize", `v1/chains/${encodeURIComponent(current.id)}/finalize`);
 
   function fillRow(row, job) {
     row.classList.toggle("selected", current?.id === job.id);
     if (!row.cells.length) {
-      row.append(el("td", {}, el("code", {}, job.id)), el("td", {}, job.parent_id ? "part" : job.kind));
+      const name = el("div", { class: "label", "data-testid": "job-label", title: label(job) }, label(job));
+      row.append(el("td", {}, name, el("code", {}, job.id)), el("td", {}, job.parent_id ? "part" : job.kind));
       row.append(el("td"), el("td"), el("td"), el("td", { class: "actions" }));
     }
     const [, , status, progress, queued, buttons] = row.cells;
@@ -507,6 +615,15 @@
     status.replaceChildren(el("span", { class: `status ${job.status}` }, job.status.replace("_", " ")));
     queued.textContent = new Date(job.timings.queued_at).toLocaleTimeString();
     buttons.replaceChildren(...actions(job));
+  }
+
+  // a row's name: the job's prompt (or its first text that is not a file)
+  function label(job) {
+    const input = (job.kind === "job" ? job.input : job.input.input) || {};
+    const texts = [input.prompt, input.text, ...Object.values(input)].filter(
+      (value) => typeof value === "string" && value && !/^(data:|https?:|upl_)/.test(value),
+    );
+    return texts.length ? shown(texts[0]).slice(0, 80) : "";
   }
 
   async function refreshHistory() {
