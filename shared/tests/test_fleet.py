@@ -142,7 +142,10 @@ def test_pods_share_one_queue_and_run_each_job_once(fleet: Fleet, pod_count: int
 
 
 def test_job_of_a_killed_pod_finishes_on_another(fleet: Fleet) -> None:
-    pods = fleet.start(2)
+    """A 3 s heartbeat: under a full test run a live pod's 1 s beat once came late enough
+    for the other pod to take its job back before the kill (the job then ran on the
+    survivor, and the reclaim counted on the pod killed)."""
+    pods = fleet.start(2, env={"QUEUE_HEARTBEAT_S": "3"})
     job = submit(pods[0], steps=30, step_s=0.1)
     deadline = time.monotonic() + 30
     while (
