@@ -25,6 +25,7 @@ from model_service.provision import Manifest
 from model_service.video.colour import colour_stats, drift
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.comfy_standin.nodes import index_block, index_level
+from model_service_testing.media import mp4_bytes
 from model_service_testing.process import (
     RedisServer,
     ServiceProcess,
@@ -332,6 +333,18 @@ def test_bad_long_video_requests_are_422(client: httpx.Client) -> None:
     )
     assert overlap.status_code == 422
     assert overlap.json()["error"]["field"] == "overlap"
+    # FastWan has no last-frame conditioning: joins and redos are refused, saying where to go
+    clip = "data:video/mp4;base64," + base64.b64encode(mp4_bytes([(9, 9, 9)] * 5)).decode()
+    for route, body, field in (
+        ("/v1/joins", {"input": BASE, "clips": [clip, clip]}, "clips"),
+        ("/v1/redos", {"input": BASE, "video": clip, "start_frame": 1, "end_frame": 2}, "video"),
+    ):
+        refused = client.post(route, json=body)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid_input", field)
+        assert "first-last-frame" in error["message"]
+        assert "Wan2.2-14B" in error["message"]
 
 
 def test_restart_in_the_middle_of_a_chain_loses_nothing(

@@ -107,6 +107,7 @@ def test_the_description_names_file_fields_lists_and_long_videos() -> None:
     assert described.long_video.model_dump() == {
         "chains": True,
         "travels": True,
+        "joins": True,
         "image_field": "start_image",
         "end_image_field": "end_image",
         "frames_field": "num_frames",

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import pytest
 
-from model_service.video import probe, stitch_chain, stitch_travel
+from model_service.video import probe, replace_audio, stitch_chain, stitch_pieces, stitch_travel
 
 FPS = 16
 SIZE = 64
@@ -438,3 +438,51 @@ def test_probe(segments: list[Path]) -> None:
     assert (facts.frames, facts.fps, facts.width, facts.height) == (9, 16, SIZE, SIZE)
     assert (facts.codec, facts.pix_fmt, facts.audio) == ("h264", "yuv420p", None)
     assert facts.duration_s == pytest.approx(9 / 16)
+
+
+# --- pieces (joins, redos) ----------------------------------------------------------
+
+
+def test_pieces_keep_the_chosen_frames_of_each(segments: list[Path], tmp_path: Path) -> None:
+    """A redo's shape: video 0 before its stretch, chosen frames of another, video 0 after
+    it; a piece may name a file twice."""
+    out = tmp_path / "redo.mp4"
+    pieces = [
+        (segments[0], lambda i: i < 3),
+        (segments[1], {2, 4, 6}.__contains__),
+        (segments[0], lambda i: i > 5),
+    ]
+    result = stitch_pieces(pieces, out, preset="ultrafast")
+    assert result.method == "reencode"
+    assert result.frames == 9 == probe(out).frames
+    expected = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 4), (1, 6), (0, 6), (0, 7), (0, 8)]
+    assert _labels(out) == expected
+    everything = stitch_pieces([(s, None) for s in segments], tmp_path / "all.mp4")
+    assert everything.method == "copy"
+    assert everything.frames == 27
+
+
+def test_pieces_drop_the_audio_of_dropped_frames(voiced: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "pieces.mp4"
+    # segment 0's first 4 frames, then segment 1 from its frame 4: 4 + 5 frames
+    result = stitch_pieces([(voiced[0], lambda i: i < 4), (voiced[1], lambda i: i >= 4)], out)
+    assert result.frames == 9
+    assert result.has_audio
+    _check_audio_duration(out, 9)
+    samples = _audio(out)
+    assert _rms(samples, _sample(2)) == pytest.approx(_amplitude(0) / math.sqrt(2), rel=0.1)
+    assert _rms(samples, _sample(6.5)) == pytest.approx(_amplitude(1) / math.sqrt(2), rel=0.1)
+
+
+def test_replace_audio_copies_the_other_files_sound(
+    segments: list[Path], voiced: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "dubbed.mp4"
+    assert replace_audio(segments[2], voiced[1], out)
+    assert _video_packets(out) == _video_packets(segments[2])  # the video copied as it was
+    with av.open(str(voiced[1])) as container:
+        original = [bytes(p) for p in container.demux(audio=0) if p.size]
+    with av.open(str(out)) as container:
+        assert [bytes(p) for p in container.demux(audio=0) if p.size] == original
+    assert not replace_audio(segments[0], segments[1], tmp_path / "none.mp4")
+    assert not (tmp_path / "none.mp4").exists()

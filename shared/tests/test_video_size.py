@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from model_service.longvideo.bridges import inner_frames
 from model_service.video_size import (
     best_output_size,
     fit_to_area,
+    frame_count_at_least,
     resolve_size,
     size_for_image,
 )
@@ -68,3 +70,15 @@ def test_the_derive_hook_reads_the_image_only_when_no_size_was_given(tmp_path: P
     assert derive({"start_image": str(image), "width": None}) == {"width": 704, "height": 1248}
     assert derive({"start_image": str(image), "width": 64, "height": 64}) == {}
     assert derive({"start_image": None, "width": None}) == {}
+
+
+def test_frame_count_at_least_is_the_next_4n_plus_1() -> None:
+    assert [frame_count_at_least(n) for n in range(1, 11)] == [1, 5, 5, 5, 5, 9, 9, 9, 9, 13]
+
+
+def test_inner_frames_spread_evenly_and_are_exact_when_they_fit() -> None:
+    assert inner_frames(9, 7) == [1, 2, 3, 4, 5, 6, 7]  # 7 + 2 = 9: every inner frame
+    assert inner_frames(9, 5) == [1, 3, 4, 5, 7]
+    assert inner_frames(5, 1) == [2]
+    with pytest.raises(ValueError, match="cannot hold"):
+        inner_frames(5, 4)

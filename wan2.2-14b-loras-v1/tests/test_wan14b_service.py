@@ -29,7 +29,14 @@ from model_service_testing.comfy_sigmas import schedule
 from model_service_testing.comfy_standin import StandinProcess
 from model_service_testing.hub_standin import Server
 from model_service_testing.machine import needs_real_comfyui
-from model_service_testing.media import png_data_uri, video_frames
+from model_service_testing.media import (
+    data_uri,
+    frame_colours,
+    mp4_bytes,
+    png_data_uri,
+    video_facts,
+    video_frames,
+)
 from model_service_testing.process import ServiceProcess, place_sparse_models, run_waiting
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 from wan14b.schema import WAN_NEGATIVE, Wan14bInput
@@ -626,6 +633,126 @@ def test_travel_legs_go_first_to_last_frame_and_cross_fade(client: httpx.Client)
     centre = [f[24:40, 24:40].reshape(-1, 3).mean(axis=0) for f in frames]
     errors = [float(np.abs(got - want).max()) for got, want in zip(centre, expected, strict=True)]
     assert max(errors) < 8, errors
+
+
+def _blend(a: Any, b: Any, i: int, n: int) -> Any:
+    """Frame i of the stand-in's first-last-frame part of n frames from colour a to b."""
+    return np.asarray(a, dtype=np.float64) * (1 - i / (n - 1)) + np.asarray(b) * (i / (n - 1))
+
+
+def _worst(got: list[Any], want: list[Any]) -> float:
+    return max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+
+
+def test_join_puts_a_first_last_frame_bridge_between_clips(client: httpx.Client) -> None:
+    """Issue 27: clips A and B, a bridge of 5 new frames from A's last frame to B's first
+    (generated as 9 frames, the next 4n+1, inner frames 1, 3, 4, 5, 7 kept); the video:
+    A, the bridge, B = 9 + 5 + 9 frames; the clips' frames as they were (re-encoded)."""
+    reds = [(250 - 12 * i, 20, 20) for i in range(9)]
+    blues = [(20, 20, 130 + 12 * i) for i in range(9)]
+    clips = [mp4_bytes(reds), mp4_bytes(blues)]
+    body = {
+        "input": {"prompt": "p", "seed": 5},
+        "clips": [data_uri(clip, "video/mp4") for clip in clips],
+        "bridge_frames": 5,
+        "prompt": "a smooth pan",
+    }
+    response = client.post("/v1/joins", json=body, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    join = response.json()
+    assert (join["kind"], join["status"]) == ("join", "succeeded"), join
+    assert join["input"]["clips"][0].endswith("chars)")  # shown shortened
+    (part,) = [client.get(f"/v1/jobs/{p['id']}").json() for p in join["parts"]]
+    assert part["info"]["workflow"] == "flf"
+    assert {k: part["input"][k] for k in ("width", "height", "num_frames", "fps", "prompt")} == {
+        "width": 64,
+        "height": 64,
+        "num_frames": 9,
+        "fps": 8,
+        "prompt": "a smooth pan",
+    }
+    assert part["seed"] == 5
+    info = join["info"]
+    assert (info["frames"], info["new_frames"], info["generated_frames"]) == (23, 5, 9)
+    url = next(out["url"] for out in join["outputs"] if out["name"] == "video.mp4")
+    got = frame_colours(client.get(url).content)
+    assert len(got) == 23
+    a, b = frame_colours(clips[0]), frame_colours(clips[1])
+    bridge = [_blend(a[-1], b[0], i, 9) for i in (1, 3, 4, 5, 7)]
+    assert _worst(got[:9], a) < 4
+    assert _worst(got[14:], b) < 4
+    assert _worst(got[9:14], bridge) < 8
+
+
+def test_redo_makes_a_stretch_again_and_keeps_the_rest_and_the_sound(
+    client: httpx.Client,
+) -> None:
+    """Frames 5..9 of a 17-frame video made again from frame 4 to frame 10 (7 frames
+    wanted: generated as 9, inner 1, 3, 4, 5, 7); frame count, fps and audio kept."""
+    greys = [(20 + 12 * i, 20 + 12 * i, 20 + 12 * i) for i in range(17)]
+    video = mp4_bytes(greys, tone_hz=440)
+    body = {
+        "input": {"prompt": "p"},
+        "video": data_uri(video, "video/mp4"),
+        "start_frame": 5,
+        "end_frame": 9,
+        "prompt": "it turns",
+    }
+    response = client.post("/v1/redos", json=body, headers={"Prefer": "wait=60"})
+    assert response.status_code == 200, response.text
+    redo = response.json()
+    assert (redo["kind"], redo["status"]) == ("redo", "succeeded"), redo
+    assert redo["info"]["stretch"] == [5, 9]
+    url = next(out["url"] for out in redo["outputs"] if out["name"] == "video.mp4")
+    data = client.get(url).content
+    assert video_facts(data) == {**video_facts(video), "codec": "h264"}
+    got, original = frame_colours(data), frame_colours(video)
+    assert _worst(got[:5], original[:5]) < 4
+    assert _worst(got[10:], original[10:]) < 4
+    stretch = [_blend(original[4], original[10], i, 9) for i in (1, 3, 4, 5, 7)]
+    assert _worst(got[5:10], stretch) < 8
+
+    def sound(blob: bytes) -> list[bytes]:
+        with av.open(io.BytesIO(blob)) as container:
+            return [bytes(p) for p in container.demux(audio=0) if p.size]
+
+    assert sound(data) == sound(video)  # the video's own audio, copied
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"start_frame": 6, "end_frame": 5}, "end_frame", "before start_frame"),
+        ({"end_frame": 8}, "end_frame", "at most 7"),
+        ({"input": {"prompt": "p", "start_image": "upl_x"}}, "input.start_image", "leave it out"),
+    ],
+)
+def test_a_redo_outside_the_video_is_refused(
+    client: httpx.Client, change: dict[str, Any], field: str, words: str
+) -> None:
+    video = mp4_bytes([(100, 100, 100)] * 9)
+    body = {
+        "input": {"prompt": "p"},
+        "video": data_uri(video, "video/mp4"),
+        "start_frame": 2,
+        "end_frame": 4,
+        **change,
+    }
+    response = client.post("/v1/redos", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_input", field)
+    assert words in error["message"]
+
+
+def test_clips_of_different_shapes_are_refused(client: httpx.Client) -> None:
+    clips = [mp4_bytes([(9, 9, 9)] * 5), mp4_bytes([(9, 9, 9)] * 5, size=(80, 64))]
+    body = {"input": {"prompt": "p"}, "clips": [data_uri(c, "video/mp4") for c in clips]}
+    response = client.post("/v1/joins", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "clips[1]"
+    assert "share size and frame rate" in error["message"]
 
 
 # --- PROFILE=tiny on a real ComfyUI (COMFYUI_TEST_DIR) -----------------------------------

@@ -1,5 +1,6 @@
 """Long videos from the client and `msc`: chains and travels against a real FastWan
-service (its stand-in ComfyUI as the backend), with an API key."""
+service, joins and redos against a real Wan2.2-14B service (each with its stand-in
+ComfyUI as the backend), with an API key."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from model_service.provision import Manifest
 from model_service_client import AsyncClient, Client, Job
 from model_service_client.cli import app
 from model_service_testing.comfy_standin import StandinProcess
-from model_service_testing.process import ServiceProcess
+from model_service_testing.media import mp4_bytes
+from model_service_testing.process import ServiceProcess, place_sparse_models
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
+from wan14b.service import MANIFEST as WAN14B_MANIFEST
 
 MODELS = {file.folder: [file.name] for file in Manifest.load(MANIFEST).files}
 FRAMES = 9
@@ -33,6 +36,15 @@ runner = CliRunner()
 def fastwan(comfy_standin: StartStandin, comfy_service: StartComfyService) -> ServiceProcess:
     standin: StandinProcess = comfy_standin(models=MODELS)
     return comfy_service("fastwan2.2-5b-packed", standin, env={"API_KEYS": KEY})
+
+
+@pytest.fixture(scope="module")
+def wan14b(comfy_standin: StartStandin, comfy_service: StartComfyService) -> ServiceProcess:
+    standin: StandinProcess = comfy_standin()
+    models = standin.base_dir / "models"
+    place_sparse_models(models, Manifest.load(WAN14B_MANIFEST).files)  # "downloaded"
+    env = {"API_KEYS": KEY, "MODELS_DIR": str(models)}
+    return comfy_service("wan2.2-14b-loras-v1", standin, env=env)
 
 
 @pytest.fixture
@@ -222,3 +234,61 @@ def test_msc_chain_reports_the_services_refusal(fastwan: ServiceProcess) -> None
     code, _out, err = msc(fastwan, "chain", json.dumps(BASE), "--prompt", "no start image")
     assert code == 1
     assert "invalid_input (HTTP 422)" in err
+
+
+def test_msc_join_uploads_local_clips_and_waits(wan14b: ServiceProcess, tmp_path: Path) -> None:
+    clips = []
+    for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+        clips.append(tmp_path / f"clip{index}.mp4")
+        clips[-1].write_bytes(mp4_bytes([colour] * FRAMES))
+    code, out, err = msc(
+        wan14b,
+        "join",
+        str(clips[0]),
+        str(clips[1]),
+        "--input",
+        '{"seed": 4}',
+        "-p",
+        "a slow pan",
+        "--bridge-frames",
+        "3",
+        "--wait",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    job = json.loads(out)
+    assert (job["kind"], job["status"]) == ("join", "succeeded"), job
+    assert [ref[:4] for ref in job["input"]["clips"]] == ["upl_", "upl_"]
+    assert job["input"]["prompt"] == "a slow pan"
+    assert frame_count((tmp_path / "out" / "video.mp4").read_bytes()) == 2 * FRAMES + 3
+
+
+def test_async_client_redo_keeps_the_frame_count(wan14b: ServiceProcess) -> None:
+    async def main() -> Job:
+        async with AsyncClient(wan14b.url, KEY, timeout=30) as client:
+            job = await client.redo(
+                mp4_bytes([(90, 90, 90)] * FRAMES),
+                2,
+                4,
+                prompt="it blinks",
+                input={"seed": 2},
+                wait_s=60,
+            )
+            return await client.wait(job.id)
+
+    job = asyncio.run(main())
+    assert (job.raw["kind"], job.status) == ("redo", "succeeded"), job.raw
+    assert job.raw["info"]["frames"] == FRAMES
+    assert job.raw["info"]["stretch"] == [2, 4]
+
+
+def test_msc_join_reports_a_service_without_first_last_frame(
+    fastwan: ServiceProcess, tmp_path: Path
+) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(mp4_bytes([(9, 9, 9)] * 5))
+    code, _out, err = msc(fastwan, "join", str(clip), str(clip), "-p", "x")
+    assert code == 1
+    assert "invalid_input (HTTP 422)" in err
+    assert "first-last-frame" in err

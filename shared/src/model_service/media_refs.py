@@ -43,6 +43,17 @@ AudioRef = Annotated[
 ]
 
 
+VideoRef = Annotated[
+    str,
+    MediaField("video"),
+    Field(
+        min_length=1,
+        max_length=120_000_000,
+        description="Video (mp4, mov, webm, mkv): " + _REF_HELP,
+    ),
+]
+
+
 def media_fields(model: type[BaseModel]) -> dict[str, MediaKind]:
     """Names of the model's fields that hold media references (single or list)."""
     found: dict[str, MediaKind] = {}

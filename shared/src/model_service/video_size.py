@@ -49,6 +49,11 @@ def check_frame_count(num_frames: int) -> None:
         )
 
 
+def frame_count_at_least(frames: int) -> int:
+    """The smallest 4n+1 frame count of at least `frames` (see check_frame_count)."""
+    return frames + (-(frames - 1)) % 4
+
+
 SizeRule = Callable[[tuple[int, int], int, int], tuple[int, int]]
 
 

@@ -195,6 +195,68 @@ class AsyncClient(_AsyncBase):
         )
         return await self._create("/v1/travels", body, job_id, wait_s)
 
+    async def join(
+        self,
+        clips: Sequence[str | os.PathLike[str] | bytes],
+        *,
+        input: dict[str, Any] | None = None,
+        bridge_frames: int | None = None,
+        prompt: str | None = None,
+        prompts: Sequence[str] | None = None,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
+        storage: dict[str, Any] | None = None,
+        wait_s: float = 0,
+    ) -> Job:
+        """Joins your `clips` (first-last-frame services: Wan2.2-14B) with `bridge_frames`
+        new frames between each two, made from one clip's last frame to the next one's
+        first. A clip is a URL, a data URI or an upload id, or a local file or bytes,
+        uploaded first. `prompt` (every bridge) or `prompts` (one per bridge); `input`:
+        the service's other fields the bridges share. Returns the join's job."""
+        refs = [clip if isinstance(clip, str) else await self.upload(clip) for clip in clips]
+        body = _core.long_video_body(
+            input=input,
+            clips=refs,
+            bridge_frames=bridge_frames,
+            prompt=prompt,
+            prompts=None if prompts is None else [*prompts],
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else [*webhook_events],
+            storage=storage,
+        )
+        return await self._create("/v1/joins", body, job_id, wait_s)
+
+    async def redo(
+        self,
+        video: str | os.PathLike[str] | bytes,
+        start_frame: int,
+        end_frame: int,
+        *,
+        prompt: str | None = None,
+        input: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        webhook_events: Sequence[str] | None = None,
+        storage: dict[str, Any] | None = None,
+        wait_s: float = 0,
+    ) -> Job:
+        """Makes frames `start_frame`..`end_frame` (from 0, both included) of `video`
+        again (first-last-frame services), from the frame before to the frame after;
+        the video keeps its frame count, frame rate and audio. Returns the redo's job."""
+        ref = video if isinstance(video, str) else await self.upload(video)
+        body = _core.long_video_body(
+            input=input,
+            video=ref,
+            start_frame=start_frame,
+            end_frame=end_frame,
+            prompt=prompt,
+            webhook=webhook,
+            webhook_events=None if webhook_events is None else [*webhook_events],
+            storage=storage,
+        )
+        return await self._create("/v1/redos", body, job_id, wait_s)
+
     async def add_segments(self, job_id: str, segments: Sequence[Segment]) -> Job:
         """Interactive chain: queues the next segment(s) (prompts or objects)."""
         body = {"segments": _core.segments_of(segments)}

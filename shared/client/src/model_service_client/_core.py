@@ -326,7 +326,7 @@ def create_request(
     collection: str, body: dict[str, Any], job_id: str | None, wait_s: float
 ) -> tuple[str, str, dict[str, Any], dict[str, str]]:
     """method, path, JSON body and headers of a creation in `collection` (`/v1/jobs`,
-    `/v1/chains`, `/v1/travels`): POST, or PUT with your own id."""
+    `/v1/chains`, `/v1/travels`, `/v1/joins`, `/v1/redos`): POST, or PUT with your own id."""
     headers = {}
     if wait_s > 0:
         headers["Prefer"] = f"wait={min(max(1, round(wait_s)), MAX_PREFER_WAIT_S)}"
@@ -336,7 +336,7 @@ def create_request(
 
 
 def long_video_body(**fields: Any) -> dict[str, Any]:
-    """The body of a chain or a travel: the fields given (None: the service's default)."""
+    """The body of a long video: the fields given (None: the service's default)."""
     return {name: value for name, value in fields.items() if value is not None}
 
 

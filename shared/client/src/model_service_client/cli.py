@@ -216,12 +216,102 @@ def travel(
     with _client(ctx) as client:
         _add_files(client, data, files)
         # a local file is uploaded; anything else (URL, data URI, upload id) goes as is
-        refs = [Path(ref) if Path(ref).is_file() else ref for ref in images]
+        refs = [_local_or_ref(ref) for ref in images]
         job = client.travel(
             data, refs, prompts=prompt, overlap=overlap, job_id=job_id, webhook=webhook
         )
         job = _finish(client, job, wait, dest)
     _print_job(job)
+
+
+@app.command()
+def join(
+    ctx: typer.Context,
+    clips: Annotated[
+        list[str],
+        typer.Argument(
+            help="The clips, in order (2 or more): local files (uploaded), https URLs, data "
+            "URIs or upload ids"
+        ),
+    ],
+    input: Annotated[
+        str, typer.Option("--input", help="Fields every bridge shares: a JSON object")
+    ] = "{}",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="The bridges' prompt; repeated, one per bridge, in order",
+        ),
+    ] = None,
+    bridge_frames: Annotated[
+        int | None,
+        typer.Option("--bridge-frames", min=1, help="New frames between two clips (default 15)"),
+    ] = None,
+    wait: _WaitOpt = False,
+    dest: _OutOpt = None,
+    job_id: _IdOpt = None,
+    webhook: _WebhookOpt = None,
+) -> None:
+    """Join clips with new frames between each two (first-last-frame services); print the
+    join as JSON."""
+    if len(clips) < 2:
+        _fail("a join needs at least 2 clips")
+    prompts = prompt or []
+    with _client(ctx) as client:
+        job = client.join(
+            [_local_or_ref(clip) for clip in clips],
+            input=_json_object(input, "the input"),
+            bridge_frames=bridge_frames,
+            prompt=prompts[0] if len(prompts) == 1 else None,
+            prompts=prompts if len(prompts) > 1 else None,
+            job_id=job_id,
+            webhook=webhook,
+        )
+        job = _finish(client, job, wait, dest)
+    _print_job(job)
+
+
+@app.command()
+def redo(
+    ctx: typer.Context,
+    video: Annotated[
+        str,
+        typer.Argument(help="The video: a local file (uploaded), an https URL or an upload id"),
+    ],
+    start: Annotated[int, typer.Option("--start", min=1, help="First frame made again (from 0)")],
+    end: Annotated[int, typer.Option("--end", min=1, help="Last frame made again (included)")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="What the stretch shows")
+    ] = None,
+    input: Annotated[
+        str, typer.Option("--input", help="The service's other fields: a JSON object")
+    ] = "{}",
+    wait: _WaitOpt = False,
+    dest: _OutOpt = None,
+    job_id: _IdOpt = None,
+    webhook: _WebhookOpt = None,
+) -> None:
+    """Make a stretch of a video again (first-last-frame services); print the redo as
+    JSON."""
+    with _client(ctx) as client:
+        job = client.redo(
+            _local_or_ref(video),
+            start,
+            end,
+            prompt=prompt,
+            input=_json_object(input, "the input"),
+            job_id=job_id,
+            webhook=webhook,
+        )
+        job = _finish(client, job, wait, dest)
+    _print_job(job)
+
+
+def _local_or_ref(value: str) -> str | Path:
+    """A local file (to upload), or a reference sent as it is (URL, data URI, upload id)."""
+    return Path(value) if Path(value).is_file() else value
 
 
 @app.command()

@@ -121,11 +121,18 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     )
     graphs = None
     if spec.long_video is not None:
-        from model_service.longvideo.compose import ChainComposer, TravelComposer
+        from model_service.longvideo.compose import (
+            ChainComposer,
+            JoinComposer,
+            RedoComposer,
+            TravelComposer,
+        )
 
         composers: dict[JobKind, Composer] = {
             JobKind.CHAIN: ChainComposer(settings, spec.long_video.image_field),
             JobKind.TRAVEL: TravelComposer(settings),
+            JobKind.JOIN: JoinComposer(settings),
+            JobKind.REDO: RedoComposer(settings),
         }
         compositions = None
         if settings.queue_url:

@@ -30,6 +30,10 @@ def is_console_path(path: str) -> bool:
 class LongVideoInfo(BaseModel):
     chains: bool = Field(description="POST /v1/chains: segments, each from the last frame.")
     travels: bool = Field(description="POST /v1/travels: a video through N images.")
+    joins: bool = Field(
+        description="POST /v1/joins and /v1/redos: new frames between your clips, or in "
+        "place of a stretch of your video (first-last-frame models only)."
+    )
     image_field: str = Field(description="The input field with a part's first frame.")
     end_image_field: str | None = Field(description="The field with a part's last frame.")
     frames_field: str = Field(description="The input field with a part's frame count.")
@@ -51,6 +55,7 @@ def describe_input(spec: ServiceSpec) -> InputDescription:
         long_video = LongVideoInfo(
             chains=True,
             travels=True,
+            joins=lv.end_image_field is not None,
             image_field=lv.image_field,
             end_image_field=lv.end_image_field,
             frames_field=lv.frames_field,

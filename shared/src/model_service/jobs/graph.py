@@ -330,6 +330,8 @@ class JobGraphs:
         started = time.monotonic()
         try:
             composer = self._composers[parent.kind]
+            # a join's clips, a redo's video: the parent's own files, on this machine
+            parent = replace(parent, prepared_input=await self._runner.source.local_inputs(parent))
             await self._local_outputs(children)
             output_dir.mkdir(parents=True, exist_ok=True)
             outputs, info = await asyncio.to_thread(composer.compose, parent, children, output_dir)

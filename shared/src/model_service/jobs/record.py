@@ -14,6 +14,8 @@ class JobKind(StrEnum):
     JOB = "job"  # a plain job: the engine runs it
     CHAIN = "chain"  # a long video: segments, each from the last frame of the one before
     TRAVEL = "travel"  # a long video: legs between images
+    JOIN = "join"  # the user's clips with a bridge between each two
+    REDO = "redo"  # the user's video with a stretch of it made again
 
 
 class JobPlan(TypedDict, total=False):
@@ -30,6 +32,13 @@ class JobPlan(TypedDict, total=False):
     next_index: int  # the next segment's index (ids stay unique after deletions)
     # a travel's
     overlap: int  # frames cross-faded between legs
+    # a join's and a redo's: the new frames wanted, and the part's own count (the model's
+    # frame count rule: it is picked down to the wanted ones)
+    new_frames: int
+    generated_frames: int
+    # a redo's: the stretch made again, first and last frame (from 0)
+    start_frame: int
+    end_frame: int
 
 
 @dataclass

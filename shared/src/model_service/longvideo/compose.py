@@ -9,6 +9,11 @@ not compound. At the end the segments are stitched with each one's correction ap
 and the repeated boundary frame dropped.
 
 Travel, at the end: the legs are stitched with their overlaps cross-faded.
+
+Join and redo (model_service.longvideo.bridges), at the end: the caller's video(s) and
+the chosen inner frames of the new parts, one re-encode at x264 crf 12 (the frames kept
+from the caller's video are decoded and encoded again: visually the same, not
+bit-exact); a redo then gets its video's own audio back, copied.
 """
 
 from __future__ import annotations
@@ -24,15 +29,25 @@ from PIL import Image
 
 from model_service.jobs.record import Job
 from model_service.logs import get_logger
+from model_service.longvideo.bridges import inner_frames
 from model_service.longvideo.submit import NEXT_START
 from model_service.settings import Settings
 from model_service.video.colour import SegmentCorrection, colour_stats, drift, fit_segment
-from model_service.video.stitch import FrameTransform, StitchResult, stitch_chain, stitch_travel
+from model_service.video.stitch import (
+    FrameFilter,
+    FrameTransform,
+    StitchResult,
+    replace_audio,
+    stitch_chain,
+    stitch_pieces,
+    stitch_travel,
+)
 
 log = get_logger("model_service.longvideo")
 
 LAST_FRAME = "last_frame.png"
 VIDEO = "video.mp4"
+SPLICE_CRF = 12  # a join's or redo's re-encode: the caller's own frames go through it
 
 
 class ChainComposer:
@@ -111,6 +126,78 @@ class TravelComposer:
         overlap = int(parent.plan.get("overlap", 0))
         result = stitch_travel(legs, output_dir / VIDEO, overlap=overlap)
         return [VIDEO], {**_facts(result, len(children)), "overlap": overlap}
+
+
+class JoinComposer:
+    """The clips with each bridge's inner frames between them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def after_part(
+        self, parent: Job, child: Job, output_dir: Path, outputs: list[str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        return [], {}
+
+    def compose(
+        self, parent: Job, children: list[Job], output_dir: Path
+    ) -> tuple[list[str], dict[str, Any]]:
+        inner = _inner(parent)
+        pieces: list[tuple[Path, FrameFilter | None]] = []
+        for index, clip in enumerate(parent.prepared_input["clips"]):
+            pieces.append((Path(clip), None))
+            if index < len(children):
+                pieces.append((_part_video(self._settings, children[index]), inner))
+        result = stitch_pieces(pieces, output_dir / VIDEO, crf=SPLICE_CRF)
+        return [VIDEO], {**_facts(result, len(children)), **_new_frames(parent)}
+
+
+class RedoComposer:
+    """The video before the stretch, the new part's inner frames, the video after it;
+    then the video's own audio."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def after_part(
+        self, parent: Job, child: Job, output_dir: Path, outputs: list[str]
+    ) -> tuple[list[str], dict[str, Any]]:
+        return [], {}
+
+    def compose(
+        self, parent: Job, children: list[Job], output_dir: Path
+    ) -> tuple[list[str], dict[str, Any]]:
+        video = Path(parent.prepared_input["video"])
+        first, last = int(parent.plan["start_frame"]), int(parent.plan["end_frame"])
+        pieces: list[tuple[Path, FrameFilter | None]] = [
+            (video, lambda i: i < first),
+            (_part_video(self._settings, children[0]), _inner(parent)),
+            (video, lambda i: i > last),
+        ]
+        silent = output_dir / f".{VIDEO}.silent.mp4"
+        result = stitch_pieces(pieces, silent, crf=SPLICE_CRF)
+        if replace_audio(silent, video, output_dir / VIDEO):
+            silent.unlink()
+        else:
+            silent.replace(output_dir / VIDEO)
+        facts = {**_facts(result, 1), **_new_frames(parent), "stretch": [first, last]}
+        return [VIDEO], facts
+
+
+def _inner(parent: Job) -> FrameFilter:
+    keep = set(inner_frames(int(parent.plan["generated_frames"]), int(parent.plan["new_frames"])))
+    return keep.__contains__
+
+
+def _new_frames(parent: Job) -> dict[str, Any]:
+    return {
+        "new_frames": parent.plan["new_frames"],
+        "generated_frames": parent.plan["generated_frames"],
+    }
+
+
+def _part_video(settings: Settings, child: Job) -> Path:
+    return settings.job_dir(child.id) / "outputs" / _video_of(child.outputs, child.id)
 
 
 def _facts(result: StitchResult, parts: int) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from model_service.longvideo.spec import MAX_PARTS, LongVideoSpec
-from model_service.media_refs import ImageRef
+from model_service.media_refs import ImageRef, VideoRef
 from model_service.storage import StorageRequest
 from model_service.webhooks import WEBHOOK_EVENTS
 
@@ -119,6 +119,85 @@ def travel_request_model(spec: LongVideoSpec, input_model: type[BaseModel]) -> t
                 ge=0,
                 le=64,
                 description="Frames at the end of a leg cross-faded with the start of the next.",
+            ),
+        ),
+        **_options(),
+    )
+    return model
+
+
+_SHARED_INPUT = (
+    "The service's input (as for POST /v1/jobs) every new part shares: prompt, LoRAs, "
+    "seed, ... Size, frame rate and frame count come from the video(s); the start and "
+    "end images from their frames."
+)
+
+
+def join_request_model(spec: LongVideoSpec) -> type[BaseModel]:
+    model: type[BaseModel] = create_model(
+        "JoinRequest",
+        __config__=ConfigDict(extra="forbid"),
+        input=(dict[str, Any], Field(default_factory=dict, description=_SHARED_INPUT)),
+        clips=(
+            list[VideoRef],
+            Field(
+                min_length=2,
+                max_length=MAX_PARTS,
+                description="The clips, in order: one size, one whole frame rate.",
+            ),
+        ),
+        bridge_frames=(
+            int,
+            Field(
+                15,
+                ge=1,
+                le=240,
+                description="New frames between two clips (a first-last-frame part from "
+                "one clip's last frame to the next one's first). The video: sum of the "
+                "clips' frames + (clips - 1) x bridge_frames.",
+            ),
+        ),
+        prompt=(
+            str | None,
+            Field(
+                None, max_length=4000, description="Every bridge's prompt (default input.prompt)."
+            ),
+        ),
+        prompts=(
+            list[str] | None,
+            Field(None, description="One prompt per bridge instead (clips - 1)."),
+        ),
+        **_options(),
+    )
+    return model
+
+
+def redo_request_model(spec: LongVideoSpec) -> type[BaseModel]:
+    model: type[BaseModel] = create_model(
+        "RedoRequest",
+        __config__=ConfigDict(extra="forbid"),
+        input=(dict[str, Any], Field(default_factory=dict, description=_SHARED_INPUT)),
+        video=(VideoRef, Field(description="The video: one whole frame rate.")),
+        start_frame=(
+            int,
+            Field(
+                ge=1,
+                description="First frame of the stretch made again (from 0; the "
+                "frame before it stays, and the new stretch starts from it).",
+            ),
+        ),
+        end_frame=(
+            int,
+            Field(
+                ge=1,
+                description="Last frame of the stretch (included; at most the "
+                "video's frames - 2: the frame after it stays too).",
+            ),
+        ),
+        prompt=(
+            str | None,
+            Field(
+                None, max_length=4000, description="What the stretch shows (default input.prompt)."
             ),
         ),
         **_options(),

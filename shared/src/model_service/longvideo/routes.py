@@ -1,5 +1,6 @@
-"""`/v1/chains` and `/v1/travels`: long videos. Each is a job (`GET /v1/jobs/{id}`,
-`/events`, `/cancel`, `/retry` work on it) whose parts are jobs too."""
+"""`/v1/chains`, `/v1/travels`, `/v1/joins` and `/v1/redos`: long videos. Each is a job
+(`GET /v1/jobs/{id}`, `/events`, `/cancel`, `/retry` work on it) whose parts are jobs
+too."""
 
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -15,8 +16,11 @@ from model_service.errors import WrongJobState
 from model_service.jobs.record import Job, JobKind
 from model_service.jobs.status import JobStatus
 from model_service.jobs.view import JobView, job_view
+from model_service.longvideo.bridges import BridgeSubmitter
 from model_service.longvideo.requests import (
     chain_request_model,
+    join_request_model,
+    redo_request_model,
     segments_added_model,
     travel_request_model,
 )
@@ -33,6 +37,7 @@ def build_router(state: ServiceState) -> APIRouter:
     assert graphs is not None
     submitter = LongVideoSubmitter(spec, state.settings, state.submitter, graphs)
     model = state.spec.input_model
+    bridges = BridgeSubmitter(spec, state.settings, model, state.submitter, submitter)
     chain_body = chain_request_model(spec, model)
     travel_body = travel_request_model(spec, model)
     added_body = segments_added_model(spec, model)
@@ -74,6 +79,8 @@ def build_router(state: ServiceState) -> APIRouter:
 
     create_routes("chain", chain_body, submitter.chain)
     create_routes("travel", travel_body, submitter.travel)
+    create_routes("join", join_request_model(spec), bridges.join)
+    create_routes("redo", redo_request_model(spec), bridges.redo)
 
     @router.post(
         "/v1/chains/{job_id}/segments",

@@ -6,7 +6,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MAX_PARTS = 50  # segments of a chain, legs of a travel
+from model_service.video_size import frame_count_at_least
+
+MAX_PARTS = 50  # segments of a chain, legs of a travel, clips of a join
 
 
 @dataclass(frozen=True)
@@ -21,3 +23,6 @@ class LongVideoSpec:
     # height, or {} when a size was given): applied once to the first image, so every part
     # of a long video has the same size
     size_from_image: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # the smallest frame count the model makes of at least n (Wan's VAE: 4n+1): a join's
+    # bridge or a redo's stretch is generated with it, then picked down to its length
+    frames_at_least: Callable[[int], int] = frame_count_at_least

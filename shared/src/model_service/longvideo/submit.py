@@ -77,7 +77,7 @@ class LongVideoSubmitter:
                 "use POST /v1/travels to go from image to image",
                 field=f"input.{self._spec.end_image_field}",
             )
-        base_seed = base["seed"] = _seed(base)
+        base_seed = base["seed"] = seed_of(base)
         parent_id = job_id or new_job_id()
         segments = body["segments"]
         # every segment checked before any file is fetched
@@ -105,7 +105,7 @@ class LongVideoSubmitter:
                 id=parent_id,
                 status=JobStatus.QUEUED,
                 kind=JobKind.CHAIN,
-                input=_public(body),
+                input=public(body),
                 prepared_input={image_field: plan["start_image"]},
                 seed=base_seed,
                 request_hash=options.request_hash,
@@ -118,7 +118,7 @@ class LongVideoSubmitter:
             children = self._new_segments(parent, None, segments)
             parent.children = [child.id for child in children]
             plan["next_index"] = len(children)  # child ids stay unique after deletions
-            return await self._submit(parent, children, staging)
+            return await self.submit_graph(parent, children, staging)
         finally:
             staging.discard()
 
@@ -229,7 +229,7 @@ class LongVideoSubmitter:
         base = {**body["input"], start_field: None}
         if end_field:
             base[end_field] = None
-        base_seed = _seed(base)
+        base_seed = seed_of(base)
         overlap = int(body["overlap"])
         leg_values = []
         for leg in range(legs):
@@ -264,7 +264,7 @@ class LongVideoSubmitter:
                 id=parent_id,
                 status=JobStatus.QUEUED,
                 kind=JobKind.TRAVEL,
-                input=_public(body),
+                input=public(body),
                 prepared_input={"images": paths},
                 seed=base_seed,
                 request_hash=options.request_hash,
@@ -293,11 +293,11 @@ class LongVideoSubmitter:
                     )
                 )
             parent.children = [child.id for child in children]
-            return await self._submit(parent, children, staging)
+            return await self.submit_graph(parent, children, staging)
         finally:
             staging.discard()
 
-    async def _submit(
+    async def submit_graph(
         self, parent: Job, children: list[Job], staging: InputStaging
     ) -> tuple[Job, bool]:
         """The graph stored; the request's files become the parent's if it won the id."""
@@ -309,20 +309,20 @@ class LongVideoSubmitter:
         return job, created
 
 
-def _public(value: Any) -> Any:
+def public(value: Any) -> Any:
     """The request as shown on the job: long data URIs shortened, webhook options left
     out (the job shows them elsewhere)."""
     if isinstance(value, str):
         return shorten_ref(value)
     if isinstance(value, list):
-        return [_public(v) for v in value]
+        return [public(v) for v in value]
     if isinstance(value, dict):
         hidden = ("webhook", "webhook_events", "storage")
-        return {k: _public(v) for k, v in value.items() if k not in hidden}
+        return {k: public(v) for k, v in value.items() if k not in hidden}
     return value
 
 
-def _seed(values: dict[str, Any]) -> int:
+def seed_of(values: dict[str, Any]) -> int:
     """The request's seed, or a random one (each part then gets seed + its index)."""
     seed = values.get("seed")
     return int(seed) if seed is not None else secrets.randbelow(2**32)

@@ -7,8 +7,19 @@ from model_service.video.stitch import (
     StitchResult,
     VideoFacts,
     probe,
+    replace_audio,
     stitch_chain,
+    stitch_pieces,
     stitch_travel,
 )
 
-__all__ = ["AudioFacts", "StitchResult", "VideoFacts", "probe", "stitch_chain", "stitch_travel"]
+__all__ = [
+    "AudioFacts",
+    "StitchResult",
+    "VideoFacts",
+    "probe",
+    "replace_audio",
+    "stitch_chain",
+    "stitch_pieces",
+    "stitch_travel",
+]

@@ -1,6 +1,6 @@
 """Stitching of generated video segments into one file (long videos).
 
-Two kinds of join:
+Three kinds of join:
 
 * chain (`stitch_chain`): segment k+1 was generated from the last frame of segment k, so
   every join holds one duplicated boundary frame. With `drop_boundary=True` the first
@@ -12,6 +12,8 @@ Two kinds of join:
   blend there equals one in RGB). Output: sum(frames) - overlap·(N-1) frames. The audio
   under the overlap is cross-faded the same way, sample by sample: the g-th of the M
   samples under it gets w = (g+1)/(M+1).
+* pieces (`stitch_pieces`): chosen frames of each video, in order (a join's clips and
+  the inner frames of the bridges between them; a redo's video around its new stretch).
 
 Re-encoded audio keeps sync exactly: output frame n owns the samples [S(n), S(n+1)) with
 S(n) = round(n·rate/fps), taken from the segment(s) that frame comes from, at the same
@@ -77,6 +79,8 @@ Method = Literal["copy", "reencode"]
 Samples = npt.NDArray[np.float32]  # (channels, samples), planar float
 # (RGB24 frame, H x W x 3; its index in the segment) -> the new frame, same shape
 FrameTransform = Callable[[npt.NDArray[np.uint8], int], npt.NDArray[np.uint8]]
+# a frame's index in its video -> whether it goes into the output
+FrameFilter = Callable[[int], bool]
 
 X264_PRESETS = (
     "ultrafast",
@@ -193,6 +197,50 @@ def stitch_travel(
     docstring). Any transform forces the "reencode" method.
     """
     return _stitch(legs, "leg", Path(out), False, overlap, crf, preset, transforms)
+
+
+def stitch_pieces(
+    pieces: Sequence[tuple[Path, FrameFilter | None]],
+    out: Path,
+    *,
+    crf: int = 18,
+    preset: str = "medium",
+) -> StitchResult:
+    """Joins pieces of videos: frame i of piece k goes into the output when
+    `pieces[k][1](i)` is true (None: every frame). A dropped frame's audio span goes with
+    it; a piece without audio gives silence when another has audio. A piece may name a
+    file another piece names (a redo: the video before and after its stretch). Any
+    filter forces the "reencode" method."""
+    paths = [Path(path) for path, _ in pieces]
+    keep = [wanted for _, wanted in pieces]
+    return _stitch(paths, "piece", Path(out), False, 0, crf, preset, None, keep)
+
+
+def replace_audio(video: Path, audio_from: Path, out: Path) -> bool:
+    """`video`'s video stream with `audio_from`'s first audio stream, both copied as they
+    are (no re-encode; for two files of the same duration, e.g. a redo beside its
+    original). False, and nothing written, when `audio_from` has no audio."""
+    with _open(Path(audio_from)) as sound_source:
+        if not sound_source.streams.audio:
+            return False
+        with (
+            _open(Path(video)) as picture_source,
+            _atomic(Path(out)) as tmp,
+            av.open(str(tmp), "w", format=_muxer(Path(out)), options=_MUXER_OPTIONS) as output,
+        ):
+            picture = picture_source.streams.video[0]
+            sound = sound_source.streams.audio[0]
+            streams = {
+                picture: output.add_stream_from_template(picture),
+                sound: output.add_stream_from_template(sound),
+            }
+            for source, stream in ((picture_source, picture), (sound_source, sound)):
+                for packet in source.demux(stream):
+                    if packet.dts is None:
+                        continue  # the demuxer's empty flush packets
+                    packet.stream = streams[stream]
+                    output.mux(packet)
+    return True
 
 
 # --- checks --------------------------------------------------------------------------
@@ -316,6 +364,7 @@ def _stitch(
     crf: int,
     preset: str,
     transforms: Sequence[FrameTransform | None] | None,
+    keep: Sequence[FrameFilter | None] | None = None,
 ) -> StitchResult:
     started = time.perf_counter()
     muxer = _muxer(out)
@@ -326,6 +375,7 @@ def _stitch(
             "(None for no transform)"
         )
     steps = list(transforms or [None] * len(paths))
+    filters = list(keep or [None] * len(paths))
     with ExitStack() as stack:  # the copy path reads the inputs opened for the checks
         inputs = _inspect_all(paths, noun, stack)
         facts = [f for f, _ in inputs]
@@ -333,14 +383,16 @@ def _stitch(
         skip = 1 if drop_boundary and len(facts) > 1 else 0
         overlap = overlap if len(facts) > 1 else 0
         same = all(f.copy_key() == facts[0].copy_key() for f in facts)
-        plain = all(step is None for step in steps)
+        plain = all(step is None for step in steps) and all(w is None for w in filters)
         method: Method = "copy" if same and plain and skip == 0 and overlap == 0 else "reencode"
         if method == "copy":
             with _atomic(out) as tmp:
                 frames, has_audio = _copy(inputs, tmp, muxer)
     if method == "reencode":
         with _atomic(out) as tmp:
-            frames, has_audio = _reencode(facts, steps, tmp, muxer, skip, overlap, crf, preset)
+            frames, has_audio = _reencode(
+                facts, steps, tmp, muxer, skip, overlap, crf, preset, filters
+            )
     fps = facts[0].fps
     return StitchResult(
         path=out,
@@ -426,10 +478,11 @@ def _reencode(
     overlap: int,
     crf: int,
     preset: str,
+    keep: Sequence[FrameFilter | None],
 ) -> tuple[int, bool]:
     """Decodes every segment frame by frame; drops the first `skip` frames of each after
-    the first; transforms the others (`transforms[k]`, if not None); cross-fades the last
-    `overlap` of each with the first of the next."""
+    the first, and those `keep[k]` refuses; transforms the others (`transforms[k]`, if not
+    None); cross-fades the last `overlap` of each with the first of the next."""
     spec = _audio_spec(facts)
     last = len(facts) - 1
     tail: deque[VideoFrame] = deque()  # the last `overlap` frames of the previous segment
@@ -445,12 +498,14 @@ def _reencode(
                 fade_start = encoder.frames  # output index of this segment's first fade frame
                 decoded = 0
                 transform = transforms[k]
+                wanted = keep[k]
                 with closing(_decode(f.path)) as frames:
                     for i, frame in enumerate(frames):
                         decoded += 1
-                        if transform is not None and i >= head:
+                        dropped = i < head or (wanted is not None and not wanted(i))
+                        if transform is not None and not dropped:
                             frame = _transform(frame, transform, i)
-                        if i < head:
+                        if dropped:
                             sound.read(_span(i, spec, f.fps))
                         elif i < head + fade_in:
                             assert previous is not None
