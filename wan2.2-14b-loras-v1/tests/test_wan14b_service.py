@@ -823,3 +823,41 @@ def test_tiny_loras_that_do_not_fit_fail_on_a_real_comfyui(
 
         job = run_waiting(http, {"prompt": "a fox", **size, "loras": [{"source": fits}]})
         assert job["status"] == "succeeded", "the next job does not inherit the lines"
+
+
+@needs_real_comfyui
+def test_tiny_join_and_redo_on_a_real_comfyui(tiny_service: ServiceProcess) -> None:
+    """The graphs of issue 27 through the real first-last-frame workflow: frame counts,
+    and the caller's frames kept (the tiny model's own frames are noise)."""
+    reds = [(220 - 10 * i, 20, 20) for i in range(9)]
+    blues = [(20, 20, 140 + 10 * i) for i in range(9)]
+    clips = [mp4_bytes(reds, fps=16), mp4_bytes(blues, fps=16)]
+    with tiny_service.client() as http:
+        body = {
+            "input": {"seed": 3},
+            "clips": [data_uri(clip, "video/mp4") for clip in clips],
+            "bridge_frames": 3,
+            "prompt": "a fox",
+        }
+        response = http.post("/v1/joins", json=body, headers={"Prefer": "wait=90"})
+        join = response.json()
+        assert join["status"] == "succeeded", join.get("error")
+        got = frame_colours(http.get(join["outputs"][0]["url"]).content)
+        assert len(got) == 9 + 3 + 9
+        assert _worst(got[:9], frame_colours(clips[0])) < 4
+        assert _worst(got[12:], frame_colours(clips[1])) < 4
+
+        body = {
+            "input": {"seed": 3},
+            "video": data_uri(clips[0], "video/mp4"),
+            "start_frame": 3,
+            "end_frame": 5,
+            "prompt": "a fox",
+        }
+        response = http.post("/v1/redos", json=body, headers={"Prefer": "wait=90"})
+        redo = response.json()
+        assert redo["status"] == "succeeded", redo.get("error")
+        got = frame_colours(http.get(redo["outputs"][0]["url"]).content)
+        original = frame_colours(clips[0])
+        assert len(got) == 9
+        assert _worst(got[:3] + got[6:], original[:3] + original[6:]) < 4
