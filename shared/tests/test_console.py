@@ -351,6 +351,7 @@ def test_long_video_chain_controls(echo_service, page) -> None:
     page.route("**/v1/chains/*/segments/last", delete_last)
     page.goto(service.url + "/")
     page.wait_for_selector("[data-testid=field-text]")
+    assert not page.get_by_test_id("mode-join").is_visible(), "no joins on this service"
     page.get_by_test_id("mode-chain").check()
     page.get_by_test_id("field-text").fill("a cat")
     page.get_by_test_id("submit").click()
@@ -435,3 +436,70 @@ def test_travel_mode_sends_the_images_and_a_prompt_per_leg(echo_service, page) -
         "https://example.com/c.png",
     ]
     assert page.get_by_test_id("travel-prompts").input_value() == "a boat\nit docks"
+
+
+def test_join_and_redo_modes_send_their_requests(echo_service, page) -> None:
+    """Issue 27: the console's join and redo forms (routes mocked: the echo service has
+    none); shown only where the service offers them."""
+    service = echo_service()
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    def service_info(route) -> None:
+        info = route.fetch().json()
+        info["long_video"] = {
+            "chains": True,
+            "travels": True,
+            "joins": True,
+            "image_field": "image",
+            "end_image_field": "image",
+            "frames_field": "steps",
+            "segment_fields": ["text"],
+        }
+        route.fulfill(json=info)
+
+    def create(route) -> None:
+        kind = route.request.url.rsplit("/", 1)[-1].removesuffix("s")
+        body = json.loads(route.request.post_data or "{}")
+        sent.append((kind, body))
+        record = httpx.post(service.url + "/v1/jobs", json={"input": {}}).json()
+        job = {**record, "id": f"{kind}-1", "kind": kind, "input": body, "parts": []}
+        route.fulfill(status=202, json=job)
+
+    page.route("**/v1/service", service_info)
+    page.route(re.compile(r".*/v1/(joins|redos)$"), create)
+    page.goto(service.url + "/")
+    page.wait_for_selector("[data-testid=field-text]")
+    page.get_by_test_id("mode-join").check()
+    assert page.locator("#join-box").is_visible()
+    assert not page.locator("#redo-box").is_visible()
+    page.locator("#join-clips-ref").fill("upl_a https://example.com/b.mp4")
+    page.get_by_test_id("join-bridge-frames").fill("7")
+    page.get_by_test_id("join-prompts").fill("a pan")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job-id]:text-is('join-1')")
+    page.get_by_test_id("mode-redo").check()
+    assert page.locator("#redo-box").is_visible()
+    page.locator("#redo-video-ref").fill("upl_v")
+    page.get_by_test_id("redo-start").fill("30")
+    page.get_by_test_id("redo-end").fill("44")
+    page.get_by_test_id("submit").click()
+    page.wait_for_selector("[data-testid=job-id]:text-is('redo-1')")
+    form = {"text": "hello", "steps": 2, "step_s": 0, "behaviour": "ok"}
+    assert sent == [
+        (
+            "join",
+            {
+                "input": form,
+                "clips": ["upl_a", "https://example.com/b.mp4"],
+                "bridge_frames": 7,
+                "prompt": "a pan",
+            },
+        ),
+        ("redo", {"input": form, "video": "upl_v", "start_frame": 30, "end_frame": 44}),
+    ]
+    page.get_by_test_id("redo-start").fill("")
+    page.get_by_test_id("mode-job").check()
+    page.get_by_test_id("job").get_by_test_id("reuse").click()
+    assert page.get_by_test_id("mode-redo").is_checked()
+    assert page.get_by_test_id("redo-start").input_value() == "30"
+    assert page.locator("#redo-video-ref").input_value() == "upl_v"

@@ -13,6 +13,8 @@
   let current = null; // the job shown: {id, job, abort, timer, outputs}
   let historySeq = 0;
   let travelImages = null; // the travel mode's images: {read, write}
+  let joinClips = null; // the join mode's clips
+  let redoVideo = null; // the redo mode's video
   const objectUrls = [];
 
   class ApiError extends Error {
@@ -307,9 +309,14 @@
     if (lv) {
       $("segment-prompt-box").hidden = !lv.segment_fields.includes("prompt");
       $("mode-travel-label").hidden = !lv.travels;
+      $("mode-join-label").hidden = $("mode-redo-label").hidden = !lv.joins;
       const images = mediaWidget("image", true, { id: "travel-images", name: "images", "data-testid": "travel-images" });
       $("travel-images-box").replaceChildren(images.control);
       travelImages = images;
+      joinClips = mediaWidget("video", true, { id: "join-clips", name: "clips", "data-testid": "join-clips" });
+      $("join-clips-box").replaceChildren(joinClips.control);
+      redoVideo = mediaWidget("video", false, { id: "redo-video", name: "video", "data-testid": "redo-video" });
+      $("redo-video-box").replaceChildren(redoVideo.control);
       modeChanged();
     }
   }
@@ -324,9 +331,11 @@
       travel: lv.end_image_field
         ? "A leg from each image to the next (first and last frame), joined into one video."
         : "A leg starting at each image, joined into one video.",
+      join: "Your clips with new frames between each two, from one clip's last frame to the next one's first.",
+      redo: "The stretch made again from the frame before it to the frame after it; the rest, the frame rate and the sound kept.",
     };
     $("mode-hint").textContent = hints[mode()];
-    $("travel-box").hidden = mode() !== "travel";
+    for (const name of ["travel", "join", "redo"]) $(`${name}-box`).hidden = mode() !== name;
   }
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.onchange = modeChanged;
 
@@ -341,6 +350,14 @@
       if (job.kind === "travel") {
         if (!travelImages.write(job.input.images)) lost.push("images");
         $("travel-prompts").value = (job.input.prompts || []).join("\n");
+      } else if (job.kind === "join") {
+        if (!joinClips.write(job.input.clips)) lost.push("clips");
+        $("join-bridge-frames").value = job.input.bridge_frames ?? 15;
+        $("join-prompts").value = (job.input.prompts || [job.input.prompt].filter(Boolean)).join("\n");
+      } else if (job.kind === "redo") {
+        if (!redoVideo.write(job.input.video)) lost.push("video");
+        $("redo-start").value = job.input.start_frame;
+        $("redo-end").value = job.input.end_frame;
       }
     }
     const again = lost.length ? `; choose again (sent as data): ${lost.join(", ")}` : "";
@@ -368,6 +385,21 @@
         const prompts = $("travel-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
         if (prompts.length) body.prompts = prompts;
         job = await api("v1/travels", { method: "POST", body });
+      } else if (mode() === "join") {
+        const body = { input, clips: (await joinClips.read()) || [] };
+        if ($("join-bridge-frames").value) body.bridge_frames = Number($("join-bridge-frames").value);
+        const prompts = $("join-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+        if (prompts.length === 1) body.prompt = prompts[0];
+        else if (prompts.length > 1) body.prompts = prompts;
+        job = await api("v1/joins", { method: "POST", body });
+      } else if (mode() === "redo") {
+        const body = {
+          input,
+          video: await redoVideo.read(),
+          start_frame: Number($("redo-start").value),
+          end_frame: Number($("redo-end").value),
+        };
+        job = await api("v1/redos", { method: "POST", body });
       } else {
         job = await api("v1/jobs", { method: "POST", body: { input } });
       }
@@ -438,7 +470,7 @@
   function progressText(job) {
     const parts = job.parts || [];
     if (!parts.length) return job.progress.total ? `step ${job.progress.step} / ${job.progress.total} · ` : "";
-    const word = job.kind === "travel" ? "leg" : "segment";
+    const word = { travel: "leg", join: "bridge", redo: "stretch" }[job.kind] || "segment";
     const done = parts.filter((part) => part.status === "succeeded").length;
     if (done === parts.length) return `${done} ${word}${done === 1 ? "" : "s"} done · `;
     const running = parts.find((part) => part.status !== "succeeded");
