@@ -453,6 +453,7 @@ def test_prune_finished_deletes_old_graphs_whole(store: Store) -> None:
     finish(store, "open.0", old)
     for n, job_id in enumerate(["plain", "video", "video.0", "new"]):
         store.add_delivery(Delivery(f"d{n}", job_id, "https://hook", "job.succeeded", "{}", 0), now)
+        store.save_log(job_id, [f"a line of {job_id}"])
     store.update("video.0", set_field("held_by", "http://pod-a"))
 
     pruned = store.prune_finished(cutoff)
@@ -465,6 +466,8 @@ def test_prune_finished_deletes_old_graphs_whole(store: Store) -> None:
     for job_id in ["plain", "video", "video.0", "video.1"]:
         assert store.find(job_id) is None
         assert store.deliveries(job_id) == []
+        assert store.job_log(job_id) is None
+    assert store.job_log("new") == ["a line of new"]
     kept = ["new", "running", "queued", "busy", "busy.0", "open", "open.0"]
     assert all(store.find(job_id) is not None for job_id in kept)
     assert sorted(ids(store.page(None, 100, None).jobs)) == sorted(kept)
@@ -843,3 +846,15 @@ def test_redis_record_of_one_field_per_job_is_split_on_its_first_change(redis_ur
     assert store.get("old").input == big_job("old").input
     raw.close()
     store.close()
+
+
+def test_a_jobs_log_is_kept_apart_and_replaced(store: Store) -> None:
+    store.create(new_job("j"))
+    assert store.job_log("j") is None
+    store.save_log("j", ["2026-01-01T00:00:00.000Z info x: one", "two ü"])
+    assert store.job_log("j") == ["2026-01-01T00:00:00.000Z info x: one", "two ü"]
+    assert store.get("j").info == {}  # not part of the record
+    store.save_log("j", ["again"])
+    assert store.job_log("j") == ["again"]
+    store.save_log("gone", ["x"])  # no such job: nothing kept
+    assert store.job_log("gone") is None

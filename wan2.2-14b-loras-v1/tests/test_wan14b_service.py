@@ -846,6 +846,12 @@ def test_tiny_join_and_redo_on_a_real_comfyui(tiny_service: ServiceProcess) -> N
         assert len(got) == 9 + 3 + 9
         assert _worst(got[:9], frame_colours(clips[0])) < 4
         assert _worst(got[12:], frame_colours(clips[1])) < 4
+        # the bridge's own log: ComfyUI's lines while its prompt ran, then the service's
+        log = http.get(f"/v1/jobs/{join['parts'][0]['id']}/logs").json()
+        assert log["complete"], log
+        comfy = [line for line in log["lines"] if " comfyui: " in line]
+        assert comfy, log["lines"]  # (its `Prompt executed in` may come after the end)
+        assert any("job finished status=succeeded" in line for line in log["lines"])
 
         body = {
             "input": {"seed": 3},

@@ -127,3 +127,19 @@ def test_msc_console_script(service: ServiceProcess) -> None:
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: unauthorized (HTTP 401): ")
     assert "Traceback" not in refused.stderr
+
+
+def test_msc_logs_prints_a_failed_jobs_lines(service: ServiceProcess) -> None:
+    with Client(service.url, KEY) as client:
+        failed = client.submit({"behaviour": "error"}, wait_s=30)
+        assert failed.status == "failed"
+        assert client.logs(failed.id)["complete"] is True
+    code, out, err = msc(service, "logs", failed.id)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any("model_service.worker" in line and "job failed" in line for line in lines), out
+    assert any("job finished status=failed" in line for line in lines), out
+    assert err == ""
+    code, _out, err = msc(service, "logs", "no-such-job")
+    assert code == 1
+    assert "not_found" in err

@@ -16,10 +16,12 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
+
+from model_service.job_logs import JOB_LOGS
 
 REDACTED = "[redacted]"
 MIN_SECRET_CHARS = 4  # shorter values would blank out ordinary words
@@ -54,13 +56,22 @@ class Redactor:
         return _HEADER.sub(rf"\1\2{REDACTED}", text)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
+def configure_logging(
+    level: str = "INFO",
+    fmt: str = "auto",
+    secrets: Iterable[str] = (),
+    job_log_lines: int = 500,
+) -> None:
+    """`job_log_lines`: lines kept per job for its own log (model_service.job_logs)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    redactor = Redactor(secrets)
+    JOB_LOGS.configure(job_log_lines, redactor.redact)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        JOB_LOGS,  # a line about a job whose log is kept: kept there too
     ]
     renderer: Any
     final: list[Any] = []
@@ -76,10 +87,11 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[
             colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
     structlog.configure(
-        # a line below the level is dropped first, before any processor renders it
+        # a line below the level is dropped before it is rendered, once a job's own log
+        # had it (JOB_LOGS: its lines at any level)
         processors=[
-            structlog.stdlib.filter_by_level,
             *shared,
+            _BelowLevel(level),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -94,7 +106,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 *final,
                 renderer,
-                Redactor(secrets),
+                redactor,
             ],
         )
     )
@@ -109,6 +121,21 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", secrets: Iterable[
     # one line per request (health checks every few seconds, signed CDN URLs): too much
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _BelowLevel:
+    """Drops a line under LOG_LEVEL (the stdlib logger would drop it later, rendered)."""
+
+    def __init__(self, level: str) -> None:
+        self._level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        name = str(event.get("level", method)).upper()
+        if logging.getLevelNamesMapping().get(name, logging.INFO) < self._level:
+            raise structlog.DropEvent
+        return event
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

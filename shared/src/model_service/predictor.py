@@ -28,6 +28,7 @@ class WorkerConfig:
     data_dir: Path
     log_level: str = "INFO"
     log_format: str = "json"
+    job_log_lines: int = 500  # JOB_LOG_LINES
     threads: int | None = None  # OMP_NUM_THREADS for the model; None: the library default
     options: dict[str, Any] = field(default_factory=dict)
 

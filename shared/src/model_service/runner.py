@@ -51,6 +51,7 @@ from model_service.errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
+from model_service.job_logs import JOB_LOGS
 from model_service.jobs.changes import (
     fail_with,
     fail_with_dict,
@@ -286,6 +287,7 @@ class JobRunner:
     async def _execute_claim(self, claim: Claim) -> None:
         slot = _Slot(self._slots)
         flight = _InFlight(claim.job.id, claim.job.created_at, claim.start_recorded)
+        JOB_LOGS.open(claim.job.id)
         try:
             with structlog.contextvars.bound_contextvars(job_id=claim.job.id):
                 try:
@@ -295,8 +297,20 @@ class JobRunner:
                     await self._settle(claim, flight, exc)
         finally:
             slot.release()
+            self._keep_log(claim)
             self._claims.pop(claim.job.id, None)
             flight.recorded.set()
+
+    def _keep_log(self, claim: Claim) -> None:
+        """The job's own lines, stored with it (then its capture ends)."""
+        lines = JOB_LOGS.peek(claim.job.id)
+        try:
+            if lines and not claim.lost:
+                self._store.save_log(claim.job.id, lines)
+        except Exception as exc:  # the job's end is recorded; only its log is lost
+            log.warning("the job's log could not be stored", error=str(exc))
+        finally:
+            JOB_LOGS.take(claim.job.id)
 
     async def _execute(self, claim: Claim, slot: _Slot, flight: _InFlight) -> None:
         job = claim.job
@@ -337,6 +351,7 @@ class JobRunner:
             return
         if done is not None:
             self._observe_execution(job, done)
+            JOB_LOGS.extend(job.id, done.log)  # the worker's lines
         outputs = [] if failure is not None else _list_outputs(output_dir, done)
         if outputs and done is not None and job.parent_id and self._part_outputs is not None:
             try:  # a part of a long video: e.g. its colour-corrected last frame
@@ -380,6 +395,7 @@ class JobRunner:
         flight.started = True
         flight.started_event.set()
         now = time.time()
+        log.debug("job started", job_id=flight.job_id, queued_s=round(now - flight.created_at, 3))
 
         def started(job: Job) -> None:
             job.started_at = now

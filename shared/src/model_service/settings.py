@@ -136,6 +136,14 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`auto`: readable in a terminal, JSON otherwise (containers)."
     )
+    job_log_lines: int = Field(
+        500,
+        ge=0,
+        le=100_000,
+        description="Lines of a job's own log kept with it (GET /v1/jobs/{id}/logs: the "
+        "service's, the worker's and ComfyUI's lines while it ran, at LOG_LEVEL; the first "
+        "tenth and the most recent rest). 0: none kept.",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer keys; when set, every route except /health "

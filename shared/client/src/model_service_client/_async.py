@@ -290,6 +290,12 @@ class AsyncClient(_AsyncBase):
     async def get(self, job_id: str) -> Job:
         return Job.from_json((await self._request("GET", _core.job_path(job_id))).json())
 
+    async def logs(self, job_id: str) -> dict[str, Any]:
+        """The job's own log: `{"job_id", "status", "complete", "lines": [...]}`."""
+        response = await self._request("GET", _core.job_path(job_id, "/logs"))
+        data: dict[str, Any] = response.json()
+        return data
+
     async def list(
         self, status: str | None = None, limit: int = 50, cursor: int | None = None
     ) -> JobPage:

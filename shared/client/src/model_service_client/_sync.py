@@ -290,6 +290,11 @@ class Client(_Base):
     def get(self, job_id: str) -> Job:
         return Job.from_json(self._request("GET", _core.job_path(job_id)).json())
 
+    def logs(self, job_id: str) -> dict[str, Any]:
+        """The job's own log: `{"job_id", "status", "complete", "lines": [...]}`."""
+        data: dict[str, Any] = self._request("GET", _core.job_path(job_id, "/logs")).json()
+        return data
+
     def list(
         self, status: str | None = None, limit: int = 50, cursor: int | None = None
     ) -> JobPage:

@@ -330,6 +330,18 @@ def get(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job'
     out.print_json(data=job.raw)
 
 
+@app.command()
+def logs(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="The job's id")]) -> None:
+    """Print a job's own log (the service's, the worker's and ComfyUI's lines while it ran),
+    one line each; says on stderr when the job still runs."""
+    with _client(ctx) as client:
+        log = client.logs(job_id)
+    for line in log["lines"]:
+        out.print(line, markup=False, highlight=False)
+    if not log["complete"]:
+        err.print(f"(job {job_id} is {log['status']}: its log is not complete yet)")
+
+
 @app.command("list")
 def list_jobs(
     ctx: typer.Context,

@@ -18,6 +18,7 @@ from model_service.api.state import ServiceState
 from model_service.engine import Engine, WorkerEngine
 from model_service.errors import StoreUnavailable
 from model_service.fetch import SafeHttpClient
+from model_service.job_logs import JOB_LOGS
 from model_service.jobs.events import EventBus
 from model_service.jobs.graph import Composer, JobGraphs
 from model_service.jobs.record import JobKind
@@ -39,6 +40,7 @@ log = get_logger("model_service.app")
 
 def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
     prepare_data_dir(settings.data_dir)  # or exit, saying why
+    JOB_LOGS.configure(settings.job_log_lines)  # the worker's: its WorkerConfig
     store: JobStore
     bus: EventBus
     if settings.queue_url:  # one pod of a fleet: records, events and queue on Redis
@@ -77,6 +79,7 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         data_dir=settings.data_dir.resolve(),
         log_level=settings.log_level,
         log_format="json" if settings.log_format == "auto" else settings.log_format,
+        job_log_lines=settings.job_log_lines,
         threads=settings.worker_threads
         or (max(1, (os.cpu_count() or 2) - 1) if settings.profile == "tiny" else None),
         options=spec.worker_options(settings),

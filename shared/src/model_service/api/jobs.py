@@ -16,6 +16,7 @@ from model_service.api.body import OffLoopJsonRoute
 from model_service.api.inline import prefers_inline, with_inline_outputs
 from model_service.api.state import ServiceState
 from model_service.errors import NotFound
+from model_service.job_logs import JOB_LOGS
 from model_service.jobs.record import Job
 from model_service.jobs.status import JobStatus
 from model_service.jobs.view import JobView, job_view
@@ -36,6 +37,24 @@ JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job's id.")
 class JobList(BaseModel):
     jobs: list[JobView]
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class JobLog(BaseModel):
+    """What was logged about the job while it ran (model_service.job_logs)."""
+
+    job_id: str
+    status: JobStatus
+    complete: bool = Field(
+        description="The job ended and its log is stored: these are all its lines. False "
+        "while it runs (the lines so far, when it runs on this pod; in a fleet, none until "
+        "it ends)."
+    )
+    lines: list[str] = Field(
+        description="`<UTC time> <level or source> <logger>: <event> key=value ...`, in "
+        "time order: the service's lines about the job, its worker's and, for a launched "
+        "ComfyUI, ComfyUI's own lines while its prompt ran; at most JOB_LOG_LINES (the "
+        "first tenth and the most recent rest)."
+    )
 
 
 def job_request_model(
@@ -267,6 +286,20 @@ def build_router(state: ServiceState) -> APIRouter:
                     continue
                 job = event.job
                 yield _sse(event.kind, job, base, state.children(job))
+
+    @router.get("/{job_id}/logs", response_model=JobLog, summary="A job's own log")
+    async def job_log(job_id: JobId) -> JobLog:
+        job = state.store.get(job_id)
+        live = JOB_LOGS.peek(job_id)  # running here: the lines so far
+        if live is not None:
+            return JobLog(job_id=job_id, status=job.status, complete=False, lines=live)
+        stored = state.store.job_log(job_id)
+        return JobLog(
+            job_id=job_id,
+            status=job.status,
+            complete=job.status.is_terminal,
+            lines=stored or [],
+        )
 
     @router.get(
         "/{job_id}/outputs/{name}",

@@ -55,7 +55,7 @@ from model_service.comfy.errors import (
     ComfyInterrupted,
     ComfyUnavailable,
 )
-from model_service.comfy.lora_log import LoraLogWatch
+from model_service.comfy.lora_log import PROMPT_ENDED, LoraLogWatch
 from model_service.comfy.supervisor import ComfyState, ComfySupervisor
 from model_service.comfy.workflow import (
     LAST_FRAME_STEM,
@@ -66,6 +66,7 @@ from model_service.comfy.workflow import (
 )
 from model_service.errors import LoraInvalid, NotReady, ProvisionError, ServiceError
 from model_service.fetch import SafeHttpClient
+from model_service.job_logs import JOB_LOGS
 from model_service.logs import get_logger
 from model_service.lora_fit import check_lora_fit, convert_names, read_shapes
 from model_service.loras import LoraCache, LoraHandle, parse_lora_source
@@ -668,6 +669,12 @@ class ComfyEngine:
 
         progress = _StepCounter(job.job_id, sampler_steps(graph), on_progress)
         watch = LoraLogWatch(lora_keys)
+        own_lines = _JobLines(job.job_id)
+
+        def on_line(line: str) -> None:
+            own_lines(line)
+            if lora_keys:
+                watch(line)
 
         output_dir = Path(job.output_dir)
 
@@ -678,10 +685,12 @@ class ComfyEngine:
 
         def on_start() -> None:
             watch.started()
+            own_lines.started()
             running.start()
 
         started = time.monotonic()
-        stop_listening = self._supervisor.listen(watch) if lora_keys else None
+        listening = lora_keys or JOB_LOGS.is_open(job.job_id)
+        stop_listening = self._supervisor.listen(on_line) if listening else None
         try:
             result = await self._client.run(
                 graph,
@@ -811,6 +820,23 @@ async def _tensor_names(loras: Mapping[str, LoraHandle]) -> frozenset[str] | Non
         return frozenset(names)
 
     return await asyncio.to_thread(read)
+
+
+class _JobLines:
+    """A launched ComfyUI's lines while the job's prompt runs (from its start to its
+    `Prompt executed in`), into the job's own log (model_service.job_logs)."""
+
+    def __init__(self, job_id: str) -> None:
+        self._job_id = job_id
+        self._on = self._ended = False
+
+    def started(self) -> None:
+        self._on = True
+
+    def __call__(self, line: str) -> None:
+        if self._on and not self._ended:
+            JOB_LOGS.add(self._job_id, line, "comfyui")
+            self._ended = PROMPT_ENDED.match(line) is not None
 
 
 def _lora_not_applied(watch: LoraLogWatch, spec: ComfyServiceSpec) -> LoraInvalid:

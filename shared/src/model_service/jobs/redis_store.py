@@ -79,6 +79,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
+# HSET KEYS[1] ARGV[1] ARGV[2], unless the hash is gone (a job deleted meanwhile)
+_SET_IF_EXISTS = (
+    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+)
 
 # The queued non-parent jobs whose dependencies all succeeded (a dependency that is not
 # stored does not hold a job back, as in SQLite), oldest first: their JSON, at most
@@ -296,6 +300,16 @@ class RedisJobStore:
         if job is None:
             raise NotFound(f"no job with id {job_id!r}", job_id=job_id)
         return job
+
+    @_guard
+    def save_log(self, job_id: str, lines: list[str]) -> None:
+        """In the job's hash (deleted with it), only while the job exists."""
+        self._redis.eval(_SET_IF_EXISTS, 1, self._key("job", job_id), "log", json.dumps(lines))
+
+    @_guard
+    def job_log(self, job_id: str) -> list[str] | None:
+        raw = cast("str | None", self._redis.hget(self._key("job", job_id), "log"))
+        return None if raw is None else list(json.loads(raw))
 
     @_guard
     def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page:

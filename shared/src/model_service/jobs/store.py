@@ -73,6 +73,10 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON webhook_deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS job_logs (
+    job_id TEXT PRIMARY KEY,
+    lines TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS uploads (
     id TEXT PRIMARY KEY,
     filename TEXT NOT NULL,
@@ -149,6 +153,8 @@ class JobReader(Protocol):
     def page(self, status: JobStatus | None, limit: int, cursor: int | None) -> Page: ...
     def count(self, status: JobStatus) -> int: ...
     def children(self, parent_id: str) -> list[Job]: ...
+    def job_log(self, job_id: str) -> list[str] | None:
+        """The job's own log (model_service.job_logs), once stored; None: none stored."""
 
 
 class JobWriter(JobReader, Protocol):
@@ -171,6 +177,10 @@ class RunQueue(JobWriter, Protocol):
     """The queue the runner and its job source take jobs from."""
 
     def claim_next(self, starts_now: bool = False) -> Job | None: ...
+    def save_log(self, job_id: str, lines: list[str]) -> None:
+        """The job's own log, once it ended (not synced: a log lost to a power cut is
+        only a log)."""
+
     def runnable(self, limit: int = 1000) -> list[Job]: ...
     def running(self) -> list[Job]: ...
 
@@ -631,7 +641,23 @@ class SqliteJobStore:
             # dependencies are between the parts of one graph: by job_id (its primary key)
             db.executemany("DELETE FROM job_deps WHERE job_id = ?", ids)
             db.executemany("DELETE FROM webhook_deliveries WHERE job_id = ?", ids)
+            db.executemany("DELETE FROM job_logs WHERE job_id = ?", ids)
             return found
+
+    def save_log(self, job_id: str, lines: list[str]) -> None:
+        with self._tx(durable=False) as db:
+            db.execute(  # only while the job exists (not one deleted meanwhile)
+                "INSERT OR REPLACE INTO job_logs (job_id, lines) "
+                "SELECT ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)",
+                (job_id, to_json(lines).decode(), job_id),
+            )
+
+    def job_log(self, job_id: str) -> list[str] | None:
+        with self._guard():
+            row = self._db.execute(
+                "SELECT lines FROM job_logs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else list(from_json(row["lines"]))
 
     def prune_uploads(self, cutoff: float, limit: int = 500) -> int:
         """Delete up to `limit` upload records made before `cutoff`; returns how many."""

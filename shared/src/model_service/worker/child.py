@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import structlog
 
 from model_service import disk
 from model_service.errors import CudaError, JobCanceled, ModelError, OutOfMemory, ServiceError
+from model_service.job_logs import JOB_LOGS
 from model_service.logs import configure_logging, get_logger
 from model_service.predictor import Predictor, PredictResult, WorkerConfig, prepare_inputs
 from model_service.worker import gpu_peak
@@ -57,6 +58,8 @@ class _Pipe:
         self._lock = threading.Lock()
 
     def send(self, message: FromWorker) -> None:
+        if isinstance(message, JobDone):  # the job's own lines go back with its end
+            message = replace(message, log=JOB_LOGS.take(message.job_id))
         with self._lock:
             try:
                 self._conn.send(message)
@@ -117,6 +120,7 @@ class _Inbox:
             return True
 
     def _receive(self, run: RunJob) -> None:
+        JOB_LOGS.open(run.job_id)
         with self._lock:
             flag = self._cancels.pop(run.job_id, None)
             canceled = flag is not None and flag.is_set()  # its cancel came first
@@ -336,7 +340,7 @@ def load_predictor(path: str) -> Predictor:
 
 
 def worker_main(conn: Connection, predictor_path: str, config: WorkerConfig) -> None:
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, job_log_lines=config.job_log_lines)
     if config.threads is not None:  # before the predictor imports torch, which reads these
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(config.threads)

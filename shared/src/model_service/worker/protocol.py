@@ -68,6 +68,7 @@ class JobDone:
     # when the engine really ran it (epoch seconds): the gap and busy metrics, `job.info`
     started_at: float | None = None
     ended_at: float | None = None
+    log: list[str] = field(default_factory=list)  # the job's lines in the worker (job_logs)
 
 
 ToWorker = RunJob | CancelJob | Shutdown
