@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pynvml
@@ -68,3 +71,55 @@ def unmet_requirement(min_vram_gb: float, gpus: list[GpuInfo]) -> str | None:
             f"{min_vram_gb:g} GB"
         )
     return None
+
+
+def used_bytes() -> int | None:
+    """GPU memory in use (NVML: by every process, cached allocations included) on the
+    busiest GPU; None without a GPU."""
+    gpus = probe()
+    return max(info.total_bytes - info.free_bytes for info in gpus) if gpus else None
+
+
+class PeakMemory:
+    """The most GPU memory in use while a job runs somewhere we cannot ask (a ComfyUI
+    prompt): `used_bytes` read every `every_s` from `begin()` to `stop()`, off the
+    event loop. Nothing is read on a machine without a GPU."""
+
+    def __init__(self, read: Callable[[], int | None] = used_bytes, every_s: float = 0.25):
+        self._read = read
+        self._every_s = every_s
+        self._began = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.peak: int | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    def begin(self) -> None:
+        """The job's work began (its prompt started): count from now."""
+        self._began.set()
+
+    async def stop(self) -> float | None:
+        """Ends the sampling; the peak in GiB (2 decimals), or None (no GPU, or the job
+        never began)."""
+        if self._task is not None:
+            if self._began.is_set():
+                await self._take()  # its last moment too
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        return None if self.peak is None else round(self.peak / 2**30, 2)
+
+    async def _sample(self) -> None:
+        await self._began.wait()
+        while True:
+            if not await self._take():
+                return
+            await asyncio.sleep(self._every_s)
+
+    async def _take(self) -> bool:
+        used = await asyncio.to_thread(self._read)
+        if used is None:
+            return False  # no GPU: nothing to sample
+        self.peak = used if self.peak is None else max(self.peak, used)
+        return True

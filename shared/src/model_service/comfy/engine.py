@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_service import gpu
 from model_service.background import BACKOFF_S
 from model_service.comfy.client import ComfyClient, ComfyProgress, OutputFile, RunResult
 from model_service.comfy.custom import FILE_INPUTS, CustomWorkflows
@@ -683,9 +684,16 @@ class ComfyEngine:
             # while ComfyUI runs the prompt, not after (a mkdir can take a while)
             output_dir.mkdir(parents=True, exist_ok=True)
 
+        # a launched ComfyUI runs on this machine's GPU: its use sampled while the job runs
+        memory = None if self._supervisor.external else gpu.PeakMemory()
+        if memory is not None:
+            memory.start()
+
         def on_start() -> None:
             watch.started()
             own_lines.started()
+            if memory is not None:
+                memory.begin()
             running.start()
 
         started = time.monotonic()
@@ -706,6 +714,7 @@ class ComfyEngine:
         finally:
             if stop_listening is not None:
                 stop_listening()
+            peak_gb = None if memory is None else await memory.stop()
         names = await self._save_outputs(stems, result, output_dir)
         if watch.lines:  # the outputs are taken (out of ComfyUI's folder), the job fails
             raise _lora_not_applied(watch, self._spec)
@@ -719,6 +728,8 @@ class ComfyEngine:
                 "comfy_prompt_id": result.prompt_id,
                 "comfy_run_s": round(time.monotonic() - started, 3),
                 **times,
+                # the device's memory in use (ComfyUI's cached models too), at its peak
+                **({} if peak_gb is None else {"peak_vram_gb": peak_gb}),
             },
             started_at=None if began is None else began / 1000,
             ended_at=None if ended is None else ended / 1000,
