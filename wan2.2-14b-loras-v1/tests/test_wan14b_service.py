@@ -37,7 +37,13 @@ from model_service_testing.media import (
     video_facts,
     video_frames,
 )
-from model_service_testing.process import ServiceProcess, place_sparse_models, run_waiting
+from model_service_testing.process import (
+    RedisServer,
+    ServiceProcess,
+    place_sparse_models,
+    run_waiting,
+    wait_status,
+)
 from model_service_testing.pytest_plugin import StartComfyService, StartStandin
 from wan14b.schema import WAN_NEGATIVE, Wan14bInput
 from wan14b.service import FLF, I2V, MANIFEST, T2V, choose
@@ -717,6 +723,94 @@ def test_redo_makes_a_stretch_again_and_keeps_the_rest_and_the_sound(
             return [bytes(p) for p in container.demux(audio=0) if p.size]
 
     assert sound(data) == sound(video)  # the video's own audio, copied
+
+
+def test_a_join_whose_bridge_failed_is_retried_and_then_made(
+    client: httpx.Client, standin: StandinProcess
+) -> None:
+    """A failed bridge fails the join (the other kept); POST /v1/jobs/{id}/retry runs the
+    failed parts again and the join is made."""
+    clips = [mp4_bytes([colour] * 5) for colour in ((200, 9, 9), (9, 200, 9), (9, 9, 200))]
+    standin.configure(fail_nodes={"VAEDecode": {"message": "bad latent"}})
+    body = {"input": {"prompt": "p"}, "clips": [data_uri(c, "video/mp4") for c in clips]}
+    body["bridge_frames"] = 3
+    join = client.post("/v1/joins", json=body, headers={"Prefer": "wait=60"}).json()
+    assert join["status"] == "failed", join
+    assert join["error"]["code"] == "part_failed"
+    standin.configure(reset=True)
+    retried = client.post(f"/v1/jobs/{join['id']}/retry")
+    assert retried.status_code == 200, retried.text
+    done = wait_status(client, join["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    assert done["info"]["frames"] == 3 * 5 + 2 * 3
+    assert [part["status"] for part in done["parts"]] == ["succeeded", "succeeded"]
+
+
+def test_in_a_fleet_a_joins_bridges_run_on_both_pods_and_a_redo_anywhere(
+    standin: StandinProcess, tmp_path: Path
+) -> None:
+    """Two Wan2.2-14B pods (each with its own ComfyUI) on one Redis: a join's bridges run
+    on both at once, its clips (the parent's own files) reach the pod that joins them,
+    and the join is made once; a redo sent to one pod is read back from the other."""
+    with (
+        StandinProcess(tmp_path / "comfy-b") as standin_b,
+        RedisServer(tmp_path / "redis") as redis,
+    ):
+        place_sparse_models(standin_b.base_dir / "models", FILES)
+        pods = []
+        for name, backend in (("a", standin), ("b", standin_b)):
+            backend.configure(reset=True, slow_nodes={"WanFirstLastFrameToVideo": 1.0})
+            pod = ServiceProcess(
+                "model_service.cli",
+                tmp_path / name,
+                env={
+                    "COMFYUI_URL": backend.url,
+                    "MODELS_DIR": str(backend.base_dir / "models"),
+                    "QUEUE_URL": redis.url,
+                    "QUEUE_HEARTBEAT_S": "3",
+                },
+                args=["serve", "wan2.2-14b-loras-v1"],
+            )
+            pod.env["POD_URL"] = pod.url
+            pods.append(pod.start(timeout=60))
+        a, b = pods
+        try:
+            with a.client() as on_a, b.client() as on_b:
+                clips = [mp4_bytes([c] * 5) for c in ((200, 9, 9), (9, 200, 9), (9, 9, 200))]
+                body = {
+                    "input": {"prompt": "p"},
+                    "clips": [data_uri(c, "video/mp4") for c in clips],
+                    "bridge_frames": 3,
+                }
+                job_id = on_a.post("/v1/joins", json=body).json()["id"]
+                join = wait_status(on_b, job_id, {"succeeded", "failed"}, timeout=120)
+                assert join["status"] == "succeeded", join
+                makers = {part["video"].split("/v1/")[0] for part in join["parts"]}
+                assert makers == {a.url, b.url}, "both pods made a bridge"
+                url = next(o["url"] for o in join["outputs"] if o["name"] == "video.mp4")
+                assert len(frame_colours(on_b.get(url, follow_redirects=True).content)) == 21
+                composed = [
+                    "long video composed" in line and job_id in line
+                    for pod in pods
+                    for line in pod.log().splitlines()
+                ]
+                assert sum(composed) == 1
+
+                video = mp4_bytes([(90, 90, 90)] * 9)
+                body = {
+                    "input": {"prompt": "p"},
+                    "video": data_uri(video, "video/mp4"),
+                    "start_frame": 2,
+                    "end_frame": 4,
+                }
+                job_id = on_b.post("/v1/redos", json=body).json()["id"]
+                redo = wait_status(on_a, job_id, {"succeeded", "failed"}, timeout=120)
+                assert redo["status"] == "succeeded", redo
+                url = next(o["url"] for o in redo["outputs"] if o["name"] == "video.mp4")
+                assert len(frame_colours(on_a.get(url, follow_redirects=True).content)) == 9
+        finally:
+            for pod in pods:
+                pod.stop()
 
 
 @pytest.mark.parametrize(
