@@ -104,8 +104,10 @@ class BridgeSubmitter:
                     staging.path(f"bridge_{bridge}_start.png"),
                     staging.path(f"bridge_{bridge}_end.png"),
                 )
-                await asyncio.to_thread(_save_frame, clips[bridge], facts[bridge].frames - 1, start)
-                await asyncio.to_thread(_save_frame, clips[bridge + 1], 0, end)
+                before, after = f"clips[{bridge}]", f"clips[{bridge + 1}]"
+                last = facts[bridge].frames - 1
+                await asyncio.to_thread(_save_frame, clips[bridge], last, start, before)
+                await asyncio.to_thread(_save_frame, clips[bridge + 1], 0, end, after)
                 values = self._part_values(
                     base,
                     facts[0],
@@ -177,8 +179,8 @@ class BridgeSubmitter:
                     field="end_frame",
                 )
             before, after = staging.path("before.png"), staging.path("after.png")
-            await asyncio.to_thread(_save_frame, video, first - 1, before)
-            await asyncio.to_thread(_save_frame, video, last + 1, after)
+            await asyncio.to_thread(_save_frame, video, first - 1, before, "video")
+            await asyncio.to_thread(_save_frame, video, last + 1, after, "video")
             values = self._part_values(
                 base,
                 facts,
@@ -368,12 +370,19 @@ def _same_shape(facts: list[VideoFacts]) -> None:
             )
 
 
-def _save_frame(video: Path, index: int, target: Path) -> None:
+def _save_frame(video: Path, index: int, target: Path, field: str) -> None:
     """Frame `index` of `video` (from 0) as a PNG."""
-    with av.open(str(video)) as container:
-        for number, frame in enumerate(container.decode(video=0)):
-            if number == index:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(frame.to_ndarray(format="rgb24")).save(target, format="PNG")
-                return
-    raise ValueError(f"{video.name} has no frame {index}")
+    try:
+        with av.open(str(video)) as container:
+            for number, frame in enumerate(container.decode(video=0)):
+                if number == index:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    image = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                    image.save(target, format="PNG")
+                    return
+    except av.FFmpegError as exc:
+        raise InvalidInput(f"{field}: cannot decode the video ({exc})", field=field) from None
+    raise InvalidInput(
+        f"{field}: decodes to fewer frames than its header says (no frame {index}); re-encode it",
+        field=field,
+    )
