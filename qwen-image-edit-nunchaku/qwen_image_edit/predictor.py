@@ -21,6 +21,7 @@ from . import hires, inpaint, job_loras, references
 from .manifest import ModelVariant, parse_model_variant
 from .pipeline_loader import NUNCHAKU_FP4, NUNCHAKU_INT4, LoadedPipeline, load_pipeline
 from .schema import HIRES_DENOISE, HIRES_STEPS, MASK_FEATHER
+from .service import lora_refusal
 
 _PIL_FORMATS = {"png": ("PNG", "png"), "jpeg": ("JPEG", "jpg"), "webp": ("WEBP", "webp")}
 _LOSSY_QUALITY = 95
@@ -161,18 +162,10 @@ class QwenImageEditPredictor:
 
 
 def _lora_refusal(loaded: LoadedPipeline) -> str | None:
-    """Why this transformer takes no job LoRAs, or None. Nunchaku's 4-bit transformer
-    (NunchakuQwenImageTransformer2DModel) is no diffusers PEFT model and its released
-    versions have no LoRA API for Qwen-Image (nunchaku-tech/nunchaku#754, closed
-    unmerged; ComfyUI-nunchaku#704: "Not yet")."""
+    """Why this transformer takes no job LoRAs (service.lora_refusal), or None."""
     if loaded.transformer_kind not in (NUNCHAKU_INT4, NUNCHAKU_FP4):
         return None
-    return (
-        f"input.{job_loras.FIELD}: this service runs Nunchaku's 4-bit Qwen-Image transformer "
-        f"({loaded.transformer_kind}), which cannot take LoRAs; send the job without "
-        "`loras`, or run the service with the bf16 transformer (a GPU Nunchaku does not "
-        "support, such as H100/H200, or MODELS_DIR without the Nunchaku file)"
-    )
+    return lora_refusal(loaded.transformer_kind)
 
 
 def _image_paths(inputs: dict[str, Any]) -> list[str]:

@@ -1,5 +1,6 @@
 """The service's declaration: the shared library builds the API and worker from it."""
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,27 @@ def _check_input(data: QwenEditInput, settings: Settings) -> None:
             "run MODEL_VARIANT=edit-2509 or edit-2511 for references",
             field="input.references",
         )
+
+
+def lora_refusal(transformer_kind: str) -> str:
+    """Why the loaded transformer takes no job LoRAs: Nunchaku's 4-bit transformer
+    (NunchakuQwenImageTransformer2DModel) is no diffusers PEFT model and its released
+    versions have no LoRA API for Qwen-Image (nunchaku-tech/nunchaku#754, closed
+    unmerged; ComfyUI-nunchaku#704: "Not yet")."""
+    return (
+        f"input.loras: this service runs Nunchaku's 4-bit Qwen-Image transformer "
+        f"({transformer_kind}), which cannot take LoRAs; send the job without `loras`, or "
+        "run the service with the bf16 transformer (a GPU Nunchaku does not support, such "
+        "as H100/H200, or MODELS_DIR without the Nunchaku file)"
+    )
+
+
+def _check_against_model(data: QwenEditInput, info: Mapping[str, Any]) -> None:
+    """Once the worker is up: LoRAs on a transformer that takes none are a 422 (the
+    worker refuses them too, for a job sent before it was up)."""
+    if data.loras and info.get("job_loras") is False:
+        kind = str(info.get("transformer_kind"))
+        raise InvalidInput(lora_refusal(kind), field="input.loras")
 
 
 def _models_root(settings: Settings) -> Path:
@@ -66,5 +88,6 @@ SPEC = ServiceSpec(
     min_vram_gb=get_variant(None).min_vram_gb_nunchaku,
     worker_options=_worker_options,
     check_input=_check_input,
+    check_against_model=_check_against_model,
     extra_routes=legacy.routers,
 )

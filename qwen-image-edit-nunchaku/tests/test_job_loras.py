@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-from model_service.errors import LoraInvalid, LoraUnavailable
+from model_service.errors import InvalidInput, LoraInvalid, LoraUnavailable
 from model_service.predictor import WorkerConfig, predict_now
 from model_service_testing.hub_standin import Server
 from model_service_testing.process import ServiceProcess
 from qwen_image_edit import pipeline_loader
 from qwen_image_edit.predictor import QwenImageEditPredictor
 from qwen_image_edit.schema import QwenEditInput
+from qwen_image_edit.service import SPEC
 from qwen_image_edit.tiny_model import ensure_tiny_pipeline
 
 
@@ -193,6 +194,21 @@ def test_nunchaku_refuses_loras(
     with pytest.raises(LoraInvalid, match="Nunchaku's 4-bit") as caught:
         _edit(predictor, image, tmp_path / "n", [{"source": "hf://a/b/c.safetensors"}])
     assert caught.value.details["field"] == "input.loras"
+
+
+def test_loras_on_a_loaded_nunchaku_transformer_are_a_422_at_submit() -> None:
+    """Once the worker says its transformer takes no job LoRAs, the API refuses them
+    (InvalidInput: a 422 naming input.loras) instead of queuing a job that fails."""
+    job = QwenEditInput.model_validate(
+        {"image": "upl_a", "prompt": "x", "loras": [{"source": "hf://a/b/c.safetensors"}]}
+    )
+    nunchaku = {"job_loras": False, "transformer_kind": pipeline_loader.NUNCHAKU_INT4}
+    with pytest.raises(InvalidInput, match="Nunchaku's 4-bit") as caught:
+        SPEC.check_against_model(job, nunchaku)
+    assert caught.value.details["field"] == "input.loras"
+    SPEC.check_against_model(job, {})  # not loaded yet: the worker refuses it then
+    SPEC.check_against_model(job, {"job_loras": True, "transformer_kind": "bf16"})
+    SPEC.check_against_model(job.model_copy(update={"loras": []}), nunchaku)
 
 
 @pytest.mark.parametrize(

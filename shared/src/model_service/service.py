@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,12 @@ class ServiceSpec:
     worker_options: Callable[[Any], dict[str, Any]] = field(default=lambda settings: {})
     # (validated input, settings) -> None; raise InvalidInput for service-level rules
     check_input: Callable[[Any, Any], None] = field(default=lambda data, settings: None)
+    # (validated input, the loaded model's facts: Engine.info, {} until it is loaded) ->
+    # None; raise InvalidInput for what the model as loaded cannot do (a 422 at submit,
+    # not a failed job)
+    check_against_model: Callable[[Any, Mapping[str, Any]], None] = field(
+        default=lambda data, info: None
+    )
     # (api.state.ServiceState) -> more routers; `Any`: the state is built from this spec
     extra_routes: Callable[[Any], list[APIRouter]] = field(default=lambda state: [])
     comfy: ComfyServiceSpec | None = None

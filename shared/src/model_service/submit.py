@@ -12,7 +12,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,12 +80,14 @@ class JobSubmitter:
         runner: JobRunner,
         check_input: Callable[[Any, Settings], None] | None = None,
         custom: CustomInput | None = None,
+        check_against_model: Callable[[Any, Mapping[str, Any]], None] | None = None,
     ) -> None:
         self._settings = settings
         self._custom = custom  # a ComfyUI service with ALLOW_CUSTOM_WORKFLOWS
         self.custom_model = None if custom is None else custom.model  # shown in /docs
         self._model = input_model
         self._check = check_input or (lambda data, settings: None)
+        self._check_model = check_against_model or (lambda data, info: None)
         self._media = media_fields(input_model)
         self._has_seed = "seed" in input_model.model_fields
         self._store = store
@@ -121,12 +123,7 @@ class JobSubmitter:
             values = custom.model_dump(mode="json")
             seed = None
         else:
-            try:
-                validated = self._model.model_validate(raw_input)
-            except ValidationError as exc:
-                raise validation_error(exc) from None
-            self._check(validated, self._settings)
-            values = validated.model_dump(mode="json")
+            values = self.validate(raw_input)
             seed = values.get("seed")
             if self._has_seed and seed is None:
                 seed = secrets.randbelow(2**32)
@@ -225,13 +222,15 @@ class JobSubmitter:
             )
 
     def validate(self, raw_input: Any, prefix: str = "input") -> dict[str, Any]:
-        """The input checked by the service's model and rules, as JSON values."""
+        """The input checked by the service's model and rules (its own, and those of the
+        model as loaded), as JSON values."""
         try:
             validated = self._model.model_validate(raw_input)
         except ValidationError as exc:
             raise validation_error(exc, prefix) from None
         try:
             self._check(validated, self._settings)
+            self._check_model(validated, self._runner.worker_info)
         except InvalidInput as exc:
             if prefix != "input":
                 exc.message = f"{prefix}: {exc.message}"

@@ -120,7 +120,14 @@ def build_state(spec: ServiceSpec, settings: Settings) -> ServiceState:
         source = LocalSource(settings, store)
     runner = JobRunner(settings, engine, store, bus, metrics, source)
     submitter = JobSubmitter(
-        settings, spec.input_model, store, http, runner, check_input=spec.check_input, custom=custom
+        settings,
+        spec.input_model,
+        store,
+        http,
+        runner,
+        check_input=spec.check_input,
+        custom=custom,
+        check_against_model=spec.check_against_model,
     )
     graphs = None
     if spec.long_video is not None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from model_service.errors import InvalidInput
 from model_service.media_refs import ImageRef
 from model_service.service import ServiceSpec
 
@@ -43,6 +45,15 @@ def test_routes(state: ServiceState) -> list[APIRouter]:
     return [router]
 
 
+def _check_against_model(data: EchoInput, info: Mapping[str, Any]) -> None:
+    """What the loaded model cannot do: more steps than its `max_steps`."""
+    limit = info.get("max_steps")
+    if limit is not None and data.steps > int(limit):
+        raise InvalidInput(
+            f"input.steps: the loaded echo model makes at most {limit} steps", field="input.steps"
+        )
+
+
 SPEC = ServiceSpec(
     name="echo",
     title="Echo (test fixture)",
@@ -53,4 +64,5 @@ SPEC = ServiceSpec(
     predictor="model_service_testing.echo.predictor:EchoPredictor",
     min_vram_gb=0,
     extra_routes=test_routes,
+    check_against_model=_check_against_model,
 )
