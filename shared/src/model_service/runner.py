@@ -297,16 +297,18 @@ class JobRunner:
                     await self._settle(claim, flight, exc)
         finally:
             slot.release()
-            self._keep_log(claim)
             self._claims.pop(claim.job.id, None)
             flight.recorded.set()
+            await self._keep_log(claim)
 
-    def _keep_log(self, claim: Claim) -> None:
-        """The job's own lines, stored with it (then its capture ends)."""
+    async def _keep_log(self, claim: Claim) -> None:
+        """The job's own lines, stored with it once its end is recorded (in a thread: not
+        on the next job's way), then its capture ends (GET .../logs reads the capture
+        until the stored copy is there)."""
         lines = JOB_LOGS.peek(claim.job.id)
         try:
             if lines and not claim.lost:
-                self._store.save_log(claim.job.id, lines)
+                await asyncio.to_thread(self._store.save_log, claim.job.id, lines)
         except Exception as exc:  # the job's end is recorded; only its log is lost
             log.warning("the job's log could not be stored", error=str(exc))
         finally:
