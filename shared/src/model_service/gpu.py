@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,10 +74,16 @@ def unmet_requirement(min_vram_gb: float, gpus: list[GpuInfo]) -> str | None:
     return None
 
 
+@functools.cache
+def present() -> bool:
+    """Whether this machine has an NVIDIA GPU (asked once: a GPU does not come later)."""
+    return bool(probe())
+
+
 def used_bytes() -> int | None:
     """GPU memory in use (NVML: by every process, cached allocations included) on the
     busiest GPU; None without a GPU."""
-    gpus = probe()
+    gpus = probe() if present() else []
     return max(info.total_bytes - info.free_bytes for info in gpus) if gpus else None
 
 
@@ -85,15 +92,21 @@ class PeakMemory:
     prompt): `used_bytes` read every `every_s` from `begin()` to `stop()`, off the
     event loop. Nothing is read on a machine without a GPU."""
 
-    def __init__(self, read: Callable[[], int | None] = used_bytes, every_s: float = 0.25):
-        self._read = read
+    def __init__(self, read: Callable[[], int | None] | None = used_bytes, every_s: float = 0.25):
+        self._read = read  # None: nothing to read (no GPU)
         self._every_s = every_s
         self._began = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.peak: int | None = None
 
+    @classmethod
+    def here(cls) -> PeakMemory:
+        """For this machine: one that reads nothing without a GPU."""
+        return cls(used_bytes if present() else None)
+
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._sample())
+        if self._read is not None:
+            self._task = asyncio.get_running_loop().create_task(self._sample())
 
     def begin(self) -> None:
         """The job's work began (its prompt started): count from now."""
@@ -118,6 +131,8 @@ class PeakMemory:
             await asyncio.sleep(self._every_s)
 
     async def _take(self) -> bool:
+        if self._read is None:
+            return False
         used = await asyncio.to_thread(self._read)
         if used is None:
             return False  # no GPU: nothing to sample

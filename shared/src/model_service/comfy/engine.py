@@ -685,7 +685,7 @@ class ComfyEngine:
             output_dir.mkdir(parents=True, exist_ok=True)
 
         # a launched ComfyUI runs on this machine's GPU: its use sampled while the job runs
-        memory = None if self._supervisor.external else gpu.PeakMemory()
+        memory = None if self._supervisor.external else gpu.PeakMemory.here()
         if memory is not None:
             memory.start()
 
