@@ -53,17 +53,16 @@ def test_the_api_process_imports_no_model_library_after_a_job(echo_service) -> N
 
 
 def test_what_the_loaded_model_cannot_do_is_a_422_at_submit(echo_service) -> None:
-    """spec.check_against_model sees the worker's facts (the echo model's `max_steps`,
-    500; Qwen's: no job LoRAs on Nunchaku's 4-bit transformer): refused before anything
-    is stored, naming the field."""
+    """spec.check_against_model sees the worker's facts (the echo model's `refused_text`;
+    Qwen's: no job LoRAs on Nunchaku's 4-bit transformer): refused before anything is
+    stored, naming the field."""
     service = echo_service()
     with service.client() as client:
-        info = client.get("/v1/service").json()
-        assert info["model"]["max_steps"] == 500, info["model"]
-        response = client.post("/v1/jobs", json={"input": {"steps": 600}})
+        refused = client.get("/v1/service").json()["model"]["refused_text"]
+        response = client.post("/v1/jobs", json={"input": {"text": refused}})
         assert response.status_code == 422, response.text
         error = response.json()["error"]
-        assert (error["code"], error["field"]) == ("invalid_input", "input.steps")
-        assert "at most 500 steps" in error["message"]
+        assert (error["code"], error["field"]) == ("invalid_input", "input.text")
+        assert "the loaded echo model refuses" in error["message"]
         assert client.get("/v1/jobs").json()["jobs"] == []
-        assert client.post("/v1/jobs", json={"input": {"steps": 500}}).status_code == 202
+        assert client.post("/v1/jobs", json={"input": {"text": "fine"}}).status_code == 202

@@ -342,7 +342,9 @@
   // the settings of `job` back in the form (its mode too): run it again, or change a field
   function reuse(job) {
     const long = job.kind !== "job";
-    const input = (long ? job.input.input : job.input) || {};
+    const input = { ...((long ? job.input.input : job.input) || {}) };
+    // a redo's own prompt is the form's prompt field (a join's goes in its box below)
+    if (job.kind === "redo" && job.input.prompt) input.prompt = job.input.prompt;
     const lost = fields.filter((field) => !field.write(input[field.name])).map((field) => field.name);
     if (service.long_video) {
       $(`mode-${long ? job.kind : "job"}`).checked = true;
@@ -652,7 +654,8 @@
   // a row's name: the job's prompt (or its first text that is not a file)
   function label(job) {
     const input = (job.kind === "job" ? job.input : job.input.input) || {};
-    const texts = [input.prompt, input.text, ...Object.values(input)].filter(
+    const own = job.kind === "job" ? null : job.input.prompt || (job.input.prompts || [])[0];
+    const texts = [own, input.prompt, input.text, ...Object.values(input)].filter(
       (value) => typeof value === "string" && value && !/^(data:|https?:|upl_)/.test(value),
     );
     return texts.length ? shown(texts[0]).slice(0, 80) : "";

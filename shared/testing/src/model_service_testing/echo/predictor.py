@@ -20,7 +20,7 @@ def _log_run(event: str, job_id: str) -> None:
             log.write(f"{event} {job_id} {os.getpid()}\n")
 
 
-MAX_STEPS = 500
+REFUSED_TEXT = "a word the loaded model refuses"
 
 
 class OutOfMemoryError(RuntimeError):
@@ -35,7 +35,7 @@ class EchoPredictor:
         threads = os.environ.get("OMP_NUM_THREADS")
         version = EchoVersion("1.0")  # a library type, as torch.__version__ is
         info = {"model": "echo", "pid": os.getpid(), "omp_threads": threads, "version": version}
-        info["max_steps"] = MAX_STEPS  # a limit of the model as loaded (spec.check_against_model)
+        info["refused_text"] = REFUSED_TEXT  # the loaded model's rule (spec.check_against_model)
         return SetupResult(info=info)
 
     def predict(self, inputs: dict[str, Any], ctx: JobContext) -> PredictResult:

@@ -46,11 +46,10 @@ def test_routes(state: ServiceState) -> list[APIRouter]:
 
 
 def _check_against_model(data: EchoInput, info: Mapping[str, Any]) -> None:
-    """What the loaded model cannot do: more steps than its `max_steps`."""
-    limit = info.get("max_steps")
-    if limit is not None and data.steps > int(limit):
+    """What the loaded model cannot do: the text its worker says it refuses."""
+    if info.get("refused_text") is not None and data.text == info["refused_text"]:
         raise InvalidInput(
-            f"input.steps: the loaded echo model makes at most {limit} steps", field="input.steps"
+            "input.text: the loaded echo model refuses this text", field="input.text"
         )
 
 
