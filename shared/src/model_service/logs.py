@@ -127,13 +127,14 @@ class _BelowLevel:
     """Drops a line under LOG_LEVEL (the stdlib logger would drop it later, rendered)."""
 
     def __init__(self, level: str) -> None:
-        self._level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        self._levels = logging.getLevelNamesMapping()  # a new dict each call: kept once
+        self._level = self._levels.get(level.upper(), logging.INFO)
 
     def __call__(
         self, logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         name = str(event.get("level", method)).upper()
-        if logging.getLevelNamesMapping().get(name, logging.INFO) < self._level:
+        if self._levels.get(name, logging.INFO) < self._level:
             raise structlog.DropEvent
         return event
 

@@ -33,7 +33,7 @@ from model_service.errors import InvalidInput
 from model_service.jobs.record import Job, JobKind, JobPlan
 from model_service.jobs.status import JobStatus
 from model_service.longvideo.spec import LongVideoSpec
-from model_service.longvideo.submit import LongVideoSubmitter, public, seed_of
+from model_service.longvideo.submit import LongVideoSubmitter, part_job, public, seed_of
 from model_service.settings import Settings
 from model_service.staging import InputStaging
 from model_service.submit import JobSubmitter, RequestOptions, new_job_id
@@ -303,17 +303,7 @@ class BridgeSubmitter:
             self._spec.image_field: staging.final_path(start),
             self._spec.end_image_field: staging.final_path(end),
         }
-        return Job(
-            id=f"{parent_id}.{index}",
-            status=JobStatus.QUEUED,
-            input=values,
-            prepared_input=prepared,
-            seed=values.get("seed"),
-            request_hash=f"part of {parent_id}",
-            base_url=base_url,
-            parent_id=parent_id,
-            plan={"index": index},
-        )
+        return part_job(parent_id, index, values, prepared, base_url)
 
     def _parent(
         self,

@@ -88,7 +88,7 @@ class ChainComposer:
     def compose(
         self, parent: Job, children: list[Job], output_dir: Path
     ) -> tuple[list[str], dict[str, Any]]:
-        videos = [self._output(child, _video_of(child.outputs, child.id)) for child in children]
+        videos = [_part_video(self._settings, child) for child in children]
         transforms: list[FrameTransform | None] = [
             SegmentCorrection.from_dict(child.info["colour_correction"]).apply
             if "colour_correction" in child.info
@@ -103,11 +103,10 @@ class ChainComposer:
         )
         return [VIDEO], _facts(result, len(children))
 
-    def _output(self, child: Job, name: str) -> Path:
-        return self._settings.job_dir(child.id) / "outputs" / name
 
+class _AtTheEnd:
+    """A composer with nothing to do after each part, only at the end."""
 
-class TravelComposer:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
@@ -116,28 +115,19 @@ class TravelComposer:
     ) -> tuple[list[str], dict[str, Any]]:
         return [], {}
 
+
+class TravelComposer(_AtTheEnd):
     def compose(
         self, parent: Job, children: list[Job], output_dir: Path
     ) -> tuple[list[str], dict[str, Any]]:
-        legs = [
-            self._settings.job_dir(child.id) / "outputs" / _video_of(child.outputs, child.id)
-            for child in children
-        ]
+        legs = [_part_video(self._settings, child) for child in children]
         overlap = int(parent.plan.get("overlap", 0))
         result = stitch_travel(legs, output_dir / VIDEO, overlap=overlap)
         return [VIDEO], {**_facts(result, len(children)), "overlap": overlap}
 
 
-class JoinComposer:
+class JoinComposer(_AtTheEnd):
     """The clips with each bridge's inner frames between them."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
-    def after_part(
-        self, parent: Job, child: Job, output_dir: Path, outputs: list[str]
-    ) -> tuple[list[str], dict[str, Any]]:
-        return [], {}
 
     def compose(
         self, parent: Job, children: list[Job], output_dir: Path
@@ -152,17 +142,9 @@ class JoinComposer:
         return [VIDEO], {**_facts(result, len(children)), **_new_frames(parent)}
 
 
-class RedoComposer:
+class RedoComposer(_AtTheEnd):
     """The video before the stretch, the new part's inner frames, the video after it;
     then the video's own audio."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
-    def after_part(
-        self, parent: Job, child: Job, output_dir: Path, outputs: list[str]
-    ) -> tuple[list[str], dict[str, Any]]:
-        return [], {}
 
     def compose(
         self, parent: Job, children: list[Job], output_dir: Path

@@ -165,21 +165,10 @@ class LongVideoSubmitter:
                 prepared[image_field] = parent.plan["start_image"]
             else:
                 inputs_from[image_field] = f"{previous}/{NEXT_START}"
-            children.append(
-                Job(
-                    id=child_id,
-                    status=JobStatus.QUEUED,
-                    input=values,
-                    prepared_input=prepared,
-                    seed=values.get("seed"),
-                    request_hash=f"part of {parent.id}",
-                    base_url=parent.base_url,
-                    parent_id=parent.id,
-                    depends_on=[] if previous is None else [previous],
-                    inputs_from=inputs_from,
-                    plan={"index": index},
-                )
-            )
+            child = part_job(parent.id, index, values, prepared, parent.base_url)
+            child.depends_on = [] if previous is None else [previous]
+            child.inputs_from = inputs_from
+            children.append(child)
             previous = child_id
         return children
 
@@ -279,19 +268,7 @@ class LongVideoSubmitter:
                 prepared = {**values, start_field: paths[leg]}
                 if end_field:
                     prepared[end_field] = paths[leg + 1]
-                children.append(
-                    Job(
-                        id=f"{parent_id}.{leg}",
-                        status=JobStatus.QUEUED,
-                        input=values,
-                        prepared_input=prepared,
-                        seed=values.get("seed"),
-                        request_hash=f"part of {parent_id}",
-                        base_url=base_url,
-                        parent_id=parent_id,
-                        plan={"index": leg},
-                    )
-                )
+                children.append(part_job(parent_id, leg, values, prepared, base_url))
             parent.children = [child.id for child in children]
             return await self.submit_graph(parent, children, staging)
         finally:
@@ -307,6 +284,23 @@ class LongVideoSubmitter:
             # a fleet: the winner's files again, over any a losing request shared
             await self._submitter.share_inputs(parent.id, staging.final)
         return job, created
+
+
+def part_job(
+    parent_id: str, index: int, values: dict[str, Any], prepared: dict[str, Any], base_url: str
+) -> Job:
+    """Part `index` of a long video: a queued job of the service, `values` its input."""
+    return Job(
+        id=f"{parent_id}.{index}",
+        status=JobStatus.QUEUED,
+        input=values,
+        prepared_input=prepared,
+        seed=values.get("seed"),
+        request_hash=f"part of {parent_id}",
+        base_url=base_url,
+        parent_id=parent_id,
+        plan={"index": index},
+    )
 
 
 def public(value: Any) -> Any:
