@@ -45,7 +45,7 @@ class JobLog(BaseModel):
     job_id: str
     status: JobStatus
     complete: bool = Field(
-        description="The job ended and its log is stored: these are all its lines. False "
+        description="The job ended: these are all its lines. False "
         "while it runs (the lines so far, when it runs on this pod; in a fleet, none until "
         "it ends)."
     )
@@ -290,9 +290,11 @@ def build_router(state: ServiceState) -> APIRouter:
     @router.get("/{job_id}/logs", response_model=JobLog, summary="A job's own log")
     async def job_log(job_id: JobId) -> JobLog:
         job = state.store.get(job_id)
-        live = JOB_LOGS.peek(job_id)  # running here: the lines so far
-        if live is not None:
-            return JobLog(job_id=job_id, status=job.status, complete=False, lines=live)
+        live = JOB_LOGS.peek(job_id)  # running here (or being stored): the lines so far
+        if live is not None:  # an ended job's lines are all there before its end is recorded
+            return JobLog(
+                job_id=job_id, status=job.status, complete=job.status.is_terminal, lines=live
+            )
         stored = state.store.job_log(job_id)
         return JobLog(
             job_id=job_id,
